@@ -1,0 +1,25 @@
+"""precsim: simulate number formats inside float32 PyTorch, and show the integer model."""
+
+from precsim.formats import (
+    BlockFormat,
+    DSEFormat,
+    FloatFormat,
+    Format,
+    IntFormat,
+    format_names,
+    parse_format,
+    quantize,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockFormat",
+    "DSEFormat",
+    "FloatFormat",
+    "Format",
+    "IntFormat",
+    "format_names",
+    "parse_format",
+    "quantize",
+]

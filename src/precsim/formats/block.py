@@ -1,0 +1,145 @@
+"""Block (microscaling) formats: OCP MX and NVFP4.
+
+A block of ``block_size`` consecutive elements along ``axis`` shares one scale.
+
+- MX (OCP Microscaling v1.0): the scale is a power of two X = 2^(floor(log2(amax)) - emax_elem)
+  stored as E8M0 (clamped to 2^-127..2^127; an all-zero block gets 2^-127). Elements are
+  rounded in the element format and saturate at its max, since amax / X can exceed it.
+  Exponents are read from the float bits. A block holding NaN or Inf has a NaN scale: the whole
+  block becomes NaN, as the spec says.
+- NVFP4: E2M1 elements in blocks of 16, a per-block scale in FP8 E4M3 (RNE, saturating) and a
+  float32 per-tensor scale amax / (6 * 448), so that the largest block scale fits E4M3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from precsim.formats.float import FloatFormat
+from precsim.formats.integer import IntFormat, fake_quantize
+from precsim.formats.random import random_bits as _random_bits
+from precsim.formats.rounding import Rounding, exp2i, exponent_of, round_float
+
+SCALES: tuple[str, ...] = ("e8m0", "e4m3")
+_E4M3 = FloatFormat(4, 3, specials="fn", name="fp8_e4m3")
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """``element`` values sharing a scale per block of ``block_size`` along ``axis``."""
+
+    element: FloatFormat | IntFormat
+    block_size: int = 32
+    axis: int = -1
+    scale: str = "e8m0"
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.block_size, int) and self.block_size >= 1):
+            raise ValueError(f"block_size={self.block_size!r} not allowed; allowed: integers >= 1")
+        if not isinstance(self.axis, int):
+            raise ValueError(f"axis={self.axis!r} not allowed; allowed: an integer")
+        if self.scale not in SCALES:
+            raise ValueError(f"block scale {self.scale!r} not allowed; allowed: {', '.join(SCALES)}")
+        if isinstance(self.element, IntFormat) and (not self.element.signed or self.scale != "e8m0"):
+            raise ValueError("integer block elements must be signed with an e8m0 scale (MXINT)")
+        if isinstance(self.element, FloatFormat) and self.element.bias != 0:
+            raise ValueError("block element formats must have b=0 (the block scale is the shift)")
+        if not self.name:
+            object.__setattr__(self, "name", f"block({self.element.name},{self.block_size},{self.scale})")
+
+    @property
+    def element_max_exponent(self) -> int:
+        """emax of the element: 0 for MXINT (codes are k * 2^-(bits-2))."""
+        if isinstance(self.element, IntFormat):
+            return 0
+        return self.element.max_exponent
+
+    @property
+    def bits_per_element(self) -> float:
+        scale_bits = 8
+        return self.element.bits + scale_bits / self.block_size
+
+    def describe(self) -> str:
+        scale = "E8M0 power of two" if self.scale == "e8m0" else "FP8 E4M3 x float32 per-tensor"
+        return (
+            f"{self.name}: block format, {self.element.name} elements, one {scale} scale per "
+            f"{self.block_size} elements along axis {self.axis} ({self.bits_per_element:g} bits "
+            f"per element); elements saturate; a block with NaN/Inf becomes NaN"
+        )
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def _blocks(self, x: Tensor) -> tuple[Tensor, int]:
+        y = x.movedim(self.axis, -1)
+        n = y.shape[-1]
+        pad = (-n) % self.block_size
+        if pad:
+            y = F.pad(y, (0, pad))
+        return y.reshape(*y.shape[:-1], -1, self.block_size), n
+
+    def _unblock(self, b: Tensor, n: int, x: Tensor) -> Tensor:
+        y = b.reshape(*b.shape[:-2], -1)[..., :n]
+        return y.movedim(-1, self.axis)
+
+    def quantize(
+        self,
+        x: Tensor,
+        rounding: Rounding = "nearest",
+        seed: Tensor | None = None,
+        random_bits: Tensor | None = None,
+    ) -> Tensor:
+        if x.dim() == 0:
+            return self.quantize(x.reshape(1), rounding, seed, random_bits).reshape(())
+        blocks, n = self._blocks(x)
+        if rounding == "stochastic":
+            if random_bits is None:
+                if seed is None:
+                    raise ValueError("stochastic rounding needs a seed or random_bits")
+                random_bits = _random_bits(blocks.shape, seed)
+            else:
+                random_bits, _ = self._blocks(random_bits)
+        amax = blocks.abs().amax(dim=-1, keepdim=True)
+        if self.scale == "e8m0":
+            out = self._quantize_mx(blocks, amax, rounding, random_bits)
+        else:
+            out = self._quantize_nv(blocks, amax, rounding, random_bits)
+        out = torch.where(torch.isfinite(amax), out, torch.full_like(out, torch.nan))
+        return self._unblock(out, n, x)
+
+    def _quantize_mx(self, blocks: Tensor, amax: Tensor, rounding: Rounding, rb: Tensor | None) -> Tensor:
+        finite = torch.isfinite(amax) & (amax > 0)
+        safe = torch.where(finite, amax, torch.ones_like(amax))
+        shared = torch.where(finite, exponent_of(safe) - self.element_max_exponent, -127).clamp(-127, 127)
+        elem = self.element
+        if isinstance(elem, IntFormat):
+            scale = exp2i(shared - (elem.bits - 2))
+            zero = torch.zeros_like(scale)
+            return fake_quantize(blocks, scale, zero, elem.qmin, elem.qmax, rounding, rb)
+        return round_float(
+            blocks,
+            mantissa_bits=elem.mantissa_bits,
+            min_exponent=elem.min_exponent + shared,
+            max_value=elem.max * exp2i(shared),
+            overflow="saturate",
+            negative_zero=elem.has_negative_zero,
+            rounding=rounding,
+            random_bits=rb,
+        )
+
+    def _quantize_nv(self, blocks: Tensor, amax: Tensor, rounding: Rounding, rb: Tensor | None) -> Tensor:
+        elem = self.element
+        assert isinstance(elem, FloatFormat)
+        finite_amax = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+        tensor_scale = finite_amax.amax() / (elem.max * _E4M3.max)
+        tensor_scale = torch.where(tensor_scale > 0, tensor_scale, torch.ones_like(tensor_scale))
+        block_scale = _E4M3.quantize(finite_amax / elem.max / tensor_scale)
+        scale = block_scale * tensor_scale
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = elem.quantize(blocks / safe, rounding, random_bits=rb)
+        return torch.where(scale > 0, q * scale, torch.zeros_like(q))

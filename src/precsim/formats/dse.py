@@ -1,0 +1,111 @@
+"""Dynamic shared exponent (FlexFP DSE, Tamiya et al.): a FlexFP whose shift follows the data.
+
+The exponent shift ``b`` is chosen per tensor so that the tensor's largest finite magnitude
+lands at the top of the format's range (and still rounds to a finite value). The delayed
+variant uses the shift measured on the previous call, as hardware that cannot read a tensor
+before writing it would; the caller keeps that state (see :meth:`DSEFormat.shift_for`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from precsim.formats.float import FloatFormat
+from precsim.formats.random import random_bits as _random_bits
+from precsim.formats.rounding import Rounding, exp2i, exponent_of, round_float
+
+
+@dataclass(frozen=True)
+class DSEFormat:
+    """FlexFP ``element`` (its own shift must be 0) with a per-tensor shift from the data."""
+
+    element: FloatFormat
+    delayed: bool = False
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.element.bias != 0:
+            raise ValueError(f"a DSE element must have b=0 (the shift is dynamic), got b={self.element.bias}")
+        if not self.name:
+            object.__setattr__(self, "name", self.spec)
+
+    @property
+    def spec(self) -> str:
+        e = self.element
+        extra = "" if e.specials == "ieee" else f",specials={e.specials}"
+        delayed = ",delayed=true" if self.delayed else ""
+        return f"dse(e={e.exponent_bits},m={e.mantissa_bits}{extra}{delayed})"
+
+    @property
+    def bits(self) -> int:
+        return self.element.bits
+
+    @property
+    def shift_range(self) -> tuple[int, int]:
+        """Shifts that keep the scaled format inside float32."""
+        e = self.element
+        return -149 - e.min_exponent + e.mantissa_bits, 127 - e.max_exponent
+
+    def describe(self) -> str:
+        e = self.element
+        when = "the previous call's" if self.delayed else "each tensor's own"
+        return (
+            f"{self.name}: float, {e.bits} bits (1 sign, {e.exponent_bits} exponent, "
+            f"{e.mantissa_bits} mantissa) with a shared exponent shift from {when} max |x|; "
+            f"range {e.max / e.smallest_subnormal:.3g}:1 within a tensor; specials: "
+            f"{e.nan_codes()}; overflow -> {e.overflow}"
+        )
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def shift_for(self, x: Tensor) -> Tensor:
+        """The shift b (int32, 0-d) that puts max finite |x| at the top of the range."""
+        e = self.element
+        a = torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x)).amax() if x.numel() else x.new_zeros(())
+        b = exponent_of(a) - e.max_exponent
+        top = round_float(
+            a,
+            mantissa_bits=e.mantissa_bits,
+            min_exponent=e.min_exponent + b,
+            max_value=float("inf"),
+            overflow="inf",
+            negative_zero=True,
+            rounding="nearest",
+        )
+        b = b + (top > e.max * exp2i(b)).to(torch.int32)  # max |x| would round past the top
+        lo, hi = self.shift_range
+        return torch.where(a > 0, b, torch.zeros_like(b)).clamp(lo, hi)
+
+    def quantize(
+        self,
+        x: Tensor,
+        rounding: Rounding = "nearest",
+        seed: Tensor | None = None,
+        random_bits: Tensor | None = None,
+        shift: Tensor | int | None = None,
+    ) -> Tensor:
+        """Round ``x`` with exponent shift ``shift`` (default: :meth:`shift_for` of ``x``)."""
+        if self.delayed and shift is None:
+            raise ValueError(f"{self.name} is delayed: pass shift= (the previous call's shift_for)")
+        b = self.shift_for(x) if shift is None else torch.as_tensor(shift, dtype=torch.int32, device=x.device)
+        lo, hi = self.shift_range
+        b = b.clamp(lo, hi)
+        if rounding == "stochastic" and random_bits is None:
+            if seed is None:
+                raise ValueError("stochastic rounding needs a seed or random_bits")
+            random_bits = _random_bits(x.shape, seed)
+        e = self.element
+        return round_float(
+            x,
+            mantissa_bits=e.mantissa_bits,
+            min_exponent=e.min_exponent + b,
+            max_value=e.max * exp2i(b),
+            overflow=e.overflow,  # type: ignore[arg-type]
+            negative_zero=e.has_negative_zero,
+            rounding=rounding,
+            random_bits=random_bits,
+        )

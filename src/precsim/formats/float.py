@@ -1,0 +1,193 @@
+"""Sign-magnitude floating-point formats: FlexFP, IEEE-style, OCP fn/fnuz and finite-only.
+
+A :class:`FloatFormat` is data; rounding is :func:`precsim.formats.rounding.round_float`.
+
+FlexFP (Tamiya et al.): 1 sign bit, ``e`` exponent bits, ``m`` mantissa bits and an exponent
+shift ``b``: value = (-1)^s (1.m) 2^(E - (2^(e-1) - 1) + b). So ``b`` multiplies every value by
+2^b: ``flexfp(e=8,m=7,b=0)`` is bfloat16 and ``flexfp(e=5,m=10,b=0)`` is IEEE half.
+
+``specials`` says which codes are not finite numbers:
+
+- ``ieee``: the top exponent code holds Inf and NaN (IEEE 754, bf16, fp16, OCP E5M2);
+- ``fn``: no Inf; only S.11..1.11..1 is NaN (OCP E4M3FN: max 448);
+- ``fnuz``: no Inf, no -0; the code of -0 is the one NaN, and the exponent bias is one
+  larger than IEEE's (Graphcore/AMD E4M3FNUZ, E5M2FNUZ, Google's E4M3B11FNUZ);
+- ``finite``: every code is a number (OCP FP6/FP4, or hardware modelled without specials).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from precsim.formats.random import random_bits as _random_bits
+from precsim.formats.rounding import Overflow, Rounding, round_float
+
+SPECIALS: tuple[str, ...] = ("ieee", "fn", "fnuz", "finite")
+OVERFLOWS: tuple[str, ...] = ("saturate", "inf", "nan")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _default_bias(e: int, specials: str) -> int:
+    return 2 ** (e - 1) if specials == "fnuz" else 2 ** (e - 1) - 1
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """A floating-point format simulated inside float32.
+
+    ``overflow`` defaults to ``inf`` for formats that have Inf and to ``saturate`` for those
+    that do not; ``nan`` reproduces converters that turn overflow into NaN (ml_dtypes does this
+    for E4M3FN and the fnuz formats).
+    """
+
+    exponent_bits: int
+    mantissa_bits: int
+    bias: int = 0
+    specials: str = "ieee"
+    overflow: str = ""
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        e, m = self.exponent_bits, self.mantissa_bits
+        if not (isinstance(e, int) and 1 <= e <= 8):
+            raise ValueError(f"exponent bits e={e!r} not allowed; allowed: integers 1..8")
+        if not (isinstance(m, int) and 0 <= m <= 23):
+            raise ValueError(f"mantissa bits m={m!r} not allowed; allowed: integers 0..23")
+        if not isinstance(self.bias, int):
+            raise ValueError(f"exponent shift b={self.bias!r} must be an integer")
+        if self.specials not in SPECIALS:
+            raise ValueError(f"specials={self.specials!r} not allowed; allowed: {', '.join(SPECIALS)}")
+        if self.specials == "fn" and m == 0:
+            raise ValueError("specials='fn' needs at least 1 mantissa bit (its NaN is the all-ones mantissa)")
+        if self.specials == "ieee" and e == 1:
+            raise ValueError("specials='ieee' needs e >= 2 (the top exponent code is reserved)")
+        overflow = self.overflow or ("inf" if self.specials == "ieee" else "saturate")
+        if overflow not in OVERFLOWS:
+            raise ValueError(f"overflow={overflow!r} not allowed; allowed: {', '.join(OVERFLOWS)}")
+        if overflow == "inf" and self.specials != "ieee":
+            raise ValueError(f"overflow='inf' needs a format with Inf (specials='ieee'), not {self.specials!r}")
+        if overflow == "nan" and self.specials == "finite":
+            raise ValueError("overflow='nan' needs a format with a NaN code, not specials='finite'")
+        object.__setattr__(self, "overflow", overflow)
+        if self.min_exponent - m < -149 or self.max > FLOAT32_MAX:
+            raise ValueError(
+                f"flexfp(e={e},m={m},b={self.bias}) reaches past float32 (smallest subnormal "
+                f"2^{self.min_exponent - m}, max {self.max:.4g}); allowed: smallest subnormal "
+                f">= 2^-149 and max <= {FLOAT32_MAX:.4g}"
+            )
+        if not self.name:
+            object.__setattr__(self, "name", self.spec)
+
+    # --- derived properties -------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return 1 + self.exponent_bits + self.mantissa_bits
+
+    @property
+    def exponent_bias(self) -> int:
+        """The encoding's exponent bias (IEEE-style bias minus the FlexFP shift ``b``)."""
+        return _default_bias(self.exponent_bits, self.specials) - self.bias
+
+    @property
+    def min_exponent(self) -> int:
+        """Exponent of the smallest normal number."""
+        return 1 - self.exponent_bias
+
+    @property
+    def max_exponent(self) -> int:
+        top_code = 2**self.exponent_bits - (2 if self.specials == "ieee" else 1)
+        return top_code - self.exponent_bias
+
+    @property
+    def max(self) -> float:
+        m = self.mantissa_bits
+        lost = 2 if self.specials == "fn" else 1  # fn: the all-ones mantissa is NaN
+        return (2.0 - lost * 2.0**-m) * 2.0**self.max_exponent
+
+    @property
+    def smallest_normal(self) -> float:
+        return 2.0**self.min_exponent
+
+    @property
+    def smallest_subnormal(self) -> float:
+        return 2.0 ** (self.min_exponent - self.mantissa_bits)
+
+    @property
+    def has_inf(self) -> bool:
+        return self.specials == "ieee"
+
+    @property
+    def has_negative_zero(self) -> bool:
+        return self.specials != "fnuz"
+
+    @property
+    def spec(self) -> str:
+        parts = [f"e={self.exponent_bits}", f"m={self.mantissa_bits}", f"b={self.bias}"]
+        if self.specials != "ieee":
+            parts.append(f"specials={self.specials}")
+        default_overflow = "inf" if self.specials == "ieee" else "saturate"
+        if self.overflow != default_overflow:
+            parts.append(f"overflow={self.overflow}")
+        return f"flexfp({','.join(parts)})"
+
+    @property
+    def is_float32(self) -> bool:
+        """True when every float32 value is representable (quantizing is the identity)."""
+        return self.mantissa_bits == 23 and self.min_exponent <= -126 and self.max >= FLOAT32_MAX
+
+    def nan_codes(self) -> str:
+        return {
+            "ieee": "Inf and NaN in the top exponent code",
+            "fn": "no Inf; NaN = S.1..1.1..1",
+            "fnuz": "no Inf, no -0; NaN = the code of -0",
+            "finite": "none (all codes finite)",
+        }[self.specials]
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: float, {self.bits} bits (1 sign, {self.exponent_bits} exponent, "
+            f"{self.mantissa_bits} mantissa), exponent bias {self.exponent_bias}; "
+            f"max {self.max:.6g}, smallest normal {self.smallest_normal:.6g}, smallest "
+            f"subnormal {self.smallest_subnormal:.6g}; specials: {self.nan_codes()}; "
+            f"overflow -> {self.overflow}"
+        )
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    # --- rounding -------------------------------------------------------------------------
+    def quantize(
+        self,
+        x: Tensor,
+        rounding: Rounding = "nearest",
+        seed: Tensor | None = None,
+        random_bits: Tensor | None = None,
+    ) -> Tensor:
+        """Round float32 ``x`` to this format (see :func:`round_float`)."""
+        if self.is_float32:
+            return x
+        if rounding == "stochastic" and random_bits is None:
+            if seed is None:
+                raise ValueError("stochastic rounding needs a seed or random_bits")
+            random_bits = _random_bits(x.shape, seed)
+        return round_float(
+            x,
+            mantissa_bits=self.mantissa_bits,
+            min_exponent=self.min_exponent,
+            max_value=self.max,
+            overflow=self.overflow,  # type: ignore[arg-type]
+            negative_zero=self.has_negative_zero,
+            rounding=rounding,
+            random_bits=random_bits,
+        )
+
+    def shifted(self, b: int) -> FloatFormat:
+        """The same layout with exponent shift ``b`` (values scaled by 2^b)."""
+        return FloatFormat(self.exponent_bits, self.mantissa_bits, b, self.specials, self.overflow)
+
+
+def with_overflow(fmt: FloatFormat, overflow: Overflow) -> FloatFormat:
+    return FloatFormat(fmt.exponent_bits, fmt.mantissa_bits, fmt.bias, fmt.specials, overflow, fmt.name)

@@ -1,0 +1,215 @@
+"""Integer formats: r = S (q - Z) (Jacob et al. 2018), per tensor, per channel or per group.
+
+The format fixes the integer range and how scales are shared; the scale ``S`` and zero point
+``Z`` are parameters of each call (given, or chosen from the tensor: max-abs for symmetric,
+min/max for affine). Zero is always exactly representable: the zero point is an integer
+("nudged"), as integer kernels need for zero padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from precsim.formats.random import random_bits as _random_bits
+from precsim.formats.rounding import Rounding, round_integer
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """``bits``-bit signed or unsigned integers.
+
+    ``symmetric`` (default: True for signed, False for unsigned) fixes Z = 0; ``narrow`` drops
+    the most negative code so the range is symmetric, -(2^(n-1)-1)..2^(n-1)-1. ``axis`` selects
+    per-channel scales along that axis (None: one scale per tensor); ``group_size`` further
+    splits that axis into groups of that many elements, one scale each.
+    """
+
+    bits: int
+    signed: bool = True
+    symmetric: bool | None = None
+    narrow: bool = False
+    axis: int | None = None
+    group_size: int | None = None
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.bits, int) and 2 <= self.bits <= 16):
+            raise ValueError(f"integer bits {self.bits!r} not allowed; allowed: 2..16")
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", self.signed)
+        if self.narrow and not self.signed:
+            raise ValueError("narrow=True needs a signed format (it drops the code -2^(n-1))")
+        if self.group_size is not None:
+            if not (isinstance(self.group_size, int) and self.group_size >= 1):
+                raise ValueError(f"group_size={self.group_size!r} not allowed; allowed: integers >= 1")
+            if self.axis is None:
+                object.__setattr__(self, "axis", -1)
+        if self.axis is not None and not isinstance(self.axis, int):
+            raise ValueError(f"axis={self.axis!r} not allowed; allowed: an integer or None")
+        if not self.name:
+            object.__setattr__(self, "name", self.spec)
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def granularity(self) -> str:
+        if self.group_size is not None:
+            return f"per_group(axis={self.axis}, size={self.group_size})"
+        return "per_tensor" if self.axis is None else f"per_channel(axis={self.axis})"
+
+    @property
+    def spec(self) -> str:
+        base = f"{'int' if self.signed else 'uint'}{self.bits}"
+        opts = []
+        if self.symmetric != self.signed:
+            opts.append(f"symmetric={str(self.symmetric).lower()}")
+        if self.narrow:
+            opts.append("narrow=true")
+        if self.group_size is not None:
+            opts.append(f"axis={self.axis}")
+            opts.append(f"group={self.group_size}")
+        elif self.axis is not None:
+            opts.append(f"axis={self.axis}")
+        return base + (f"({','.join(opts)})" if opts else "")
+
+    def describe(self) -> str:
+        kind = "symmetric (Z = 0)" if self.symmetric else "affine (integer zero point)"
+        return (
+            f"{self.name}: integer, {self.bits} bits, codes {self.qmin}..{self.qmax}, {kind}, "
+            f"{self.granularity}; no Inf/NaN codes (NaN inputs stay NaN); saturates"
+        )
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    # --- scales ---------------------------------------------------------------------------
+    def qparams(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """Scale and zero point (float32 tensors) covering [lo, hi] and containing 0."""
+        lo = torch.clamp(lo.float(), max=0.0)
+        hi = torch.clamp(hi.float(), min=0.0)
+        if self.symmetric:
+            amax = torch.maximum(-lo, hi)
+            scale = amax / self.qmax
+            zero_point = torch.zeros_like(scale)
+        else:
+            scale = (hi - lo) / (self.qmax - self.qmin)
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            zero_point = torch.clamp(torch.round(self.qmin - lo / safe), self.qmin, self.qmax)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero data: any scale
+        return scale, zero_point
+
+    def _grouped(self, x: Tensor) -> Tensor:
+        """``x`` with the channel axis last, split as (..., groups, group_size) if grouped."""
+        assert self.axis is not None
+        y = x.movedim(self.axis, -1)
+        if self.group_size is not None:
+            n = y.shape[-1]
+            if n % self.group_size:
+                raise ValueError(
+                    f"axis {self.axis} has {n} elements, not a multiple of group_size={self.group_size}"
+                )
+            y = y.reshape(*y.shape[:-1], n // self.group_size, self.group_size)
+        return y
+
+    def _ungrouped(self, y: Tensor, shape: torch.Size) -> Tensor:
+        assert self.axis is not None
+        if self.group_size is not None:
+            y = y.reshape(*y.shape[:-2], -1)
+        return y.movedim(-1, self.axis).reshape(shape)
+
+    def reduce_dims(self, x: Tensor) -> tuple[int, ...]:
+        """Dimensions reduced when measuring one scale (all but the channel axis)."""
+        if self.axis is None:
+            return tuple(range(x.dim()))
+        axis = self.axis % x.dim()
+        return tuple(d for d in range(x.dim()) if d != axis)
+
+    def choose_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Scale and zero point from the tensor itself, shaped to broadcast against ``x``."""
+        finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+        if self.group_size is not None:
+            g = self._grouped(finite)
+            lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        elif x.dim() == 0:
+            lo, hi = finite, finite
+        else:
+            dims = self.reduce_dims(x)
+            lo, hi = finite.amin(dim=dims, keepdim=True), finite.amax(dim=dims, keepdim=True)
+        return self.qparams(lo, hi)
+
+    def _broadcast(self, p: Tensor | float, x: Tensor) -> Tensor:
+        """A given per-channel parameter of shape (C,) reshaped to broadcast along ``axis``."""
+        p = torch.as_tensor(p, dtype=torch.float32, device=x.device)
+        if self.axis is None or p.dim() != 1 or self.group_size is not None:
+            return p
+        shape = [1] * x.dim()
+        shape[self.axis % x.dim()] = p.numel()
+        return p.reshape(shape)
+
+    # --- rounding -------------------------------------------------------------------------
+    def quantize(
+        self,
+        x: Tensor,
+        rounding: Rounding = "nearest",
+        seed: Tensor | None = None,
+        random_bits: Tensor | None = None,
+        scale: Tensor | float | None = None,
+        zero_point: Tensor | float | None = None,
+    ) -> Tensor:
+        """Fake-quantize float32 ``x``: S (clamp(round(x / S) + Z, qmin, qmax) - Z)."""
+        if rounding == "stochastic" and random_bits is None:
+            if seed is None:
+                raise ValueError("stochastic rounding needs a seed or random_bits")
+            random_bits = _random_bits(x.shape, seed)
+        if scale is None:
+            if zero_point is not None:
+                raise ValueError("zero_point given without scale")
+            s, z = self.choose_qparams(x)
+        else:
+            s = self._broadcast(scale, x)
+            z = self._broadcast(0.0 if zero_point is None else zero_point, x)
+            if bool((s <= 0).any()) or not bool(torch.isfinite(s).all()):
+                raise ValueError(f"scale must be finite and > 0, got {scale}")
+            if bool((z != torch.round(z)).any()) or bool(((z < self.qmin) | (z > self.qmax)).any()):
+                raise ValueError(f"zero_point must be an integer in {self.qmin}..{self.qmax}, got {zero_point}")
+        if self.group_size is not None:
+            xg = self._grouped(x)
+            rg = None if random_bits is None else self._grouped(random_bits)
+            if scale is not None:
+                s = s.reshape(*xg.shape[:-1], 1) if s.numel() > 1 else s
+                z = z.reshape(*xg.shape[:-1], 1) if z.numel() > 1 else z
+            return self._ungrouped(fake_quantize(xg, s, z, self.qmin, self.qmax, rounding, rg), x.shape)
+        return fake_quantize(x, s, z, self.qmin, self.qmax, rounding, random_bits)
+
+
+def fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    rounding: Rounding = "nearest",
+    random_bits: Tensor | None = None,
+) -> Tensor:
+    """S (clamp(round(x / S) + Z, qmin, qmax) - Z); NaN stays NaN, ±Inf saturates."""
+    q = round_integer(x / scale, rounding, random_bits) + zero_point
+    q = torch.clamp(q, qmin, qmax)
+    out = (q - zero_point) * scale
+    return torch.where(x != x, x, out)
+
+
+def quantize_codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """The integer codes clamp(round(x / S) + Z) (ties to even), as int32."""
+    q = torch.round(x / scale) + zero_point
+    return torch.clamp(q, qmin, qmax).to(torch.int32)

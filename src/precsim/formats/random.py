@@ -1,0 +1,44 @@
+"""Counter-based random bits for stochastic rounding.
+
+Each element's bits are a hash of (seed, element index), so they are the same on every run,
+in eager mode and under ``torch.compile``, on CPU and GPU, and need no generator state beyond
+the seed. The seed of each call is drawn from a ``torch.Generator`` (or torch's default one):
+seeding that generator makes a whole run reproducible, and a checkpointed generator resumes
+the same stream.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _shr(x: Tensor, s: int) -> Tensor:
+    """Logical right shift of int32 (torch's ``>>`` is arithmetic)."""
+    return (x >> s) & ((1 << (32 - s)) - 1)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (the "lowbias32" finalizer); int32 products wrap modulo 2^32."""
+    x = x ^ _shr(x, 16)
+    x = x * 0x7FEB352D
+    x = x ^ _shr(x, 15)
+    x = x * (0x846CA68B - 2**32)
+    return x ^ _shr(x, 16)
+
+
+def draw_seed(generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """Two int32 words from ``generator`` (torch's default generator when None)."""
+    seed = torch.randint(-(2**31), 2**31 - 1, (2,), dtype=torch.int32, generator=generator)
+    return seed.to(device)
+
+
+def random_bits(shape: torch.Size | tuple[int, ...], seed: Tensor) -> Tensor:
+    """Uniform int32 words, one per element of ``shape``, from a two-word ``seed`` tensor."""
+    n = 1
+    for s in shape:
+        n *= s
+    if n >= 2**31:
+        raise ValueError(f"stochastic rounding supports up to 2^31 - 1 elements, got {n}")
+    index = torch.arange(n, dtype=torch.int32, device=seed.device).view(shape)
+    return _mix(_mix(index ^ seed[0]) + seed[1])

@@ -1,0 +1,160 @@
+"""Rounding on the float32 bit pattern: the one place that manipulates float32 bits.
+
+Every float-like format (FlexFP, OCP FP8/6/4, bf16, DSE and the elements of MX blocks) is
+rounded by :func:`round_float`. It works on the integer view of a float32 tensor with plain
+tensor ops (shifts, masks, adds, ``where``), so eager mode and ``torch.compile`` run the same
+arithmetic and give the same bits.
+
+Exponents come from the bit pattern, never from ``log2`` (which rounds up just below powers of
+two).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Rounding = Literal["nearest", "stochastic", "toward_zero"]
+ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic", "toward_zero")
+Overflow = Literal["saturate", "inf", "nan"]
+
+_SIGN = -(2**31)  # 0x80000000 as int32
+_ABS = 0x7FFFFFFF
+_MANT = 0x007FFFFF
+_INF_BITS = 0x7F800000
+# Dropped bits are capped so that ``significand + random bits`` fits in int32. Past the cap
+# (inputs more than 2^7 below a format's smallest subnormal) stochastic rounding resolves the
+# probability of rounding up to 2^-30 of a quantum instead of exactly.
+MAX_DROPPED_BITS = 30
+
+
+def check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
+
+
+def float_bits(x: Tensor) -> Tensor:
+    """The int32 view of a float32 tensor (no copy)."""
+    return x.view(torch.int32)
+
+
+def exponent_of(x: Tensor) -> Tensor:
+    """floor(log2(|x|)) for finite nonzero float32 ``x``, exactly, as int32.
+
+    Subnormals are scaled into the normal range first (an exact multiply).
+    """
+    a = x.abs()
+    sub = a < 2.0**-126
+    a = torch.where(sub, a * 2.0**64, a)
+    e = (float_bits(a) >> 23) - 127
+    return torch.where(sub, e - 64, e)
+
+
+def exp2i(e: Tensor) -> Tensor:
+    """2^e as float32 for integer ``e`` in [-149, 128] (128 gives Inf), built from bits."""
+    normal = (e + 127) << 23
+    sub = torch.ones_like(e) << (e + 149).clamp(0, 22)
+    return torch.where(e >= -126, normal, sub).view(torch.float32)
+
+
+def round_float(
+    x: Tensor,
+    *,
+    mantissa_bits: int,
+    min_exponent: int | Tensor,
+    max_value: float | Tensor,
+    overflow: Overflow,
+    negative_zero: bool,
+    rounding: Rounding,
+    random_bits: Tensor | None = None,
+) -> Tensor:
+    """Round float32 ``x`` onto a sign-magnitude float grid.
+
+    The grid has ``mantissa_bits`` stored mantissa bits, smallest normal exponent
+    ``min_exponent`` (below it values are subnormal with a fixed quantum
+    2^(min_exponent - mantissa_bits)) and largest finite magnitude ``max_value``.
+    ``min_exponent`` and ``max_value`` may be tensors that broadcast against ``x`` (a shared
+    exponent per tensor or per block).
+
+    Rounding: ``nearest`` is ties-to-even; ``toward_zero`` truncates; ``stochastic`` adds the
+    low bits of ``random_bits`` (uniform int32) below the kept precision and truncates, so
+    P(round up) equals the dropped fraction exactly.
+
+    Overflow (a rounded magnitude above ``max_value``, or an infinite input) becomes ±max
+    (``saturate``), ±Inf (``inf``) or NaN (``nan``). ``toward_zero`` never rounds a finite
+    value past ``max_value`` (as IEEE round-toward-zero). NaN inputs stay NaN.
+    Without ``negative_zero`` a result of -0 becomes +0 (the fnuz formats).
+    """
+    m = mantissa_bits
+    bits = float_bits(x)
+    sign = bits & _SIGN
+    mag = bits & _ABS
+    biased = mag >> 23
+    exp = biased.clamp(min=1) - 127  # float32 subnormals share the exponent -126
+    sig = (mag & _MANT) | ((biased > 0).to(torch.int32) << 23)
+
+    quantum_exp = torch.maximum(exp, torch.as_tensor(min_exponent, dtype=torch.int32)) - m
+    dropped_bits = quantum_exp - exp + 23  # >= 23 - m
+    excess = (dropped_bits - MAX_DROPPED_BITS).clamp(0, 24)
+    dropped_bits = dropped_bits.clamp(max=MAX_DROPPED_BITS)
+    sig = sig >> excess
+
+    low_mask = (torch.ones_like(dropped_bits) << dropped_bits) - 1
+    kept = sig >> dropped_bits
+    dropped = sig & low_mask
+    if rounding == "nearest":
+        if m == 0:  # the kept bit is implicit: "even" is the parity of the exponent code
+            odd = kept & (exp - torch.as_tensor(min_exponent, dtype=torch.int32) + 1)
+        else:
+            odd = kept & 1
+        half = (low_mask + 1) >> 1
+        kept = kept + ((dropped + odd > half) & (dropped_bits > 0)).to(torch.int32)
+    elif rounding == "stochastic":
+        if random_bits is None:
+            raise ValueError("stochastic rounding needs random_bits")
+        kept = kept + (dropped + (random_bits & low_mask) > low_mask).to(torch.int32)
+    elif rounding != "toward_zero":
+        check_rounding(rounding)
+
+    out = kept.to(torch.float32) * exp2i(quantum_exp)  # exact: kept < 2^(m+2)
+
+    is_inf = mag == _INF_BITS
+    maxv = torch.as_tensor(max_value, dtype=torch.float32, device=x.device)
+    if rounding == "toward_zero":
+        out = torch.where((out > maxv) & ~is_inf, maxv, out)
+    over = out > maxv
+    if overflow == "saturate":
+        out = torch.where(over, maxv, out)
+    elif overflow == "inf":
+        out = torch.where(over, torch.inf, out)
+    else:
+        out = torch.where(over, torch.nan, out)
+
+    out_bits = float_bits(out)
+    if not negative_zero:
+        sign = torch.where(out_bits == 0, 0, sign)
+    out = (out_bits | sign).view(torch.float32)
+    return torch.where(x != x, x, out)
+
+
+def round_integer(v: Tensor, rounding: Rounding, random_bits: Tensor | None = None) -> Tensor:
+    """Round float32 ``v`` to integers (still float32).
+
+    ``stochastic`` compares 24 random bits with the fractional part: P(up) = ceil(f * 2^24) /
+    2^24, exact whenever the fraction has no bits below 2^-24 of a step.
+    """
+    if rounding == "nearest":
+        return torch.round(v)  # ties to even
+    if rounding == "toward_zero":
+        return torch.trunc(v)
+    if rounding == "stochastic":
+        if random_bits is None:
+            raise ValueError("stochastic rounding needs random_bits")
+        floor = torch.floor(v)
+        threshold = (v - floor) * 2.0**24
+        u = (random_bits & 0xFFFFFF).to(torch.float32)
+        return floor + (u < threshold).to(torch.float32)
+    check_rounding(rounding)
+    raise AssertionError  # unreachable
