@@ -23,3 +23,8 @@ __all__ = [
     "parse_format",
     "quantize",
 ]
+
+from precsim.config import QuantConfig, RoleSpec  # noqa: E402
+from precsim.prepare import QuantPoint, prepare, quantizers, summary  # noqa: E402
+
+__all__ += ["QuantConfig", "QuantPoint", "RoleSpec", "prepare", "quantizers", "summary"]

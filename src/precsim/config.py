@@ -1,0 +1,186 @@
+"""QuantConfig: which format each role of each module uses. Data only; prepare() applies it.
+
+A config is a dict (or a YAML file holding one)::
+
+    activation: int8                      # global default per role
+    weight: {format: int8, granularity: per_channel, observer: minmax}
+    gradient: {format: fp8_e5m2, rounding: stochastic}
+    rules:                                # overrides, later rules win
+      - {type: Linear, weight: int4}
+      - {match: "layer4.*", gradient: bf16}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from precsim.formats import Format, IntFormat, parse_format
+from precsim.formats.parse import FORMAT_TYPES
+from precsim.formats.rounding import ROUNDINGS
+from precsim.observers import OBSERVERS
+
+ROLES: tuple[str, ...] = ("activation", "input", "weight", "gradient", "weight_gradient")
+GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel")
+STES: tuple[str, ...] = ("clipped", "plain")
+_ROLE_KEYS = ("format", "rounding", "observer", "momentum", "percentile", "granularity", "axis", "ste", "scale")
+_TOP_KEYS = (*ROLES, "rules", "seed")
+_RULE_KEYS = ("match", "type", *ROLES)
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """How one role is quantized.
+
+    ``rounding`` applies in ``train()``; ``eval()`` always rounds to nearest. ``observer`` is
+    used by integer formats only. ``ste``: ``clipped`` passes no gradient where the input was
+    outside the representable range (the default for integer formats), ``plain`` passes it all.
+    ``scale`` (gradient roles): a static factor S applied as Q(S g) / S, the same as scaling the
+    loss by S and unscaling before the optimizer, or ``"dynamic"``: S is halved on overflow of
+    the format and doubled after 1000 steps without one.
+    """
+
+    format: Format
+    rounding: str = "nearest"
+    observer: str = "moving_average"
+    momentum: float = 0.1
+    percentile: float = 99.99
+    ste: str = "clipped"
+    scale: float | str | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        fmt = self.format
+        return getattr(fmt, "is_float32", False) and self.scale is None
+
+
+def _where(ctx: str) -> str:
+    return f" (in {ctx})" if ctx else ""
+
+
+def parse_role(role: str, value: Any, ctx: str = "") -> RoleSpec:
+    """A role value (spec string or dict) -> RoleSpec, with errors naming the bad key/value."""
+    if isinstance(value, RoleSpec):
+        return value
+    if isinstance(value, str) or isinstance(value, FORMAT_TYPES):
+        value = {"format": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"role {role!r}{_where(ctx)}: expected a format string or a dict, got {value!r}")
+    bad = [k for k in value if k not in _ROLE_KEYS]
+    if bad:
+        raise ValueError(f"role {role!r}{_where(ctx)}: unknown key {bad[0]!r}; allowed: {', '.join(_ROLE_KEYS)}")
+    if "format" not in value:
+        raise ValueError(f"role {role!r}{_where(ctx)}: missing 'format'")
+    try:
+        fmt = parse_format(value["format"])
+    except ValueError as err:
+        raise ValueError(f"role {role!r}{_where(ctx)}: {err}") from None
+    rounding = value.get("rounding", "nearest")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"role {role!r}{_where(ctx)}: rounding {rounding!r} not allowed; allowed: {', '.join(ROUNDINGS)}")
+    observer = value.get("observer", "minmax" if role == "weight" else "moving_average")
+    if observer not in OBSERVERS:
+        raise ValueError(f"role {role!r}{_where(ctx)}: observer {observer!r} not allowed; allowed: {', '.join(OBSERVERS)}")
+    granularity = value.get("granularity", "per_tensor")
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"role {role!r}{_where(ctx)}: granularity {granularity!r} not allowed; allowed: {', '.join(GRANULARITIES)}"
+        )
+    if granularity == "per_channel":
+        if not isinstance(fmt, IntFormat):
+            raise ValueError(f"role {role!r}{_where(ctx)}: per_channel needs an integer format, got {fmt.name}")
+        axis = value.get("axis", 0 if role in ("weight", "weight_gradient") else 1)
+        fmt = dataclasses.replace(fmt, axis=axis, name="")
+    ste = value.get("ste", "clipped" if isinstance(fmt, IntFormat) else "plain")
+    if ste not in STES:
+        raise ValueError(f"role {role!r}{_where(ctx)}: ste {ste!r} not allowed; allowed: {', '.join(STES)}")
+    scale = value.get("scale")
+    if scale is not None:
+        if role not in ("gradient", "weight_gradient"):
+            raise ValueError(f"role {role!r}{_where(ctx)}: 'scale' is for gradient roles only")
+        if scale != "dynamic" and not (isinstance(scale, (int, float)) and scale > 0):
+            raise ValueError(f"role {role!r}{_where(ctx)}: scale {scale!r} not allowed; allowed: a number > 0 or 'dynamic'")
+        scale = scale if scale == "dynamic" else float(scale)
+    try:
+        return RoleSpec(fmt, rounding, observer, float(value.get("momentum", 0.1)),
+                        float(value.get("percentile", 99.99)), ste, scale)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"role {role!r}{_where(ctx)}: {err}") from None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Overrides for modules whose name matches ``match`` (a glob) and/or whose type is ``types``."""
+
+    match: str | None
+    types: tuple[str, ...]
+    roles: dict[str, RoleSpec | None] = field(hash=False)
+    text: str = ""
+
+    def selects(self, name: str, module_type: str) -> bool:
+        if self.match is not None and not fnmatch.fnmatchcase(name, self.match):
+            return False
+        return not self.types or module_type in self.types
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Global role defaults plus ordered rules (later rules win). ``None`` means fp32."""
+
+    roles: dict[str, RoleSpec | None]
+    rules: tuple[Rule, ...] = ()
+    seed: int = 0
+
+    @classmethod
+    def from_any(cls, config: QuantConfig | dict[str, Any] | str | Path) -> QuantConfig:
+        if isinstance(config, QuantConfig):
+            return config
+        if isinstance(config, (str, Path)):
+            path = Path(config)
+            if not path.exists():
+                raise ValueError(f"config file {str(path)!r} does not exist")
+            loaded = yaml.safe_load(path.read_text())
+            if not isinstance(loaded, dict):
+                raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+            config = loaded
+        if not isinstance(config, dict):
+            raise ValueError(f"a config is a dict, a YAML path or a QuantConfig, got {type(config).__name__}")
+        return cls.from_dict(config)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        bad = [k for k in d if k not in _TOP_KEYS]
+        if bad:
+            raise ValueError(f"unknown config key {bad[0]!r}; allowed: {', '.join(_TOP_KEYS)}")
+        roles = {r: _role_or_none(r, d[r]) for r in ROLES if r in d}
+        rules = []
+        raw_rules = d.get("rules") or []
+        if not isinstance(raw_rules, list):
+            raise ValueError(f"'rules' must be a list, got {type(raw_rules).__name__}")
+        for i, raw in enumerate(raw_rules):
+            if not isinstance(raw, dict):
+                raise ValueError(f"rule {i} must be a dict, got {raw!r}")
+            bad = [k for k in raw if k not in _RULE_KEYS]
+            if bad:
+                raise ValueError(f"rule {i}: unknown key {bad[0]!r}; allowed: {', '.join(_RULE_KEYS)}")
+            if "match" not in raw and "type" not in raw:
+                raise ValueError(f"rule {i}: needs 'match' (a module-name glob) and/or 'type' (a module class name)")
+            types = raw.get("type", ())
+            types = (types,) if isinstance(types, str) else tuple(types)
+            ctx = f"rule {i}"
+            rule_roles = {r: _role_or_none(r, raw[r], ctx) for r in ROLES if r in raw}
+            rules.append(Rule(raw.get("match"), types, rule_roles, text=str(raw)))
+        seed = d.get("seed", 0)
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        return cls(roles, tuple(rules), seed)
+
+
+def _role_or_none(role: str, value: Any, ctx: str = "") -> RoleSpec | None:
+    spec = parse_role(role, value, ctx)
+    return None if spec.is_identity else spec

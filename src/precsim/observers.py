@@ -1,0 +1,120 @@
+"""Observers: how the range of a scaled (integer) format is measured.
+
+State lives in registered buffers, so ``state_dict()``/``load_state_dict()`` restore it exactly
+(the I-ViT reference keeps ranges in plain attributes and loses them on reload).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+OBSERVERS: tuple[str, ...] = ("minmax", "running_minmax", "moving_average", "percentile")
+
+
+def tensor_range(x: Tensor, dims: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
+    """Min and max of the finite values of ``x`` over ``dims`` (None: all)."""
+    x = x.detach()
+    finite = torch.isfinite(x)
+    lo = torch.where(finite, x, torch.full_like(x, torch.inf))
+    hi = torch.where(finite, x, torch.full_like(x, -torch.inf))
+    if dims is None:
+        lo, hi = lo.amin(), hi.amax()
+    else:
+        lo, hi = lo.amin(dim=dims), hi.amax(dim=dims)
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    return lo, hi
+
+
+def percentile_range(x: Tensor, dims: tuple[int, ...] | None, q: float) -> tuple[Tensor, Tensor]:
+    """The (100 - q)-th and q-th percentiles: a range that ignores rare outliers."""
+    x = x.detach().float()
+    if dims is None:
+        flat = x.reshape(1, -1)
+    else:
+        keep = [d for d in range(x.dim()) if d not in dims]
+        flat = x.permute(*keep, *dims).reshape(x.shape[keep[0]] if keep else 1, -1)
+    if flat.shape[1] > 2**16:  # quantile of a strided sample keeps this cheap
+        flat = flat[:, :: flat.shape[1] // 2**16 + 1]
+    lo = torch.quantile(flat, 1 - q / 100, dim=1)
+    hi = torch.quantile(flat, q / 100, dim=1)
+    if dims is None:
+        lo, hi = lo.reshape(()), hi.reshape(())
+    return lo, hi
+
+
+class Observer(nn.Module):
+    """Tracks [min, max] of the tensors it sees, per tensor or per channel.
+
+    - ``minmax``: the current tensor's range (weights: always current);
+    - ``running_minmax``: the widest range seen so far;
+    - ``moving_average``: min <- min + momentum (x_min - min), started at the first range;
+    - ``percentile``: the moving average of the (100 - q, q) percentiles.
+    """
+
+    def __init__(self, kind: str = "moving_average", axis: int | None = None,
+                 momentum: float = 0.1, percentile: float = 99.99) -> None:
+        super().__init__()
+        if kind not in OBSERVERS:
+            raise ValueError(f"unknown observer {kind!r}; allowed: {', '.join(OBSERVERS)}")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"observer momentum {momentum!r} not allowed; allowed: 0 < momentum <= 1")
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"percentile {percentile!r} not allowed; allowed: 50 < percentile <= 100")
+        self.kind, self.axis, self.momentum, self.percentile = kind, axis, momentum, percentile
+        self.register_buffer("min_val", torch.zeros(()))
+        self.register_buffer("max_val", torch.zeros(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def _dims(self, x: Tensor) -> tuple[int, ...] | None:
+        if self.axis is None:
+            return None
+        axis = self.axis % x.dim()
+        return tuple(d for d in range(x.dim()) if d != axis)
+
+    def measure(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        dims = self._dims(x)
+        if self.kind == "percentile":
+            return percentile_range(x, dims, self.percentile)
+        return tensor_range(x, dims)
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        lo, hi = self.measure(x)
+        if self.min_val.shape != lo.shape:
+            self.min_val = torch.zeros_like(lo)
+            self.max_val = torch.zeros_like(hi)
+            self.initialized.fill_(False)
+        first = ~self.initialized
+        if self.kind == "minmax":
+            new_lo, new_hi = lo, hi
+        elif self.kind == "running_minmax":
+            new_lo = torch.where(first, lo, torch.minimum(self.min_val, lo))
+            new_hi = torch.where(first, hi, torch.maximum(self.max_val, hi))
+        else:
+            m = self.momentum
+            new_lo = torch.where(first, lo, self.min_val + m * (lo - self.min_val))
+            new_hi = torch.where(first, hi, self.max_val + m * (hi - self.max_val))
+        self.min_val.copy_(new_lo)
+        self.max_val.copy_(new_hi)
+        self.initialized.fill_(True)
+
+    def range_for(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The stored range, shaped to broadcast against ``x``."""
+        lo, hi = self.min_val, self.max_val
+        if self.axis is not None and lo.dim() == 1:
+            shape = [1] * x.dim()
+            shape[self.axis % x.dim()] = lo.numel()
+            lo, hi = lo.reshape(shape), hi.reshape(shape)
+        return lo, hi
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for name in ("min_val", "max_val"):  # per-channel buffers take their shape on first use
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                setattr(self, name, torch.zeros_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, axis={self.axis}, momentum={self.momentum}"

@@ -1,0 +1,163 @@
+"""prepare(model, config): attach quantizers to a model, keeping the user's training loop.
+
+- Activations (and gradients): a forward hook on the module rounds its output through a
+  :class:`Quantizer` stored as the child ``precsim_activation``; the same quantizer rounds the
+  gradient flowing back through that point. ``input`` uses a forward pre-hook.
+- Weights (and weight gradients): a parametrization (``torch.nn.utils.parametrize``) returns the
+  rounded weight; its backward rounds the gradient of the stored weight.
+
+Default placement follows Tamiya et al.: outputs of Conv, Linear, BatchNorm, ReLU/ReLU6 and
+:class:`QuantPoint`, weights of Conv and Linear. Other modules take part when a rule selects
+them by ``type`` (or names them with ``match``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from precsim.config import ROLES, QuantConfig, RoleSpec
+from precsim.quantizer import Quantizer, mix_seed
+
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6,
+)
+WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+class QuantPoint(nn.Module):
+    """Identity that marks a tensor for quantization (like the paper's QuantStub)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def _output_hook(module: nn.Module, args: Any, output: Any) -> Any:
+    q = module.precsim_activation
+    if isinstance(output, tuple):
+        return (q(output[0]), *output[1:])
+    return q(output)
+
+
+def _input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    if args and isinstance(args[0], Tensor):
+        return (module.precsim_input(args[0]), *args[1:])
+    return args
+
+
+def _weight_names(module: nn.Module) -> list[str]:
+    """Directly owned parameters that are weights: ``weight`` and ``*_weight`` (MHA's in_proj)."""
+    return [n for n, p in module.named_parameters(recurse=False)
+            if p is not None and (n == "weight" or n.endswith("_weight"))]
+
+
+def resolve(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, RoleSpec | None]]:
+    """Module name -> role -> spec for every module that takes part; warns on idle rules."""
+    plan: dict[str, dict[str, RoleSpec | None]] = {}
+    used = [False] * len(config.rules)
+    for name, module in model.named_modules():
+        if isinstance(module, (*_CONTAINERS, Quantizer)) or name.split(".")[-1].startswith("precsim_"):
+            continue
+        type_name = type(module).__name__
+        default = isinstance(module, (*DEFAULT_TYPES, QuantPoint))
+        roles: dict[str, RoleSpec | None] = {}
+        if default:
+            roles = {r: config.roles.get(r) for r in ("activation", "gradient", "input")}
+            if isinstance(module, WEIGHT_TYPES):
+                roles["weight"] = config.roles.get("weight")
+                roles["weight_gradient"] = config.roles.get("weight_gradient")
+        selected = default
+        leaf = not any(True for _ in module.children())
+        for i, rule in enumerate(config.rules):
+            if not rule.selects(name, type_name):
+                continue
+            if not rule.types and not (default or leaf):
+                continue  # a bare glob reaches leaf modules, not their containers
+            used[i] = True
+            if not selected:
+                selected = True
+                roles = {r: config.roles.get(r) for r in ("activation", "gradient", "input")}
+                if _weight_names(module) and isinstance(module, WEIGHT_TYPES):
+                    roles["weight"] = config.roles.get("weight")
+                    roles["weight_gradient"] = config.roles.get("weight_gradient")
+            roles.update(rule.roles)
+        if selected and any(v is not None for v in roles.values()):
+            plan[name] = roles
+    for rule, hit in zip(config.rules, used, strict=True):
+        if not hit:
+            warnings.warn(f"precsim: rule {rule.text} matches no module", stacklevel=3)
+    return plan
+
+
+def prepare(model: nn.Module, config: QuantConfig | dict[str, Any] | str | Path, *, seed: int | None = None) -> nn.Module:
+    """Attach quantizers to ``model`` in place and return it.
+
+    ``config`` is a dict, a YAML file path or a :class:`QuantConfig`. ``seed`` (default: the
+    config's, else 0) makes stochastic rounding reproducible. Calling prepare twice is an error.
+    """
+    cfg = QuantConfig.from_any(config)
+    if any(isinstance(m, Quantizer) for m in model.modules()):
+        raise ValueError("this model is already prepared (it holds precsim quantizers)")
+    base_seed = cfg.seed if seed is None else seed
+    plan = resolve(model, cfg)
+    modules = dict(model.named_modules())
+    for index, (name, roles) in enumerate(plan.items()):
+        module = modules[name]
+        s = mix_seed(base_seed, index)
+        act, grad = roles.get("activation"), roles.get("gradient")
+        if act is not None or grad is not None:
+            module.precsim_activation = Quantizer("activation", act, grad, seed=mix_seed(s, 0))
+            module.register_forward_hook(_output_hook)
+        if roles.get("input") is not None:
+            module.precsim_input = Quantizer("input", roles["input"], None, seed=mix_seed(s, 1))
+            module.register_forward_pre_hook(_input_hook)
+        wspec, wgrad = roles.get("weight"), roles.get("weight_gradient")
+        if wspec is not None or wgrad is not None:
+            for k, pname in enumerate(_weight_names(module)):
+                q = Quantizer("weight", wspec, wgrad, seed=mix_seed(s, 2 + k))
+                parametrize.register_parametrization(module, pname, q)
+    return model
+
+
+def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
+    """Every quantizer in ``model`` with its qualified name."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Quantizer)]
+
+
+def summary_rows(model: nn.Module) -> list[dict[str, str]]:
+    rows = []
+    for name, module in model.named_modules():
+        if not isinstance(module, Quantizer):
+            continue
+        parts = name.split(".")
+        if "parametrizations" in parts:
+            i = parts.index("parametrizations")
+            owner, role = ".".join(parts[:i]), parts[i + 1]
+        else:
+            owner, role = ".".join(parts[:-1]), module.role
+        fmt, obs, rnd, grad = module.describe()
+        rows.append({"module": owner, "role": role, "format": fmt, "observer": obs,
+                     "rounding": rnd, "gradient": grad})
+    return rows
+
+
+def summary(model: nn.Module) -> str:
+    """A table: module, role (activation/input/weight name), format, observer, rounding, gradient."""
+    rows = summary_rows(model)
+    if not rows:
+        return "(no quantizers)"
+    cols = ["module", "role", "format", "observer", "rounding", "gradient"]
+    width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    line = "  ".join(c.ljust(width[c]) for c in cols)
+    out = [line, "  ".join("-" * width[c] for c in cols)]
+    out += ["  ".join(r[c].ljust(width[c]) for c in cols) for r in rows]
+    return "\n".join(out)
+
+
+__all__ = ["ROLES", "QuantPoint", "prepare", "quantizers", "resolve", "summary", "summary_rows"]

@@ -1,0 +1,189 @@
+"""The Quantizer module: one quantization point (format + observer + rounding + role).
+
+Forward: the tensor is rounded to the role's format, with a straight-through estimator.
+Backward: the gradient flowing through the point is rounded to the gradient role's format.
+Both happen in one ``torch.autograd.Function``, so gradient quantization works for any module
+and under DDP, with no module backward hooks.
+
+Stochastic rounding only happens in ``train()``. Its random bits come from a per-quantizer seed
+and a step counter, both buffers: a checkpoint restores the stream exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from precsim.config import RoleSpec
+from precsim.formats import BlockFormat, DSEFormat, FloatFormat, IntFormat
+from precsim.formats.integer import fake_quantize
+from precsim.formats.random import random_bits
+from precsim.formats.rounding import exponent_of
+from precsim.observers import Observer
+
+_GOLDEN = -1640531527  # 0x9E3779B9 as int32
+_BACKWARD_SALT = 0x5BD1E995
+GROWTH_INTERVAL = 1000
+
+
+def mix_seed(*words: int) -> int:
+    """A 32-bit hash of integers (for per-quantizer seeds; Python ints, not tensors)."""
+    h = 0x811C9DC5
+    for w in words:
+        h = ((h ^ (w & 0xFFFFFFFF)) * 0x01000193) & 0xFFFFFFFF
+        h ^= h >> 15
+    return h - 2**32 if h >= 2**31 else h
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """y = Q(x) forward; dx = G(mask * dy) backward (mask: clipped STE, G: gradient format)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, forward_fn: Callable[[Tensor], tuple[Tensor, Tensor | None]],  # type: ignore[override]
+                backward_fn: Callable[[Tensor], Tensor] | None) -> Tensor:
+        q, mask = forward_fn(x)
+        ctx.backward_fn = backward_fn
+        ctx.has_mask = mask is not None
+        if mask is not None:
+            ctx.save_for_backward(mask)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        if ctx.has_mask:
+            (mask,) = ctx.saved_tensors
+            grad = grad * mask
+        if ctx.backward_fn is not None:
+            grad = ctx.backward_fn(grad)
+        return grad, None, None
+
+
+class Quantizer(nn.Module):
+    """Quantizes a tensor in the forward pass (``spec``) and its gradient (``grad_spec``)."""
+
+    def __init__(self, role: str, spec: RoleSpec | None, grad_spec: RoleSpec | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.role, self.spec, self.grad_spec = role, spec, grad_spec
+        self.register_buffer("seed", torch.tensor([mix_seed(seed, 1), mix_seed(seed, 2)], dtype=torch.int32))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int32))
+        self.observer: Observer | None = None
+        fmt = spec.format if spec else None
+        if isinstance(fmt, IntFormat) and fmt.group_size is None:
+            self.observer = Observer(spec.observer, fmt.axis, spec.momentum, spec.percentile)  # type: ignore[union-attr]
+        if isinstance(fmt, DSEFormat) and fmt.delayed:
+            self.register_buffer("dse_shift", torch.zeros((), dtype=torch.int32))
+            self.register_buffer("dse_ready", torch.zeros((), dtype=torch.bool))
+        if grad_spec is not None and grad_spec.scale is not None:
+            start = 2.0**16 if grad_spec.scale == "dynamic" else float(grad_spec.scale)
+            self.register_buffer("grad_scale", torch.tensor(start))
+            self.register_buffer("clean_steps", torch.zeros((), dtype=torch.int32))
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.step.add_(1)
+        offset = torch.stack([torch.zeros_like(self.step), self.step * _GOLDEN])
+        fwd_seed = self.seed + offset
+        bwd_seed = (self.seed ^ _BACKWARD_SALT) + offset
+        training = self.training
+        backward_fn = None
+        if self.grad_spec is not None:
+            def backward_fn(g: Tensor) -> Tensor:
+                return self.quantize_gradient(g, bwd_seed, training)
+        if self.spec is None:
+            return _FakeQuantSTE.apply(x, lambda t: (t.view_as(t), None), backward_fn)
+
+        def forward_fn(t: Tensor) -> tuple[Tensor, Tensor | None]:
+            return self.quantize_values(t, fwd_seed, training)
+        return _FakeQuantSTE.apply(x, forward_fn, backward_fn)
+
+    @torch.no_grad()
+    def quantize_values(self, x: Tensor, seed: Tensor, training: bool) -> tuple[Tensor, Tensor | None]:
+        """Q(x) and the clipped-STE mask (None: pass every gradient)."""
+        spec = self.spec
+        assert spec is not None
+        fmt = spec.format
+        rounding = spec.rounding if training else "nearest"
+        x32 = x.float()
+        rb = random_bits(x.shape, seed) if rounding == "stochastic" else None
+        mask = None
+        if isinstance(fmt, IntFormat) and self.observer is not None:
+            obs = self.observer
+            if training or obs.kind == "minmax" or not bool(obs.initialized):
+                obs.update(x32)
+            lo, hi = obs.range_for(x32)
+            scale, zp = fmt.qparams(lo, hi)
+            q = fake_quantize(x32, scale, zp, fmt.qmin, fmt.qmax, rounding, rb)  # type: ignore[arg-type]
+            if spec.ste == "clipped":
+                mask = (x32 >= (fmt.qmin - zp - 0.5) * scale) & (x32 <= (fmt.qmax - zp + 0.5) * scale)
+        elif isinstance(fmt, DSEFormat):
+            shift = fmt.shift_for(x32)
+            if fmt.delayed:
+                used = torch.where(self.dse_ready, self.dse_shift, shift)
+                if training:
+                    self.dse_shift.copy_(shift)
+                    self.dse_ready.fill_(True)
+                shift = used
+            q = fmt.quantize(x32, rounding, random_bits=rb, shift=shift)
+        else:
+            q = fmt.quantize(x32, rounding, random_bits=rb)  # type: ignore[arg-type]
+            if spec.ste == "clipped" and isinstance(fmt, FloatFormat):
+                mask = x32.abs() <= fmt.max
+        return q.to(x.dtype), mask
+
+    # --- backward ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def quantize_gradient(self, g: Tensor, seed: Tensor, training: bool) -> Tensor:
+        """G(g): the gradient rounded to the gradient role's format (scaled if asked)."""
+        spec = self.grad_spec
+        assert spec is not None
+        fmt = spec.format
+        rounding = spec.rounding if training else "nearest"
+        g32 = g.float()
+        scale = None
+        if spec.scale is not None:
+            scale = self.grad_scale
+            if spec.scale == "dynamic" and isinstance(fmt, FloatFormat):
+                scale = self._dynamic_scale(g32, fmt.max, training)
+            g32 = g32 * scale
+        rb = random_bits(g.shape, seed) if rounding == "stochastic" else None
+        if isinstance(fmt, IntFormat):
+            q = fmt.quantize(g32, rounding, random_bits=rb)
+        elif isinstance(fmt, (FloatFormat, BlockFormat)):
+            q = fmt.quantize(g32, rounding, random_bits=rb)
+        else:
+            q = fmt.quantize(g32, rounding, random_bits=rb, shift=fmt.shift_for(g32))
+        if scale is not None:
+            q = q / scale
+        return q.to(g.dtype)
+
+    def _dynamic_scale(self, g: Tensor, max_value: float, training: bool) -> Tensor:
+        """Loss-scale style: shrink S at once on overflow; double it after clean intervals."""
+        amax = torch.where(torch.isfinite(g), g.abs(), torch.zeros_like(g)).amax()
+        s = self.grad_scale
+        ratio = amax * s / max_value
+        over = ratio > 1.0
+        shrink = torch.where(over, (exponent_of(torch.where(over, ratio, torch.ones_like(ratio))) + 1).float(), torch.zeros(()))
+        s_now = s * torch.exp2(-shrink)
+        if training:
+            clean = torch.where(over, torch.zeros_like(self.clean_steps), self.clean_steps + 1)
+            grow = clean >= GROWTH_INTERVAL
+            self.grad_scale.copy_(torch.where(grow, s_now * 2, s_now))
+            self.clean_steps.copy_(torch.where(grow, torch.zeros_like(clean), clean))
+        return s_now
+
+    def describe(self) -> tuple[str, str, str, str]:
+        """(format, observer, rounding, gradient) as text, for summaries."""
+        spec, g = self.spec, self.grad_spec
+        fmt = spec.format.name if spec else "fp32"
+        obs = self.observer.kind if self.observer is not None else "-"
+        rnd = spec.rounding if spec else "-"
+        grad = "-" if g is None else f"{g.format.name} ({g.rounding}{', scale ' + str(g.scale) if g.scale else ''})"
+        return fmt, obs, rnd, grad
+
+    def extra_repr(self) -> str:
+        fmt, obs, rnd, grad = self.describe()
+        return f"role={self.role}, format={fmt}, observer={obs}, rounding={rnd}, gradient={grad}"
