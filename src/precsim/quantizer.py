@@ -17,9 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from precsim.config import RoleSpec
-from precsim.formats import BlockFormat, DSEFormat, FloatFormat, IntFormat
-from precsim.formats.integer import fake_quantize
-from precsim.formats.random import random_bits
+from precsim.formats import DSEFormat, FloatFormat, IntFormat
+from precsim.formats.backend import run_quantize
 from precsim.formats.rounding import exponent_of
 from precsim.observers import Observer
 
@@ -44,6 +43,8 @@ class _FakeQuantSTE(torch.autograd.Function):
     def forward(ctx, x: Tensor, forward_fn: Callable[[Tensor], tuple[Tensor, Tensor | None]],  # type: ignore[override]
                 backward_fn: Callable[[Tensor], Tensor] | None) -> Tensor:
         q, mask = forward_fn(x)
+        if q is x:  # an input returned as is becomes a view that in-place ops (ReLU(inplace)) reject
+            q = q.clone()
         ctx.backward_fn = backward_fn
         ctx.has_mask = mask is not None
         if mask is not None:
@@ -75,6 +76,9 @@ class Quantizer(nn.Module):
         if isinstance(fmt, DSEFormat) and fmt.delayed:
             self.register_buffer("dse_shift", torch.zeros((), dtype=torch.int32))
             self.register_buffer("dse_ready", torch.zeros((), dtype=torch.bool))
+        if grad_spec is not None and isinstance(grad_spec.format, DSEFormat) and grad_spec.format.delayed:
+            self.register_buffer("grad_dse_shift", torch.zeros((), dtype=torch.int32))
+            self.register_buffer("grad_dse_ready", torch.zeros((), dtype=torch.bool))
         if grad_spec is not None and grad_spec.scale is not None:
             start = 2.0**16 if grad_spec.scale == "dynamic" else float(grad_spec.scale)
             self.register_buffer("grad_scale", torch.tensor(start))
@@ -94,7 +98,7 @@ class Quantizer(nn.Module):
             def backward_fn(g: Tensor) -> Tensor:
                 return self.quantize_gradient(g, bwd_seed, training)
         if self.spec is None:
-            return _FakeQuantSTE.apply(x, lambda t: (t.view_as(t), None), backward_fn)
+            return _FakeQuantSTE.apply(x, lambda t: (t, None), backward_fn)
 
         def forward_fn(t: Tensor) -> tuple[Tensor, Tensor | None]:
             return self.quantize_values(t, fwd_seed, training)
@@ -108,7 +112,6 @@ class Quantizer(nn.Module):
         fmt = spec.format
         rounding = spec.rounding if training else "nearest"
         x32 = x.float()
-        rb = random_bits(x.shape, seed) if rounding == "stochastic" else None
         mask = None
         if isinstance(fmt, IntFormat) and self.observer is not None:
             obs = self.observer
@@ -116,7 +119,7 @@ class Quantizer(nn.Module):
                 obs.update(x32)
             lo, hi = obs.range_for(x32)
             scale, zp = fmt.qparams(lo, hi)
-            q = fake_quantize(x32, scale, zp, fmt.qmin, fmt.qmax, rounding, rb)  # type: ignore[arg-type]
+            q = run_quantize(fmt, x32, rounding, seed, scale=scale, zero_point=zp)
             if spec.ste == "clipped":
                 mask = (x32 >= (fmt.qmin - zp - 0.5) * scale) & (x32 <= (fmt.qmax - zp + 0.5) * scale)
         elif isinstance(fmt, DSEFormat):
@@ -127,9 +130,9 @@ class Quantizer(nn.Module):
                     self.dse_shift.copy_(shift)
                     self.dse_ready.fill_(True)
                 shift = used
-            q = fmt.quantize(x32, rounding, random_bits=rb, shift=shift)
+            q = run_quantize(fmt, x32, rounding, seed, shift=shift)
         else:
-            q = fmt.quantize(x32, rounding, random_bits=rb)  # type: ignore[arg-type]
+            q = run_quantize(fmt, x32, rounding, seed)
             if spec.ste == "clipped" and isinstance(fmt, FloatFormat):
                 mask = x32.abs() <= fmt.max
         return q.to(x.dtype), mask
@@ -149,13 +152,17 @@ class Quantizer(nn.Module):
             if spec.scale == "dynamic" and isinstance(fmt, FloatFormat):
                 scale = self._dynamic_scale(g32, fmt.max, training)
             g32 = g32 * scale
-        rb = random_bits(g.shape, seed) if rounding == "stochastic" else None
-        if isinstance(fmt, IntFormat):
-            q = fmt.quantize(g32, rounding, random_bits=rb)
-        elif isinstance(fmt, (FloatFormat, BlockFormat)):
-            q = fmt.quantize(g32, rounding, random_bits=rb)
+        if isinstance(fmt, DSEFormat):
+            shift = fmt.shift_for(g32)
+            if fmt.delayed:  # the shift measured on the previous backward, as for activations
+                used = torch.where(self.grad_dse_ready, self.grad_dse_shift, shift)
+                if training:
+                    self.grad_dse_shift.copy_(shift)
+                    self.grad_dse_ready.fill_(True)
+                shift = used
+            q = run_quantize(fmt, g32, rounding, seed, shift=shift)
         else:
-            q = fmt.quantize(g32, rounding, random_bits=rb, shift=fmt.shift_for(g32))
+            q = run_quantize(fmt, g32, rounding, seed)
         if scale is not None:
             q = q / scale
         return q.to(g.dtype)

@@ -142,4 +142,5 @@ class BlockFormat:
         scale = block_scale * tensor_scale
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = elem.quantize(blocks / safe, rounding, random_bits=rb)
-        return torch.where(scale > 0, q * scale, torch.zeros_like(q))
+        # q * block_scale is exact (2 x 4 significant bits): one rounding for the value e2m1 x bs x ts
+        return torch.where(scale > 0, (q * block_scale) * tensor_scale, torch.zeros_like(q))

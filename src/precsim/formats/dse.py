@@ -27,6 +27,8 @@ class DSEFormat:
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.delayed, bool):
+            raise ValueError(f"delayed={self.delayed!r} not allowed; allowed: true, false")
         if self.element.bias != 0:
             raise ValueError(f"a DSE element must have b=0 (the shift is dynamic), got b={self.element.bias}")
         if not self.name:
@@ -36,6 +38,8 @@ class DSEFormat:
     def spec(self) -> str:
         e = self.element
         extra = "" if e.specials == "ieee" else f",specials={e.specials}"
+        if e.overflow != ("inf" if e.specials == "ieee" else "saturate"):
+            extra += f",overflow={e.overflow}"
         delayed = ",delayed=true" if self.delayed else ""
         return f"dse(e={e.exponent_bits},m={e.mantissa_bits}{extra}{delayed})"
 

@@ -68,9 +68,12 @@ class FloatFormat:
         if overflow not in OVERFLOWS:
             raise ValueError(f"overflow={overflow!r} not allowed; allowed: {', '.join(OVERFLOWS)}")
         if overflow == "inf" and self.specials != "ieee":
-            raise ValueError(f"overflow='inf' needs a format with Inf (specials='ieee'), not {self.specials!r}")
+            allowed = "saturate" if self.specials == "finite" else "saturate, nan"
+            raise ValueError(
+                f"overflow='inf' needs a format with Inf (specials='ieee'), not {self.specials!r}; allowed: {allowed}"
+            )
         if overflow == "nan" and self.specials == "finite":
-            raise ValueError("overflow='nan' needs a format with a NaN code, not specials='finite'")
+            raise ValueError("overflow='nan' needs a format with a NaN code, not specials='finite'; allowed: saturate")
         object.__setattr__(self, "overflow", overflow)
         if self.min_exponent - m < -149 or self.max > FLOAT32_MAX:
             raise ValueError(

@@ -40,6 +40,9 @@ class IntFormat:
             raise ValueError(f"integer bits {self.bits!r} not allowed; allowed: 2..16")
         if self.symmetric is None:
             object.__setattr__(self, "symmetric", self.signed)
+        for key in ("signed", "symmetric", "narrow"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key}={getattr(self, key)!r} not allowed; allowed: true, false")
         if self.narrow and not self.signed:
             raise ValueError("narrow=True needs a signed format (it drops the code -2^(n-1))")
         if self.group_size is not None:
@@ -148,6 +151,15 @@ class IntFormat:
             lo, hi = finite.amin(dim=dims, keepdim=True), finite.amax(dim=dims, keepdim=True)
         return self.qparams(lo, hi)
 
+    def check_qparams(self, scale: Tensor | float, zero_point: Tensor | float | None) -> None:
+        """Raise ValueError unless scale > 0 is finite and the zero point an in-range integer."""
+        s = torch.as_tensor(scale, dtype=torch.float32)
+        z = torch.as_tensor(0.0 if zero_point is None else zero_point, dtype=torch.float32)
+        if bool((s <= 0).any()) or not bool(torch.isfinite(s).all()):
+            raise ValueError(f"scale must be finite and > 0, got {scale}")
+        if bool((z != torch.round(z)).any()) or bool(((z < self.qmin) | (z > self.qmax)).any()):
+            raise ValueError(f"zero_point must be an integer in {self.qmin}..{self.qmax}, got {zero_point}")
+
     def _broadcast(self, p: Tensor | float, x: Tensor) -> Tensor:
         """A given per-channel parameter of shape (C,) reshaped to broadcast along ``axis``."""
         p = torch.as_tensor(p, dtype=torch.float32, device=x.device)
@@ -167,7 +179,10 @@ class IntFormat:
         scale: Tensor | float | None = None,
         zero_point: Tensor | float | None = None,
     ) -> Tensor:
-        """Fake-quantize float32 ``x``: S (clamp(round(x / S) + Z, qmin, qmax) - Z)."""
+        """Fake-quantize float32 ``x``: S (clamp(round(x / S) + Z, qmin, qmax) - Z).
+
+        Given parameters are trusted here (hot path); :func:`precsim.quantize` validates them.
+        """
         if rounding == "stochastic" and random_bits is None:
             if seed is None:
                 raise ValueError("stochastic rounding needs a seed or random_bits")
@@ -179,10 +194,6 @@ class IntFormat:
         else:
             s = self._broadcast(scale, x)
             z = self._broadcast(0.0 if zero_point is None else zero_point, x)
-            if bool((s <= 0).any()) or not bool(torch.isfinite(s).all()):
-                raise ValueError(f"scale must be finite and > 0, got {scale}")
-            if bool((z != torch.round(z)).any()) or bool(((z < self.qmin) | (z > self.qmax)).any()):
-                raise ValueError(f"zero_point must be an integer in {self.qmin}..{self.qmax}, got {zero_point}")
         if self.group_size is not None:
             xg = self._grouped(x)
             rg = None if random_bits is None else self._grouped(random_bits)

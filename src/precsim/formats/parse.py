@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Union
 
 from precsim.formats.block import BlockFormat
 from precsim.formats.dse import DSEFormat
 from precsim.formats.float import FloatFormat
 from precsim.formats.integer import IntFormat
 
-Format = Union[FloatFormat, IntFormat, DSEFormat, BlockFormat]
+Format = FloatFormat | IntFormat | DSEFormat | BlockFormat
 FORMAT_TYPES = (FloatFormat, IntFormat, DSEFormat, BlockFormat)
 
 # name -> (exponent bits, mantissa bits, shift b, specials)
@@ -135,7 +134,7 @@ def parse_format(spec: str | Format) -> Format:
         if "e" not in kw or "m" not in kw:
             raise ValueError(f"format {spec!r}: dse needs e= and m= (and optionally specials=, delayed=)")
         e, m = _need_int(spec, "e", kw.pop("e")), _need_int(spec, "m", kw.pop("m"))
-        delayed = bool(kw.pop("delayed", False))
+        delayed = kw.pop("delayed", False)
         return DSEFormat(FloatFormat(e, m, 0, **kw), delayed=delayed)  # type: ignore[arg-type]
     if name in BLOCKS:
         elem_name, size, scale = BLOCKS[name]

@@ -7,11 +7,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from precsim.formats.block import BlockFormat
+from precsim.formats.dse import DSEFormat
 from precsim.formats.float import FloatFormat
+from precsim.formats.integer import IntFormat
 from precsim.formats.parse import Format, parse_format
 from precsim.formats.random import draw_seed
-from precsim.formats.rounding import Rounding, check_rounding, float_bits
+from precsim.formats.rounding import Rounding, check_rounding, exponent_of, float_bits
 
+_PARAMS: tuple[tuple[type, tuple[str, ...]], ...] = (  # the keyword parameters each kind accepts
+    (FloatFormat, ("random_bits",)),
+    (IntFormat, ("random_bits", "scale", "zero_point")),
+    (DSEFormat, ("random_bits", "shift")),
+    (BlockFormat, ("random_bits",)),
+)
 _HOLDS = {  # dtype -> (mantissa bits, max exponent, exponent of smallest subnormal)
     torch.float16: (10, 15, -24),
     torch.bfloat16: (7, 127, -133),
@@ -34,15 +43,46 @@ def _holds(dtype: torch.dtype, fmt: Format) -> bool:
     )
 
 
-def to_float32_round_to_odd(x: Tensor) -> Tensor:
-    """float64 -> float32 rounding to odd, so a later rounding to <= 22 bits is not a double one."""
+def _truncate_to_float32(x: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 -> float32 rounded toward zero, and whether that was inexact."""
     y = x.to(torch.float32)
     bits = float_bits(y)
-    away = y.to(torch.float64).abs() > x.abs()
-    bits = torch.where(away & torch.isfinite(y), bits - 1, bits)  # one ulp back toward zero
-    truncated = bits.view(torch.float32)
-    inexact = (truncated.to(torch.float64) != x) & torch.isfinite(truncated) & torch.isfinite(x)
+    away = (y.to(torch.float64).abs() > x.abs()) & torch.isfinite(x)  # incl. finite x that became Inf
+    truncated = torch.where(away, bits - 1, bits).view(torch.float32)  # one ulp back toward zero
+    inexact = (truncated.to(torch.float64) != x) & torch.isfinite(x)
+    return truncated, inexact
+
+
+def to_float32_round_to_odd(x: Tensor) -> Tensor:
+    """float64 -> float32 rounding to odd, so a later rounding to <= 22 bits is not a double one."""
+    truncated, inexact = _truncate_to_float32(x)
+    bits = float_bits(truncated)
     return torch.where(inexact, bits | 1, bits).view(torch.float32)
+
+
+def narrow_float64(x: Tensor, fmt: Format, rounding: Rounding = "nearest") -> Tensor:
+    """float64 -> float32 such that rounding the result to ``fmt`` rounds ``x`` only once.
+
+    ``toward_zero``: truncation (exact for every format). Otherwise rounding to odd, exact
+    wherever float32 keeps at least 2 more bits than the format. For a FloatFormat rounded to
+    nearest, the places where it keeps fewer (22-23 mantissa bits, spacing 2^-148 or 2^-149) are
+    exact too: with no extra bit float32's own RNE is the answer; with one, the odd float32
+    value between two format values is their midpoint, and an inexact ``x`` above it moves to
+    the upper one. Stochastic rounding of float64 inputs resolves probabilities at float32's
+    precision.
+    """
+    truncated, inexact = _truncate_to_float32(x)
+    if rounding == "toward_zero":
+        return truncated
+    bits = float_bits(truncated)
+    odd = torch.where(inexact, bits | 1, bits)
+    if rounding != "nearest" or not isinstance(fmt, FloatFormat):
+        return odd.view(torch.float32)
+    e = exponent_of(truncated)
+    extra = e.clamp(min=fmt.min_exponent) - fmt.mantissa_bits - e.clamp(min=-126) + 23  # float32 bits kept
+    above_mid = torch.where(inexact & ((bits & 1) == 1), bits + 1, bits)
+    rne = float_bits(x.to(torch.float32))
+    return torch.where(extra >= 2, odd, torch.where(extra == 1, above_mid, rne)).view(torch.float32)
 
 
 def quantize(
@@ -61,18 +101,24 @@ def quantize(
     explicit stochastic-rounding bits.
 
     float32 is computed as is. bfloat16/float16 inputs are computed in float32; float64 inputs
-    are narrowed to float32 by rounding to odd (exact for formats of at most 22 mantissa bits).
+    are narrowed to float32 so that the result is rounded once (see :func:`narrow_float64`).
     The result has the input's dtype when that dtype holds every value of the format, else
     float32.
     """
     fmt = parse_format(fmt)
     check_rounding(rounding)
+    allowed = next(names for kind, names in _PARAMS if isinstance(fmt, kind))
+    bad = [k for k in params if k not in allowed]
+    if bad:
+        raise ValueError(f"{fmt.name}: unknown parameter {bad[0]!r}; allowed: {', '.join(allowed)}")
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"quantize needs a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dtype == torch.float64:
-        x32 = to_float32_round_to_odd(x)
+        x32 = narrow_float64(x, fmt, rounding)
     else:
         x32 = x.to(torch.float32)
+    if isinstance(fmt, IntFormat) and params.get("scale") is not None:
+        fmt.check_qparams(params["scale"], params.get("zero_point"))
     seed = None
     if rounding == "stochastic" and "random_bits" not in params:
         seed = draw_seed(generator, x.device)

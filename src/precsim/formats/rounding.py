@@ -93,12 +93,17 @@ def round_float(
     mag = bits & _ABS
     biased = mag >> 23
     exp = biased.clamp(min=1) - 127  # float32 subnormals share the exponent -126
-    sig = (mag & _MANT) | ((biased > 0).to(torch.int32) << 23)
+    sig = (mag & _MANT) | ((biased > 0).to(torch.int32) << 23)  # |x| = sig * 2^(exp - 23)
+    # The true exponent floor(log2|x|): a float32 subnormal has fewer significant bits, so its
+    # leading bit comes from ``sig`` (exact in float32, sig < 2^24). It matters for grids that
+    # reach below 2^-126 (shifts b < 0 with e = 8, MX blocks with tiny scales).
+    min_exp = torch.as_tensor(min_exponent, dtype=torch.int32)
+    true_exp = (float_bits(sig.to(torch.float32)) >> 23) - 150 + exp
 
-    quantum_exp = torch.maximum(exp, torch.as_tensor(min_exponent, dtype=torch.int32)) - m
-    dropped_bits = quantum_exp - exp + 23  # >= 23 - m
+    quantum_exp = torch.maximum(true_exp, min_exp) - m
+    dropped_bits = quantum_exp - exp + 23  # >= 0 whenever the quantum is >= 2^-149
     excess = (dropped_bits - MAX_DROPPED_BITS).clamp(0, 24)
-    dropped_bits = dropped_bits.clamp(max=MAX_DROPPED_BITS)
+    dropped_bits = dropped_bits.clamp(0, MAX_DROPPED_BITS)
     sig = sig >> excess
 
     low_mask = (torch.ones_like(dropped_bits) << dropped_bits) - 1
@@ -106,7 +111,7 @@ def round_float(
     dropped = sig & low_mask
     if rounding == "nearest":
         if m == 0:  # the kept bit is implicit: "even" is the parity of the exponent code
-            odd = kept & (exp - torch.as_tensor(min_exponent, dtype=torch.int32) + 1)
+            odd = kept & (true_exp - min_exp + 1)
         else:
             odd = kept & 1
         half = (low_mask + 1) >> 1

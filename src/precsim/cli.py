@@ -1,0 +1,138 @@
+"""Command line: ``precsim <command> ...`` (also ``python -m precsim``).
+
+Subcommands live in the :data:`COMMANDS` registry. Each is a :class:`Command` with two
+functions: ``add_parser(subparsers)`` adds (and returns) its ``argparse`` parser, and
+``run(args)`` does the work and returns the exit status. To add one, write those two functions
+and call :func:`register` (or add an entry to ``COMMANDS``) before :func:`main` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from precsim.formats import BlockFormat, DSEFormat, FloatFormat, Format, IntFormat, format_names, parse_format
+from precsim.formats.parse import FAMILIES
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: how to build its parser and how to run it."""
+
+    add_parser: Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(name: str, add_parser: Callable[..., argparse.ArgumentParser],
+             run: Callable[[argparse.Namespace], int]) -> None:
+    """Add (or replace) the subcommand ``name``."""
+    COMMANDS[name] = Command(add_parser, run)
+
+
+# --- precsim formats ---------------------------------------------------------------------------
+FORMAT_COLUMNS = ("name", "kind", "bits", "max", "min subnormal", "specials", "overflow")
+KINDS = ("float", "int", "block", "dse")
+
+
+def _num(v: float) -> str:
+    return f"{v:.6g}"
+
+
+def format_row(name: str, fmt: Format) -> tuple[str, ...]:
+    """One table row. Scaled formats give magnitudes in units of their scale:
+    ``x S`` (integer scale, or block scale), ``x 2^b`` (DSE's dynamic shift)."""
+    if isinstance(fmt, FloatFormat):
+        sub = "-" if fmt.mantissa_bits == 0 else _num(fmt.smallest_subnormal)
+        return (name, "float", str(fmt.bits), _num(fmt.max), sub, fmt.specials, fmt.overflow)
+    if isinstance(fmt, IntFormat):
+        return (name, "int", str(fmt.bits), f"{fmt.qmax} x S", "-", "none", "saturate")
+    if isinstance(fmt, DSEFormat):
+        e = fmt.element
+        sub = "-" if e.mantissa_bits == 0 else f"{_num(e.smallest_subnormal)} x 2^b"
+        return (name, "dse", str(fmt.bits), f"{_num(e.max)} x 2^b", sub, e.specials, e.overflow)
+    assert isinstance(fmt, BlockFormat)
+    elem = fmt.element
+    if isinstance(elem, IntFormat):  # MXINT: codes k * 2^-(bits-2)
+        top, sub = _num(elem.qmax * 2.0 ** -(elem.bits - 2)), "-"
+        specials = "none"
+    else:
+        top = _num(elem.max)
+        sub = "-" if elem.mantissa_bits == 0 else f"{_num(elem.smallest_subnormal)} x S"
+        specials = elem.specials
+    return (name, "block", f"{fmt.bits_per_element:g}", f"{top} x S", sub, f"{specials}; NaN/Inf -> NaN block",
+            "saturate")
+
+
+def formats_table(kind: str | None = None) -> list[tuple[str, ...]]:
+    """Rows (without the header) for every preset, optionally of one kind."""
+    rows = [format_row(name, parse_format(name)) for name in format_names()]
+    return [r for r in rows if kind is None or r[1] == kind]
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def add_formats_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "formats",
+        help="list the preset number formats",
+        description="List every preset number format: kind, bits, largest value, smallest "
+        "subnormal, special values and what overflow does by default.",
+    )
+    p.add_argument("--kind", choices=KINDS, help="only formats of this kind")
+    return p
+
+
+def run_formats(args: argparse.Namespace) -> int:
+    rows = formats_table(getattr(args, "kind", None))
+    print(render_table(FORMAT_COLUMNS, rows))
+    print()
+    print("S: the scale (per tensor/channel/group for int; per block for block formats; nvfp4's "
+          "is E4M3 x a float32 tensor scale). 2^b: DSE's shift, chosen per tensor.")
+    print("specials: ieee = Inf/NaN in the top exponent code; fn = no Inf, one NaN code; "
+          "fnuz = no Inf, no -0, NaN at the -0 code; finite = no Inf/NaN codes.")
+    print(f"Families: {'; '.join(FAMILIES)}. Options: e.g. fp8_e4m3(overflow=nan), int8(axis=0), "
+          "mxfp4(block=16).")
+    return 0
+
+
+register("formats", add_formats_parser, run_formats)
+
+
+# --- entry point -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from precsim import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="precsim",
+        description="Simulate number formats inside float32 PyTorch.",
+    )
+    parser.add_argument("--version", action="version", version=f"precsim {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        sub = command.add_parser(subparsers)
+        sub.set_defaults(_run=command.run, command=name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``precsim`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

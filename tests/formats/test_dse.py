@@ -1,0 +1,127 @@
+"""DSE (FlexFP with a per-tensor shift from the data)."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from precsim.formats import DSEFormat, FloatFormat, parse_format, quantize
+
+from ._helpers import F32, assert_same_bits
+
+SPECS = ["dse(e=4,m=3)", "dse(e=5,m=2)", "dse(e=4,m=3,specials=fn)", "dse(e=3,m=4)", "dse(e=2,m=1,specials=finite)",
+         "dse(e=8,m=7)", "dse(e=5,m=10)", "dse(e=4,m=0)"]
+
+
+def tensors(seed: int):
+    g = np.random.default_rng(seed)
+    for log_scale in (-140, -120, -60, -10, 0, 7, 40, 100, 120):
+        x = (g.standard_normal((8, 16)) * 2.0**log_scale).astype(F32)
+        yield x
+    # max |x| just below a power of two, exactly at one, and at the top-rounding edge
+    yield np.array([np.nextafter(F32(1024), F32(0)), 0.3, -7], dtype=F32)
+    yield np.array([-1024.0, 0.25, 3.0], dtype=F32)
+    yield np.array([239.0, 1.0, 248.0 * 2**-20], dtype=F32)
+    yield np.array([float("nan"), float("inf"), 3.0, -100.0], dtype=F32)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_output_representable_with_shift_for(spec: str) -> None:
+    fmt = parse_format(spec)
+    assert isinstance(fmt, DSEFormat)
+    e = fmt.element
+    for x in tensors(1):
+        xt = torch.from_numpy(x)
+        b = int(fmt.shift_for(xt))
+        lo, hi = fmt.shift_range
+        assert lo <= b <= hi
+        y = fmt.quantize(xt)
+        shifted = FloatFormat(e.exponent_bits, e.mantissa_bits, b, e.specials, e.overflow)
+        # representable in flexfp(e, m, b): quantizing again is the identity ...
+        assert_same_bits(shifted.quantize(y), y.numpy(), x, f"{spec} b={b}")
+        # ... and equals rounding x in that fixed format
+        assert_same_bits(y, shifted.quantize(xt).numpy(), x, f"{spec} b={b}")
+        fin = np.isfinite(x)
+        top = np.abs(y.numpy()[fin]).max()
+        if np.abs(x[fin]).max() > 0 and b > lo:
+            # the largest magnitude lands in the top binade and does not overflow. Exception:
+            # "fn" formats, whose top binade lacks its last value (the NaN code): a max |x| that
+            # rounds to that code gets one more shift and is then exact one binade lower.
+            assert top <= e.max * 2.0**b, (spec, b, top)
+            if e.specials == "fn" and top == (2 - 2.0**-e.mantissa_bits) * 2.0 ** (e.max_exponent - 1 + b):
+                continue
+            assert 2.0 ** (e.max_exponent + b) <= top, (spec, b, top)
+        assert np.isfinite(y.numpy()[fin]).all()
+
+
+def test_representable_checked_independently_with_ml_dtypes() -> None:
+    """dse(e=4,m=3) / dse(e=5,m=2) outputs, divided by 2^b, are float8_e4m3 / float8_e5m2 values."""
+    for spec, dtype in (("dse(e=4,m=3)", ml_dtypes.float8_e4m3), ("dse(e=5,m=2)", ml_dtypes.float8_e5m2)):
+        fmt = parse_format(spec)
+        for x in list(tensors(2))[:-1]:
+            xt = torch.from_numpy(x)
+            b = int(fmt.shift_for(xt))
+            y = fmt.quantize(xt).numpy().astype(np.float64) * 2.0**-b
+            assert np.array_equal(y.astype(dtype).astype(np.float64), y), spec
+
+
+def test_fn_top_code_edge() -> None:
+    """E4M3FN: max 448 = 1.75 * 2^8; 1.875 * 2^8 is the NaN code. A max |x| of 470 rounds to that
+    code, so the shift goes up by one and 470 -> 480 is exact in the binade below the top (the
+    alternative, saturating to 448, would lose 5% on the largest value)."""
+    fmt = parse_format("dse(e=4,m=3,specials=fn)")
+    x = torch.tensor([470.0, 1.0])
+    assert int(fmt.shift_for(x)) == 1
+    assert fmt.quantize(x)[0] == 480
+    x = torch.tensor([460.0, 1.0])  # rounds to 448: no extra shift
+    assert int(fmt.shift_for(x)) == 0 and fmt.quantize(x)[0] == 448
+
+
+def test_top_binade_edge() -> None:
+    """max |x| that would round past the element max bumps the shift by one."""
+    fmt = parse_format("dse(e=4,m=3)")  # IEEE-style E4M3: max 240 = 1.875 * 2^7
+    x = torch.tensor([247.0, 1.0])  # rounds to 240 (the tie is 248)
+    assert int(fmt.shift_for(x)) == 0 and fmt.quantize(x)[0] == 240
+    x = torch.tensor([249.0, 1.0])  # would round to 256: shift one more
+    assert int(fmt.shift_for(x)) == 1 and fmt.quantize(x)[0] == 256
+    x = torch.tensor([248.0, 1.0])  # the tie goes to even, 256
+    assert int(fmt.shift_for(x)) == 1 and fmt.quantize(x)[0] == 256
+    x = torch.tensor([np.nextafter(F32(256), F32(0)), 1.0])  # just below 2^8: exponent 7 from the bits
+    assert int(fmt.shift_for(x)) == 1 and fmt.quantize(x)[0] == 256
+
+
+def test_delayed_uses_given_shift() -> None:
+    fmt = parse_format("dse(e=4,m=3,delayed=true)")
+    assert fmt.delayed
+    x = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 1000
+    for s in (-3, 0, 2, 9):
+        y = quantize(x, fmt, shift=s)
+        assert torch.equal(y, FloatFormat(4, 3, s).quantize(x))
+        assert torch.equal(y, fmt.quantize(x, shift=torch.tensor(s, dtype=torch.int32)))
+    with pytest.raises(ValueError, match="delayed: pass shift="):
+        fmt.quantize(x)
+    # the non-delayed variant also accepts an explicit shift
+    assert torch.equal(quantize(x, "dse(e=4,m=3)", shift=2), FloatFormat(4, 3, 2).quantize(x))
+
+
+def test_all_zero_and_empty() -> None:
+    fmt = parse_format("dse(e=4,m=3)")
+    z = torch.zeros(5, 7)
+    assert int(fmt.shift_for(z)) == 0
+    assert torch.equal(fmt.quantize(z), z)
+    neg = -torch.zeros(3)
+    assert torch.signbit(fmt.quantize(neg)).all()
+    assert fmt.quantize(torch.zeros(0)).shape == (0,)
+    nan_only = torch.tensor([float("nan"), 0.0])
+    assert int(fmt.shift_for(nan_only)) == 0
+
+
+def test_shift_clamped_to_float32() -> None:
+    fmt = parse_format("dse(e=5,m=2)")
+    lo, hi = fmt.shift_range
+    assert int(fmt.shift_for(torch.tensor([2.0**-149]))) == lo
+    assert int(fmt.shift_for(torch.tensor([3e38]))) == hi
+    y = fmt.quantize(torch.tensor([1e-45, 2.0**-140]))
+    assert torch.isfinite(y).all()
