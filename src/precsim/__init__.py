@@ -28,3 +28,7 @@ from precsim.config import QuantConfig, RoleSpec  # noqa: E402
 from precsim.prepare import QuantPoint, prepare, quantizers, summary  # noqa: E402
 
 __all__ += ["QuantConfig", "QuantPoint", "RoleSpec", "prepare", "quantizers", "summary"]
+
+from precsim.optim import QuantizedOptimizer  # noqa: E402
+
+__all__ += ["QuantizedOptimizer"]

@@ -29,7 +29,7 @@ ROLES: tuple[str, ...] = ("activation", "input", "weight", "gradient", "weight_g
 GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel")
 STES: tuple[str, ...] = ("clipped", "plain")
 _ROLE_KEYS = ("format", "rounding", "observer", "momentum", "percentile", "granularity", "axis", "ste", "scale")
-_TOP_KEYS = (*ROLES, "rules", "seed")
+_TOP_KEYS = (*ROLES, "rules", "seed", "fold_bn")
 _RULE_KEYS = ("match", "type", *ROLES)
 
 
@@ -122,10 +122,12 @@ class Rule:
     roles: dict[str, RoleSpec | None] = field(hash=False)
     text: str = ""
 
-    def selects(self, name: str, module_type: str) -> bool:
+    def selects(self, name: str, module_type: str | tuple[str, ...]) -> bool:
+        """``module_type``: the class name, or the names of its whole MRO (subclasses match)."""
         if self.match is not None and not fnmatch.fnmatchcase(name, self.match):
             return False
-        return not self.types or module_type in self.types
+        names = (module_type,) if isinstance(module_type, str) else module_type
+        return not self.types or any(t in self.types for t in names)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ class QuantConfig:
     roles: dict[str, RoleSpec | None]
     rules: tuple[Rule, ...] = ()
     seed: int = 0
+    fold_bn: bool = False  # fold BatchNorm into the preceding conv/linear (Jacob et al. 3.2)
+    freeze_bn_after: int | None = None  # BN uses frozen running stats after this many training steps
 
     @classmethod
     def from_any(cls, config: QuantConfig | dict[str, Any] | str | Path) -> QuantConfig:
@@ -178,9 +182,25 @@ class QuantConfig:
         seed = d.get("seed", 0)
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        return cls(roles, tuple(rules), seed)
+        fold_bn, freeze_bn_after = _parse_fold_bn(d.get("fold_bn", False))
+        return cls(roles, tuple(rules), seed, fold_bn=fold_bn, freeze_bn_after=freeze_bn_after)
 
 
 def _role_or_none(role: str, value: Any, ctx: str = "") -> RoleSpec | None:
     spec = parse_role(role, value, ctx)
     return None if spec.is_identity else spec
+
+
+def _parse_fold_bn(value: Any) -> tuple[bool, int | None]:
+    """``fold_bn``: true/false, or ``{freeze_after: N}`` (fold; BN statistics frozen after N steps)."""
+    if value is None or isinstance(value, bool):
+        return bool(value), None
+    if isinstance(value, dict):
+        bad = [k for k in value if k != "freeze_after"]
+        if bad:
+            raise ValueError(f"fold_bn: unknown key {bad[0]!r}; allowed: freeze_after")
+        n = value.get("freeze_after")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"fold_bn: freeze_after must be an integer >= 0 (training steps), got {n!r}")
+        return True, n
+    raise ValueError(f"fold_bn must be true, false or {{freeze_after: N}}, got {value!r}")

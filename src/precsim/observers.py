@@ -44,6 +44,36 @@ def percentile_range(x: Tensor, dims: tuple[int, ...] | None, q: float) -> tuple
     return lo, hi
 
 
+def reduce_dims(axis: int | None, ndim: int) -> tuple[int, ...] | None:
+    """Dimensions reduced for one range: all (None) or all but the channel ``axis``."""
+    if axis is None:
+        return None
+    axis = axis % ndim
+    return tuple(d for d in range(ndim) if d != axis)
+
+
+def next_range(lo: Tensor, hi: Tensor, min_val: Tensor, max_val: Tensor, initialized: Tensor,
+               kind: str, momentum: float) -> tuple[Tensor, Tensor]:
+    """The stored range after seeing a tensor whose range is [lo, hi] (pure)."""
+    if kind == "minmax":
+        return lo, hi
+    first = ~initialized
+    if kind == "running_minmax":
+        return (torch.where(first, lo, torch.minimum(min_val, lo)),
+                torch.where(first, hi, torch.maximum(max_val, hi)))
+    return (torch.where(first, lo, min_val + momentum * (lo - min_val)),
+            torch.where(first, hi, max_val + momentum * (hi - max_val)))
+
+
+def broadcast_range(lo: Tensor, hi: Tensor, axis: int | None, ndim: int) -> tuple[Tensor, Tensor]:
+    """A per-channel range of shape (C,) reshaped to broadcast along ``axis``."""
+    if axis is None or lo.dim() != 1:
+        return lo, hi
+    shape = [1] * ndim
+    shape[axis % ndim] = lo.numel()
+    return lo.reshape(shape), hi.reshape(shape)
+
+
 class Observer(nn.Module):
     """Tracks [min, max] of the tensors it sees, per tensor or per channel.
 
@@ -67,14 +97,8 @@ class Observer(nn.Module):
         self.register_buffer("max_val", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
-    def _dims(self, x: Tensor) -> tuple[int, ...] | None:
-        if self.axis is None:
-            return None
-        axis = self.axis % x.dim()
-        return tuple(d for d in range(x.dim()) if d != axis)
-
     def measure(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        dims = self._dims(x)
+        dims = reduce_dims(self.axis, x.dim())
         if self.kind == "percentile":
             return percentile_range(x, dims, self.percentile)
         return tensor_range(x, dims)
@@ -86,34 +110,21 @@ class Observer(nn.Module):
             self.min_val = torch.zeros_like(lo)
             self.max_val = torch.zeros_like(hi)
             self.initialized.fill_(False)
-        first = ~self.initialized
-        if self.kind == "minmax":
-            new_lo, new_hi = lo, hi
-        elif self.kind == "running_minmax":
-            new_lo = torch.where(first, lo, torch.minimum(self.min_val, lo))
-            new_hi = torch.where(first, hi, torch.maximum(self.max_val, hi))
-        else:
-            m = self.momentum
-            new_lo = torch.where(first, lo, self.min_val + m * (lo - self.min_val))
-            new_hi = torch.where(first, hi, self.max_val + m * (hi - self.max_val))
+        new_lo, new_hi = next_range(lo, hi, self.min_val, self.max_val, self.initialized,
+                                    self.kind, self.momentum)
         self.min_val.copy_(new_lo)
         self.max_val.copy_(new_hi)
         self.initialized.fill_(True)
 
     def range_for(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The stored range, shaped to broadcast against ``x``."""
-        lo, hi = self.min_val, self.max_val
-        if self.axis is not None and lo.dim() == 1:
-            shape = [1] * x.dim()
-            shape[self.axis % x.dim()] = lo.numel()
-            lo, hi = lo.reshape(shape), hi.reshape(shape)
-        return lo, hi
+        return broadcast_range(self.min_val, self.max_val, self.axis, x.dim())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         for name in ("min_val", "max_val"):  # per-channel buffers take their shape on first use
             key = prefix + name
             if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
-                setattr(self, name, torch.zeros_like(state_dict[key]))
+                setattr(self, name, torch.zeros_like(state_dict[key], device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from precsim.config import ROLES, QuantConfig, RoleSpec
+from precsim.fold import fold_batchnorms
 from precsim.quantizer import Quantizer, mix_seed
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
@@ -38,15 +39,19 @@ class QuantPoint(nn.Module):
         return x
 
 
+def _is_float(x: Any) -> bool:
+    return isinstance(x, Tensor) and x.is_floating_point()  # never round indices or masks
+
+
 def _output_hook(module: nn.Module, args: Any, output: Any) -> Any:
     q = module.precsim_activation
     if isinstance(output, tuple):
-        return (q(output[0]), *output[1:])
-    return q(output)
+        return (q(output[0]), *output[1:]) if output and _is_float(output[0]) else output
+    return q(output) if _is_float(output) else output
 
 
 def _input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    if args and isinstance(args[0], Tensor):
+    if args and _is_float(args[0]):
         return (module.precsim_input(args[0]), *args[1:])
     return args
 
@@ -64,7 +69,7 @@ def resolve(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, RoleSp
     for name, module in model.named_modules():
         if isinstance(module, (*_CONTAINERS, Quantizer)) or name.split(".")[-1].startswith("precsim_"):
             continue
-        type_name = type(module).__name__
+        type_name = tuple(c.__name__ for c in type(module).__mro__)  # a rule's type matches subclasses
         default = isinstance(module, (*DEFAULT_TYPES, QuantPoint))
         roles: dict[str, RoleSpec | None] = {}
         if default:
@@ -83,7 +88,7 @@ def resolve(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, RoleSp
             if not selected:
                 selected = True
                 roles = {r: config.roles.get(r) for r in ("activation", "gradient", "input")}
-                if _weight_names(module) and isinstance(module, WEIGHT_TYPES):
+                if _weight_names(module):  # Embedding, LayerNorm, MHA's in_proj_weight, ...
                     roles["weight"] = config.roles.get("weight")
                     roles["weight_gradient"] = config.roles.get("weight_gradient")
             roles.update(rule.roles)
@@ -122,6 +127,8 @@ def prepare(model: nn.Module, config: QuantConfig | dict[str, Any] | str | Path,
             for k, pname in enumerate(_weight_names(module)):
                 q = Quantizer("weight", wspec, wgrad, seed=mix_seed(s, 2 + k))
                 parametrize.register_parametrization(module, pname, q)
+    if cfg.fold_bn:  # Conv/Linear+BN chains: the weight quantizer sees the folded weight
+        fold_batchnorms(model, freeze_after=cfg.freeze_bn_after)
     return model
 
 

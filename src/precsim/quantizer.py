@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from precsim.config import RoleSpec
 from precsim.formats import DSEFormat, FloatFormat, IntFormat
-from precsim.formats.backend import run_quantize
+from precsim.formats.backend import call, run_quantize
 from precsim.formats.rounding import exponent_of
-from precsim.observers import Observer
+from precsim.observers import Observer, broadcast_range, next_range, reduce_dims, tensor_range
 
 _GOLDEN = -1640531527  # 0x9E3779B9 as int32
 _BACKWARD_SALT = 0x5BD1E995
@@ -59,6 +59,26 @@ class _FakeQuantSTE(torch.autograd.Function):
         if ctx.backward_fn is not None:
             grad = ctx.backward_fn(grad)
         return grad, None, None
+
+
+def observe_and_quantize(
+    x: Tensor, seed: Tensor | None, min_val: Tensor, max_val: Tensor, initialized: Tensor,
+    fmt: IntFormat, kind: str, momentum: float, rounding: str, update: bool, clipped: bool,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """Observe, quantize and build the clipped-STE mask in one pure function (one fused pass).
+
+    Returns (Q(x), mask or None, new min, new max).
+    """
+    if update:
+        lo, hi = tensor_range(x, reduce_dims(fmt.axis, x.dim()))
+        min_val, max_val = next_range(lo, hi, min_val, max_val, initialized, kind, momentum)
+    lo, hi = broadcast_range(min_val, max_val, fmt.axis, x.dim())
+    scale, zp = fmt.qparams(lo, hi)
+    q = fmt.quantize(x, rounding, seed=seed, scale=scale, zero_point=zp)  # type: ignore[arg-type]
+    mask = None
+    if clipped:
+        mask = (x >= (fmt.qmin - zp - 0.5) * scale) & (x <= (fmt.qmax - zp + 0.5) * scale)
+    return q, mask, min_val, max_val
 
 
 class Quantizer(nn.Module):
@@ -115,22 +135,26 @@ class Quantizer(nn.Module):
         mask = None
         if isinstance(fmt, IntFormat) and self.observer is not None:
             obs = self.observer
-            if training or obs.kind == "minmax" or not bool(obs.initialized):
-                obs.update(x32)
-            lo, hi = obs.range_for(x32)
-            scale, zp = fmt.qparams(lo, hi)
-            q = run_quantize(fmt, x32, rounding, seed, scale=scale, zero_point=zp)
-            if spec.ste == "clipped":
-                mask = (x32 >= (fmt.qmin - zp - 0.5) * scale) & (x32 <= (fmt.qmax - zp + 0.5) * scale)
-        elif isinstance(fmt, DSEFormat):
+            update = training or obs.kind == "minmax" or not bool(obs.initialized)
+            channels = () if fmt.axis is None else (x32.shape[fmt.axis],)
+            if update and (obs.kind == "percentile" or obs.min_val.shape != channels):
+                obs.update(x32)  # eager: quantiles, or the first call that sizes per-channel buffers
+                update = False
+            q, mask, lo, hi = call(
+                observe_and_quantize, x32, (seed, obs.min_val, obs.max_val, obs.initialized),
+                (fmt, obs.kind, obs.momentum, rounding, update, spec.ste == "clipped"),
+            )
+            if update:
+                obs.min_val.copy_(lo)
+                obs.max_val.copy_(hi)
+                obs.initialized.fill_(True)
+        elif isinstance(fmt, DSEFormat) and fmt.delayed:
             shift = fmt.shift_for(x32)
-            if fmt.delayed:
-                used = torch.where(self.dse_ready, self.dse_shift, shift)
-                if training:
-                    self.dse_shift.copy_(shift)
-                    self.dse_ready.fill_(True)
-                shift = used
-            q = run_quantize(fmt, x32, rounding, seed, shift=shift)
+            used = torch.where(self.dse_ready, self.dse_shift, shift)
+            if training:
+                self.dse_shift.copy_(shift)
+                self.dse_ready.fill_(True)
+            q = run_quantize(fmt, x32, rounding, seed, shift=used)
         else:
             q = run_quantize(fmt, x32, rounding, seed)
             if spec.ste == "clipped" and isinstance(fmt, FloatFormat):

@@ -34,26 +34,38 @@ def compile_enabled() -> bool:
 
 
 @functools.cache
-def _compiled(fmt: Any, rounding: str, keys: tuple[str, ...]) -> Callable[..., Tensor]:
-    def run(x: Tensor, seed: Tensor | None, *values: Any) -> Tensor:
-        return fmt.quantize(x, rounding, seed=seed, **dict(zip(keys, values, strict=True)))
+def _compiled(fn: Callable[..., Any], static: tuple[Any, ...]) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        return fn(*args, *static)
 
-    # Dynamo keeps its cache (and its recompile limit) per code object: give each (format,
-    # rounding) its own, or every format would share one function's 8 cache entries.
-    code = run.__code__.replace(co_name=f"quantize_{abs(hash((fmt, rounding, keys)))}")
+    # Dynamo keeps its cache (and its recompile limit) per code object: give each (function,
+    # static arguments) its own, or every format would share one function's 8 cache entries.
+    code = run.__code__.replace(co_name=f"{fn.__name__}_{abs(hash(static))}")
     unique = types.FunctionType(code, run.__globals__, code.co_name, run.__defaults__, run.__closure__)
     return torch.compile(unique, dynamic=True)
 
 
+def call(fn: Callable[..., Any], x: Tensor, args: tuple[Any, ...], static: tuple[Any, ...] = ()) -> Any:
+    """``fn(x, *args, *static)``, through a compiled copy per ``static`` when enabled.
+
+    ``fn`` must be a pure function of tensors; ``static`` holds the hashable settings (format,
+    rounding, ...) that the compiled code specializes on.
+    """
+    if not _state["compile"] or x.numel() < MIN_COMPILED_NUMEL or torch.compiler.is_compiling():
+        return fn(x, *args, *static)
+    # A Parameter would get static-shape guards (a recompile per weight shape): pass plain data.
+    plain = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+    return _compiled(fn, static)(x.detach(), *plain)
+
+
+def _quantize(x: Tensor, seed: Tensor | None, values: tuple[Any, ...], fmt: Any, rounding: str,
+              keys: tuple[str, ...]) -> Tensor:
+    return fmt.quantize(x, rounding, seed=seed, **dict(zip(keys, values, strict=True)))
+
+
 def run_quantize(fmt: Any, x: Tensor, rounding: str = "nearest", seed: Tensor | None = None, **params: Any) -> Tensor:
     """``fmt.quantize(x, rounding, seed=seed, **params)``, compiled when enabled."""
-    if (
-        not _state["compile"]
-        or x.numel() < MIN_COMPILED_NUMEL
-        or torch.compiler.is_compiling()
-        or params.get("random_bits") is not None
-    ):
+    if params.get("random_bits") is not None:
         return fmt.quantize(x, rounding, seed=seed, **params)
     keys = tuple(sorted(params))
-    # A Parameter would get static-shape guards (a recompile per weight shape): pass plain data.
-    return _compiled(fmt, rounding, keys)(x.detach(), seed, *(params[k] for k in keys))
+    return call(_quantize, x, (seed, tuple(params[k] for k in keys)), (fmt, rounding, keys))

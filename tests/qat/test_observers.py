@@ -1,0 +1,122 @@
+"""Proof 5: observer state equals a hand-computed reference over several steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import precsim
+from precsim.observers import Observer
+
+from ._models import SmallCNN, image_batches, make
+
+
+def _batches(n: int = 5, shape=(6, 3, 4, 4)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(*shape, generator=g) * (1 + i) + i * 0.3 for i in range(n)]
+
+
+def _ref_ranges(kind: str, batches, axis=None, m=0.1, q=99.99):
+    """Reference in numpy: float64 statistics, the moving average as written in the issue."""
+    mins, maxs = None, None
+    out = []
+    for b in batches:
+        a = b.numpy().astype(np.float64)
+        if axis is None:
+            flat = a.reshape(1, -1)
+        else:
+            flat = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+        if kind == "percentile":
+            lo, hi = np.percentile(flat, 100 - q, axis=1), np.percentile(flat, q, axis=1)
+        else:
+            lo, hi = flat.min(axis=1), flat.max(axis=1)
+        if mins is None or kind == "minmax":
+            mins, maxs = lo, hi  # first step: the batch's own range
+        elif kind == "running_minmax":
+            mins, maxs = np.minimum(mins, lo), np.maximum(maxs, hi)
+        else:  # moving_average, percentile: min += m (batch_min - min)
+            mins, maxs = mins + m * (lo - mins), maxs + m * (hi - maxs)
+        out.append((mins.copy(), maxs.copy()))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["minmax", "running_minmax", "moving_average", "percentile"])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_observer_matches_reference(kind: str, axis) -> None:
+    batches = _batches()
+    obs = Observer(kind, axis=axis, momentum=0.25, percentile=99.0)
+    ref = _ref_ranges(kind, batches, axis=axis, m=0.25, q=99.0)
+    for b, (lo, hi) in zip(batches, ref, strict=True):
+        obs.update(b)
+        shape = () if axis is None else (b.shape[axis],)
+        assert obs.min_val.shape == shape and obs.max_val.shape == shape
+        np.testing.assert_allclose(obs.min_val.numpy().reshape(-1), lo.reshape(-1), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(obs.max_val.numpy().reshape(-1), hi.reshape(-1), rtol=1e-6, atol=1e-6)
+        if kind in ("minmax", "running_minmax"):  # no arithmetic: exact
+            assert np.array_equal(obs.min_val.numpy().reshape(-1), lo.reshape(-1).astype(np.float32))
+    lo, hi = obs.range_for(batches[0])
+    if axis is not None:
+        assert lo.shape == (1, 3, 1, 1) and hi.shape == (1, 3, 1, 1)
+
+
+def test_observer_ignores_non_finite_values() -> None:
+    obs = Observer("running_minmax")
+    obs.update(torch.tensor([1.0, -2.0, float("inf"), float("nan"), -float("inf")]))
+    assert obs.min_val.item() == -2.0 and obs.max_val.item() == 1.0
+
+
+def test_quantizer_observers_follow_reference_in_training_only() -> None:
+    """Inside a prepared CNN: activation (per tensor and per channel) and weight observers."""
+    model = make(SmallCNN)
+    cfg = {
+        "activation": {"format": "int8", "momentum": 0.3},
+        "weight": {"format": "int8", "granularity": "per_channel"},
+        "rules": [{"match": "conv2", "activation": {"format": "uint8", "granularity": "per_channel",
+                                                    "observer": "running_minmax"}}],
+    }
+    precsim.prepare(model, cfg)
+    seen: dict[str, list[torch.Tensor]] = {"conv1": [], "conv2": []}
+    for name in seen:  # the quantizer's input is the module's own output
+        q = model.get_submodule(name).precsim_activation
+        q.register_forward_pre_hook(lambda mod, args, name=name: seen[name].append(args[0].detach().clone()))
+    batches = image_batches(4)
+    model.train()
+    for x, _ in batches:
+        model(x)
+    ref1 = _ref_ranges("moving_average", seen["conv1"], m=0.3)[-1]
+    ref2 = _ref_ranges("running_minmax", seen["conv2"], axis=1)[-1]
+    obs1 = model.conv1.precsim_activation.observer
+    obs2 = model.conv2.precsim_activation.observer
+    np.testing.assert_allclose(obs1.min_val.numpy(), ref1[0], rtol=1e-6)
+    np.testing.assert_allclose(obs1.max_val.numpy(), ref1[1], rtol=1e-6)
+    assert obs2.axis == 1 and obs2.min_val.shape == (8,)
+    assert np.array_equal(obs2.min_val.numpy(), ref2[0].astype(np.float32))
+    assert np.array_equal(obs2.max_val.numpy(), ref2[1].astype(np.float32))
+    # weights: per output channel, the current weight's range (minmax)
+    wq = model.conv1.parametrizations.weight[0]
+    w = model.conv1.parametrizations.weight.original.detach()
+    assert wq.observer.axis == 0
+    assert torch.equal(wq.observer.min_val, w.amin(dim=(1, 2, 3)))
+    assert torch.equal(wq.observer.max_val, w.amax(dim=(1, 2, 3)))
+    # eval: activation observers are frozen
+    before = {k: v.clone() for k, v in model.state_dict().items() if "observer" in k}
+    model.eval()
+    model(batches[0][0] * 10)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_eval_first_use_initializes_observer() -> None:
+    model = make(nn.Linear, 4, 3)
+    precsim.prepare(model, {"activation": "int8"})
+    model.eval()
+    x = torch.randn(5, 4)
+    y = model(x)
+    obs = model.precsim_activation.observer
+    assert bool(obs.initialized)
+    raw = nn.functional.linear(x, model.weight, model.bias).detach()
+    assert obs.min_val == raw.min() and obs.max_val == raw.max()
+    assert torch.equal(model(x), y)  # and later eval calls leave it alone
+    assert obs.min_val == raw.min() and obs.max_val == raw.max()
