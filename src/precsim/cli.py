@@ -105,6 +105,20 @@ def run_formats(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_sweep_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from precsim.experiments import command
+
+    command.add_parser(subparsers)
+    return subparsers.choices["sweep"]
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from precsim.experiments import command
+
+    return command.run(args)
+
+
+register("sweep", add_sweep_parser, run_sweep)
 register("formats", add_formats_parser, run_formats)
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from precsim.formats.float import FloatFormat
 from precsim.formats.integer import IntFormat, fake_quantize
-from precsim.formats.random import random_bits as _random_bits
+from precsim.formats.random import bits_for
 from precsim.formats.rounding import Rounding, exp2i, exponent_of, round_float
 
 SCALES: tuple[str, ...] = ("e8m0", "e4m3")
@@ -97,13 +97,9 @@ class BlockFormat:
         if x.dim() == 0:
             return self.quantize(x.reshape(1), rounding, seed, random_bits).reshape(())
         blocks, n = self._blocks(x)
-        if rounding == "stochastic":
-            if random_bits is None:
-                if seed is None:
-                    raise ValueError("stochastic rounding needs a seed or random_bits")
-                random_bits = _random_bits(blocks.shape, seed)
-            else:
-                random_bits, _ = self._blocks(random_bits)
+        if random_bits is not None:
+            random_bits, _ = self._blocks(random_bits)
+        random_bits = bits_for(blocks.shape, rounding, seed, random_bits)
         amax = blocks.abs().amax(dim=-1, keepdim=True)
         if self.scale == "e8m0":
             out = self._quantize_mx(blocks, amax, rounding, random_bits)

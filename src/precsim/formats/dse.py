@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from precsim.formats.float import FloatFormat
-from precsim.formats.random import random_bits as _random_bits
+from precsim.formats.random import bits_for
 from precsim.formats.rounding import Rounding, exp2i, exponent_of, round_float
 
 
@@ -98,10 +98,7 @@ class DSEFormat:
         b = self.shift_for(x) if shift is None else torch.as_tensor(shift, dtype=torch.int32, device=x.device)
         lo, hi = self.shift_range
         b = b.clamp(lo, hi)
-        if rounding == "stochastic" and random_bits is None:
-            if seed is None:
-                raise ValueError("stochastic rounding needs a seed or random_bits")
-            random_bits = _random_bits(x.shape, seed)
+        random_bits = bits_for(x.shape, rounding, seed, random_bits)
         e = self.element
         return round_float(
             x,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from precsim.formats.random import random_bits as _random_bits
+from precsim.formats.random import bits_for
 from precsim.formats.rounding import Overflow, Rounding, round_float
 
 SPECIALS: tuple[str, ...] = ("ieee", "fn", "fnuz", "finite")
@@ -172,10 +172,7 @@ class FloatFormat:
         """Round float32 ``x`` to this format (see :func:`round_float`)."""
         if self.is_float32:
             return x
-        if rounding == "stochastic" and random_bits is None:
-            if seed is None:
-                raise ValueError("stochastic rounding needs a seed or random_bits")
-            random_bits = _random_bits(x.shape, seed)
+        random_bits = bits_for(x.shape, rounding, seed, random_bits)
         return round_float(
             x,
             mantissa_bits=self.mantissa_bits,

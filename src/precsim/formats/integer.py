@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from precsim.formats.random import random_bits as _random_bits
+from precsim.formats.random import bits_for
 from precsim.formats.rounding import Rounding, round_integer
 
 
@@ -183,10 +183,7 @@ class IntFormat:
 
         Given parameters are trusted here (hot path); :func:`precsim.quantize` validates them.
         """
-        if rounding == "stochastic" and random_bits is None:
-            if seed is None:
-                raise ValueError("stochastic rounding needs a seed or random_bits")
-            random_bits = _random_bits(x.shape, seed)
+        random_bits = bits_for(x.shape, rounding, seed, random_bits)
         if scale is None:
             if zero_point is not None:
                 raise ValueError("zero_point given without scale")

@@ -42,3 +42,13 @@ def random_bits(shape: torch.Size | tuple[int, ...], seed: Tensor) -> Tensor:
         raise ValueError(f"stochastic rounding supports up to 2^31 - 1 elements, got {n}")
     index = torch.arange(n, dtype=torch.int32, device=seed.device).view(shape)
     return _mix(_mix(index ^ seed[0]) + seed[1])
+
+
+def bits_for(shape: torch.Size | tuple[int, ...], rounding: str, seed: Tensor | None,
+             given: Tensor | None) -> Tensor | None:
+    """The random bits a rounding needs: ``given`` ones, else bits from ``seed``; None if not stochastic."""
+    if rounding != "stochastic" or given is not None:
+        return given
+    if seed is None:
+        raise ValueError("stochastic rounding needs a seed or random_bits")
+    return random_bits(shape, seed)
