@@ -1,0 +1,159 @@
+"""IntegerModel: what an integer-only accelerator would run, made from a prepared model.
+
+Floats exist only at the two boundaries: :meth:`IntegerModel.__call__` quantizes the float
+input with the input quantizer's scale and zero point (exactly as the simulation did) and
+dequantizes the output codes. :meth:`IntegerModel.run_integer` is integers in, integers out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from precsim.integer.ops import Op, QParams, op_from_state, to_nchw, to_nhwc
+
+__all__ = ["IntegerModel", "describe"]
+
+_FORMAT_VERSION = 1
+Record = list[tuple[str, str, Tensor]]
+
+
+class IntegerModel:
+    """A list of integer ops over named tensors, plus the input/output quantization.
+
+    ``notes`` holds what the converter wants users to know (e.g. int64 accumulators).
+    """
+
+    def __init__(self, ops: list[Op], input_name: str, output_name: str, input_qp: QParams, output_qp: QParams,
+                 source: str = "", notes: list[str] | None = None) -> None:
+        self.ops, self.input_name, self.output_name = ops, input_name, output_name
+        self.input_qp, self.output_qp = input_qp, output_qp
+        self.source = source
+        self.notes = list(notes or [])
+        last: dict[str, int] = {}
+        for i, op in enumerate(ops):
+            for name in op.inputs:
+                last[name] = i
+        self._last_use = last
+
+    # --- boundaries ----------------------------------------------------------------------------
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """Float input -> codes: ``clamp(round(x / S) + Z)`` (ties to even, as the simulation)."""
+        qp = self.input_qp
+        q = torch.round(x.float() / qp.scale_tensor()) + qp.zero_point
+        return torch.clamp(q, qp.qmin, qp.qmax).to(qp.dtype)
+
+    def dequantize_output(self, q: Tensor) -> Tensor:
+        """Output codes -> float: ``S (q - Z)``."""
+        qp = self.output_qp
+        return (q.to(torch.int32) - qp.zero_point).float() * qp.scale_tensor()
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.dequantize_output(self.run_integer(self.quantize_input(images)))
+
+    def output_codes(self, images: Tensor) -> Tensor:
+        """Output codes for float inputs (the integer model's raw answer)."""
+        return self.run_integer(self.quantize_input(images))
+
+    # --- execution -----------------------------------------------------------------------------
+    def _check_codes(self, x: Tensor) -> None:
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"run_integer takes integer codes, got {x.dtype}; use the model's __call__ for floats")
+        qp = self.input_qp
+        if x.numel() and (int(x.min()) < qp.qmin or int(x.max()) > qp.qmax):
+            raise ValueError(f"input codes must lie in {qp.qmin}..{qp.qmax} (the input format)")
+
+    def run_integer(self, x_codes: Tensor, record: Record | None = None) -> Tensor:
+        """Integer codes in (NCHW like the float input), integer codes out.
+
+        ``record``: a list that receives ``(layer, what, tensor)`` for every op output and the
+        kernels' accumulators, for inspection (every one is an integer tensor).
+        """
+        self._check_codes(x_codes)
+        env = {self.input_name: to_nhwc(x_codes.to(self.input_qp.dtype))}
+        if record is not None:
+            record.append(("input", "codes", env[self.input_name]))
+        for i, op in enumerate(self.ops):
+            out = op.run(*(env[n] for n in op.inputs), record=record)
+            if record is not None:
+                record.append((op.name, "output", out))
+            for n in op.inputs:
+                if self._last_use.get(n) == i and n != self.output_name:
+                    env.pop(n, None)
+            env[op.output] = out
+        return to_nchw(env[self.output_name])
+
+    def run_reference(self, x_codes: Tensor) -> Tensor:
+        """The same integer maths by the float64 reference kernels (NCHW); returns int64 codes."""
+        self._check_codes(x_codes)
+        env = {self.input_name: x_codes.to(torch.int64)}
+        for op in self.ops:
+            env[op.output] = op.reference(*(env[n] for n in op.inputs))
+        return env[self.output_name]
+
+    # --- size ----------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of every constant the integer model keeps (weights, int32 biases, multipliers)."""
+        return sum(op.nbytes() for op in self.ops)
+
+    # --- persistence ---------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "precsim_integer_model": _FORMAT_VERSION,
+            "ops": [op.state() for op in self.ops],
+            "input_name": self.input_name, "output_name": self.output_name,
+            "input_qp": self.input_qp.state(), "output_qp": self.output_qp.state(),
+            "source": self.source, "notes": list(self.notes),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Save as plain tensors and Python values (loadable with ``torch.load(weights_only=True)``)."""
+        torch.save(self.state(), Path(path))
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> IntegerModel:
+        version = state.get("precsim_integer_model")
+        if version != _FORMAT_VERSION:
+            raise ValueError(f"not a precsim integer model (format version {version!r}, expected {_FORMAT_VERSION})")
+        ops = [op_from_state(s) for s in state["ops"]]
+        return cls(ops, state["input_name"], state["output_name"], QParams.from_state(state["input_qp"]),
+                   QParams.from_state(state["output_qp"]), state.get("source", ""), state.get("notes", []))
+
+    @classmethod
+    def load(cls, path: str | Path) -> IntegerModel:
+        return cls.from_state(torch.load(Path(path), weights_only=True))
+
+    # --- text ----------------------------------------------------------------------------------
+    def describe(self) -> str:
+        return describe(self)
+
+    def __repr__(self) -> str:
+        return f"IntegerModel({self.source or 'model'}, {len(self.ops)} ops, {self.nbytes()} bytes of constants)"
+
+
+_COLUMNS = ["layer", "op", "in", "weight", "acc", "out", "M0", "n", "Z_in", "Z_w", "Z_out", "S_in", "S_w",
+            "S_out", "clamp"]
+
+
+def describe(imodel: IntegerModel) -> str:
+    """Per-layer table of the integer model: dtypes, M0, right shift n (M = M0 2^-31 2^-n), zero points, scales.
+
+    Per-channel values show as ``[min..max]xC``.
+    """
+    iq = imodel.input_qp
+    rows = [{"layer": "(input)", "op": "quantize", "in": "float32", "out": str(iq.dtype).replace("torch.", ""),
+             "Z_out": str(iq.zero_point), "S_out": f"{iq.scale:.4g}", "clamp": f"{iq.qmin}..{iq.qmax}"}]
+    for op in imodel.ops:
+        rows.append({"layer": op.name, **op.describe_row()})
+    oq = imodel.output_qp
+    rows.append({"layer": "(output)", "op": "dequantize", "in": str(oq.dtype).replace("torch.", ""), "out": "float32",
+                 "Z_in": str(oq.zero_point), "S_in": f"{oq.scale:.4g}"})
+    width = {c: max(len(c), *(len(r.get(c, "-")) for r in rows)) for c in _COLUMNS}
+    lines = ["  ".join(c.ljust(width[c]) for c in _COLUMNS), "  ".join("-" * width[c] for c in _COLUMNS)]
+    lines += ["  ".join(r.get(c, "-").ljust(width[c]) for c in _COLUMNS) for r in rows]
+    lines.append(f"constants: {imodel.nbytes()} bytes")
+    lines += [f"note: {n}" for n in imodel.notes]
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""End to end through the CLI: a tiny 2-scheme sweep, its files, reruns, refusals and --fresh."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from precsim.experiments import command
+from precsim.experiments.results import RESULT_COLUMNS
+from precsim.experiments.train import CURVE_COLUMNS
+
+from ._helpers import run_cli, tiny_config
+
+REQUIRED = ("scheme", "accuracy", "loss", "time_s", "time_ratio", "epochs")
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_sweep_through_cli(tmp_path: Path, write_config, capsys) -> None:
+    cfg = write_config(tiny_config(epochs=2))
+    proc = run_cli(["sweep", "--config", str(cfg), "--out", "out"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    for name in ("results.csv", "results.json", "curves.csv", "curves.png", "report.md", "spec.json"):
+        assert (out / name).is_file(), name
+    # The terminal table and the progress bars.
+    assert "scheme" in proc.stdout and "fp32" in proc.stdout and "qint8" in proc.stdout
+    assert "[1/2] fp32" in proc.stderr and "[2/2] qint8" in proc.stderr
+
+    rows = _csv(out / "results.csv")
+    assert tuple(rows[0]) == RESULT_COLUMNS and set(REQUIRED) <= set(rows[0])
+    assert [r["scheme"] for r in rows] == ["fp32", "qint8"]
+    for r in rows:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["loss"]) > 0 and float(r["time_s"]) > 0
+        assert r["epochs"] == "2" and r["steps"] == "4" and r["world_size"] == "1"
+    assert float(rows[0]["time_ratio"]) == 1.0 and float(rows[1]["time_ratio"]) > 0
+    data = json.loads((out / "results.json").read_text())
+    assert [d["scheme"] for d in data] == ["fp32", "qint8"]
+    assert all(set(REQUIRED) <= set(d) for d in data)
+    assert data[1]["time_ratio"] == data[1]["time_s"] / data[0]["time_s"]
+
+    curves = _csv(out / "curves.csv")
+    assert tuple(curves[0]) == CURVE_COLUMNS
+    assert [(c["scheme"], c["epoch"]) for c in curves] == [("fp32", "1"), ("fp32", "2"), ("qint8", "1"),
+                                                            ("qint8", "2")]
+    assert float(curves[-1]["test_accuracy"]) == data[1]["accuracy"]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert "![accuracy and loss per epoch](curves.png)" in report
+    assert "| scheme | acc % | loss | time s | x fp32 | epochs |" in report and "| qint8 |" in report
+    assert not list(out.rglob("*.tmp"))
+
+    # A rerun skips both finished schemes and leaves the results as they were.
+    before = (out / "results.json").read_text()
+    assert command.main(["sweep", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert "fp32: finished earlier, skipped" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+
+    # A scheme added later runs alone and joins the same files.
+    assert command.main(["sweep", "--config", str(cfg), "--out", str(out), "--no-progress",
+                         "--schemes", "qint8_grad8"]) == 0
+    assert [d["scheme"] for d in json.loads((out / "results.json").read_text())] == ["fp32", "qint8",
+                                                                                     "qint8_grad8"]
+    capsys.readouterr()
+
+    # A different spec in the same folder is refused, naming what changed.
+    assert command.main(["sweep", "--config", str(cfg), "--out", str(out), "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "different spec" in err and "epochs: 2 -> 3" in err and "--fresh" in err
+    # So is a known scheme name with another config.
+    other = write_config(tiny_config(epochs=2, schemes=["fp32", {"name": "qint8", "weight": "int4"}]), "b.yaml")
+    assert command.main(["sweep", "--config", str(other), "--out", str(out)]) == 2
+    assert "already has a scheme 'qint8' with a different config" in capsys.readouterr().err
+
+    # --fresh overwrites deliberately (and only precsim's own files).
+    (out / "notes.txt").write_text("mine")
+    assert command.main(["sweep", "--config", str(cfg), "--out", str(out), "--no-progress", "--fresh",
+                         "--epochs", "1", "--schemes", "fp32"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [(d["scheme"], d["epochs"]) for d in data] == [("fp32", 1)]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "checkpoints" / "qint8.pt").exists()
+
+
+def test_diverged_scheme_stops_early(tmp_path: Path, capsys) -> None:
+    """A scheme whose weights turn Inf/NaN stops at once and is marked, and the sweep goes on."""
+    from precsim.experiments.spec import load_spec
+    from precsim.experiments.sweep import run_sweep
+
+    spec = load_spec(tiny_config(epochs=3, optimizer={"name": "sgd", "lr": 1e38},
+                                 schemes=["fp32", {"name": "fp32_again"}]), out=str(tmp_path / "out"))
+    rows = run_sweep(spec, progress=False)
+    assert [r["scheme"] for r in rows] == ["fp32", "fp32_again"]
+    for r in rows:
+        assert r["diverged"] and r["stopped_early"] and r["epochs"] == 1 and r["steps"] < 6, r
+        assert r["accuracy"] is not None
+    assert "weights became Inf/NaN in epoch 1" in capsys.readouterr().err
+    # Its checkpoint remembers the stop: a rerun that lost the results rebuilds the row, no training.
+    (tmp_path / "out" / "results.json").unlink()
+    again = run_sweep(spec, progress=False)
+    assert [(r["steps"], r["epochs"], r["time_s"]) for r in again] == [(r["steps"], r["epochs"], r["time_s"])
+                                                                       for r in rows]
+    assert "resuming after epoch 1/3" in capsys.readouterr().err
