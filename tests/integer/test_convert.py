@@ -131,18 +131,19 @@ def test_plain_simulation_is_close() -> None:
     """Plain fake quantization rounds the ideal value; the integer model adds an int32-bias rounding
     (<= M/2 codes) and gemmlowp's double rounding (<= 2^-n/2 codes) per layer. MNIST's constant
     background makes thousands of outputs share one accumulator, so a single near-tie flips many
-    codes, and flips cascade. Measured for this model (see docs/integer.md): about 15% of logit
-    codes differ, by 1; argmax agrees on about 99.2%. The bounds below leave a margin over that.
+    codes, and flips cascade. Measured for this model (docs/integer.md): 18.6% of logit codes
+    differ, by at most 2; argmax agrees on 98.9%; accuracy 67.4% vs 67.0%. The bounds leave a
+    margin for other CPUs, whose float kernels round differently.
     """
     o = outputs()
     diff = (o.sim_codes - o.int_codes).abs()
-    assert int(diff.max()) <= 2
+    assert int(diff.max()) <= 3
     assert diff.float().mean().item() < 0.3
     argmax_same = (o.sim_codes.argmax(1) == o.int_codes.argmax(1)).float().mean().item()
-    assert argmax_same >= 0.985
+    assert argmax_same >= 0.98
     acc_sim = (o.sim_codes.argmax(1) == o.labels).float().mean().item() * 100
     acc_int = (o.int_codes.argmax(1) == o.labels).float().mean().item() * 100
-    assert abs(acc_sim - acc_int) <= 1.0
+    assert abs(acc_sim - acc_int) <= 1.5
 
 
 def test_call_dequantizes_the_codes() -> None:

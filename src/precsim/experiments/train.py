@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,8 +216,8 @@ def formats_summary(scheme: SchemeSpec) -> str:
 
 def train_scheme(spec: SweepSpec, scheme: SchemeSpec, data: Data, ctx: D.DistContext, *,
                  checkpoint_path: Path, spec_fingerprint: str, label: str = "", show_progress: bool = True,
-                 debug_dir: Path | None = None, after_epoch: Any = None,
-                 log: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 debug_dir: Path | None = None, after_epoch: Callable[[int], None] | None = None,
+                 log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train ``scheme`` for ``spec.epochs`` epochs, resuming from ``checkpoint_path`` if present.
 
     Returns (results row, per-epoch curves). Only rank 0 writes the checkpoint. ``after_epoch``

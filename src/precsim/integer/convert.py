@@ -202,7 +202,7 @@ class _Lowering:
         if isinstance(v, _Float):
             raise ConversionError(
                 f"the model input reaches {user} unquantized: give {user} an 'input' quantizer "
-                f"(a rule {{match: '{user.strip(chr(39))}', input: uint8}}) or start the model with precsim.QuantPoint(); "
+                f"(a rule {{match: {user}, input: uint8}}) or start the model with precsim.QuantPoint(); "
                 "precsim.integer_config(model) writes such a config")
         raise ConversionError(
             f"the output of {v.origin!r} reaches {user} without being quantized: give {v.origin!r} an activation "

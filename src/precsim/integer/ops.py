@@ -236,7 +236,7 @@ def _clamp_codes(x: Tensor, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
 def _fmt_vec(t: Tensor) -> str:
     t = t.flatten()
     if t.numel() == 1 or bool((t == t[0]).all()):
-        return str(t[0].item() if t.dtype.is_floating_point is False else f"{t[0].item():.4g}")
+        return f"{t[0].item():.4g}" if t.dtype.is_floating_point else str(t[0].item())
     if t.dtype.is_floating_point:
         return f"[{t.min().item():.4g}..{t.max().item():.4g}]x{t.numel()}"
     return f"[{t.min().item()}..{t.max().item()}]x{t.numel()}"
@@ -298,8 +298,9 @@ class ConvOp(Op):
         offset = k * z1 * z2 - z1 * w.reshape(cout, -1).sum(1) + self.bias.to(torch.int64)
         self._offset = offset.to(acc_t)
         self._has_wzp = bool((z2 != 0).any())
-        # (groups, K, Cout/groups) with K ordered (C, kh, kw), as the im2col columns.
-        self._w_mat = w.reshape(g, cout // g, k).transpose(1, 2).contiguous().to(acc_t)
+        # (groups, K, Cout/groups) with K ordered (C, kh, kw), as the im2col columns; a transposed
+        # view of a (Cout/groups, K) block: torch's integer matmul runs 3-5x faster with K contiguous.
+        self._w_mat = w.reshape(g, cout // g, k).contiguous().to(acc_t).transpose(1, 2)
         self._mult = FixedPointMultiplier(self.multiplier, self.shift)
 
     def state(self) -> dict[str, Any]:
