@@ -193,7 +193,7 @@ class _Lowering:
         if not bool(obs.initialized):
             raise ConversionError(f"{where} has not observed any data: train the model, or calibrate it with "
                                   "precsim.calibrate, before convert()")
-        scale, zp = fmt.qparams(obs.min_val, obs.max_val)
+        scale, zp = fmt.qparams(obs.min_val.cpu(), obs.max_val.cpu())
         return QParams(float(scale), int(zp), fmt.qmin, fmt.qmax)
 
     def codes(self, v: Value, user: str) -> _Codes:
@@ -275,13 +275,13 @@ class _Lowering:
             raise ConversionError(f"the weights of {name!r} use {fmt.granularity}; convert() supports per-tensor "
                                   "and per-output-channel (axis 0) weight scales")
         with torch.no_grad():
-            w = folded_weight_input(m).detach().float()
+            w = folded_weight_input(m).detach().float().cpu()  # the integer model lives on the CPU
             obs = q.observer
             assert obs is not None
             if obs.kind == "minmax" or not bool(obs.initialized):
                 lo, hi = obs.measure(w)
             else:
-                lo, hi = obs.min_val, obs.max_val
+                lo, hi = obs.min_val.cpu(), obs.max_val.cpu()
             scale, zp = fmt.qparams(lo, hi)
             cout = w.shape[0]
             shape = (-1,) + (1,) * (w.dim() - 1)
@@ -481,9 +481,9 @@ class _Lowering:
         with torch.no_grad():
             if isinstance(p, FoldedWeight):
                 await_bn = self.names_by_id.get(id(p.bn))
-                bias = fold_conv_bn(m.parametrizations.weight.original, m.bias, p.bn)[1].detach().float()
+                bias = fold_conv_bn(m.parametrizations.weight.original, m.bias, p.bn)[1].detach().float().cpu()
             else:
-                bias = m.bias.detach().float() if m.bias is not None else torch.zeros(weight.shape[0])
+                bias = m.bias.detach().float().cpu() if m.bias is not None else torch.zeros(weight.shape[0])
         return _PendingConv(origin=name, module=m, src=src, weight=weight, w_scale=w_scale, w_zero_point=w_zp,
                             fmt=fmt, bias_real=bias, await_bn=await_bn)
 

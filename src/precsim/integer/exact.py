@@ -42,8 +42,8 @@ def integer_exact(model: nn.Module) -> Iterator[nn.Module]:
 
     def forward(x: Tensor) -> Tensor:
         with torch.no_grad():
-            codes = imodel.run_reference(imodel.quantize_input(x))
-        return imodel.dequantize_output(codes)
+            codes = imodel.run_reference(imodel.quantize_input(x.cpu()))
+        return imodel.dequantize_output(codes).to(x.device)
 
     model.forward = forward  # type: ignore[method-assign]
     try:

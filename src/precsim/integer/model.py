@@ -43,7 +43,7 @@ class IntegerModel:
     def quantize_input(self, x: Tensor) -> Tensor:
         """Float input -> codes: ``clamp(round(x / S) + Z)`` (ties to even, as the simulation)."""
         qp = self.input_qp
-        q = torch.round(x.float() / qp.scale_tensor()) + qp.zero_point
+        q = torch.round(x.detach().float().cpu() / qp.scale_tensor()) + qp.zero_point  # a CPU model
         return torch.clamp(q, qp.qmin, qp.qmax).to(qp.dtype)
 
     def dequantize_output(self, q: Tensor) -> Tensor:
