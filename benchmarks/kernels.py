@@ -1,17 +1,22 @@
 """Kernel cost: precsim.quantize on 2^24 float32 values, as a ratio to x.clone().
 
 Rounding is element-wise, so its floor is one read and one write of the tensor: the traffic of
-``clone()``. Every format family and rounding mode is timed side by side with clone in this
-process, eager (the reference) and compiled (the fast path), plus torch's own fake-quant op
-as a peer. First-call (compile) time is reported separately.
+``clone()`` (which also pays for a fresh output allocation, as quantize does). Every format
+family x rounding mode is timed against clone with the two interleaved call by call, so that
+drifting machine load hits both alike; the ratio is median / median. First-call time
+(compilation, cached on disk by Inductor for later runs) is reported separately. Prints a
+markdown table ready for docs/benchmarks.md.
 
-    python benchmarks/kernels.py [--numel 16777216] [--repeat 10] [--device cpu]
+    python benchmarks/kernels.py [--quick] [--numel 16777216] [--repeat 9] [--eager] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -19,64 +24,103 @@ from precsim.formats import parse_format
 from precsim.formats.backend import run_quantize, set_compile
 from precsim.formats.random import draw_seed
 
-FAMILIES = [
+# (family, format spec): every family of the issue; the delayed DSE gets a given shift
+FAMILIES: list[tuple[str, str]] = [
     ("bf16", "bf16"),
-    ("FlexFP/OCP fp8", "fp8_e4m3"),
-    ("HFP8 fwd (b=-4)", "hfp8_fwd"),
+    ("FlexFP/OCP fp8 e4m3", "fp8_e4m3"),
+    ("HFP8 fwd 1-4-3 (b=-4)", "hfp8_fwd"),
     ("int8 per-tensor", "int8"),
     ("int8 per-channel", "int8(axis=0)"),
     ("DSE 1-4-3", "dse(e=4,m=3)"),
+    ("DSE 1-4-3, delayed shift", "dse(e=4,m=3,delayed=true)"),
     ("MXFP8 E4M3", "mxfp8_e4m3"),
     ("MXFP4", "mxfp4"),
+    ("NVFP4", "nvfp4"),
 ]
+TARGETS = {"nearest": 1.5, "stochastic": 2.0}
 
 
-def timed(fn, repeat: int, device: str) -> float:
-    """Median seconds per call."""
-    times = []
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def ratio_to_clone(fn: Callable[[], object], x: torch.Tensor, repeat: int, device: str) -> tuple[float, float]:
+    """(median kernel s, median clone s), the two calls interleaved."""
+    kernel, clone = [], []
     for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        for store, call in ((clone, x.clone), (kernel, fn)):
+            sync(device)
+            t = time.perf_counter()
+            call()
+            sync(device)
+            store.append(time.perf_counter() - t)
+    return sorted(kernel)[repeat // 2], sorted(clone)[repeat // 2]
+
+
+def load_average() -> str:
+    try:
+        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--numel", type=int, default=2**24)
-    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=9)
+    p.add_argument("--quick", action="store_true",
+                   help="5 repeats instead of 9 (same 2^24 values: smaller tensors stay in cache and "
+                        "change the ratios)")
+    p.add_argument("--eager", action="store_true", help="also time the eager reference (slow: ~40 passes)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--eager", action="store_true", help="also time the eager reference path")
     args = p.parse_args()
+    if args.quick:
+        args.repeat = min(args.repeat, 5)
     torch.manual_seed(0)
     x = torch.randn(args.numel, device=args.device)
-    x2d = x.view(-1, 4096)
     seed = draw_seed(None, args.device)
-    clone = timed(lambda: x.clone(), args.repeat, args.device)
-    print(f"# {args.numel} float32 values on {args.device}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; clone = {clone * 1e3:.2f} ms")
-    peer = timed(lambda: torch.fake_quantize_per_tensor_affine(x, 0.02, 0, -128, 127), args.repeat, args.device)
-    print(f"peer torch.fake_quantize_per_tensor_affine: {peer / clone:.2f}x clone")
-    print(f"{'family':18s} {'spec':14s} {'nearest':>8s} {'stoch.':>8s} {'eager':>8s} {'compile s':>9s}")
+    print(f"<!-- benchmarks/kernels.py: {args.numel} float32 values on {args.device}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores; load average before: {load_average()} -->")
+    print()
+    head = "| family | spec | nearest x clone | stochastic x clone |"
+    rule = "|---|---|---|---|"
+    if args.eager:
+        head += " eager nearest x clone |"
+        rule += "---|"
+    print(head + " first call s (nearest + stochastic) |")
+    print(rule + "---|")
+    fq = lambda: torch.fake_quantize_per_tensor_affine(x, 0.02, 0, -128, 127)  # noqa: E731
+    k, c = ratio_to_clone(fq, x, args.repeat, args.device)
+    peer = f"| peer: torch.fake_quantize_per_tensor_affine | int8 | {k / c:.2f} | — |"
     for family, spec in FAMILIES:
         fmt = parse_format(spec)
-        t = x2d if "axis" in spec else x
+        t = x.view(-1, 4096) if "axis" in spec else x
+        params = {"shift": torch.tensor(-3, dtype=torch.int32, device=args.device)} if "delayed" in spec else {}
         set_compile(True)
-        start = time.perf_counter()
-        run_quantize(fmt, t, "nearest")
-        run_quantize(fmt, t, "stochastic", seed)
-        first = time.perf_counter() - start
-        near = timed(lambda fmt=fmt, t=t: run_quantize(fmt, t, "nearest"), args.repeat, args.device)
-        sr = timed(lambda fmt=fmt, t=t: run_quantize(fmt, t, "stochastic", seed), args.repeat, args.device)
-        eager = float("nan")
+        cells, first = [], 0.0
+        for rounding in ("nearest", "stochastic"):
+            def fn(fmt=fmt, t=t, rounding=rounding, params=params) -> torch.Tensor:
+                return run_quantize(fmt, t, rounding, seed, **params)
+            start = time.perf_counter()
+            fn()
+            sync(args.device)
+            first += time.perf_counter() - start
+            k, c = ratio_to_clone(fn, t, args.repeat, args.device)
+            mark = "" if k / c <= TARGETS[rounding] else " (over target)"
+            cells.append(f"{k / c:.2f}{mark}")
+        row = f"| {family} | `{spec}` | {cells[0]} | {cells[1]} |"
         if args.eager:
             set_compile(False)
-            eager = timed(lambda fmt=fmt, t=t: run_quantize(fmt, t, "nearest"), 3, args.device) / clone
-        print(f"{family:18s} {spec:14s} {near / clone:7.2f}x {sr / clone:7.2f}x {eager:7.1f}x {first:9.1f}")
+            k, c = ratio_to_clone(lambda fmt=fmt, t=t, params=params: run_quantize(fmt, t, "nearest", seed, **params),
+                                  t, 3, args.device)
+            row += f" {k / c:.0f} |"
+        print(f"{row} {first:.1f} |", flush=True)
+    print(peer + (" — |" if args.eager else "") + " — |")
+    print()
+    print(f"<!-- load average after: {load_average()}; targets: nearest <= {TARGETS['nearest']}x, "
+          f"stochastic <= {TARGETS['stochastic']}x clone -->")
 
 
 if __name__ == "__main__":

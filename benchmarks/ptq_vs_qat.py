@@ -76,6 +76,7 @@ def config(model: nn.Module, bits: int, what: str, fold: Any) -> dict[str, Any]:
         return {"weight": weight, "fold_bn": fold}
     if what == "A":
         cfg["weight"] = "fp32"
+        cfg["bias"] = "fp32"  # an int32 bias needs the weight scale S_w
     return cfg
 
 

@@ -1,15 +1,20 @@
 """Training-step cost: precsim schemes vs the FP32 step, and vs peers, in one process.
 
-Same model (the zoo's ResNet), same MNIST-shaped batch of 128, same optimizer. The ratios are
-medians of per-step times, taken side by side. Peers: torch.ao.quantization QAT (deprecated;
-here only as a baseline) and QPyTorch when it is installed.
+Same model (the zoo's ResNet), same MNIST-shaped batch of 128, same optimizer. Steps of all
+schemes are interleaved, so drifting machine load hits every scheme alike; the ratio is the
+median step time over the FP32 median. Warm-up (the first two steps, compilation included;
+Inductor caches it on disk for later runs) is reported separately. Peers: torch.ao.quantization
+QAT (deprecated; here only as a baseline) and QPyTorch when it is installed. Prints a markdown
+table ready for docs/benchmarks.md.
 
-    python benchmarks/train_step.py [--steps 20] [--batch 128] [--device cpu]
+    python benchmarks/train_step.py [--quick] [--steps 15] [--batch 128] [--eager] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import time
 import warnings
 from collections.abc import Callable
@@ -21,15 +26,24 @@ import precsim
 from precsim.formats.backend import set_compile
 from precsim.zoo import get_model
 
-SCHEMES: dict[str, dict | None] = {
-    "fp32": None,
-    "int8 act+weight, fp32 grad": {"activation": "int8", "weight": "int8"},
-    "int8 act+weight+grad": {"activation": "int8", "weight": "int8", "gradient": "int8"},
-    "bf16 all": {"activation": "bf16", "weight": "bf16", "gradient": "bf16"},
-    "hfp8 1-4-3/1-5-2, SR grad": {"activation": "hfp8_fwd", "weight": "hfp8_fwd",
-                                  "gradient": {"format": "hfp8_bwd", "rounding": "stochastic"}},
-    "DSE 1-4-3/1-5-2": {"activation": "dse(e=4,m=3)", "weight": "dse(e=4,m=3)", "gradient": "dse(e=5,m=2)"},
-    "MXFP8": {"activation": "mxfp8_e4m3", "weight": "mxfp8_e4m3", "gradient": "mxfp8_e5m2"},
+SR = "stochastic"
+# name -> (config, issue target as x FP32): 1.3 for act+weight with FP32 gradients, 1.5 otherwise
+SCHEMES: dict[str, tuple[dict | None, float | None]] = {
+    "fp32": (None, None),
+    "int8 act+weight, fp32 grad": ({"activation": "int8", "weight": "int8"}, 1.3),
+    "int8 act+weight+grad": ({"activation": "int8", "weight": "int8", "gradient": "int8"}, 1.5),
+    "bf16 act+weight+grad": ({"activation": "bf16", "weight": "bf16", "gradient": "bf16"}, 1.5),
+    "fp8 e4m3 act+weight, fp32 grad": ({"activation": "fp8_e4m3", "weight": "fp8_e4m3"}, 1.3),
+    "hfp8 1-4-3/1-5-2, SR grad": ({"activation": "hfp8_fwd", "weight": "hfp8_fwd",
+                                   "gradient": {"format": "hfp8_bwd", "rounding": SR}}, 1.5),
+    "DSE 1-4-3/1-5-2": ({"activation": "dse(e=4,m=3)", "weight": "dse(e=4,m=3)", "gradient": "dse(e=5,m=2)"},
+                        1.5),
+    "DSE 1-4-3/1-5-2, delayed shift": ({"activation": "dse(e=4,m=3,delayed=true)",
+                                        "weight": "dse(e=4,m=3,delayed=true)",
+                                        "gradient": "dse(e=5,m=2,delayed=true)"}, 1.5),
+    "MXFP8 act+weight, fp32 grad": ({"activation": "mxfp8_e4m3", "weight": "mxfp8_e4m3"}, 1.3),
+    "MXFP8 e4m3/e5m2 grad": ({"activation": "mxfp8_e4m3", "weight": "mxfp8_e4m3", "gradient": "mxfp8_e5m2"},
+                             1.5),
 }
 
 
@@ -54,35 +68,50 @@ def torch_ao_qat(model: nn.Module, x: torch.Tensor) -> nn.Module:
         return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping("x86"), (x,))
 
 
+def load_average() -> str:
+    try:
+        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=int, default=20)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=15)
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--quick", action="store_true", help="5 timed steps per scheme")
     p.add_argument("--device", default="cpu")
     p.add_argument("--eager", action="store_true", help="precsim's eager reference kernels")
     args = p.parse_args()
+    if args.quick:
+        args.steps = min(args.steps, 5)
     set_compile(not args.eager)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 1, 28, 28, device=args.device)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
 
     steps: dict[str, Callable[[], None]] = {}
-    for name, cfg in SCHEMES.items():
+    targets: dict[str, float | None] = {}
+    for name, (cfg, target) in SCHEMES.items():
         torch.manual_seed(0)
         model = get_model("resnet").to(args.device)
         if cfg is not None:
             precsim.prepare(model, cfg)
-        steps["precsim " + name if cfg else name] = make_step(model, x, y)
+        label = "precsim " + name if cfg else name
+        steps[label], targets[label] = make_step(model, x, y), target
+    notes = []
     try:
         torch.manual_seed(0)
-        steps["peer torch.ao QAT (int8)"] = make_step(torch_ao_qat(get_model("resnet").to(args.device), x), x, y)
+        label = "peer: torch.ao QAT int8 act+weight (FX, x86 qconfig)"
+        steps[label] = make_step(torch_ao_qat(get_model("resnet").to(args.device), x), x, y)
+        targets[label] = None
     except Exception as err:  # the deprecated peer may not trace every model
-        print(f"# torch.ao QAT unavailable: {type(err).__name__}: {err}")
+        notes.append(f"torch.ao QAT unavailable: {type(err).__name__}: {err}")
     try:
         import qtorch  # noqa: F401
-        print("# QPyTorch is installed but not wired here yet")
+        notes.append("QPyTorch is installed but not wired here yet")
     except ImportError:
-        print("# QPyTorch not installed: skipped")
+        notes.append("QPyTorch not installed (it compiles C++ at import): skipped")
 
     first: dict[str, float] = {}
     for name, step in steps.items():  # warm-up; compile time counted here
@@ -90,6 +119,7 @@ def main() -> None:
         step()
         step()
         first[name] = time.perf_counter() - t
+    load_before = load_average()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.steps):  # interleaved, so drift in machine load hits every scheme alike
         for name, step in steps.items():
@@ -102,11 +132,20 @@ def main() -> None:
             times[name].append(time.perf_counter() - t)
     med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
     base = med["fp32"]
-    print(f"# ResNet (zoo default), batch {args.batch}, {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, precsim kernels {'eager' if args.eager else 'compiled'}")
-    print(f"{'scheme':34s} {'ms/step':>9s} {'x FP32':>7s} {'warm-up s':>9s}")
+    print(f"<!-- benchmarks/train_step.py: zoo ResNet, batch {args.batch}, {args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"precsim kernels {'eager' if args.eager else 'compiled'}, median of {args.steps} interleaved steps; "
+          f"load average {load_before} (timed steps start) / {load_average()} (end) -->")
+    for note in notes:
+        print(f"<!-- {note} -->")
+    print()
+    print("| scheme | ms/step | x FP32 | target | warm-up s (2 steps, compile incl.) |")
+    print("|---|---|---|---|---|")
     for name in steps:
-        print(f"{name:34s} {med[name] * 1e3:9.1f} {med[name] / base:7.2f} {first[name]:9.1f}")
+        target = targets[name]
+        ratio = med[name] / base
+        goal = "—" if target is None else f"<= {target}" + (" met" if ratio <= target else " not met")
+        print(f"| {name} | {med[name] * 1e3:.1f} | {ratio:.2f} | {goal} | {first[name]:.1f} |")
 
 
 if __name__ == "__main__":

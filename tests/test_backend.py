@@ -29,14 +29,24 @@ def _data() -> torch.Tensor:
     return x
 
 
-CASES = [
+CASES = [  # every family x rounding the kernel benchmark times, plus the special grids
     ("fp8_e4m3", "nearest", {}),
     ("fp8_e4m3", "stochastic", {}),
+    ("bf16", "nearest", {}),
     ("bf16", "toward_zero", {}),
+    ("hfp8_fwd", "stochastic", {}),
+    ("int8", "stochastic", {}),
+    ("int8(axis=0)", "nearest", {}),
     ("int8(axis=0)", "stochastic", {"scale": torch.rand(64) + 0.01, "zero_point": torch.zeros(64)}),
+    ("int8(axis=0)", "stochastic", {}),
     ("dse(e=4,m=3)", "nearest", {}),
+    ("dse(e=5,m=2)", "stochastic", {}),
+    ("mxfp8_e4m3", "nearest", {}),
+    ("mxfp8_e4m3", "stochastic", {}),
     ("mxfp4", "stochastic", {}),
+    ("mxint8", "nearest", {}),
     ("nvfp4", "nearest", {}),
+    ("nvfp4", "stochastic", {}),
 ]
 
 
@@ -57,22 +67,37 @@ def test_compiled_equals_eager(compiled, spec: str, rounding: str, params: dict)
                        run_quantize(fmt, y, rounding, seed, **p2).view(torch.int32))
 
 
-def test_prepared_model_same_with_compiled_kernels(compiled) -> None:
-    """A training step through compiled quantizers equals the eager one, gradients included."""
+CONFIGS = {  # the quantizer paths: float + mask, observer, DSE (delayed), MX, dynamic gradient scale
+    "fp8_sr": {"activation": "fp8_e4m3", "weight": "fp8_e4m3",
+               "gradient": {"format": "fp8_e4m3", "rounding": "stochastic"}},
+    "int8": {"activation": "int8", "weight": "int8(axis=0)", "gradient": {"format": "int8", "rounding": "stochastic"}},
+    "dse_mx_dynamic": {"activation": "dse(e=4,m=3,delayed=true)", "weight": "mxfp8_e4m3",
+                       "gradient": {"format": "mxfp8_e5m2", "scale": "dynamic"},
+                       "weight_gradient": {"format": "dse(e=5,m=2)", "scale": "dynamic", "rounding": "stochastic"}},
+}
 
-    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prepared_model_same_with_compiled_kernels(compiled, name: str) -> None:
+    """Training steps through compiled quantizers equal the eager ones: outputs, gradients, state."""
+
+    def run() -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(80, 96), nn.ReLU(), nn.Linear(96, 10))
-        precsim.prepare(model, {"activation": "fp8_e4m3", "weight": "fp8_e4m3",
-                                "gradient": {"format": "fp8_e4m3", "rounding": "stochastic"}}, seed=1)
+        precsim.prepare(model, CONFIGS[name], seed=1)
         x = torch.randn(64, 80)
-        out = model(x)
-        out.square().sum().backward()
-        return out.detach(), [p.grad.clone() for p in model.parameters()]
+        outs = []
+        for _ in range(2):  # the second step sees observer, delayed-shift and scale state
+            model.zero_grad()
+            out = model(x)
+            out.square().sum().backward()
+            outs += [out.detach()] + [p.grad.clone() for p in model.parameters()]
+        return outs, model.state_dict()
 
-    fast_out, fast_grads = run()
+    fast, fast_state = run()
     set_compile(False)
-    ref_out, ref_grads = run()
-    assert torch.equal(fast_out, ref_out)
-    for a, b in zip(fast_grads, ref_grads, strict=True):
-        assert torch.equal(a, b)
+    ref, ref_state = run()
+    for a, b in zip(fast, ref, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    for k, v in ref_state.items():
+        assert torch.equal(fast_state[k], v), k

@@ -37,8 +37,9 @@ from precsim.fold import fold_conv_bn  # noqa: E402
 from precsim.integer.calibrate import calibrate  # noqa: E402
 from precsim.integer.convert import ConversionError, convert, integer_config  # noqa: E402
 from precsim.integer.exact import integer_exact  # noqa: E402
+from precsim.integer.ivit_config import ivit_config  # noqa: E402
 from precsim.integer.model import IntegerModel, describe  # noqa: E402
 from precsim.integer.onnx_export import export_onnx  # noqa: E402
 
 __all__ += ["ConversionError", "IntegerModel", "calibrate", "convert", "describe", "export_onnx", "fold_conv_bn",
-            "integer_config", "integer_exact"]
+            "integer_config", "integer_exact", "ivit_config"]

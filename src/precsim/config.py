@@ -8,6 +8,7 @@ A config is a dict (or a YAML file holding one)::
     rules:                                # overrides, later rules win
       - {type: Linear, weight: int4}
       - {match: "layer4.*", gradient: bf16}
+    bias: int32                           # conv/linear bias as int32 codes at S_in*S_w (bias.py)
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from precsim.observers import OBSERVERS
 ROLES: tuple[str, ...] = ("activation", "input", "weight", "gradient", "weight_gradient")
 GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel")
 STES: tuple[str, ...] = ("clipped", "plain")
+BIASES: tuple[str, ...] = ("fp32", "int32")  # fp32: not quantized; int32: codes at S_in*S_w
 _ROLE_KEYS = ("format", "rounding", "observer", "momentum", "percentile", "granularity", "axis", "ste", "scale")
-_TOP_KEYS = (*ROLES, "rules", "seed", "fold_bn")
-_RULE_KEYS = ("match", "type", *ROLES)
+_TOP_KEYS = (*ROLES, "rules", "seed", "fold_bn", "bias")
+_RULE_KEYS = ("match", "type", *ROLES, "bias")
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class Rule:
     types: tuple[str, ...]
     roles: dict[str, RoleSpec | None] = field(hash=False)
     text: str = ""
+    bias: str | None = None  # one of BIASES; None: this rule leaves the bias setting alone
 
     def selects(self, name: str, module_type: str | tuple[str, ...]) -> bool:
         """``module_type``: the class name, or the names of its whole MRO (subclasses match)."""
@@ -138,6 +141,7 @@ class QuantConfig:
     rules: tuple[Rule, ...] = ()
     seed: int = 0
     fold_bn: bool = False  # fold BatchNorm into the preceding conv/linear (Jacob et al. 3.2)
+    bias: str = "fp32"  # "int32": conv/linear biases rounded as an integer kernel adds them (bias.py)
     freeze_bn_after: int | None = None  # BN uses frozen running stats after this many training steps
 
     @classmethod
@@ -178,17 +182,27 @@ class QuantConfig:
             types = (types,) if isinstance(types, str) else tuple(types)
             ctx = f"rule {i}"
             rule_roles = {r: _role_or_none(r, raw[r], ctx) for r in ROLES if r in raw}
-            rules.append(Rule(raw.get("match"), types, rule_roles, text=str(raw)))
+            bias = _parse_bias(raw["bias"], ctx) if "bias" in raw else None
+            rules.append(Rule(raw.get("match"), types, rule_roles, text=str(raw), bias=bias))
         seed = d.get("seed", 0)
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         fold_bn, freeze_bn_after = _parse_fold_bn(d.get("fold_bn", False))
-        return cls(roles, tuple(rules), seed, fold_bn=fold_bn, freeze_bn_after=freeze_bn_after)
+        bias = _parse_bias(d.get("bias", "fp32"))
+        return cls(roles, tuple(rules), seed, fold_bn=fold_bn, freeze_bn_after=freeze_bn_after, bias=bias)
 
 
 def _role_or_none(role: str, value: Any, ctx: str = "") -> RoleSpec | None:
     spec = parse_role(role, value, ctx)
     return None if spec.is_identity else spec
+
+
+def _parse_bias(value: Any, ctx: str = "") -> str:
+    """``bias``: ``int32`` (rounded to int32 codes at scale S_in*S_w) or ``fp32`` (left as it is)."""
+    if not isinstance(value, str) or value not in BIASES:
+        raise ValueError(f"bias {value!r}{_where(ctx)} not allowed; allowed: int32 (conv/linear bias rounded to "
+                         "int32 codes at scale S_in*S_w, as an integer kernel adds it), fp32 (not quantized)")
+    return value
 
 
 def _parse_fold_bn(value: Any) -> tuple[bool, int | None]:

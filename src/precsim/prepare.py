@@ -5,6 +5,8 @@
   gradient flowing back through that point. ``input`` uses a forward pre-hook.
 - Weights (and weight gradients): a parametrization (``torch.nn.utils.parametrize``) returns the
   rounded weight; its backward rounds the gradient of the stored weight.
+- Biases, with ``bias: int32``: a parametrization rounds them to int32 codes at ``S_in S_w``
+  (:mod:`precsim.bias`).
 
 Default placement follows Tamiya et al.: outputs of Conv, Linear, BatchNorm, ReLU/ReLU6 and
 :class:`QuantPoint`, weights of Conv and Linear. Other modules take part when a rule selects
@@ -20,6 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from precsim.bias import quantize_biases
 from precsim.config import ROLES, QuantConfig, RoleSpec
 from precsim.fold import fold_batchnorms
 from precsim.quantizer import Quantizer, mix_seed
@@ -85,6 +88,8 @@ def resolve(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, RoleSp
             if not rule.types and not (default or leaf):
                 continue  # a bare glob reaches leaf modules, not their containers
             used[i] = True
+            if not selected and not rule.roles and rule.bias is not None:
+                continue  # a rule that only sets ``bias`` adds no quantizers
             if not selected:
                 selected = True
                 roles = {r: config.roles.get(r) for r in ("activation", "gradient", "input")}
@@ -129,6 +134,7 @@ def prepare(model: nn.Module, config: QuantConfig | dict[str, Any] | str | Path,
                 parametrize.register_parametrization(module, pname, q)
     if cfg.fold_bn:  # Conv/Linear+BN chains: the weight quantizer sees the folded weight
         fold_batchnorms(model, freeze_after=cfg.freeze_bn_after)
+    quantize_biases(model, cfg)  # bias: int32 -- after folding, which decides where the bias is added
     return model
 
 

@@ -7,6 +7,11 @@ and under DDP, with no module backward hooks.
 
 Stochastic rounding only happens in ``train()``. Its random bits come from a per-quantizer seed
 and a step counter, both buffers: a checkpoint restores the stream exactly.
+
+Speed: each direction is one pure function (rounding, STE mask, observer step, DSE shift,
+gradient scale) run through :func:`precsim.formats.backend.call`, so with compiled kernels a
+quantization point costs one or two fused passes. A dynamic gradient scale works for every
+gradient format (see :func:`scale_limit`).
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from precsim.config import RoleSpec
-from precsim.formats import DSEFormat, FloatFormat, IntFormat
-from precsim.formats.backend import call, run_quantize
-from precsim.formats.rounding import exponent_of
+from precsim.formats import BlockFormat, DSEFormat, FloatFormat, Format, IntFormat
+from precsim.formats.backend import call, inline_kernel, run_quantize
+from precsim.formats.rounding import exp2i, exponent_of
 from precsim.observers import Observer, broadcast_range, next_range, reduce_dims, tensor_range
 
 _GOLDEN = -1640531527  # 0x9E3779B9 as int32
@@ -41,7 +46,7 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, forward_fn: Callable[[Tensor], tuple[Tensor, Tensor | None]],  # type: ignore[override]
-                backward_fn: Callable[[Tensor], Tensor] | None) -> Tensor:
+                backward_fn: Callable[[Tensor, Tensor | None], Tensor] | None) -> Tensor:
         q, mask = forward_fn(x)
         if q is x:  # an input returned as is becomes a view that in-place ops (ReLU(inplace)) reject
             q = q.clone()
@@ -53,12 +58,10 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
-        if ctx.has_mask:
-            (mask,) = ctx.saved_tensors
-            grad = grad * mask
-        if ctx.backward_fn is not None:
-            grad = ctx.backward_fn(grad)
-        return grad, None, None
+        mask = ctx.saved_tensors[0] if ctx.has_mask else None
+        if ctx.backward_fn is not None:  # the mask is applied inside, fused with the rounding
+            return ctx.backward_fn(grad, mask), None, None
+        return (grad if mask is None else grad * mask), None, None
 
 
 def observe_and_quantize(
@@ -79,6 +82,88 @@ def observe_and_quantize(
     if clipped:
         mask = (x >= (fmt.qmin - zp - 0.5) * scale) & (x <= (fmt.qmax - zp + 0.5) * scale)
     return q, mask, min_val, max_val
+
+
+def observe(x: Tensor, min_val: Tensor, max_val: Tensor, initialized: Tensor, axis: int | None, kind: str,
+            momentum: float) -> tuple[Tensor, Tensor]:
+    """The observer's next range after seeing ``x`` (pure)."""
+    lo, hi = tensor_range(x, reduce_dims(axis, x.dim()))
+    return next_range(lo, hi, min_val, max_val, initialized, kind, momentum)
+
+
+def quantize_with_mask(x: Tensor, seed: Tensor | None, fmt: FloatFormat, rounding: str,
+                       clip: float | None) -> tuple[Tensor, Tensor | None]:
+    """Q(x) and, for a clipped STE, the mask |x| <= clip, computed in the same pass."""
+    q = fmt.quantize(x, rounding, seed=seed)  # type: ignore[arg-type]
+    return q, (None if clip is None else x.abs() <= clip)
+
+
+def quantize_dse(x: Tensor, seed: Tensor | None, stored: Tensor | None, fmt: DSEFormat,
+                 rounding: str) -> tuple[Tensor, Tensor]:
+    """DSE rounding and the shift measured on ``x``.
+
+    With a ``stored`` shift (delayed DSE, from the previous call) the rounding does not wait
+    for the measurement, so the two share one pass over ``x``; without, the max is a pass of
+    its own before the rounding.
+    """
+    measured = fmt.shift_for(x)
+    shift = measured if stored is None else stored
+    return fmt.quantize(x, rounding, seed=seed, shift=shift), measured
+
+
+def next_grad_scale(g: Tensor, scale: Tensor, clean: Tensor, limit: float,
+                    interval: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Dynamic gradient scale (loss-scale style): (S used now, next S, next clean-step count).
+
+    S shrinks at once by the power of two that brings max finite |g| * S under ``limit``, and
+    doubles after ``interval`` steps in a row without shrinking.
+    """
+    amax = torch.where(torch.isfinite(g), g.abs(), torch.zeros_like(g)).amax()
+    ratio = amax / limit * scale
+    over = ratio > 1.0
+    shrink = torch.where(over, exponent_of(torch.where(over, ratio, torch.ones_like(ratio))) + 1, 0)
+    s_now = scale * exp2i(-shrink)
+    clean = torch.where(over, torch.zeros_like(clean), clean + 1)
+    grow = clean >= interval
+    return s_now, torch.where(grow, s_now * 2, s_now), torch.where(grow, torch.zeros_like(clean), clean)
+
+
+def quantize_gradient_fn(
+    g: Tensor, mask: Tensor | None, seed: Tensor | None, scale: Tensor | None, clean: Tensor | None,
+    stored: Tensor | None, fmt: Format, rounding: str, limit: float | None, interval: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The whole gradient point in one pure function (one fused pass under compile).
+
+    G(mask * g), optionally scaled as G(S g) / S with a dynamic S (``limit`` not None). Returns
+    (gradient, next S, next clean-step count, measured DSE shift); the caller stores the state.
+    """
+    if mask is not None:
+        g = g * mask
+    next_scale = next_clean = measured = None
+    s = scale
+    if scale is not None:
+        if limit is not None:
+            s, next_scale, next_clean = next_grad_scale(g, scale, clean, limit, interval)  # type: ignore[arg-type]
+        g = g * s
+    if isinstance(fmt, DSEFormat):
+        q, measured = quantize_dse(g, seed, stored, fmt, rounding)
+    else:
+        q = fmt.quantize(g, rounding, seed=seed)  # type: ignore[arg-type]
+    if s is not None:
+        q = q / s
+    return q, next_scale, next_clean, measured
+
+
+def scale_limit(fmt: Format) -> float:
+    """The magnitude a dynamic gradient scale keeps max |g| * S under.
+
+    A float format's max: past it values saturate or overflow. The other formats scale each
+    tensor (DSE, integer) or block (MX, NVFP4) to its own range, so a power-of-two S changes
+    nothing there except near the ends of float32 and of their scale range: S then keeps S g
+    finite (under 2^127) and lifts tiny gradients off the bottom of the scale range (MX
+    flushes blocks below 2^-127 x its element scale, DSE has a lowest shift).
+    """
+    return fmt.max if isinstance(fmt, FloatFormat) else 2.0**127
 
 
 class Quantizer(nn.Module):
@@ -105,18 +190,26 @@ class Quantizer(nn.Module):
             self.register_buffer("clean_steps", torch.zeros((), dtype=torch.int32))
 
     # --- forward ----------------------------------------------------------------------------
+    def _seeds(self, training: bool) -> tuple[Tensor | None, Tensor | None]:
+        """This call's (forward, backward) seeds; None where that direction rounds deterministically."""
+        fwd = self.spec is not None and training and self.spec.rounding == "stochastic"
+        bwd = self.grad_spec is not None and training and self.grad_spec.rounding == "stochastic"
+        if not (fwd or bwd):
+            return None, None
+        offset = torch.stack([torch.zeros_like(self.step), self.step * _GOLDEN])
+        return (self.seed + offset if fwd else None,
+                (self.seed ^ _BACKWARD_SALT) + offset if bwd else None)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        training = self.training
+        if training:
             with torch.no_grad():
                 self.step.add_(1)
-        offset = torch.stack([torch.zeros_like(self.step), self.step * _GOLDEN])
-        fwd_seed = self.seed + offset
-        bwd_seed = (self.seed ^ _BACKWARD_SALT) + offset
-        training = self.training
+        fwd_seed, bwd_seed = self._seeds(training)
         backward_fn = None
         if self.grad_spec is not None:
-            def backward_fn(g: Tensor) -> Tensor:
-                return self.quantize_gradient(g, bwd_seed, training)
+            def backward_fn(g: Tensor, mask: Tensor | None) -> Tensor:
+                return self.quantize_gradient(g, bwd_seed, training, mask)
         if self.spec is None:
             return _FakeQuantSTE.apply(x, lambda t: (t, None), backward_fn)
 
@@ -125,7 +218,7 @@ class Quantizer(nn.Module):
         return _FakeQuantSTE.apply(x, forward_fn, backward_fn)
 
     @torch.no_grad()
-    def quantize_values(self, x: Tensor, seed: Tensor, training: bool) -> tuple[Tensor, Tensor | None]:
+    def quantize_values(self, x: Tensor, seed: Tensor | None, training: bool) -> tuple[Tensor, Tensor | None]:
         """Q(x) and the clipped-STE mask (None: pass every gradient)."""
         spec = self.spec
         assert spec is not None
@@ -140,71 +233,80 @@ class Quantizer(nn.Module):
             if update and (obs.kind == "percentile" or obs.min_val.shape != channels):
                 obs.update(x32)  # eager: quantiles, or the first call that sizes per-channel buffers
                 update = False
-            q, mask, lo, hi = call(
-                observe_and_quantize, x32, (seed, obs.min_val, obs.max_val, obs.initialized),
-                (fmt, obs.kind, obs.momentum, rounding, update, spec.ste == "clipped"),
+            lo, hi = obs.min_val, obs.max_val
+            if update:  # its own small kernel: fused with the rounding, its scalars cost 5 ms a call
+                lo, hi = call(observe, x32, (lo, hi, obs.initialized), (fmt.axis, obs.kind, obs.momentum))
+            q, mask, _, _ = call(
+                observe_and_quantize, x32, (seed, lo, hi, obs.initialized),
+                (fmt, obs.kind, obs.momentum, rounding, False, spec.ste == "clipped"),
+                inline=inline_kernel(fmt, rounding),
             )
             if update:
                 obs.min_val.copy_(lo)
                 obs.max_val.copy_(hi)
                 obs.initialized.fill_(True)
-        elif isinstance(fmt, DSEFormat) and fmt.delayed:
-            shift = fmt.shift_for(x32)
-            used = torch.where(self.dse_ready, self.dse_shift, shift)
-            if training:
+        elif isinstance(fmt, DSEFormat):
+            delayed = fmt.delayed
+            stored = self.dse_shift if delayed and bool(self.dse_ready) else None  # the previous call's
+            q, shift = call(quantize_dse, x32, (seed, stored), (fmt, rounding))
+            if delayed and training:
                 self.dse_shift.copy_(shift)
                 self.dse_ready.fill_(True)
-            q = run_quantize(fmt, x32, rounding, seed, shift=used)
-        else:
+        elif isinstance(fmt, FloatFormat):
+            clip = fmt.max if spec.ste == "clipped" and not fmt.is_float32 else None
+            q, mask = call(quantize_with_mask, x32, (seed,), (fmt, rounding, clip))
+        else:  # blocks, and integers without an observer (grouped): cut into blocks outside the kernel
             q = run_quantize(fmt, x32, rounding, seed)
-            if spec.ste == "clipped" and isinstance(fmt, FloatFormat):
-                mask = x32.abs() <= fmt.max
         return q.to(x.dtype), mask
 
     # --- backward ---------------------------------------------------------------------------
     @torch.no_grad()
-    def quantize_gradient(self, g: Tensor, seed: Tensor, training: bool) -> Tensor:
-        """G(g): the gradient rounded to the gradient role's format (scaled if asked)."""
+    def quantize_gradient(self, g: Tensor, seed: Tensor | None, training: bool, mask: Tensor | None = None) -> Tensor:
+        """G(mask * g): the gradient rounded to the gradient role's format (scaled if asked)."""
         spec = self.grad_spec
         assert spec is not None
         fmt = spec.format
         rounding = spec.rounding if training else "nearest"
-        g32 = g.float()
-        scale = None
+        scale = clean = stored = None
+        limit = None
         if spec.scale is not None:
-            scale = self.grad_scale
-            if spec.scale == "dynamic" and isinstance(fmt, FloatFormat):
-                scale = self._dynamic_scale(g32, fmt.max, training)
-            g32 = g32 * scale
-        if isinstance(fmt, DSEFormat):
-            shift = fmt.shift_for(g32)
-            if fmt.delayed:  # the shift measured on the previous backward, as for activations
-                used = torch.where(self.grad_dse_ready, self.grad_dse_shift, shift)
-                if training:
-                    self.grad_dse_shift.copy_(shift)
-                    self.grad_dse_ready.fill_(True)
-                shift = used
-            q = run_quantize(fmt, g32, rounding, seed, shift=shift)
+            scale, clean = self.grad_scale, self.clean_steps
+            if spec.scale == "dynamic":
+                limit = scale_limit(fmt)
+        delayed = isinstance(fmt, DSEFormat) and fmt.delayed
+        if delayed and bool(self.grad_dse_ready):
+            stored = self.grad_dse_shift  # the shift measured on the previous backward
+        if isinstance(fmt, BlockFormat):  # blocks are cut outside the kernel (see run_quantize)
+            q, next_scale, next_clean, shift = self._block_gradient(g.float(), mask, seed, scale, clean, fmt,
+                                                                    rounding, limit)
         else:
-            q = run_quantize(fmt, g32, rounding, seed)
-        if scale is not None:
-            q = q / scale
+            q, next_scale, next_clean, shift = call(
+                quantize_gradient_fn, g.float(), (mask, seed, scale, clean, stored),
+                (fmt, rounding, limit, GROWTH_INTERVAL))
+        if training:
+            if next_scale is not None:
+                self.grad_scale.copy_(next_scale)
+                self.clean_steps.copy_(next_clean)
+            if delayed:
+                self.grad_dse_shift.copy_(shift)
+                self.grad_dse_ready.fill_(True)
         return q.to(g.dtype)
 
-    def _dynamic_scale(self, g: Tensor, max_value: float, training: bool) -> Tensor:
-        """Loss-scale style: shrink S at once on overflow; double it after clean intervals."""
-        amax = torch.where(torch.isfinite(g), g.abs(), torch.zeros_like(g)).amax()
-        s = self.grad_scale
-        ratio = amax * s / max_value
-        over = ratio > 1.0
-        shrink = torch.where(over, (exponent_of(torch.where(over, ratio, torch.ones_like(ratio))) + 1).float(), torch.zeros(()))
-        s_now = s * torch.exp2(-shrink)
-        if training:
-            clean = torch.where(over, torch.zeros_like(self.clean_steps), self.clean_steps + 1)
-            grow = clean >= GROWTH_INTERVAL
-            self.grad_scale.copy_(torch.where(grow, s_now * 2, s_now))
-            self.clean_steps.copy_(torch.where(grow, torch.zeros_like(clean), clean))
-        return s_now
+    @staticmethod
+    def _block_gradient(g: Tensor, mask: Tensor | None, seed: Tensor | None, scale: Tensor | None,
+                        clean: Tensor | None, fmt: BlockFormat, rounding: str,
+                        limit: float | None) -> tuple[Tensor, Tensor | None, Tensor | None, None]:
+        """:func:`quantize_gradient_fn` for block formats, in steps around the block kernel."""
+        if mask is not None:
+            g = g * mask
+        next_scale = next_clean = None
+        s = scale
+        if scale is not None:
+            if limit is not None:
+                s, next_scale, next_clean = call(next_grad_scale, g, (scale, clean), (limit, GROWTH_INTERVAL))
+            g = g * s
+        q = run_quantize(fmt, g, rounding, seed)
+        return (q if s is None else q / s), next_scale, next_clean, None
 
     def describe(self) -> tuple[str, str, str, str]:
         """(format, observer, rounding, gradient) as text, for summaries."""

@@ -29,6 +29,7 @@ def tiny_config(**changes: Any) -> dict[str, Any]:
         "test_subset": 100,
         "max_steps": 2,
         "schemes": ["fp32", "qint8"],
+        "compile": False,  # eager kernels: compiling each format costs seconds, these runs take one
     }
     cfg.update(changes)
     return cfg

@@ -105,3 +105,25 @@ def test_diverged_scheme_stops_early(tmp_path: Path, capsys) -> None:
     assert [(r["steps"], r["epochs"], r["time_s"]) for r in again] == [(r["steps"], r["epochs"], r["time_s"])
                                                                        for r in rows]
     assert "resuming after epoch 1/3" in capsys.readouterr().err
+
+
+def test_sweep_with_compiled_kernels_matches_eager(tmp_path: Path) -> None:
+    """``compile: true`` (the default outside these tests) trains to the same bits as eager kernels,
+    and leaves the process's compile setting as it found it."""
+    from precsim.experiments.spec import load_spec
+    from precsim.experiments.sweep import run_sweep
+    from precsim.formats.backend import compile_enabled
+
+    scheme = {"name": "fp8_sr", "activation": "fp8_e4m3", "weight": "fp8_e4m3",
+              "gradient": {"format": "fp8_e5m2", "rounding": "stochastic"}}
+    rows, digests = {}, {}
+    for compiled in (True, False):
+        out = tmp_path / f"compile_{compiled}"
+        spec = load_spec(tiny_config(schemes=[scheme], debug_digests=True, compile=compiled), out=str(out))
+        assert spec.compile is compiled
+        before = compile_enabled()
+        rows[compiled] = run_sweep(spec, progress=False)[0]
+        assert compile_enabled() == before
+        digests[compiled] = (out / "debug" / "fp8_sr.rank0.sha256").read_text()
+    assert digests[True] == digests[False]
+    assert (rows[True]["accuracy"], rows[True]["loss"]) == (rows[False]["accuracy"], rows[False]["loss"])

@@ -38,7 +38,8 @@ def test_calibrate_fills_observers_and_trains_nothing() -> None:
     assert all(int(q.step) == 0 for q in acts)  # no training steps taken
     state = model.state_dict()
     for key, value in before.items():
-        new_key = key if key in state else key.replace("weight", "parametrizations.weight.original")
+        owner, _, name = key.rpartition(".")  # parametrized weights (and int32 biases) keep the original
+        new_key = key if key in state else f"{owner}.parametrizations.{name}.original"
         assert torch.equal(state[new_key], value), key  # weights and BN statistics untouched
     assert all(p.grad is None for p in model.parameters())
 

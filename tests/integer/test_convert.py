@@ -12,15 +12,17 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 import precsim
+from precsim.bias import layer_bias_codes
+from precsim.fold import trace
 from precsim.integer.convert import ConversionError, convert, integer_config
 from precsim.integer.exact import integer_exact
 from precsim.integer.model import IntegerModel, describe
-from precsim.integer.ops import ConvOp
+from precsim.integer.ops import ConvOp, to_nchw, to_nhwc
 from precsim.zoo import get_model, load_dataset
 
 WIDTHS = (4, 8, 16)
@@ -128,22 +130,91 @@ def test_fixed_point_mode_predictions_identical() -> None:
 
 
 def test_plain_simulation_is_close() -> None:
-    """Plain fake quantization rounds the ideal value; the integer model adds an int32-bias rounding
-    (<= M/2 codes) and gemmlowp's double rounding (<= 2^-n/2 codes) per layer. MNIST's constant
-    background makes thousands of outputs share one accumulator, so a single near-tie flips many
-    codes, and flips cascade. Measured for this model (docs/integer.md): 18.6% of logit codes
-    differ, by at most 2; argmax agrees on 98.9%; accuracy 67.4% vs 67.0%. The bounds leave a
-    margin for other CPUs, whose float kernels round differently.
+    """Plain fake quantization (with ``bias: int32``, integer_config's default) against the integer model.
+
+    Per requantization the two differ by at most 1 LSB (test_each_layer_within_one_lsb), on about
+    0.1% of a layer's outputs: gemmlowp's double rounding (SRDHM to 2^-n of a code, then
+    RoundingDivideByPOT) moves values within 2^-(n+1) of a .5 tie to the other side; float32
+    noise adds almost nothing once the bias is rounded as the integer model rounds it. Through
+    ten layers and three residual adds those flips cascade: MNIST's constant background makes
+    thousands of outputs share one accumulator, so one flipped code moves whole regions.
+    Measured for this model (docs/integer.md): 85.4% of logit codes equal, 99.99% within 1 LSB,
+    max 2 LSB (one code of 10,000); argmax equal on 99.0% of images, every disagreement an image
+    whose two top logits are within 1 code (a 65% accurate model has many); accuracy 65.1% for
+    both. Issue 6 asks for <= 1 LSB and >= 99.9% argmax end to end: plain fake quantization does
+    not reach it on this model (integer_exact does: 100%); the bounds below are the measured ones.
     """
     o = outputs()
     diff = (o.sim_codes - o.int_codes).abs()
-    assert int(diff.max()) <= 3
-    assert diff.float().mean().item() < 0.3
-    argmax_same = (o.sim_codes.argmax(1) == o.int_codes.argmax(1)).float().mean().item()
-    assert argmax_same >= 0.98
-    acc_sim = (o.sim_codes.argmax(1) == o.labels).float().mean().item() * 100
-    acc_int = (o.int_codes.argmax(1) == o.labels).float().mean().item() * 100
-    assert abs(acc_sim - acc_int) <= 1.5
+    assert int(diff.max()) <= 2
+    assert (diff <= 1).float().mean().item() >= 0.999
+    assert (diff == 0).float().mean().item() >= 0.80
+    sim_top, int_top = o.sim_codes.argmax(1), o.int_codes.argmax(1)
+    assert (sim_top == int_top).float().mean().item() >= 0.985
+    top2 = o.int_codes.topk(2, dim=1).values
+    assert bool((top2[:, 0] - top2[:, 1])[sim_top != int_top].le(diff.amax(1)[sim_top != int_top]).all())
+    acc_sim = (sim_top == o.labels).float().mean().item() * 100
+    acc_int = (int_top == o.labels).float().mean().item() * 100
+    assert abs(acc_sim - acc_int) <= 0.3
+
+
+def _layer_modules(model: nn.Module, graph: fx.Graph, op: ConvOp) -> list[nn.Module]:
+    """The prepared modules from the conv/linear ``op.name`` to the quantizer that makes ``op.output``."""
+    modules = dict(model.named_modules())
+    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == op.name)
+    chain = [modules[str(node.target)]]
+    while node.name != op.output:
+        (node,) = list(node.users)  # conv -> folded BatchNorm -> ReLU: one consumer each
+        chain.append(modules[str(node.target)])
+    return chain
+
+
+def test_each_layer_within_one_lsb() -> None:
+    """The 1-LSB contract per requantization: the same input codes through one conv/linear layer.
+
+    Simulation: dequantize the codes, the float32 conv with the rounded weights and the int32
+    bias (S_in S_w round(b / (S_in S_w)), the integer model's codes), folded BatchNorm, ReLU and
+    fake quantization ``round(y / S_out)``. Integer op: the exact accumulator with the same
+    bias, requantized by ``M0 2^-31 2^-n``. Both round the same real value ``v = M acc``: the
+    simulation up to float32 noise (|error| << 1/2 code), the integer op up to its multiplier
+    error (2^-31 relative) and double rounding (<= 2^-(n+1) codes). Each result is within
+    1/2 + that of ``v``, so they are at most 1 code apart, and differ only where ``v`` lies that
+    close to a .5 tie. Without the int32 bias the simulation's value is ``M acc + M e`` with a
+    bias error ``|e| <= 1/2``, and M/2 codes can be more than that. Measured here: 0.06-0.18%
+    of each layer's outputs differ, all by 1; the simulation differs from ideal rounding of
+    ``v`` on about 0.001% (float32 noise): the rest is the integer model's double rounding.
+    """
+    o, t = outputs(), qat_resnet()
+    x = t.test.tensors[0]
+    graph = trace(t.model)
+    env = {o.imodel.input_name: to_nhwc(o.imodel.quantize_input(x))}
+    checked = []
+    for op in o.imodel.ops:
+        env[op.output] = op.run(*(env[n] for n in op.inputs))
+        if not isinstance(op, ConvOp):
+            continue
+        q_in, q_out = to_nchw(env[op.inputs[0]]).long(), to_nchw(env[op.output]).long()
+        y = (q_in.float() - op.in_qp.zero_point) * op.in_qp.scale_tensor()
+        with torch.no_grad():
+            for m in _layer_modules(t.model, graph, op):
+                y = m(y)
+        sim = torch.round(y / op.out_qp.scale_tensor()).long() + op.out_qp.zero_point
+        diff = (sim - q_out).abs()
+        assert int(diff.max()) <= 1, op.name
+        assert diff.float().mean().item() < 0.005, op.name  # measured <= 0.0018
+        checked.append(op.name)
+    assert len(checked) == 10
+
+
+def test_simulation_adds_the_integer_models_bias_codes() -> None:
+    """convert() re-derives round_half_away(b / (S_in S_w)) from the already rounded bias: the same codes."""
+    o, t = outputs(), qat_resnet()
+    convs = [op for op in o.imodel.ops if isinstance(op, ConvOp)]
+    for op in convs:
+        codes = layer_bias_codes(t.model.get_submodule(op.name))
+        assert codes is not None, op.name
+        assert torch.equal(codes, op.bias.long()), op.name
+    assert any(bool((op.bias != 0).any()) for op in convs)
 
 
 def test_call_dequantizes_the_codes() -> None:

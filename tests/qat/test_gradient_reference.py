@@ -156,3 +156,28 @@ def test_delayed_dse_gradient_uses_previous_shift() -> None:
         assert torch.equal(outgoing, fmt.quantize(incoming, shift=used)), i
     assert torch.isinf(seen[2][1]).any() and torch.isfinite(fmt.quantize(seen[2][0], shift=shifts[2])).all()
     assert int(q.grad_dse_shift) == int(shifts[-1])
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e5m2", "mxfp4", "nvfp4", "dse(e=5,m=2)", "int8"])
+def test_dynamic_gradient_scale_works_for_scaled_formats(fmt: str) -> None:
+    """MX/NVFP4, DSE and integer gradients scale each tensor or block to its own range, so a dynamic
+    power-of-two S leaves their rounding unchanged; it must still keep S g finite. At the initial
+    2^16, gradients near 1e36 overflow float32 (the NaN seen in an MXFP8 DDP run); the scale backs
+    off and the result equals the unscaled rounding."""
+    from precsim.config import RoleSpec
+    from precsim.formats import parse_format
+    from precsim.quantizer import Quantizer
+
+    f = parse_format(fmt)
+    q = Quantizer("activation", None, RoleSpec(format=f, scale="dynamic"))
+    x = torch.zeros(8, 64, requires_grad=True)
+    g = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 1e36
+    q(x).backward(g)
+    assert torch.isfinite(x.grad).all()
+    assert float(q.grad_scale) < 2.0**16
+    assert torch.equal(x.grad, f.quantize(g))
+    # ordinary gradients: S stays put and the rounding is still Q(g)
+    scale = q.grad_scale.clone()
+    x.grad = None
+    q(x).backward(g * 1e-36)
+    assert torch.equal(q.grad_scale, scale) and torch.equal(x.grad, f.quantize(g * 1e-36))

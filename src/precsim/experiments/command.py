@@ -46,6 +46,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel over N processes: re-launch through torch.distributed.run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-compile", action="store_true",
+                   help="round with the eager reference kernels instead of compiled ones (same bits, slower; "
+                        "skips the first-call compilation, a few seconds per format, cached on disk)")
     p.add_argument("--list-schemes", action="store_true", help="print the built-in schemes and exit")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print the resolved spec, and exit")
     p.set_defaults(func=run)
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 _VALUE_FLAGS = (("--config", "config"), ("--schemes", "schemes"), ("--epochs", "epochs"), ("--out", "out"),
                 ("--seed", "seed"), ("--device", "device"), ("--batch-size", "batch_size"),
                 ("--train-subset", "train_subset"), ("--max-steps", "max_steps"))
-_SWITCHES = (("--fresh", "fresh"), ("--no-progress", "no_progress"))
+_SWITCHES = (("--fresh", "fresh"), ("--no-progress", "no_progress"), ("--no-compile", "no_compile"))
 
 
 def relaunch_args(args: argparse.Namespace) -> list[str]:
@@ -103,7 +106,7 @@ def _load(args: argparse.Namespace) -> Any:
 
     spec = load_spec(args.config, schemes=args.schemes, epochs=args.epochs, out=args.out, seed=args.seed,
                      device=args.device, batch_size=args.batch_size, train_subset=args.train_subset,
-                     max_steps=args.max_steps)
+                     max_steps=args.max_steps, compile=False if getattr(args, "no_compile", False) else None)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if spec.batch_size % world:
         raise ValueError(f"batch_size {spec.batch_size} is not divisible by the {world} processes")

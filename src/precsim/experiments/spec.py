@@ -55,13 +55,14 @@ SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
 
 _TOP_KEYS = ("model", "dataset", "optimizer", "epochs", "batch_size", "eval_batch_size", "seed", "device",
-             "train_subset", "test_subset", "max_steps", "stop_on_divergence", "out", "schemes", "debug_digests")
+             "train_subset", "test_subset", "max_steps", "stop_on_divergence", "out", "schemes", "debug_digests",
+             "compile")
 _DATASET_KEYS = ("name", "root", "seed", "test_fraction")
 _OPTIMIZER_KEYS = ("name", "lr", "momentum", "weight_decay", "schedule")
 _SCHEME_ROLE_KEYS = ("activation", "input", "weight", "gradient", "weight_gradient", "rules", "seed")
 _SCHEME_KEYS = ("name", "description", "builtin", "config", "allreduce", *_SCHEME_ROLE_KEYS)
 # Keys that change no number in the results: left out of the fingerprint.
-_NOT_FINGERPRINTED = ("out", "schemes", "debug_digests")
+_NOT_FINGERPRINTED = ("out", "schemes", "debug_digests", "compile")  # compile: same bits, only faster
 
 # The default sweep: sized to take about 5-8 minutes on a 2-core CPU (see docs/sweep.md).
 DEFAULT_MODEL_KWARGS: dict[str, Any] = {"widths": [8, 16, 32]}
@@ -128,6 +129,7 @@ class SweepSpec:
     stop_on_divergence: bool = True
     out: str = DEFAULT_OUT
     debug_digests: bool = False
+    compile: bool = True
     schemes: tuple[SchemeSpec, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +151,7 @@ class SweepSpec:
             "stop_on_divergence": self.stop_on_divergence,
             "out": self.out,
             "debug_digests": self.debug_digests,
+            "compile": self.compile,
             "schemes": [s.to_dict() for s in self.schemes],
         }
 
@@ -328,7 +331,8 @@ def load_spec(config: str | Path | dict[str, Any] | None = None, **overrides: An
     """Read a YAML path (or a dict, or None for the default sweep), apply overrides, validate.
 
     ``overrides`` (None means "not given"): ``schemes`` (names, or a comma-separated string),
-    ``epochs``, ``out``, ``seed``, ``device``, ``batch_size``, ``train_subset``, ``max_steps``.
+    ``epochs``, ``out``, ``seed``, ``device``, ``batch_size``, ``train_subset``, ``max_steps``,
+    ``compile`` (False: the eager reference kernels).
     Raises ValueError with the offending key before anything is trained.
     """
     base: Path | None = None
@@ -384,10 +388,11 @@ def load_spec(config: str | Path | dict[str, Any] | None = None, **overrides: An
 
     # Command-line overrides replace the YAML values.
     given = {k: v for k, v in overrides.items() if v is not None}
-    allowed_overrides = ("schemes", "epochs", "out", "seed", "device", "batch_size", "train_subset", "max_steps")
+    allowed_overrides = ("schemes", "epochs", "out", "seed", "device", "batch_size", "train_subset", "max_steps",
+                         "compile")
     _check_keys(given, allowed_overrides, "overrides")
     for key in allowed_overrides:
-        if key in given and key != "schemes":
+        if key in given and key not in ("schemes", "compile"):
             raw[key] = given[key]
 
     device = raw.get("device", "cpu")
@@ -405,7 +410,9 @@ def load_spec(config: str | Path | dict[str, Any] | None = None, **overrides: An
         raise ValueError(f"out must be a folder path, got {out!r}")
     debug_digests = raw.get("debug_digests", False)
     stop_on_divergence = raw.get("stop_on_divergence", True)
-    for key, flag in (("debug_digests", debug_digests), ("stop_on_divergence", stop_on_divergence)):
+    compile_kernels = given.get("compile", raw.get("compile", True))
+    for key, flag in (("debug_digests", debug_digests), ("stop_on_divergence", stop_on_divergence),
+                      ("compile", compile_kernels)):
         if not isinstance(flag, bool):
             raise ValueError(f"{key} must be true or false, got {flag!r}")
 
@@ -445,6 +452,7 @@ def load_spec(config: str | Path | dict[str, Any] | None = None, **overrides: An
         stop_on_divergence=stop_on_divergence,
         out=out,
         debug_digests=debug_digests,
+        compile=compile_kernels,
         schemes=tuple(schemes),
     )
     check_buildable(spec)

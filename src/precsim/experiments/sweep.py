@@ -27,6 +27,7 @@ from precsim.experiments.report import CURVES_PNG, REPORT_MD, format_table, writ
 from precsim.experiments.results import CURVES_CSV, RESULTS_CSV, RESULTS_JSON, ResultStore
 from precsim.experiments.spec import SweepSpec
 from precsim.experiments.train import load_data, train_scheme, warm_up
+from precsim.formats.backend import compile_enabled, set_compile
 
 SPEC_JSON = "spec.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -109,9 +110,13 @@ def run_sweep(spec: SweepSpec, *, fresh: bool = False, progress: bool = True,
               log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Train every scheme of ``spec`` not yet finished in ``spec.out``; their rows.
 
-    Works single-process and under torchrun (every rank calls it; rank 0 writes).
+    Works single-process and under torchrun (every rank calls it; rank 0 writes). Rounding
+    runs through the compiled kernels unless ``spec.compile`` is off (identical bits; the first
+    call of each format compiles for a few seconds, cached on disk across runs).
     """
     start = time.perf_counter()
+    compiled_before = compile_enabled()
+    set_compile(spec.compile)
     ctx = D.init_distributed(spec.device)
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if not ctx.is_main:
@@ -164,6 +169,7 @@ def run_sweep(spec: SweepSpec, *, fresh: bool = False, progress: bool = True,
                 f"{RESULTS_CSV}, {RESULTS_JSON}, {CURVES_CSV}, {CURVES_PNG}, {REPORT_MD}")
         return [r for r in rows if r["scheme"] in current]
     finally:
+        set_compile(compiled_before)
         D.shutdown(ctx)
 
 

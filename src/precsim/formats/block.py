@@ -16,13 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from precsim.formats.float import FloatFormat
 from precsim.formats.integer import IntFormat, fake_quantize
 from precsim.formats.random import bits_for
-from precsim.formats.rounding import Rounding, exp2i, exponent_of, round_float
+from precsim.formats.rounding import Rounding, exp2i, float_bits, round_float
 
 SCALES: tuple[str, ...] = ("e8m0", "e4m3")
 _E4M3 = FloatFormat(4, 3, specials="fn", name="fp8_e4m3")
@@ -75,15 +74,20 @@ class BlockFormat:
     def __str__(self) -> str:
         return self.describe()
 
-    def _blocks(self, x: Tensor) -> tuple[Tensor, int]:
+    def blocks(self, x: Tensor) -> tuple[Tensor, int]:
+        """``x`` as (..., blocks, block_size) with the block axis last and zero padding; and its length."""
         y = x.movedim(self.axis, -1)
         n = y.shape[-1]
         pad = (-n) % self.block_size
-        if pad:
-            y = F.pad(y, (0, pad))
+        if pad:  # zero only the tail (F.pad fills the whole tensor first, then copies)
+            padded = y.new_empty(*y.shape[:-1], n + pad)
+            padded[..., n:].zero_()
+            padded[..., :n].copy_(y)
+            y = padded
         return y.reshape(*y.shape[:-1], -1, self.block_size), n
 
-    def _unblock(self, b: Tensor, n: int, x: Tensor) -> Tensor:
+    def unblock(self, b: Tensor, n: int) -> Tensor:
+        """The inverse of :meth:`blocks` (padding dropped, block axis back in place)."""
         y = b.reshape(*b.shape[:-2], -1)[..., :n]
         return y.movedim(-1, self.axis)
 
@@ -96,22 +100,33 @@ class BlockFormat:
     ) -> Tensor:
         if x.dim() == 0:
             return self.quantize(x.reshape(1), rounding, seed, random_bits).reshape(())
-        blocks, n = self._blocks(x)
+        blocks, n = self.blocks(x)
         if random_bits is not None:
-            random_bits, _ = self._blocks(random_bits)
-        random_bits = bits_for(blocks.shape, rounding, seed, random_bits)
-        amax = blocks.abs().amax(dim=-1, keepdim=True)
-        if self.scale == "e8m0":
-            out = self._quantize_mx(blocks, amax, rounding, random_bits)
-        else:
-            out = self._quantize_nv(blocks, amax, rounding, random_bits)
-        out = torch.where(torch.isfinite(amax), out, torch.full_like(out, torch.nan))
-        return self._unblock(out, n, x)
+            random_bits, _ = self.blocks(random_bits)
+        return self.unblock(self.quantize_blocks(blocks, rounding, seed, random_bits), n)
 
-    def _quantize_mx(self, blocks: Tensor, amax: Tensor, rounding: Rounding, rb: Tensor | None) -> Tensor:
-        finite = torch.isfinite(amax) & (amax > 0)
-        safe = torch.where(finite, amax, torch.ones_like(amax))
-        shared = torch.where(finite, exponent_of(safe) - self.element_max_exponent, -127).clamp(-127, 127)
+    def quantize_blocks(
+        self,
+        blocks: Tensor,
+        rounding: Rounding = "nearest",
+        seed: Tensor | None = None,
+        random_bits: Tensor | None = None,
+    ) -> Tensor:
+        """Round ``blocks`` shaped (..., blocks, block_size), one scale per last-axis row."""
+        random_bits = bits_for(blocks.shape, rounding, seed, random_bits)
+        # max |x| per block on the bit patterns (int order is float order for magnitudes; NaN
+        # patterns sort above Inf): one integer reduction that fuses with the rounding below
+        amax_bits = (float_bits(blocks) & 0x7FFFFFFF).amax(dim=-1, keepdim=True)
+        if self.scale == "e8m0":
+            out = self._quantize_mx(blocks, amax_bits, rounding, random_bits)
+        else:
+            out = self._quantize_nv(blocks, amax_bits.view(torch.float32), rounding, random_bits)
+        return torch.where(amax_bits < 0x7F800000, out, torch.nan)  # a NaN/Inf block is NaN
+
+    def _quantize_mx(self, blocks: Tensor, amax_bits: Tensor, rounding: Rounding, rb: Tensor | None) -> Tensor:
+        # floor(log2(amax)) is the exponent field; zero and subnormal blocks get the bottom
+        # scale 2^-127 through the clamp (emax_elem >= 0)
+        shared = ((amax_bits >> 23) - 127 - self.element_max_exponent).clamp(-127, 127)
         elem = self.element
         if isinstance(elem, IntFormat):
             scale = exp2i(shared - (elem.bits - 2))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from precsim.formats.random import bits_for
-from precsim.formats.rounding import Rounding, round_integer
+from precsim.formats.rounding import Rounding, positive_zero, round_integer
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def fake_quantize(
     """S (clamp(round(x / S) + Z, qmin, qmax) - Z); NaN stays NaN, ±Inf saturates."""
     q = round_integer(x / scale, rounding, random_bits) + zero_point
     q = torch.clamp(q, qmin, qmax)
-    out = (q - zero_point) * scale
+    out = positive_zero((q - zero_point) * scale)  # zero is +0, as in eager IEEE arithmetic
     return torch.where(x != x, x, out)
 
 

@@ -7,9 +7,17 @@ these states while lowering:
 * the model input before its quantization point (``_Float``): only shape ops may touch it;
 * integer codes with a per-tensor scale and zero point (``_Codes``);
 * an op whose result is not yet quantized (``_Pending*``): a conv/linear accumulator (a folded
-  BatchNorm and a ReLU/ReLU6 can join it), a residual add, a window sum. It becomes integer
-  codes at the next activation quantizer, which fixes the output scale: that is where the
-  fixed-point multiplier ``M = S_in S_w / S_out`` and the clamp are made.
+  BatchNorm and a ReLU/ReLU6 can join it), a residual add, a window sum, an activation product
+  (a constant factor such as attention's ``1/sqrt(d)`` joins its multiplier), tokens plus real
+  constants (class token, position embedding: ``_Affine``). It becomes integer codes at the
+  next activation quantizer, which fixes the output scale: that is where the fixed-point
+  multiplier ``M = S_in S_w / S_out`` and the clamp are made;
+* a tensor attribute of the model (``_Const``: class token, position embedding), a shape
+  (``_Shape``) or the pieces of ``unbind`` (``_Unbound``), which only the ops that use them
+  turn into integer ops.
+
+Softmax, GELU and LayerNorm become I-ViT's Shiftmax, ShiftGELU and I-LayerNorm
+(:mod:`precsim.integer.vit_ops`); their output quantizer fixes the output scale.
 
 Anything else -- an unsupported module, a float or per-channel activation format, an output
 nobody quantized -- raises :class:`ConversionError` naming the module.
@@ -31,6 +39,7 @@ from precsim.fold import FoldedWeight, fold_conv_bn, folded_weight_input, trace
 from precsim.formats import IntFormat
 from precsim.formats.integer import quantize_codes
 from precsim.integer.fixedpoint import INT32_MAX, quantize_multiplier, quantize_multipliers
+from precsim.integer.ivit_ops import prepare_i_layernorm, prepare_shift_gelu, prepare_shiftmax
 from precsim.integer.model import IntegerModel
 from precsim.integer.ops import (
     AddOp,
@@ -46,18 +55,34 @@ from precsim.integer.ops import (
     ReshapeOp,
     storage_dtype,
 )
+from precsim.integer.vit_ops import (
+    AddConstOp,
+    ILayerNormOp,
+    LayoutOp,
+    MatMulOp,
+    ShiftGeluOp,
+    ShiftmaxOp,
+    consts_state,
+    encode_index,
+)
 from precsim.prepare import QuantPoint
 from precsim.quantizer import Quantizer
-from precsim.zoo.layers import Add
+from precsim.zoo.layers import Add, MatMul
 
 __all__ = ["ConversionError", "convert", "integer_config"]
 
 SUPPORTED = ("Conv2d, Linear, BatchNorm (folded into the preceding conv: fold_bn), ReLU, ReLU6, "
              "precsim.zoo.Add / a + b, AvgPool2d, AdaptiveAvgPool2d(1), MaxPool2d, Flatten, torch.cat, "
-             "Identity, Dropout, QuantPoint")
+             "Identity, Dropout, QuantPoint; for transformers: precsim.zoo.MatMul / a @ b (times a constant), "
+             "Softmax (Shiftmax), GELU (ShiftGELU), LayerNorm (I-LayerNorm), a class token concatenated and a "
+             "position embedding added, permute/transpose/unflatten/unbind/indexing")
 _PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, QuantPoint)
 _RELU_FUNCS = {F.relu: None, torch.relu: None, F.relu6: 6.0}
 _ADD_FUNCS = (operator.add, torch.add, operator.iadd)
+_MATMUL_FUNCS = (operator.matmul, torch.matmul)
+_MUL_FUNCS = (operator.mul, torch.mul)
+_DIV_FUNCS = (operator.truediv, torch.div)
+_LAYOUT_METHODS = ("permute", "transpose", "unflatten")
 
 
 class ConversionError(ValueError):
@@ -128,7 +153,50 @@ class _PendingCodes(_Pending):
     src: _Codes | None = None
 
 
-Value = _Float | _Codes | _Pending
+@dataclass
+class _PendingMatMul(_Pending):
+    a: _Codes | None = None
+    b: _Codes | None = None
+    factor: float = 1.0  # a constant the float model multiplies the product by
+
+
+@dataclass
+class _Affine(_Pending):
+    """Token codes ``src`` plus real constants: ``prefix`` rows prepended along ``dim`` (a class
+    token, with its share of an added constant), ``offset`` added to the token rows (position
+    embedding). Both are float64 real values until the output quantizer fixes the scale."""
+
+    src: _Codes | None = None
+    dim: int = 1
+    prefix: Tensor | None = None
+    offset: Tensor | None = None
+
+
+@dataclass
+class _Const:
+    """A tensor attribute of the model (parameter or buffer) used in forward()."""
+
+    tensor: Tensor
+    origin: str
+
+
+@dataclass
+class _Shape:
+    """``x.shape``, ``x.shape[i]`` or ``x.size(i)``: only usable as an ``expand`` size."""
+
+    origin: str
+
+
+@dataclass
+class _Unbound:
+    """``x.unbind(dim)``: indexing it selects one slice."""
+
+    src: _Codes | _Float
+    dim: int
+    origin: str
+
+
+Value = _Float | _Codes | _Pending | _Const | _Shape | _Unbound
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -199,6 +267,18 @@ class _Lowering:
     def codes(self, v: Value, user: str) -> _Codes:
         if isinstance(v, _Codes):
             return v
+        if isinstance(v, _Const):
+            raise ConversionError(
+                f"the tensor attribute {v.origin!r} reaches {user}: convert() supports model constants only as "
+                "a class token concatenated in front of the tokens (torch.cat) and as an added constant "
+                "(position embedding) before an activation quantizer")
+        if isinstance(v, (_Shape, _Unbound)):
+            raise ConversionError(f"{user}: uses {v.origin!r} ({'a shape' if isinstance(v, _Shape) else 'unbind'}) "
+                                  "as a tensor; only expand() sizes and indexing are supported")
+        if isinstance(v, _Affine):
+            raise ConversionError(
+                f"the tokens plus constants of {v.origin!r} (class token / position embedding) reach {user} "
+                f"without being quantized: give {v.origin!r} an activation quantizer (precsim.ivit_config adds one)")
         if isinstance(v, _Float):
             raise ConversionError(
                 f"the model input reaches {user} unquantized: give {user} an 'input' quantizer "
@@ -211,6 +291,8 @@ class _Lowering:
     # --- quantization points -------------------------------------------------------------------
     def quantize(self, v: Value, qp: QParams, out: str, where: str) -> _Codes:
         """The value ``v`` rounded to ``qp`` (an activation or input quantizer), as integer ops."""
+        if isinstance(v, (_Const, _Shape, _Unbound)):
+            self.codes(v, where)  # raises
         if isinstance(v, _Float):
             if self.input_qp is not None and self.input_qp != qp:
                 raise ConversionError(f"the model input is quantized at several points with different scales "
@@ -238,6 +320,10 @@ class _Lowering:
             self.emit(self.conv_op(v, qp, out, lo, hi))
         elif isinstance(v, _PendingAdd):
             self.emit(self.add_op(v, qp, out, lo, hi))
+        elif isinstance(v, _PendingMatMul):
+            self.emit(self.matmul_op(v, qp, out, lo, hi))
+        elif isinstance(v, _Affine):
+            self.emit(self.affine_op(v, qp, out, lo, hi))
         elif isinstance(v, _PendingPool):
             assert v.src is not None
             self.emit(AvgPoolOp(v.origin, [v.src.tensor], out, v.src.qp, qp, lo, hi, v.kernel, v.stride))
@@ -356,6 +442,30 @@ class _Lowering:
             raise ConversionError(f"{p.origin!r}: input scales too far apart for an int32 residual add")
         return AddOp(p.origin, [a.tensor, b.tensor], out, a.qp, b.qp, qp, ma, sa, mb, sb, left, lo, hi)
 
+    def matmul_op(self, p: _PendingMatMul, qp: QParams, out: str, lo: int, hi: int) -> MatMulOp:
+        """Dyadic requantization of an activation product: ``M = S_a S_b factor / S_out``."""
+        a, b = p.a, p.b
+        assert a is not None and b is not None
+        m0, shift = quantize_multiplier(a.qp.scale * b.qp.scale * p.factor / qp.scale)
+        return MatMulOp(p.origin, [a.tensor, b.tensor], out, a.qp, b.qp, qp, m0, shift, lo, hi, factor=p.factor)
+
+    def affine_op(self, p: _Affine, qp: QParams, out: str, lo: int, hi: int) -> AddConstOp:
+        """Tokens rescaled to ``S_out 2^-L`` plus the constants rounded once to that grid."""
+        src = p.src
+        assert src is not None
+        m0, shift = quantize_multiplier(src.qp.scale / qp.scale)
+        r = src.qp.max_abs_centred
+        left = next((n for n in range(20, -1, -1) if (r << n << max(shift, 0)) <= INT32_MAX), None)
+        if left is None:
+            raise ConversionError(f"{p.origin!r}: input scale too far above the output scale for an integer add")
+        grid = qp.scale / 2.0**left
+
+        def on_grid(t: Tensor | None) -> Tensor:
+            return torch.zeros(0, dtype=torch.int64) if t is None else _round_half_away(t / grid).to(torch.int64)
+
+        return AddConstOp(p.origin, [src.tensor], out, src.qp, qp, m0, shift, left, on_grid(p.prefix),
+                          on_grid(p.offset), p.dim, lo, hi)
+
     # --- graph nodes ---------------------------------------------------------------------------
     def run(self) -> IntegerModel:
         for node in self.graph.nodes:
@@ -372,8 +482,13 @@ class _Lowering:
         self.values[node.name] = _Float(node.name)
 
     def _node_get_attr(self, node: fx.Node) -> None:
-        raise ConversionError(f"the model uses the tensor attribute {node.target!r} directly in forward(); "
-                              f"convert() supports module calls only ({SUPPORTED})")
+        obj: Any = self.model
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        if not isinstance(obj, Tensor):
+            raise ConversionError(f"the model uses the attribute {node.target!r} ({type(obj).__name__}) in forward(); "
+                                  "convert() supports tensor attributes only")
+        self.values[node.name] = _Const(obj.detach().double().cpu(), str(node.target))
 
     def _node_output(self, node: fx.Node) -> None:
         arg = node.args[0]
@@ -438,6 +553,14 @@ class _Lowering:
             result = self._relu(v, 6.0 if isinstance(m, nn.ReLU6) else None, name, act_qp is not None)
         elif isinstance(m, Add):
             result = self._add(node, name)
+        elif isinstance(m, MatMul):
+            result = self._matmul(node, name)
+        elif isinstance(m, nn.Softmax):
+            result = self._shiftmax(m, name, node.name, v, act_qp)
+        elif isinstance(m, nn.GELU):
+            result = self._shift_gelu(name, node.name, v, act_qp)
+        elif isinstance(m, nn.LayerNorm):
+            result = self._i_layernorm(m, name, node.name, v, act_qp)
         elif isinstance(m, nn.AdaptiveAvgPool2d):
             if _pair(m.output_size) != (1, 1):
                 raise ConversionError(f"{user}: AdaptiveAvgPool2d supports output_size 1 only, got {m.output_size}")
@@ -487,12 +610,107 @@ class _Lowering:
         return _PendingConv(origin=name, module=m, src=src, weight=weight, w_scale=w_scale, w_zero_point=w_zp,
                             fmt=fmt, bias_real=bias, await_bn=await_bn)
 
-    def _add(self, node: fx.Node, name: str) -> _PendingAdd:
+    def _add(self, node: fx.Node, name: str) -> _PendingAdd | _Affine:
         if len(node.args) != 2 or node.kwargs:
             raise ConversionError(f"{name!r}: an add of exactly two tensors is supported")
+        va, vb = self.value(node.args[0], repr(name)), self.value(node.args[1], repr(name))
+        if isinstance(va, _Const) != isinstance(vb, _Const):
+            const, other = (va, vb) if isinstance(va, _Const) else (vb, va)
+            return self._add_const(other, const, name)  # type: ignore[arg-type]
+        return _PendingAdd(origin=name, a=self.codes(va, repr(name)), b=self.codes(vb, repr(name)))
+
+    def _add_const(self, v: Value, const: _Const, name: str) -> _Affine:
+        """Codes (or codes with a class token in front) plus a constant such as a position embedding."""
+        if isinstance(v, _Affine):
+            aff = _Affine(origin=name, src=v.src, dim=v.dim, prefix=v.prefix, offset=v.offset)
+        else:
+            aff = _Affine(origin=name, src=self.codes(v, repr(name)), dim=1)
+        c, d = const.tensor, aff.dim
+        tokens = c
+        if aff.prefix is not None:
+            if c.dim() != aff.prefix.dim():
+                raise ConversionError(f"{name!r}: the constant {const.origin!r} {tuple(c.shape)} and the class token "
+                                      f"{tuple(aff.prefix.shape)} have different ranks")
+            rows = aff.prefix.shape[d]
+            if c.shape[d] == 1:  # broadcast along the token rows: every row gets it
+                aff.prefix = aff.prefix + c
+            else:
+                aff.prefix = aff.prefix + c.narrow(d, 0, rows)
+                tokens = c.narrow(d, rows, c.shape[d] - rows)
+        aff.offset = tokens if aff.offset is None else aff.offset + tokens
+        return aff
+
+    def _matmul(self, node: fx.Node, name: str) -> _PendingMatMul:
+        if len(node.args) != 2 or node.kwargs:
+            raise ConversionError(f"{name!r}: a product of exactly two tensors is supported")
         a = self.codes(self.value(node.args[0], repr(name)), repr(name))
         b = self.codes(self.value(node.args[1], repr(name)), repr(name))
-        return _PendingAdd(origin=name, a=a, b=b)
+        return _PendingMatMul(origin=name, a=a, b=b)
+
+    @staticmethod
+    def _signed_out(out_qp: QParams | None, user: str, what: str) -> QParams:
+        """I-ViT's GELU and LayerNorm produce signed symmetric codes: the output quantizer must be one."""
+        if out_qp is None:
+            raise ConversionError(f"cannot convert {user}: {what} needs an activation quantizer on its output with a "
+                                  "signed symmetric integer format (e.g. int8); precsim.ivit_config adds it")
+        if out_qp.zero_point != 0 or out_qp.qmin >= 0:
+            raise ConversionError(f"cannot convert {user}: {what} produces signed symmetric codes (zero point 0); its "
+                                  f"output quantizer is {out_qp.dtype} with zero point {out_qp.zero_point}: use a "
+                                  "signed symmetric format such as int8")
+        return out_qp
+
+    def _shiftmax(self, m: nn.Softmax, name: str, out: str, v: Value | None,
+                  out_qp: QParams | None) -> _Codes:
+        user = repr(name)
+        if m.dim not in (-1,):
+            raise ConversionError(f"cannot convert {user}: Softmax over dim={m.dim}; Shiftmax normalises the last "
+                                  "dimension only (use dim=-1)")
+        c = self.codes(v, user)  # type: ignore[arg-type]
+        if out_qp is None:
+            raise ConversionError(f"cannot convert {user}: Softmax (Shiftmax) needs an activation quantizer on its "
+                                  "output (e.g. uint8 or uint16) to fix the output bits; precsim.ivit_config adds it")
+        try:  # at 16 bits, finer than (or as fine as) any quantizer's grid on [0, 1]; one requantization follows
+            k = prepare_shiftmax(c.qp.scale, 16)
+        except ValueError as err:
+            raise ConversionError(f"cannot convert {user}: Shiftmax: {err}") from None
+        op = ShiftmaxOp.make(name, [c.tensor], f"{out}:shiftmax", c.qp, k)
+        self.emit(op)
+        return _Codes(op.output, op.out_qp, name)  # requantized to the quantizer's scale if it differs
+
+    def _shift_gelu(self, name: str, out: str, v: Value | None, out_qp: QParams | None) -> _Codes:
+        user = repr(name)
+        c = self.codes(v, user)  # type: ignore[arg-type]
+        if c.qp.zero_point != 0:
+            raise ConversionError(f"cannot convert {user}: GELU (ShiftGELU) needs symmetric codes (zero point 0) on its "
+                                  f"input; {c.origin!r} gives {c.qp.dtype} codes with zero point {c.qp.zero_point}: "
+                                  "quantize it with a signed symmetric format such as int8")
+        qp = self._signed_out(out_qp, user, "GELU (ShiftGELU)")
+        try:
+            k = prepare_shift_gelu(c.qp.scale, qp.scale, qp.qmax.bit_length() + 1)
+        except ValueError as err:
+            raise ConversionError(f"cannot convert {user}: ShiftGELU: {err}") from None
+        self.emit(ShiftGeluOp(name, [c.tensor], out, c.qp, qp, consts_state(k)))
+        return _Codes(out, qp, name)
+
+    def _i_layernorm(self, m: nn.LayerNorm, name: str, out: str, v: Value | None,
+                     out_qp: QParams | None) -> _Codes:
+        user = repr(name)
+        if len(m.normalized_shape) != 1:
+            raise ConversionError(f"cannot convert {user}: LayerNorm over {tuple(m.normalized_shape)}; I-LayerNorm "
+                                  "normalises the last dimension only")
+        c = self.codes(v, user)  # type: ignore[arg-type]
+        qp = self._signed_out(out_qp, user, "LayerNorm (I-LayerNorm)")
+        in_bits = max(c.qp.qmax.bit_length(), (-c.qp.qmin - 1).bit_length() if c.qp.qmin < 0 else 0) + 1
+        with torch.no_grad():  # the affine parameters as the simulation uses them (quantized if it quantizes them)
+            weight = m.weight.detach().float().cpu() if m.weight is not None else None
+            bias = m.bias.detach().float().cpu() if m.bias is not None else None
+        try:
+            k = prepare_i_layernorm(c.qp.scale, m.normalized_shape[0], qp.scale, weight, bias, eps=m.eps,
+                                    in_bits=max(2, in_bits), out_bits=qp.qmax.bit_length() + 1)
+        except ValueError as err:
+            raise ConversionError(f"cannot convert {user}: I-LayerNorm: {err}") from None
+        self.emit(ILayerNormOp(name, [c.tensor], out, c.qp, qp, consts_state(k)))
+        return _Codes(out, qp, name)
 
     def _node_call_function(self, node: fx.Node) -> None:
         fn = node.target
@@ -506,6 +724,9 @@ class _Lowering:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             result = self._shape_op(v, FlattenOp(node.name, [self._tensor(v)], node.name, int(start), int(end)), where)
+        elif fn is torch.cat and any(isinstance(self.value(t, where), _Const) for t in node.args[0]):  # type: ignore[union-attr]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            result = self._cat_const([self.value(t, where) for t in node.args[0]], int(dim), node.name, where)  # type: ignore[union-attr, arg-type]
         elif fn is torch.cat:
             tensors = node.args[0]
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -518,9 +739,76 @@ class _Lowering:
             result = _Codes(node.name, cs[0].qp, node.name)
         elif fn in _RELU_FUNCS:
             result = self._relu(self.value(node.args[0], where), _RELU_FUNCS[fn], node.name, False)
+        elif fn in _MATMUL_FUNCS:
+            result = self._matmul(node, node.name)
+        elif fn in _MUL_FUNCS or fn in _DIV_FUNCS:
+            result = self._times_constant(node, fn in _DIV_FUNCS, where)
+        elif fn is getattr and len(node.args) == 2 and node.args[1] == "shape":
+            self.value(node.args[0], where)
+            result = _Shape(node.name)
+        elif fn is operator.getitem:
+            result = self._getitem(node, where)
         else:
             raise ConversionError(f"cannot convert {where}: no integer implementation (supported: {SUPPORTED})")
         self.values[node.name] = result
+
+    def _cat_const(self, items: list[Value], dim: int, name: str, where: str) -> _Affine:
+        """``torch.cat([constant(s), tokens])``: a class token in front of the tokens."""
+        k = 0
+        while k < len(items) and isinstance(items[k], _Const):
+            k += 1
+        consts = [c.tensor for c in items[:k]]  # type: ignore[union-attr]
+        if len(items) - k != 1 or any(c.dim() != consts[0].dim() for c in consts):
+            raise ConversionError(f"{where}: convert() supports constants (a class token) concatenated in front of "
+                                  "one token tensor only")
+        src = self.codes(items[k], where)
+        d = dim % consts[0].dim()
+        return _Affine(origin=name, src=src, dim=d, prefix=torch.cat(consts, dim=d))
+
+    def _times_constant(self, node: fx.Node, divide: bool, where: str) -> Value:
+        """``x * c`` or ``x / c`` with a positive constant: a new scale for codes, a factor for a product."""
+        args = list(node.args)
+        if not divide and len(args) == 2 and not isinstance(args[0], fx.Node):
+            args.reverse()
+        c = args[1] if len(args) == 2 else None
+        if node.kwargs or isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
+            raise ConversionError(f"cannot convert {where}: only a multiplication or division by a positive "
+                                  "constant number is supported")
+        factor = 1.0 / float(c) if divide else float(c)
+        v = self.value(args[0], where)
+        if isinstance(v, _PendingMatMul):
+            return _PendingMatMul(origin=v.origin, lower=v.lower, upper=v.upper, a=v.a, b=v.b, factor=v.factor * factor)
+        cv = self.codes(v, where)
+        qp = QParams(cv.qp.scale * factor, cv.qp.zero_point, cv.qp.qmin, cv.qp.qmax)
+        return _Codes(cv.tensor, qp, cv.origin)  # the codes are unchanged: only their scale is
+
+    def _getitem(self, node: fx.Node, where: str) -> Value:
+        base, index = self.value(node.args[0], where), node.args[1]
+        if isinstance(base, _Shape):
+            return _Shape(node.name)
+        if isinstance(base, _Unbound):
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise ConversionError(f"{where}: unbind() results are indexed by an integer only")
+            src = base.src
+            return self._shape_op(src, LayoutOp(node.name, [src.tensor], node.name, "select", [base.dim, index]), where)
+        try:
+            key = encode_index(index)
+        except TypeError as err:
+            raise ConversionError(f"cannot convert {where}: {err}; integer models support indexing by ints, slices, "
+                                  "... and None") from None
+        return self._shape_op(base, LayoutOp(node.name, [self._tensor(base)], node.name, "getitem", key), where)
+
+    @staticmethod
+    def _expand_const(c: _Const, sizes: tuple[Any, ...], where: str) -> _Const:
+        """``const.expand(batch, -1, -1)``: the constant stays as it is and broadcasts at run time."""
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = tuple(sizes[0])
+        if len(sizes) != c.tensor.dim():
+            raise ConversionError(f"{where}: expand() of {c.origin!r} must keep its rank {c.tensor.dim()}")
+        for size, have in zip(sizes, c.tensor.shape, strict=True):
+            if isinstance(size, fx.Node) and have != 1 or isinstance(size, int) and size not in (-1, have):
+                raise ConversionError(f"{where}: expand() of {c.origin!r} may only broadcast its size-1 dimensions")
+        return c
 
     def _node_call_method(self, node: fx.Node) -> None:
         method = str(node.target)
@@ -536,6 +824,19 @@ class _Lowering:
             result = self._shape_op(v, ReshapeOp(node.name, [self._tensor(v)], node.name, shape), where)
         elif method == "contiguous":
             result = v
+        elif method in _LAYOUT_METHODS and not node.kwargs and not any(
+                isinstance(a, fx.Node) for a in fx.node.map_aggregate(node.args[1:], lambda a: a)):
+            result = self._shape_op(v, LayoutOp(node.name, [self._tensor(v)], node.name, method, list(node.args[1:])),
+                                    where)
+        elif method == "unbind" and len(node.args) <= 2 and set(node.kwargs) <= {"dim"}:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if isinstance(v, _Pending) or not isinstance(v, (_Float, _Codes)):
+                self.codes(v, where)  # raises
+            result = _Unbound(v, int(dim), node.name)  # type: ignore[arg-type]
+        elif method == "size":
+            result = _Shape(node.name)
+        elif method == "expand" and isinstance(v, _Const):
+            result = self._expand_const(v, node.args[1:], where)
         elif method == "relu":
             result = self._relu(v, None, node.name, False)
         else:
@@ -566,13 +867,14 @@ _SHAPE_ONLY = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 
 def integer_config(model: nn.Module, activation: Any = "uint8",
                    weight: Any = None, *, fold_bn: bool | dict[str, int] = True,
-                   input: Any = None) -> dict[str, Any]:
+                   input: Any = None, bias: str = "int32") -> dict[str, Any]:
     """A :func:`precsim.prepare` config for an integer model of ``model``.
 
     ``activation``/``weight`` are role values (default: uint8 activations, int8 per-channel
     weights). Adds the rules convert() needs: an ``input`` quantizer (``input``, default the
     activation format) on the first module(s) the model input reaches, and output quantizers
-    for average pools and for residual adds that no ReLU follows.
+    for average pools and for residual adds that no ReLU follows. ``bias``: ``int32`` (default)
+    rounds the simulated biases to the int32 codes the integer model adds (:mod:`precsim.bias`).
     """
     weight = {"format": "int8", "granularity": "per_channel"} if weight is None else weight
     graph = trace(model)
@@ -602,5 +904,5 @@ def integer_config(model: nn.Module, activation: Any = "uint8",
             needs = not relu_next
         if needs:
             rules.append({"match": str(node.target), "activation": activation})
-    return {"activation": activation, "weight": weight, "fold_bn": fold_bn, "rules": rules}
+    return {"activation": activation, "weight": weight, "fold_bn": fold_bn, "bias": bias, "rules": rules}
 

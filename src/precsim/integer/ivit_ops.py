@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import torch
 from torch import Tensor
@@ -28,6 +29,7 @@ from precsim.integer.fixedpoint import apply_dyadic, dyadic
 
 __all__ = [
     "ILayerNormConsts",
+    "ILayerNormOptions",
     "ShiftExpConsts",
     "ShiftGeluConsts",
     "ShiftmaxConsts",
@@ -512,19 +514,27 @@ def i_layernorm_int(x: Tensor, k: ILayerNormConsts) -> Tensor:
     return torch.clamp(out, k.qmin, k.qmax).to(torch.int32)
 
 
+class ILayerNormOptions(TypedDict, total=False):
+    """The keyword options of :func:`prepare_i_layernorm`, which :func:`i_layernorm` passes on."""
+
+    eps: float
+    in_bits: int
+    out_bits: int
+    weight_bits: int
+    norm_bits: int
+
+
 def i_layernorm(
     x: Tensor,
     scale: float,
     out_scale: float,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
-    *,
-    eps: float = 1e-5,
-    in_bits: int = 16,
-    out_bits: int = 8,
+    **options: Unpack[ILayerNormOptions],
 ) -> tuple[Tensor, float]:
-    """Integer LayerNorm of codes ``x`` (scale ``scale``) over the last dim: ``(codes, out_scale)``."""
-    k = prepare_i_layernorm(
-        scale, x.shape[-1], out_scale, weight, bias, eps=eps, in_bits=in_bits, out_bits=out_bits
-    )
+    """Integer LayerNorm of codes ``x`` (scale ``scale``) over the last dim: ``(codes, out_scale)``.
+
+    ``options`` (``eps``, ``in_bits``, ...) and their defaults are those of :func:`prepare_i_layernorm`.
+    """
+    k = prepare_i_layernorm(scale, x.shape[-1], out_scale, weight, bias, **options)
     return i_layernorm_int(x, k), k.out_scale

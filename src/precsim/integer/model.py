@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from precsim.integer import vit_ops  # noqa: F401  (registers the transformer ops with op_from_state)
 from precsim.integer.ops import Op, QParams, op_from_state, to_nchw, to_nhwc
 
 __all__ = ["IntegerModel", "describe"]

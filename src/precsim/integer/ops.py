@@ -49,6 +49,8 @@ __all__ = [
     "RequantOp",
     "ReshapeOp",
     "op_from_state",
+    "register_op",
+    "requant_row",
     "storage_dtype",
     "to_nchw",
     "to_nhwc",
@@ -231,6 +233,15 @@ def _rec(record: list[tuple[str, str, Tensor]] | None, op: Op, what: str, t: Ten
 
 def _clamp_codes(x: Tensor, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
     return torch.clamp(x, lo, hi).to(dtype)
+
+
+def requant_row(in_qp: QParams, out_qp: QParams, lo: int, hi: int) -> dict[str, str]:
+    """The :func:`describe` columns every one-input requantizing op shares: dtypes, zero points, scales, clamp."""
+    return {
+        "in": str(in_qp.dtype).replace("torch.", ""), "out": str(out_qp.dtype).replace("torch.", ""),
+        "Z_in": str(in_qp.zero_point), "Z_out": str(out_qp.zero_point),
+        "S_in": f"{in_qp.scale:.4g}", "S_out": f"{out_qp.scale:.4g}", "clamp": f"{lo}..{hi}",
+    }
 
 
 def _fmt_vec(t: Tensor) -> str:
@@ -502,12 +513,8 @@ class RequantOp(Op):
         return self._apply(x).to(torch.int64)
 
     def describe_row(self) -> dict[str, str]:
-        return {
-            "op": "requant", "in": str(self.in_qp.dtype).replace("torch.", ""), "acc": "int32",
-            "out": str(self.out_qp.dtype).replace("torch.", ""), "M0": str(self.multiplier), "n": str(-self.shift),
-            "Z_in": str(self.in_qp.zero_point), "Z_out": str(self.out_qp.zero_point),
-            "S_in": f"{self.in_qp.scale:.4g}", "S_out": f"{self.out_qp.scale:.4g}", "clamp": f"{self.lo}..{self.hi}",
-        }
+        return {"op": "requant", "acc": "int32", "M0": str(self.multiplier), "n": str(-self.shift),
+                **requant_row(self.in_qp, self.out_qp, self.lo, self.hi)}
 
 
 @dataclass
@@ -600,12 +607,8 @@ class AvgPoolOp(Op):
     def describe_row(self) -> dict[str, str]:
         m = ", ".join(f"N={n}: {m0}" for n, (m0, _) in sorted(self.multipliers.items())) or "per N"
         n = ", ".join(f"{-s}" for _, (_, s) in sorted(self.multipliers.items())) or "-"
-        return {
-            "op": "avgpool" if self.kernel else "global avgpool", "in": str(self.in_qp.dtype).replace("torch.", ""),
-            "acc": "int32", "out": str(self.out_qp.dtype).replace("torch.", ""), "M0": m, "n": n,
-            "Z_in": str(self.in_qp.zero_point), "Z_out": str(self.out_qp.zero_point),
-            "S_in": f"{self.in_qp.scale:.4g}", "S_out": f"{self.out_qp.scale:.4g}", "clamp": f"{self.lo}..{self.hi}",
-        }
+        return {"op": "avgpool" if self.kernel else "global avgpool", "acc": "int32", "M0": m, "n": n,
+                **requant_row(self.in_qp, self.out_qp, self.lo, self.hi)}
 
 
 @dataclass
@@ -705,6 +708,13 @@ class CatOp(Op):
 OPS: dict[str, type[Op]] = {cls.kind: cls for cls in
                             (ConvOp, AddOp, RequantOp, ClampOp, AvgPoolOp, MaxPoolOp, FlattenOp, ReshapeOp, CatOp)}
 _QP_FIELDS = ("in_qp", "out_qp", "a_qp", "b_qp", "qp")
+
+
+def register_op(cls: type[Op]) -> type[Op]:
+    """Class decorator: make an op kind defined in another module loadable by :func:`op_from_state`."""
+    OPS[cls.kind] = cls
+    return cls
+
 _TUPLE_FIELDS = ("stride", "padding", "dilation", "kernel", "shape")
 
 

@@ -255,13 +255,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # Static shape arguments only (unflatten/flatten, no x.shape arithmetic), so torch.fx
+        # records plain layout ops that the integer converter can lower.
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         scores = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
         attn = self.softmax(scores)
         out = self.matmul_av(attn, v)  # (B, heads, N, head_dim)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return self.proj(out.transpose(1, 2).flatten(2))
 
 
 class FeedForward(nn.Module):
@@ -296,6 +297,14 @@ class EncoderBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.add1(x, self.attn(self.norm1(x)))
         return self.add2(x, self.mlp(self.norm2(x)))
+
+
+def _check_image_size(model: ViT, args: tuple[torch.Tensor, ...]) -> None:
+    x = args[0]
+    if x.shape[-2:] != (model.image_size, model.image_size):
+        raise ValueError(
+            f"ViT built for {model.image_size}x{model.image_size} images, got input of shape {tuple(x.shape)}"
+        )
 
 
 class ViT(nn.Module):
@@ -351,6 +360,9 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self._init_weights()
+        # A pre-hook, not a branch in forward(): hooks are not traced, so torch.fx can trace the
+        # dataflow (data-dependent control flow cannot be traced).
+        self.register_forward_pre_hook(_check_image_size)
 
     def _init_weights(self) -> None:
         # Chosen for fast training from scratch on small data (measured on the
@@ -366,11 +378,6 @@ class ViT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"ViT built for {self.image_size}x{self.image_size} images, "
-                f"got input of shape {tuple(x.shape)}"
-            )
         tokens = self.patch_embed(x)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         tokens = self.pos_add(torch.cat([cls, tokens], dim=1), self.pos_embed)
