@@ -74,7 +74,12 @@ def main() -> None:
                         "change the ratios)")
     p.add_argument("--eager", action="store_true", help="also time the eager reference (slow: ~40 passes)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's). On a shared VM, 1 avoids timing the wait for a "
+                        "second OpenMP thread that another process keeps off its core")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.repeat = min(args.repeat, 5)
     torch.manual_seed(0)

@@ -10,7 +10,8 @@ setting is quantized two ways from those same float weights:
 Weights are signed, symmetric, per output channel; activations are unsigned with a zero point
 (the model input too). BatchNorm is folded in every setting. Where both weights and
 activations are integers the model is also converted, and the integer model's accuracy is
-reported next to the simulation's.
+reported next to the simulation's, with gemmlowp's double-rounding requantization (the
+default) and with TFLite's single rounding (``convert(model, rounding="single")``).
 
     python benchmarks/ptq_vs_qat.py            # about 5 minutes on 2 CPU cores
     python benchmarks/ptq_vs_qat.py --quick    # a smoke run
@@ -114,10 +115,13 @@ def main() -> None:
                 train(qat, train_set, args.qat_steps, 5e-4, seed=2)
                 qat.eval()
                 row = {"act": act, "bits": bits, "quantized": what, "fp32": fp32,
-                       "ptq": accuracy(ptq, test_set), "qat": accuracy(qat, test_set), "ptq_int": None, "qat_int": None}
+                       "ptq": accuracy(ptq, test_set), "qat": accuracy(qat, test_set), "ptq_int": None, "qat_int": None,
+                       "ptq_int1": None, "qat_int1": None}
                 if what == "W+A":
                     row["ptq_int"] = accuracy(precsim.convert(ptq), test_set)
                     row["qat_int"] = accuracy(precsim.convert(qat), test_set)
+                    row["ptq_int1"] = accuracy(precsim.convert(ptq, rounding="single"), test_set)
+                    row["qat_int1"] = accuracy(precsim.convert(qat, rounding="single"), test_set)
                 rows.append(row)
                 print(f"  {act} {bits}-bit {what}: PTQ {row['ptq']:.1f}  QAT {row['qat']:.1f}  "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -132,11 +136,14 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
           f"{datetime.date.today()}, {elapsed:.0f} s")
     print()
-    print("| act   | bits | quantized | FP32 | PTQ  | QAT  | PTQ integer | QAT integer |")
-    print("|-------|------|-----------|------|------|------|-------------|-------------|")
+    print("| act   | bits | quantized | FP32 | PTQ  | QAT  | PTQ integer | QAT integer | PTQ int, single | "
+          "QAT int, single |")
+    print("|-------|------|-----------|------|------|------|-------------|-------------|-----------------|"
+          "-----------------|")
     for r in rows:
         print(f"| {r['act']:<5} | {r['bits']:>4} | {r['quantized']:<9} | {r['fp32']:.1f} | {cell(r['ptq']):>4} | "
-              f"{cell(r['qat']):>4} | {cell(r['ptq_int']):>11} | {cell(r['qat_int']):>11} |")
+              f"{cell(r['qat']):>4} | {cell(r['ptq_int']):>11} | {cell(r['qat_int']):>11} | "
+              f"{cell(r['ptq_int1']):>15} | {cell(r['qat_int1']):>15} |")
 
 
 if __name__ == "__main__":

@@ -81,8 +81,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--quick", action="store_true", help="5 timed steps per scheme")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's). On a shared VM, 1 avoids timing the wait for a "
+                        "second OpenMP thread that another process keeps off its core")
     p.add_argument("--eager", action="store_true", help="precsim's eager reference kernels")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.steps = min(args.steps, 5)
     set_compile(not args.eager)

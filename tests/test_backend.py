@@ -67,10 +67,37 @@ def test_compiled_equals_eager(compiled, spec: str, rounding: str, params: dict)
                        run_quantize(fmt, y, rounding, seed, **p2).view(torch.int32))
 
 
+@pytest.mark.parametrize(("spec", "rounding"), [("mxfp8_e4m3", "nearest"), ("mxfp8_e4m3", "stochastic"),
+                                              ("mxfp4", "stochastic"), ("mxint8", "nearest"),
+                                              ("nvfp4", "stochastic")])
+@pytest.mark.parametrize("shape", [(32, 8, 7, 7), (16, 4, 28, 28), (700, 31), (5000, 1)])
+def test_rows_shorter_than_a_block_equal_eager(compiled, spec: str, rounding: str, shape: tuple[int, ...]) -> None:
+    """Rows shorter than a block are quantized in place (no padding): same bits, same random bits."""
+    fmt = parse_format(spec)
+    torch.manual_seed(1)
+    x = torch.randn(shape) * torch.exp2(torch.randint(-30, 30, shape).float())
+    x.view(-1)[:6] = torch.tensor([0.0, -0.0, float("inf"), float("nan"), 1e-40, -3e-39])
+    seed = draw_seed(torch.Generator().manual_seed(5))
+    fast = run_quantize(fmt, x, rounding, seed)
+    assert fast.is_contiguous() or shape[-1] >= fmt.block_size  # padded rows come back as a view
+    assert torch.equal(fmt.quantize(x, rounding, seed=seed).view(torch.int32), fast.view(torch.int32))
+
+
+def test_random_bits_row_stride_numbers_the_padded_layout() -> None:
+    from precsim.formats.random import random_bits
+
+    seed = torch.tensor([7, -9], dtype=torch.int32)
+    padded = random_bits((6, 32), seed)
+    assert torch.equal(random_bits((2, 3, 28), seed, row_stride=32).reshape(6, 28), padded[:, :28])
+
+
 CONFIGS = {  # the quantizer paths: float + mask, observer, DSE (delayed), MX, dynamic gradient scale
     "fp8_sr": {"activation": "fp8_e4m3", "weight": "fp8_e4m3",
                "gradient": {"format": "fp8_e4m3", "rounding": "stochastic"}},
     "int8": {"activation": "int8", "weight": "int8(axis=0)", "gradient": {"format": "int8", "rounding": "stochastic"}},
+    "int8_fp32_grad": {"activation": "int8", "weight": {"format": "int8", "granularity": "per_channel"}},
+    "clipped_input_float": {"input": "int8", "activation": {"format": "fp8_e4m3", "ste": "clipped"},
+                            "gradient": "bf16"},
     "dse_mx_dynamic": {"activation": "dse(e=4,m=3,delayed=true)", "weight": "mxfp8_e4m3",
                        "gradient": {"format": "mxfp8_e5m2", "scale": "dynamic"},
                        "weight_gradient": {"format": "dse(e=5,m=2)", "scale": "dynamic", "rounding": "stochastic"}},
@@ -101,3 +128,41 @@ def test_prepared_model_same_with_compiled_kernels(compiled, name: str) -> None:
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
     for k, v in ref_state.items():
         assert torch.equal(fast_state[k], v), k
+
+
+@pytest.mark.parametrize("compile_kernels", [False, True])
+def test_clipped_ste_rebuilt_in_backward_matches_forward_range(compile_kernels: bool) -> None:
+    """The clipped STE passes exactly the gradients of inputs inside the range used in forward,
+    even when the observer moves on (a second forward) before the first backward."""
+    from precsim.config import parse_role
+    from precsim.quantizer import Quantizer
+
+    before = compile_enabled()
+    set_compile(compile_kernels)
+    try:
+        q = Quantizer("activation", parse_role("activation", "int8")).train()
+        q(torch.randn(64, 96))  # a first range; the moving average then lags behind x1's wider one
+        x1 = (torch.randn(64, 96) * 4).requires_grad_()
+        y1 = q(x1)
+        lo, hi = q.observer.min_val.clone(), q.observer.max_val.clone()
+        q(torch.randn(64, 96) * 50)  # moves the observer's range before y1's backward
+        g = torch.randn(64, 96)
+        y1.backward(g)
+        scale = torch.maximum(-lo.clamp(max=0), hi.clamp(min=0)) / 127
+        inside = (x1.detach() >= -128.5 * scale) & (x1.detach() <= 127.5 * scale)
+        assert not inside.all()  # the test exercises clipping
+        assert torch.equal(x1.grad, g * inside)
+    finally:
+        set_compile(before)
+
+
+def test_input_quantizer_tolerates_in_place_changes_of_its_input() -> None:
+    """An ``input`` quantizer keeps its mask: the caller may change the input in place."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    precsim.prepare(model, {"input": "int8"})
+    x = torch.randn(4, 8, requires_grad=True)
+    h = x * 1.0
+    out = model(h)
+    h.add_(1.0)  # after the forward pass, before backward
+    out.sum().backward()
+    assert x.grad is not None

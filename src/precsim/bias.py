@@ -9,8 +9,12 @@ an error the simulation does not see.
 
 ``S_in`` is the scale of the quantizer that produced the layer's input codes: its own
 ``input`` quantizer, else the activation quantizer upstream, found once in the fx graph
-through the ops that keep codes and scale (flatten, reshape, max pooling, ReLU clamps,
-dropout, identity). ``S_w`` comes from the weight quantizer's observer, exactly as the weight
+through the ops that keep codes and scale: pure layout ops (flatten, reshape/view,
+transpose/permute, unflatten, squeeze, contiguous, indexing, unbind/chunk/split and their
+pieces, concatenation of equally quantized tensors), max pooling, ReLU clamps, dropout and
+identity. Anything else (a product, a constant factor, an unquantized sum) makes new values
+with another scale; then there is no ``S_in`` and :func:`quantize_biases` names the layer and
+the op in the way. ``S_w`` comes from the weight quantizer's observer, exactly as the weight
 codes are made (:func:`precsim.convert` makes the same choices). Both are read at every
 forward, so the bias follows the ranges during QAT.
 
@@ -30,6 +34,7 @@ and the bias is left alone.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -42,14 +47,18 @@ from precsim.fold import FOLDABLE, FoldedWeight, bn_scale, folded_weight_input, 
 from precsim.formats import IntFormat
 from precsim.quantizer import Quantizer
 
-__all__ = ["IntBias", "accumulator_scale", "bias_codes", "bias_setting", "input_quantizer", "int_bias_of",
-           "layer_bias_codes", "quantize_biases", "round_half_away", "weight_quantizer"]
+__all__ = ["IntBias", "accumulator_scale", "accumulator_scale_of", "bias_codes", "bias_setting", "input_quantizer",
+           "int_bias_of", "layer_bias_codes", "quantize_biases", "round_half_away", "weight_quantizer"]
 
 _KEEP_CODES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten,
                nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.ReLU, nn.ReLU6)
-_KEEP_FUNCS = (torch.flatten, torch.relu, F.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-               torch.reshape, torch.squeeze, torch.unsqueeze)
-_KEEP_METHODS = ("flatten", "view", "reshape", "contiguous", "relu", "squeeze", "unsqueeze")
+# Ops whose first argument's codes (or pieces of them) pass through with the same scale and zero point.
+_LAYOUT_FUNCS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
+                 torch.unflatten, torch.unbind, torch.chunk, torch.split, torch.narrow, torch.select,
+                 operator.getitem)
+_KEEP_FUNCS = (*_LAYOUT_FUNCS, torch.relu, F.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d)
+_KEEP_METHODS = ("flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze", "transpose", "permute", "t",
+                 "unflatten", "unbind", "chunk", "split", "narrow", "select", "expand", "relu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,8 +71,16 @@ def round_half_away(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
+def accumulator_scale_of(s_in: Tensor | float, s_w: Tensor) -> Tensor:
+    """``S_in * S_w`` in float64: the scale of the accumulator and of the int32 bias (per channel with ``S_w``)."""
+    return torch.as_tensor(s_in, dtype=torch.float64, device=s_w.device) * s_w.double()
+
+
 def bias_codes(bias: Tensor, scale: Tensor) -> Tensor:
-    """The int32 bias codes ``round_half_away(b / (S_in S_w))``, as float64 (exact integers)."""
+    """The int32 bias codes ``round_half_away(b / (S_in S_w))``, as float64 (exact integers).
+
+    The one bias rounding rule: the simulation (:class:`IntBias`) and :func:`precsim.convert` both call it.
+    """
     return round_half_away(bias.double() / scale.double())
 
 
@@ -76,15 +93,15 @@ def _is_point(q: Any) -> bool:
     return isinstance(q, Quantizer) and q.spec is not None
 
 
-def input_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> Quantizer | None:
-    """The quantizer whose codes reach ``node``'s first input (None: the input is not quantized).
+def _describe_node(n: fx.Node) -> str:
+    what = n.target if n.op == "call_module" else getattr(n.target, "__name__", str(n.target))
+    return f"{what!r} (graph node {n.name!r})"
 
-    Follows the graph upstream through ops that keep codes and scale; stops at the first
-    quantizer (an activation quantizer, or a module's own ``input`` quantizer) or at anything
-    that computes new values.
-    """
+
+def _trace_input(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Quantizer | None, str]:
+    """The quantizer whose codes reach ``node``'s first input, or None and the op where the search stopped."""
     if node.op == "call_module" and _is_point(getattr(modules[str(node.target)], "precsim_input", None)):
-        return modules[str(node.target)].precsim_input  # type: ignore[return-value]
+        return modules[str(node.target)].precsim_input, ""  # type: ignore[return-value]
     arg = node.args[0] if node.args else None
     from precsim.prepare import QuantPoint  # prepare imports this module
 
@@ -93,20 +110,33 @@ def input_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> Quantizer |
             m = modules[str(arg.target)]
             act, inp = getattr(m, "precsim_activation", None), getattr(m, "precsim_input", None)
             if _is_point(act):
-                return act  # type: ignore[return-value]
+                return act, ""  # type: ignore[return-value]
             if not isinstance(m, (*_KEEP_CODES, QuantPoint)):
-                return None  # new values, not quantized here
+                return None, f"{_describe_node(arg)}, a {type(m).__name__} with no activation quantizer"
             if _is_point(inp):
-                return inp  # type: ignore[return-value]
+                return inp, ""  # type: ignore[return-value]
+        elif arg.op == "placeholder":
+            return None, f"the model input {arg.name!r}, not quantized"
         elif not ((arg.op == "call_function" and arg.target in _KEEP_FUNCS)
                   or (arg.op == "call_method" and arg.target in _KEEP_METHODS)
                   or (arg.op == "call_function" and arg.target is torch.cat)):
-            return None
+            return None, f"{_describe_node(arg)}, which makes new values at another scale"
         first = arg.args[0] if arg.args else None
         if arg.op == "call_function" and arg.target is torch.cat:
             first = first[0] if isinstance(first, (list, tuple)) and first else None  # equal scales for a cat
         arg = first
-    return None
+    return None, "a constant"
+
+
+def input_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> Quantizer | None:
+    """The quantizer whose codes reach ``node``'s first input (None: the input is not quantized).
+
+    Follows the graph upstream through ops that keep codes and scale (layout ops such as
+    transpose/flatten/reshape/indexing, max pooling, ReLU, dropout); stops at the first
+    quantizer (an activation quantizer, or a module's own ``input`` quantizer) or at anything
+    that computes new values.
+    """
+    return _trace_input(node, modules)[0]
 
 
 def weight_quantizer(layer: nn.Module) -> Quantizer | None:
@@ -143,7 +173,7 @@ def accumulator_scale(layer: nn.Module, source: Quantizer) -> Tensor | None:
     q = weight_quantizer(layer)
     if s_in is None or q is None:
         return None
-    return s_in.double() * _weight_scale(layer, q).double()
+    return accumulator_scale_of(s_in, _weight_scale(layer, q))
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,11 +297,12 @@ def quantize_biases(model: nn.Module, config: QuantConfig) -> list[str]:
         name = str(node.target)
         if node.op != "call_module" or name not in wanted:
             continue
-        q = input_quantizer(node, modules)
+        q, stop = _trace_input(node, modules)
         if q is None:
-            raise ValueError(f"bias: int32 for {name!r}: its input is not integer-quantized, so there is no S_in; "
-                             f"give {name!r} an input quantizer (a rule {{match: {name}, input: uint8}}), quantize "
-                             f"the module feeding it, or set {{match: {name}, bias: fp32}}")
+            raise ValueError(f"bias: int32 for {name!r}: its input is not integer-quantized, so there is no S_in "
+                             f"(past the layout ops that keep codes and scale, its input is {stop}); give {name!r} an "
+                             f"input quantizer (a rule {{match: {name}, input: uint8}}), quantize the module feeding it, "
+                             f"or set {{match: {name}, bias: fp32}}")
         if sources.setdefault(name, q) is not q:
             raise ValueError(f"bias: int32 for {name!r}: the module is called on inputs from different quantizers")
     done = []

@@ -42,35 +42,80 @@ def mix_seed(*words: int) -> int:
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """y = Q(x) forward; dx = G(mask * dy) backward (mask: clipped STE, G: gradient format)."""
+    """y = Q(x) forward; dx = G(mask * dy) backward (mask: clipped STE, G: gradient format).
+
+    The clipped-STE mask is normally not stored: backward recomputes it from the saved input
+    and the range the forward pass used (:func:`ste_mask`), fused with ``mask * dy`` (and the
+    gradient rounding) in one pass. A stored mask cost a full-size output of the forward kernel
+    and an eager mixed-dtype multiply in backward: on CPU the two made int8 training 2.5x FP32.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, forward_fn: Callable[[Tensor], tuple[Tensor, Tensor | None]],  # type: ignore[override]
-                backward_fn: Callable[[Tensor, Tensor | None], Tensor] | None) -> Tensor:
-        q, mask = forward_fn(x)
+    def forward(ctx, x: Tensor, forward_fn: Callable[[Tensor], tuple[Tensor, SteArgs | None]],  # type: ignore[override]
+                backward_fn: Callable[[Tensor, SteArgs | None], Tensor] | None) -> Tensor:
+        q, ste = forward_fn(x)
         if q is x:  # an input returned as is becomes a view that in-place ops (ReLU(inplace)) reject
             q = q.clone()
         ctx.backward_fn = backward_fn
-        ctx.has_mask = mask is not None
-        if mask is not None:
-            ctx.save_for_backward(mask)
+        ctx.ste_static = None
+        if ste is not None and ctx.needs_input_grad[0]:
+            base, lo, hi, *static = ste
+            ctx.ste_static, ctx.ste_has_range = tuple(static), lo is not None
+            ctx.save_for_backward(base, *((lo, hi) if lo is not None else ()))
         return q
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
-        mask = ctx.saved_tensors[0] if ctx.has_mask else None
+        ste: SteArgs | None = None
+        if ctx.ste_static is not None:
+            saved = ctx.saved_tensors
+            lo, hi = (saved[1], saved[2]) if ctx.ste_has_range else (None, None)
+            ste = (saved[0], lo, hi, *ctx.ste_static)
         if ctx.backward_fn is not None:  # the mask is applied inside, fused with the rounding
-            return ctx.backward_fn(grad, mask), None, None
-        return (grad if mask is None else grad * mask), None, None
+            return ctx.backward_fn(grad, ste), None, None
+        if ste is None:
+            return grad, None, None
+        base, lo, hi, fmt, clip = ste
+        return call(apply_ste, grad.float(), (base, lo, hi), (fmt, clip)).to(grad.dtype), None, None
+
+
+# The clipped STE's state: (base, lo, hi, format, clip). ``base`` is the forward input (float32
+# or the input's dtype) from which backward rebuilds the mask, or (format None) the mask itself.
+SteArgs = tuple[Tensor, Tensor | None, Tensor | None, Format | None, float | None]
+
+
+def ste_mask(x: Tensor, lo: Tensor | None, hi: Tensor | None, fmt: Format | None, clip: float | None) -> Tensor:
+    """The clipped-STE mask: where ``x`` was inside the representable range (pure).
+
+    Integers (``lo``/``hi``: the range the forward pass quantized with): x within half a step of
+    [qmin, qmax] after scaling, [S (qmin - Z - 1/2), S (qmax - Z + 1/2)]. Float formats:
+    |x| <= ``clip`` (the format's max). ``fmt`` None: ``x`` is a mask already.
+    """
+    if fmt is None:
+        return x
+    x = x.float()
+    if isinstance(fmt, IntFormat):
+        assert lo is not None and hi is not None
+        lo, hi = broadcast_range(lo, hi, fmt.axis, x.dim())
+        scale, zp = fmt.qparams(lo, hi)
+        return (x >= (fmt.qmin - zp - 0.5) * scale) & (x <= (fmt.qmax - zp + 0.5) * scale)
+    assert clip is not None
+    return x.abs() <= clip
+
+
+def apply_ste(g: Tensor, x: Tensor, lo: Tensor | None, hi: Tensor | None, fmt: Format | None,
+              clip: float | None) -> Tensor:
+    """mask * g with the clipped-STE mask of ``x`` (one fused pass under compile)."""
+    return g * ste_mask(x, lo, hi, fmt, clip)
 
 
 def observe_and_quantize(
     x: Tensor, seed: Tensor | None, min_val: Tensor, max_val: Tensor, initialized: Tensor,
-    fmt: IntFormat, kind: str, momentum: float, rounding: str, update: bool, clipped: bool,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """Observe, quantize and build the clipped-STE mask in one pure function (one fused pass).
+    fmt: IntFormat, kind: str, momentum: float, rounding: str, update: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Observe (if ``update``) and quantize in one pure function.
 
-    Returns (Q(x), mask or None, new min, new max).
+    Returns (Q(x), new min, new max).
     """
     if update:
         lo, hi = tensor_range(x, reduce_dims(fmt.axis, x.dim()))
@@ -78,10 +123,7 @@ def observe_and_quantize(
     lo, hi = broadcast_range(min_val, max_val, fmt.axis, x.dim())
     scale, zp = fmt.qparams(lo, hi)
     q = fmt.quantize(x, rounding, seed=seed, scale=scale, zero_point=zp)  # type: ignore[arg-type]
-    mask = None
-    if clipped:
-        mask = (x >= (fmt.qmin - zp - 0.5) * scale) & (x <= (fmt.qmax - zp + 0.5) * scale)
-    return q, mask, min_val, max_val
+    return q, min_val, max_val
 
 
 def observe(x: Tensor, min_val: Tensor, max_val: Tensor, initialized: Tensor, axis: int | None, kind: str,
@@ -91,11 +133,9 @@ def observe(x: Tensor, min_val: Tensor, max_val: Tensor, initialized: Tensor, ax
     return next_range(lo, hi, min_val, max_val, initialized, kind, momentum)
 
 
-def quantize_with_mask(x: Tensor, seed: Tensor | None, fmt: FloatFormat, rounding: str,
-                       clip: float | None) -> tuple[Tensor, Tensor | None]:
-    """Q(x) and, for a clipped STE, the mask |x| <= clip, computed in the same pass."""
-    q = fmt.quantize(x, rounding, seed=seed)  # type: ignore[arg-type]
-    return q, (None if clip is None else x.abs() <= clip)
+def quantize_float(x: Tensor, seed: Tensor | None, fmt: FloatFormat, rounding: str) -> Tensor:
+    """Q(x) for a float format (pure)."""
+    return fmt.quantize(x, rounding, seed=seed)  # type: ignore[arg-type]
 
 
 def quantize_dse(x: Tensor, seed: Tensor | None, stored: Tensor | None, fmt: DSEFormat,
@@ -129,16 +169,19 @@ def next_grad_scale(g: Tensor, scale: Tensor, clean: Tensor, limit: float,
 
 
 def quantize_gradient_fn(
-    g: Tensor, mask: Tensor | None, seed: Tensor | None, scale: Tensor | None, clean: Tensor | None,
-    stored: Tensor | None, fmt: Format, rounding: str, limit: float | None, interval: int,
+    g: Tensor, ste_x: Tensor | None, ste_lo: Tensor | None, ste_hi: Tensor | None, seed: Tensor | None,
+    scale: Tensor | None, clean: Tensor | None, stored: Tensor | None, fmt: Format, rounding: str,
+    limit: float | None, interval: int, ste_fmt: Format | None, ste_clip: float | None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The whole gradient point in one pure function (one fused pass under compile).
 
-    G(mask * g), optionally scaled as G(S g) / S with a dynamic S (``limit`` not None). Returns
-    (gradient, next S, next clean-step count, measured DSE shift); the caller stores the state.
+    G(mask * g), optionally scaled as G(S g) / S with a dynamic S (``limit`` not None); the
+    clipped-STE mask is recomputed from the forward input ``ste_x`` (:func:`ste_mask`; no mask
+    when ``ste_x`` is None). Returns (gradient, next S, next clean-step count, measured DSE
+    shift); the caller stores the state.
     """
-    if mask is not None:
-        g = g * mask
+    if ste_x is not None:
+        g = g * ste_mask(ste_x, ste_lo, ste_hi, ste_fmt, ste_clip)  # type: ignore[arg-type]
     next_scale = next_clean = measured = None
     s = scale
     if scale is not None:
@@ -208,24 +251,28 @@ class Quantizer(nn.Module):
         fwd_seed, bwd_seed = self._seeds(training)
         backward_fn = None
         if self.grad_spec is not None:
-            def backward_fn(g: Tensor, mask: Tensor | None) -> Tensor:
-                return self.quantize_gradient(g, bwd_seed, training, mask)
+            def backward_fn(g: Tensor, ste: SteArgs | None) -> Tensor:
+                return self.quantize_gradient(g, bwd_seed, training, ste)
         if self.spec is None:
             return _FakeQuantSTE.apply(x, lambda t: (t, None), backward_fn)
 
-        def forward_fn(t: Tensor) -> tuple[Tensor, Tensor | None]:
+        def forward_fn(t: Tensor) -> tuple[Tensor, SteArgs | None]:
             return self.quantize_values(t, fwd_seed, training)
         return _FakeQuantSTE.apply(x, forward_fn, backward_fn)
 
     @torch.no_grad()
-    def quantize_values(self, x: Tensor, seed: Tensor | None, training: bool) -> tuple[Tensor, Tensor | None]:
-        """Q(x) and the clipped-STE mask (None: pass every gradient)."""
+    def quantize_values(self, x: Tensor, seed: Tensor | None, training: bool) -> tuple[Tensor, SteArgs | None]:
+        """Q(x) and what the clipped STE needs in backward (None: pass every gradient).
+
+        That is the input and the range the integer grid was built from (or the float clip), so
+        backward rebuilds the mask; an ``input`` quantizer stores the mask itself instead, since
+        its input stays visible to the caller, who may change it in place before backward."""
         spec = self.spec
         assert spec is not None
         fmt = spec.format
         rounding = spec.rounding if training else "nearest"
         x32 = x.float()
-        mask = None
+        ste: SteArgs | None = None
         if isinstance(fmt, IntFormat) and self.observer is not None:
             obs = self.observer
             update = training or obs.kind == "minmax" or not bool(obs.initialized)
@@ -236,15 +283,19 @@ class Quantizer(nn.Module):
             lo, hi = obs.min_val, obs.max_val
             if update:  # its own small kernel: fused with the rounding, its scalars cost 5 ms a call
                 lo, hi = call(observe, x32, (lo, hi, obs.initialized), (fmt.axis, obs.kind, obs.momentum))
-            q, mask, _, _ = call(
+            q, _, _ = call(
                 observe_and_quantize, x32, (seed, lo, hi, obs.initialized),
-                (fmt, obs.kind, obs.momentum, rounding, False, spec.ste == "clipped"),
+                (fmt, obs.kind, obs.momentum, rounding, False),
                 inline=inline_kernel(fmt, rounding),
             )
             if update:
                 obs.min_val.copy_(lo)
                 obs.max_val.copy_(hi)
                 obs.initialized.fill_(True)
+            else:  # the buffers themselves: a later forward may update them before this backward
+                lo, hi = lo.clone(), hi.clone()
+            if spec.ste == "clipped":
+                ste = (x, lo, hi, fmt, None)
         elif isinstance(fmt, DSEFormat):
             delayed = fmt.delayed
             stored = self.dse_shift if delayed and bool(self.dse_ready) else None  # the previous call's
@@ -253,15 +304,18 @@ class Quantizer(nn.Module):
                 self.dse_shift.copy_(shift)
                 self.dse_ready.fill_(True)
         elif isinstance(fmt, FloatFormat):
-            clip = fmt.max if spec.ste == "clipped" and not fmt.is_float32 else None
-            q, mask = call(quantize_with_mask, x32, (seed,), (fmt, rounding, clip))
+            q = call(quantize_float, x32, (seed,), (fmt, rounding))
+            if spec.ste == "clipped" and not fmt.is_float32:
+                ste = (x, None, None, fmt, fmt.max)
         else:  # blocks, and integers without an observer (grouped): cut into blocks outside the kernel
             q = run_quantize(fmt, x32, rounding, seed)
-        return q.to(x.dtype), mask
+        if ste is not None and self.role == "input":
+            ste = (call(ste_mask, x32, ste[1:3], ste[3:]), None, None, None, None)
+        return q.to(x.dtype), ste
 
     # --- backward ---------------------------------------------------------------------------
     @torch.no_grad()
-    def quantize_gradient(self, g: Tensor, seed: Tensor | None, training: bool, mask: Tensor | None = None) -> Tensor:
+    def quantize_gradient(self, g: Tensor, seed: Tensor | None, training: bool, ste: SteArgs | None = None) -> Tensor:
         """G(mask * g): the gradient rounded to the gradient role's format (scaled if asked)."""
         spec = self.grad_spec
         assert spec is not None
@@ -276,13 +330,16 @@ class Quantizer(nn.Module):
         delayed = isinstance(fmt, DSEFormat) and fmt.delayed
         if delayed and bool(self.grad_dse_ready):
             stored = self.grad_dse_shift  # the shift measured on the previous backward
+        ste_x, ste_lo, ste_hi, ste_fmt, ste_clip = (None,) * 5 if ste is None else ste
         if isinstance(fmt, BlockFormat):  # blocks are cut outside the kernel (see run_quantize)
-            q, next_scale, next_clean, shift = self._block_gradient(g.float(), mask, seed, scale, clean, fmt,
-                                                                    rounding, limit)
+            g32 = g.float()
+            if ste_x is not None:
+                g32 = call(apply_ste, g32, (ste_x, ste_lo, ste_hi), (ste_fmt, ste_clip))
+            q, next_scale, next_clean, shift = self._block_gradient(g32, seed, scale, clean, fmt, rounding, limit)
         else:
             q, next_scale, next_clean, shift = call(
-                quantize_gradient_fn, g.float(), (mask, seed, scale, clean, stored),
-                (fmt, rounding, limit, GROWTH_INTERVAL))
+                quantize_gradient_fn, g.float(), (ste_x, ste_lo, ste_hi, seed, scale, clean, stored),
+                (fmt, rounding, limit, GROWTH_INTERVAL, ste_fmt, ste_clip))
         if training:
             if next_scale is not None:
                 self.grad_scale.copy_(next_scale)
@@ -293,12 +350,10 @@ class Quantizer(nn.Module):
         return q.to(g.dtype)
 
     @staticmethod
-    def _block_gradient(g: Tensor, mask: Tensor | None, seed: Tensor | None, scale: Tensor | None,
+    def _block_gradient(g: Tensor, seed: Tensor | None, scale: Tensor | None,
                         clean: Tensor | None, fmt: BlockFormat, rounding: str,
                         limit: float | None) -> tuple[Tensor, Tensor | None, Tensor | None, None]:
-        """:func:`quantize_gradient_fn` for block formats, in steps around the block kernel."""
-        if mask is not None:
-            g = g * mask
+        """:func:`quantize_gradient_fn` for block formats (mask applied), in steps around the block kernel."""
         next_scale = next_clean = None
         s = scale
         if scale is not None:

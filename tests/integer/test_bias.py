@@ -244,3 +244,55 @@ def test_a_checkpoint_without_int32_biases_loads() -> None:
     b.load_state_dict(a.state_dict())
     assert torch.equal(b.bn.parametrizations.bias.original, a.bn.bias)
     assert torch.equal(b.fc.parametrizations.bias.original, a.fc.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Layout ops keep S_in: the zoo ViT
+# --------------------------------------------------------------------------------------------
+
+
+def test_vit_inputs_found_through_layout_ops() -> None:
+    """attn.proj's input reaches it from matmul_av through transpose + flatten, head's from the LayerNorm
+    through indexing: both keep codes and scale, so every ViT linear gets an int32 bias, and convert()
+    adds exactly the simulated codes."""
+    from precsim.zoo import get_model
+
+    torch.manual_seed(0)
+    vit = get_model("vit", patch_size=7, dim=16, depth=1, heads=2, mlp_ratio=2)
+    cfg = precsim.ivit_config(vit)
+    cfg["bias"] = "int32"
+    g = torch.Generator().manual_seed(1)
+    vit = precsim.calibrate(vit, [torch.rand(16, 1, 28, 28, generator=g) for _ in range(2)], cfg)
+    modules = dict(vit.named_modules())
+    nodes = {n.target: n for n in trace(vit).nodes if n.op == "call_module"}
+    assert input_quantizer(nodes["blocks.0.attn.proj"], modules) is vit.blocks[0].attn.matmul_av.precsim_activation
+    assert input_quantizer(nodes["head"], modules) is vit.norm.precsim_activation
+    assert input_quantizer(nodes["blocks.0.attn.qkv"], modules) is vit.blocks[0].norm1.precsim_activation
+    linears = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert len(linears) == 6 and all(layer_bias_codes(modules[n]) is not None for n in linears)
+    imodel = convert(vit.eval())
+    convs = [op for op in imodel.ops if isinstance(op, ConvOp)]
+    assert sorted(op.name for op in convs) == sorted(linears)
+    for op in convs:
+        assert torch.equal(layer_bias_codes(modules[op.name]), op.bias.long()), op.name
+    codes = imodel.quantize_input(torch.rand(4, 1, 28, 28, generator=g))
+    assert torch.equal(imodel.run_integer(codes).long(), imodel.run_reference(codes))
+
+
+class Scaled(nn.Module):
+    """fc1 -> x * 2 -> fc2: the constant factor changes the scale, so fc2 has no S_in from a quantizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x).transpose(0, 1).transpose(0, 1) * 2)
+
+
+def test_scale_changing_op_is_named() -> None:
+    cfg = {"activation": "uint8", "weight": "int8", "bias": "int32", "rules": [{"match": "fc1", "input": "uint8"}]}
+    with pytest.raises(ValueError, match=r"bias: int32 for 'fc2': .*'mul' \(graph node 'mul'\), which makes new "
+                                         r"values at another scale"):
+        precsim.prepare(Scaled(), cfg)

@@ -1,6 +1,6 @@
 """The integer model against the simulation it was converted from, on the MNIST test split.
 
-One short QAT run (zoo ResNet, uint8 activations, int8 per-channel weights, fold_bn with frozen
+One short training run, float then QAT (zoo ResNet, uint8 activations, int8 per-channel weights, fold_bn with frozen
 statistics) is shared by this module and test_onnx.py through :func:`qat_resnet`.
 """
 
@@ -69,11 +69,16 @@ def _recalibrate_bn(model: nn.Module, data: TensorDataset, batches: int = 8) -> 
 
 @functools.lru_cache(maxsize=1)
 def qat_resnet() -> Trained:
-    """A float warm-up, then a short QAT run with BN folding (statistics frozen after 10 steps)."""
+    """Float training, then a short QAT run with BN folding (statistics frozen after 10 steps).
+
+    200 float steps (3.2 epochs of the 4,000 training images) at lr 1e-2 reach 93-95% test
+    accuracy in about 3 seconds; a weaker model has many images whose two top logits are within a
+    code, and the end-to-end argmax bounds below would measure those near-ties, not the arithmetic.
+    """
     torch.manual_seed(0)
     train, test = load_dataset("mnist5k")
     model = get_model("resnet", in_channels=1, num_classes=10, widths=WIDTHS, activation="relu")
-    _train(model, train, steps=70, lr=5e-3, seed=0)
+    _train(model, train, steps=200, lr=1e-2, seed=0)
     _recalibrate_bn(model, train)
     float_model = copy.deepcopy(model).eval()
     precsim.prepare(model, integer_config(model, fold_bn={"freeze_after": 10}))
@@ -96,17 +101,20 @@ def to_codes(y: torch.Tensor, imodel: IntegerModel) -> torch.Tensor:
     return (torch.round(y / qp.scale_tensor()) + qp.zero_point).to(torch.int64)
 
 
-@functools.lru_cache(maxsize=1)
-def outputs() -> Outputs:
+@functools.lru_cache(maxsize=2)
+def outputs(rounding: str = "gemmlowp") -> Outputs:
     t = qat_resnet()
     x, labels = t.test.tensors
-    imodel = convert(t.model, example=x[:1])
+    imodel = convert(t.model, example=x[:1], rounding=rounding)
     with torch.no_grad():
         sim = t.model(x)
-    with integer_exact(t.model) as exact_model:
+    with integer_exact(t.model, rounding=rounding) as exact_model:
         exact = exact_model(x)
     return Outputs(imodel, to_codes(sim, imodel), imodel.output_codes(x).to(torch.int64), to_codes(exact, imodel),
                    labels)
+
+
+ROUNDINGS = ["gemmlowp", "single"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,48 +122,86 @@ def outputs() -> Outputs:
 # --------------------------------------------------------------------------------------------
 
 
-def test_fixed_point_simulation_is_code_exact() -> None:
-    o = outputs()
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_fixed_point_simulation_is_code_exact(rounding: str) -> None:
+    o = outputs(rounding)
+    assert o.imodel.rounding == rounding
     assert o.int_codes.shape == (1000, 10)
     assert torch.equal(o.exact_codes, o.int_codes)
 
 
-def test_fixed_point_mode_predictions_identical() -> None:
-    o = outputs()
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_fixed_point_mode_predictions_identical(rounding: str) -> None:
+    o = outputs(rounding)
     assert torch.equal(o.exact_codes.argmax(1), o.int_codes.argmax(1))  # 100% >= 99.9%
     acc_exact = (o.exact_codes.argmax(1) == o.labels).float().mean().item()
     acc_int = (o.int_codes.argmax(1) == o.labels).float().mean().item()
     assert acc_exact == acc_int
-    assert acc_int > 0.5  # the short QAT run learned something
+    assert acc_int > 0.9  # a trained model (measured 93.3-94.6%), so few images are near-ties
+
+
+def test_rounding_modes_give_different_integer_models() -> None:
+    """The mode reaches the kernels: double and single rounding disagree on some logits (ties aside, by 1)."""
+    g, s = outputs("gemmlowp"), outputs("single")
+    diff = (g.int_codes - s.int_codes).abs()
+    assert int(diff.max()) >= 1
+    assert (diff == 0).float().mean().item() > 0.5
+
+
+def _agreement(o: Outputs) -> tuple[torch.Tensor, int, int, int]:
+    """|sim - int| per logit code, images whose argmax differs, correct answers of the simulation and the integer model."""
+    diff = (o.sim_codes - o.int_codes).abs()
+    sim_top, int_top = o.sim_codes.argmax(1), o.int_codes.argmax(1)
+    top2 = o.int_codes.topk(2, dim=1).values
+    flipped = sim_top != int_top
+    # an argmax can only flip where the integer model's two top logits are within the two codes'
+    # differences: int[j] - int[i] <= (int[j] - sim[j]) + (sim[i] - int[i]) for sim's i, int's j
+    moved = diff.gather(1, sim_top[:, None])[:, 0] + diff.gather(1, int_top[:, None])[:, 0]
+    assert bool((top2[:, 0] - top2[:, 1])[flipped].le(moved[flipped]).all())
+    return diff, int(flipped.sum()), int((sim_top == o.labels).sum()), int((int_top == o.labels).sum())
 
 
 def test_plain_simulation_is_close() -> None:
-    """Plain fake quantization (with ``bias: int32``, integer_config's default) against the integer model.
+    """Plain fake quantization (with ``bias: int32``, integer_config's default) against the gemmlowp integer model.
 
-    Per requantization the two differ by at most 1 LSB (test_each_layer_within_one_lsb), on about
-    0.1% of a layer's outputs: gemmlowp's double rounding (SRDHM to 2^-n of a code, then
+    Per requantization the two differ by at most 1 LSB (test_each_layer_within_one_lsb), on up to
+    about 0.7% of a layer's outputs: gemmlowp's double rounding (SRDHM to 2^-n of a code, then
     RoundingDivideByPOT) moves values within 2^-(n+1) of a .5 tie to the other side; float32
     noise adds almost nothing once the bias is rounded as the integer model rounds it. Through
     ten layers and three residual adds those flips cascade: MNIST's constant background makes
     thousands of outputs share one accumulator, so one flipped code moves whole regions.
-    Measured for this model (docs/integer.md): 85.4% of logit codes equal, 99.99% within 1 LSB,
-    max 2 LSB (one code of 10,000); argmax equal on 99.0% of images, every disagreement an image
-    whose two top logits are within 1 code (a 65% accurate model has many); accuracy 65.1% for
-    both. Issue 6 asks for <= 1 LSB and >= 99.9% argmax end to end: plain fake quantization does
-    not reach it on this model (integer_exact does: 100%); the bounds below are the measured ones.
+    Measured (docs/integer.md; the trained model depends on the float kernels, so two builds,
+    or two thread counts, differ): 78.9-79.6% of logit codes equal, max 2 LSB (on 1-3 of the
+    10,000 logits; 3 on a less trained model); argmax equal on 999-1,000 of 1,000 images, every
+    disagreement an image whose two top logits are within a code or two (7-11 images of this
+    93-95% accurate model); accuracy 93.4 vs 93.3 (94.6 vs 94.6 with one thread). Issue 6's
+    "<= 1 LSB, >= 99.9% argmax" is not guaranteed with double rounding (integer_exact, or
+    rounding="single" below, meet it); the bounds here are the measured ones with a margin.
     """
-    o = outputs()
-    diff = (o.sim_codes - o.int_codes).abs()
-    assert int(diff.max()) <= 2
-    assert (diff <= 1).float().mean().item() >= 0.999
-    assert (diff == 0).float().mean().item() >= 0.80
-    sim_top, int_top = o.sim_codes.argmax(1), o.int_codes.argmax(1)
-    assert (sim_top == int_top).float().mean().item() >= 0.985
-    top2 = o.int_codes.topk(2, dim=1).values
-    assert bool((top2[:, 0] - top2[:, 1])[sim_top != int_top].le(diff.amax(1)[sim_top != int_top]).all())
-    acc_sim = (sim_top == o.labels).float().mean().item() * 100
-    acc_int = (int_top == o.labels).float().mean().item() * 100
-    assert abs(acc_sim - acc_int) <= 0.3
+    diff, flipped, correct_sim, correct_int = _agreement(outputs())
+    assert int(diff.max()) <= 3
+    assert (diff <= 1).float().mean().item() >= 0.998
+    assert (diff == 0).float().mean().item() >= 0.65
+    assert flipped <= 6  # argmax equal on >= 99.4% of the 1,000 images
+    assert abs(correct_sim - correct_int) <= 4  # accuracy within 0.4 points
+
+
+def test_plain_simulation_meets_issue_bounds_with_single_rounding() -> None:
+    """Issue 6's bounds, end to end, for the integer model with TFLite's single rounding.
+
+    One rounding of ``acc M0 2^-(31+n)`` is fake quantization's ``round(y / S)`` up to float32
+    noise and the multiplier's 2^-31 relative error, so layers differ only within that noise of a
+    tie (a few outputs per million, test_each_layer_within_one_lsb) and almost nothing cascades.
+    Measured: 99.92-99.93% of logit codes equal, max 1 LSB, argmax equal on all 1,000 images,
+    accuracy 93.4 vs 93.4 (94.6 vs 94.6 with one thread).
+    """
+    o = outputs("single")
+    diff, flipped, correct_sim, correct_int = _agreement(o)
+    n = o.labels.numel()
+    assert int(diff.max()) <= 1  # never more than 1 LSB apart
+    assert flipped <= n // 1000  # argmax equal on >= 99.9% of images
+    assert abs(correct_sim - correct_int) <= n // 1000  # accuracy within 0.1 point
+    assert (diff == 0).float().mean().item() >= 0.995
 
 
 def _layer_modules(model: nn.Module, graph: fx.Graph, op: ConvOp) -> list[nn.Module]:
@@ -169,7 +215,8 @@ def _layer_modules(model: nn.Module, graph: fx.Graph, op: ConvOp) -> list[nn.Mod
     return chain
 
 
-def test_each_layer_within_one_lsb() -> None:
+@pytest.mark.parametrize(("rounding", "max_fraction"), [("gemmlowp", 0.01), ("single", 0.0005)])
+def test_each_layer_within_one_lsb(rounding: str, max_fraction: float) -> None:
     """The 1-LSB contract per requantization: the same input codes through one conv/linear layer.
 
     Simulation: dequantize the codes, the float32 conv with the rounded weights and the int32
@@ -180,11 +227,16 @@ def test_each_layer_within_one_lsb() -> None:
     error (2^-31 relative) and double rounding (<= 2^-(n+1) codes). Each result is within
     1/2 + that of ``v``, so they are at most 1 code apart, and differ only where ``v`` lies that
     close to a .5 tie. Without the int32 bias the simulation's value is ``M acc + M e`` with a
-    bias error ``|e| <= 1/2``, and M/2 codes can be more than that. Measured here: 0.06-0.18%
-    of each layer's outputs differ, all by 1; the simulation differs from ideal rounding of
-    ``v`` on about 0.001% (float32 noise): the rest is the integer model's double rounding.
+    bias error ``|e| <= 1/2``, and M/2 codes can be more than that.
+
+    Max 1 is the contract; the fraction of differing outputs depends on the trained model (and
+    so on the float kernels and thread count): measured 0.03-0.24% per layer with gemmlowp's
+    double rounding (up to 0.97% on other, less trained models: MNIST's flat background makes
+    many outputs share one near-tie accumulator). With single rounding only float32 noise is
+    left: measured 0-7 outputs per conv layer of 0.8-3.1 million (at most 0.0005%), 0 of the
+    10,000 fc outputs (1 on an earlier model). The fraction bounds are loose on purpose.
     """
-    o, t = outputs(), qat_resnet()
+    o, t = outputs(rounding), qat_resnet()
     x = t.test.tensors[0]
     graph = trace(t.model)
     env = {o.imodel.input_name: to_nhwc(o.imodel.quantize_input(x))}
@@ -201,7 +253,7 @@ def test_each_layer_within_one_lsb() -> None:
         sim = torch.round(y / op.out_qp.scale_tensor()).long() + op.out_qp.zero_point
         diff = (sim - q_out).abs()
         assert int(diff.max()) <= 1, op.name
-        assert diff.float().mean().item() < 0.005, op.name  # measured <= 0.0018
+        assert diff.float().mean().item() < max_fraction, op.name
         checked.append(op.name)
     assert len(checked) == 10
 
@@ -295,11 +347,62 @@ def test_save_load_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "resnet.int.pt"
     o.imodel.save(path)
     state = torch.load(path, weights_only=True)  # plain tensors and Python values only
-    assert state["precsim_integer_model"] == 1
+    assert state["precsim_integer_model"] == 2
     loaded = IntegerModel.load(path)
     x = qat_resnet().test.tensors[0][:200]
     assert torch.equal(loaded.output_codes(x), o.imodel.output_codes(x))
     assert describe(loaded) == describe(o.imodel)
+
+
+def test_save_load_keeps_the_rounding(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    o = outputs("single")
+    path = tmp_path / "single.int.pt"
+    o.imodel.save(path)
+    state = torch.load(path, weights_only=True)
+    assert state["rounding"] == "single"
+    assert {op["rounding"] for op in state["ops"] if "rounding" in op} == {"single"}
+    loaded = IntegerModel.load(path)
+    assert loaded.rounding == "single"
+    x = qat_resnet().test.tensors[0][:200]
+    assert torch.equal(loaded.output_codes(x), o.imodel.output_codes(x))
+    assert not torch.equal(loaded.output_codes(x), outputs("gemmlowp").imodel.output_codes(x))
+    assert "requantization: single" in describe(loaded)
+    assert "requantization: gemmlowp" in describe(outputs().imodel)
+    assert "rounding='single'" in repr(loaded)
+
+
+def test_version_1_files_load_as_gemmlowp() -> None:
+    """Files written before the rounding option (format version 1) hold gemmlowp models."""
+    o = outputs()
+    state = o.imodel.state()
+    state["precsim_integer_model"] = 1
+    del state["rounding"]
+    state["ops"] = [{k: v for k, v in op.items() if k != "rounding"} for op in state["ops"]]
+    loaded = IntegerModel.from_state(state)
+    assert loaded.rounding == "gemmlowp"
+    x = qat_resnet().test.tensors[0][:100]
+    assert torch.equal(loaded.output_codes(x), o.imodel.output_codes(x))
+    state["precsim_integer_model"] = 3
+    with pytest.raises(ValueError, match="format version 3"):
+        IntegerModel.from_state(state)
+
+
+def test_bad_rounding_is_named() -> None:
+    t = qat_resnet()
+    with pytest.raises(ValueError, match=r"'tflite'.*allowed: 'gemmlowp', 'single'"):
+        convert(t.model, rounding="tflite")
+    t.model.train()
+    try:
+        with pytest.raises(ValueError, match=r"'nearest'.*allowed: 'gemmlowp', 'single'"):
+            with integer_exact(t.model, rounding="nearest"):
+                pass
+        assert t.model.training and "forward" not in t.model.__dict__  # left as it was
+    finally:
+        t.model.eval()
+    state = outputs("single").imodel.state()
+    state["rounding"] = "gemmlowp"  # ops that disagree with the model
+    with pytest.raises(ValueError, match="requantize differently"):
+        IntegerModel.from_state(state)
 
 
 def test_describe_table() -> None:

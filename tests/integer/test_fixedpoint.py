@@ -10,14 +10,18 @@ import pytest
 import torch
 
 from precsim.integer.fixedpoint import (
+    ROUNDINGS,
     apply_dyadic,
+    check_rounding,
     dyadic,
     multiply_by_quantized_multiplier,
+    multiply_by_quantized_multiplier_single,
     quantize_multiplier,
     quantize_multipliers,
     requantize,
     rounding_divide_by_pot,
     saturating_rounding_doubling_high_mul,
+    shift_right_rounded,
 )
 
 I32_MIN = -(2**31)
@@ -55,6 +59,30 @@ def ref_mbqm(x: np.ndarray, m: np.ndarray, shift: np.ndarray) -> np.ndarray:
     shifted = np.clip(x * np.left_shift(np.int64(1), left), I32_MIN, I32_MAX)
     high = ref_srdhm(shifted, np.broadcast_to(np.asarray(m, dtype=np.int64), shifted.shape))
     return ref_rdbpot(high, np.broadcast_to(right, high.shape))
+
+
+def ref_mbqm_single(x: np.ndarray, m: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """TFLite's MultiplyByQuantizedMultiplier under TFLITE_SINGLE_ROUNDING, as published:
+    ``total_shift = 31 - shift``, ``(x * M0 + (1 << (total_shift - 1))) >> total_shift`` in int64.
+
+    Extended to precsim's shift range [-62, 31]: total_shift 0 is the exact product, >= 63
+    gives 0; results saturate to int32.
+    """
+    x, m, shift = np.broadcast_arrays(
+        x.astype(np.int64), np.asarray(m, dtype=np.int64), np.asarray(shift, dtype=np.int64)
+    )
+    total = 31 - shift
+    used = np.minimum(total, 62)
+    round_ = np.where(used > 0, np.left_shift(np.int64(1), np.maximum(used - 1, 0)), np.int64(0))
+    out = (x * m + round_) >> used
+    out = np.where(total >= 63, np.int64(0), out)
+    return np.clip(out, I32_MIN, I32_MAX)
+
+
+def ref_shift_single(x: np.ndarray, e: int) -> np.ndarray:
+    """x / 2^e, round half up (single-rounding MBQM by 2^-e)."""
+    x = x.astype(np.int64)
+    return x if e == 0 else (x + (np.int64(1) << (e - 1))) >> e
 
 
 def ref_quantize_multiplier(real: float) -> tuple[int, int]:
@@ -319,6 +347,145 @@ def test_requantize_clamp_and_zero_point() -> None:
     )
     with pytest.raises(ValueError):
         requantize(torch.from_numpy(acc), 2**30, 0, 0, 5, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Single rounding (TFLITE_SINGLE_ROUNDING)
+# --------------------------------------------------------------------------------------------
+
+
+def test_mbqm_single_random_bit_exact() -> None:
+    rng = np.random.default_rng(10)
+    x = rng_int32(rng, 30000)
+    m = rng.integers(2**30, 2**31, size=x.shape, dtype=np.int64)
+    m[:9] = [0, 1, 2**30, 2**31 - 1, 2**30, 2**31 - 1, 2**31 - 1, 0, 1]  # with the extreme x values
+    shift = rng.integers(-62, 32, size=x.shape, dtype=np.int64)
+    shift[:9] = [31, -62, -31, -31, -32, 30, 31, 0, 0]
+    shift[9:300] = 31  # no right shift: exact product, saturated
+    shift[300:600] = rng.integers(-93 + 31, -30, size=300)  # total shift 62 and beyond
+    got = multiply_by_quantized_multiplier_single(
+        torch.from_numpy(x).int(), torch.from_numpy(m).int(), torch.from_numpy(shift).int()
+    )
+    assert got.dtype == torch.int32
+    want = ref_mbqm_single(x, m, shift)
+    np.testing.assert_array_equal(got.numpy().astype(np.int64), want)
+    via_mode = multiply_by_quantized_multiplier(
+        torch.from_numpy(x), torch.from_numpy(m), torch.from_numpy(shift), rounding="single"
+    )
+    np.testing.assert_array_equal(via_mode.numpy(), want)
+    # saturation and flushes to 0 are hit
+    assert (want == I32_MAX).any() and (want == I32_MIN).any() and (want == 0).any()
+    # exact rational rounding, floor(x M0 2^(shift-31) + 1/2) clipped to int32, on a sample
+    for xv, mv, sv, gv in zip(
+        x[:3000].tolist(), m[:3000].tolist(), shift[:3000].tolist(), got[:3000].tolist(), strict=True
+    ):
+        exact = math.floor(Fraction(xv * mv) * Fraction(2) ** (sv - 31) + Fraction(1, 2))
+        assert gv == min(max(exact, I32_MIN), I32_MAX), (xv, mv, sv)
+
+
+@pytest.mark.parametrize(
+    ("x", "m0", "shift", "single", "gemmlowp"),
+    [
+        (3, 2**30, 0, 2, 2),  # 1.5 -> 2
+        (-3, 2**30, 0, -1, -1),  # -1.5 -> -1: ties toward +inf
+        (-5, 2**30, 0, -2, -2),  # -2.5 -> -2
+        (1, 3 * 2**29, -1, 0, 1),  # 0.375: gemmlowp rounds 0.75 -> 1 first, then 0.5 -> 1
+        (-1, 3 * 2**29, -1, 0, -1),  # -0.375
+        (-(2**10), 2**30, -10, 0, -1),  # -0.5 exactly: single ties up, RoundingDivideByPOT away from zero
+        (2**10, 2**30, -10, 1, 1),  # +0.5
+        (-(2**10) - 1, 2**30, -10, -1, -1),  # just below -0.5
+        (I32_MIN, 2**30, -31, 0, -1),  # -0.5 at the deepest TFLite shift
+        (I32_MIN, 2**31 - 1, -31, -1, -1),  # -1 + 2^-31
+        (I32_MIN, 2**31 - 1, -32, 0, 0),  # total shift 63: |value| < 1/2 -> 0
+        (I32_MAX, 2**31 - 1, -62, 0, 0),
+        (3, 5, 31, 15, 5),  # total shift 0: the exact product (gemmlowp saturates 3 << 31 first)
+        (I32_MAX, 2**31 - 1, 31, I32_MAX, I32_MAX - 1),  # saturates
+        (I32_MIN, 2**31 - 1, 31, I32_MIN, -(2**31) + 1),
+        (0, 2**31 - 1, -5, 0, 0),
+    ],
+)
+def test_mbqm_single_cases(x: int, m0: int, shift: int, single: int, gemmlowp: int) -> None:
+    xt = torch.tensor([x])
+    assert int(multiply_by_quantized_multiplier(xt, m0, shift, rounding="single")[0]) == single
+    assert int(multiply_by_quantized_multiplier(xt, m0, shift, rounding="gemmlowp")[0]) == gemmlowp
+    assert int(ref_mbqm_single(np.array([x]), np.array(m0), np.array(shift))[0]) == single
+    assert int(ref_mbqm(np.array([x]), np.array(m0), np.array(shift))[0]) == gemmlowp
+
+
+def test_mbqm_single_per_channel_and_requantize() -> None:
+    rng = np.random.default_rng(11)
+    x = rng.integers(-(2**31), 2**31, size=(3, 5, 7), dtype=np.int64)
+    m = rng.integers(2**30, 2**31, size=5, dtype=np.int64)
+    s = np.array([-31, -7, 0, 3, -62], dtype=np.int64)
+    got = multiply_by_quantized_multiplier(
+        torch.from_numpy(x), torch.from_numpy(m).int(), torch.from_numpy(s).int(), axis=1, rounding="single"
+    )
+    np.testing.assert_array_equal(got.numpy(), ref_mbqm_single(x, m[None, :, None], s[None, :, None]))
+    acc = rng.integers(-(2**24), 2**24, size=(64, 4), dtype=np.int64)
+    m0, shift = quantize_multipliers(torch.tensor([0.01, 0.002, 1e-4, 0.3], dtype=torch.float64))
+    zp = np.array([0, -3, 10, 128], dtype=np.int64)
+    q = requantize(
+        torch.from_numpy(acc).int(), m0, shift, torch.from_numpy(zp), -128, 127, axis=1, rounding="single"
+    )
+    want = np.clip(ref_mbqm_single(acc, m0.numpy()[None, :], shift.numpy()[None, :]) + zp[None, :], -128, 127)
+    np.testing.assert_array_equal(q.numpy(), want)
+
+
+def test_mbqm_single_is_within_half_a_code() -> None:
+    """One rounding: |result - x M0 2^(shift-31)| <= 1/2 (gemmlowp's double rounding reaches ~1/2 + 2^-(n+1))."""
+    rng = np.random.default_rng(12)
+    x = rng.integers(-(2**20), 2**20, size=5000, dtype=np.int64)
+    for real in [1e-6, 0.00390625, 0.123456, 0.75, 1.0, 3.7]:
+        m0, shift = quantize_multiplier(real)
+        got = multiply_by_quantized_multiplier(torch.from_numpy(x), m0, shift, rounding="single").numpy()
+        exact = [Fraction(int(v) * m0) * Fraction(2) ** (shift - 31) for v in x[:500].tolist()]
+        assert max(abs(int(g) - e) for g, e in zip(got[:500].tolist(), exact, strict=True)) <= Fraction(1, 2)
+
+
+def test_mbqm_single_rejects() -> None:
+    with pytest.raises(ValueError, match="multiplier"):
+        multiply_by_quantized_multiplier_single(torch.tensor([1]), -1, 0)
+    with pytest.raises(ValueError, match="shift"):
+        multiply_by_quantized_multiplier_single(torch.tensor([1]), 2**30, 32)
+    with pytest.raises(ValueError, match="x must lie"):
+        multiply_by_quantized_multiplier_single(torch.tensor([2**31]), 2**30, 0)
+
+
+@pytest.mark.parametrize(
+    ("x", "e", "single", "gemmlowp"),
+    [
+        (-3, 1, -1, -2),  # -1.5
+        (3, 1, 2, 2),
+        (-5, 2, -1, -1),  # -1.25
+        (-6, 2, -1, -2),  # -1.5
+        (6, 2, 2, 2),
+        (-7, 0, -7, -7),
+        (I32_MIN, 31, -1, -1),
+        (-(2**30), 31, 0, -1),  # -0.5
+        (2**30, 31, 1, 1),
+    ],
+)
+def test_shift_right_rounded(x: int, e: int, single: int, gemmlowp: int) -> None:
+    xt = torch.tensor([x], dtype=torch.int32)
+    assert (
+        int(shift_right_rounded(xt, e, "single")[0]) == single == int(ref_shift_single(np.array([x]), e)[0])
+    )
+    assert int(shift_right_rounded(xt, e, "gemmlowp")[0]) == gemmlowp == int(rounding_divide_by_pot(xt, e)[0])
+    assert shift_right_rounded(xt, e, "single").dtype == torch.int32
+
+
+def test_rounding_names_are_checked() -> None:
+    assert ROUNDINGS == ("gemmlowp", "single")
+    assert check_rounding("single") == "single"
+    for bad in ("double", "Single", None):
+        with pytest.raises(ValueError, match=r"rounding .*allowed: 'gemmlowp', 'single'"):
+            check_rounding(bad)
+    with pytest.raises(ValueError, match="'tflite'"):
+        multiply_by_quantized_multiplier(torch.tensor([1]), 2**30, 0, rounding="tflite")
+    with pytest.raises(ValueError, match="'tflite'"):
+        shift_right_rounded(torch.tensor([1]), 1, "tflite")
+    with pytest.raises(ValueError, match="exponent"):
+        shift_right_rounded(torch.tensor([1]), 63, "single")
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from test_fixedpoint import ref_mbqm, ref_rdbpot
+from test_fixedpoint import ref_mbqm, ref_mbqm_single, ref_rdbpot, ref_shift_single
 from test_ivit_ops import ref_gelu_consts, ref_i_layernorm, ref_ln_consts, ref_shift_gelu, ref_shiftmax
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -212,11 +212,15 @@ def test_only_integer_tensors_at_run_time() -> None:
     assert accs == {torch.int32}
 
 
-def test_reference_kernels_agree_code_for_code() -> None:
+@pytest.mark.parametrize("rounding", ["gemmlowp", "single"])
+def test_reference_kernels_agree_code_for_code(rounding: str) -> None:
     """run_reference: channels-first, float64 products, the fixedpoint functions directly."""
     t = qat_vit()
-    codes = t.imodel.quantize_input(t.x[:32])
-    assert torch.equal(t.imodel.run_integer(codes).to(torch.int64), t.imodel.run_reference(codes))
+    imodel = t.imodel if rounding == "gemmlowp" else convert(t.model, rounding=rounding)
+    assert imodel.rounding == rounding
+    assert {op.rounding for op in imodel.ops if hasattr(op, "rounding")} == {rounding}
+    codes = imodel.quantize_input(t.x[:32])
+    assert torch.equal(imodel.run_integer(codes).to(torch.int64), imodel.run_reference(codes))
 
 
 def test_save_load_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -294,11 +298,12 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return to_nhwc(x)
 
 
+@pytest.mark.parametrize("rounding", ["gemmlowp", "single"])
 @pytest.mark.parametrize(("k", "a_qp", "b_qp"), [
     (37, QParams(0.02, 3, -128, 127), QParams(0.01, 120, 0, 255)),
     (400, QParams(1 / 65535, 0, 0, 65535), QParams(0.03, 0, -128, 127)),  # 400 * 65535 * 128 > 2^31: int64
 ])
-def test_matmul_op_bit_exact(k: int, a_qp: QParams, b_qp: QParams) -> None:
+def test_matmul_op_bit_exact(k: int, a_qp: QParams, b_qp: QParams, rounding: str) -> None:
     rng = np.random.default_rng(k)
     a = rng.integers(a_qp.qmin, a_qp.qmax + 1, size=(2, 3, 5, k))
     b = rng.integers(b_qp.qmin, b_qp.qmax + 1, size=(2, 3, k, 6))
@@ -307,13 +312,14 @@ def test_matmul_op_bit_exact(k: int, a_qp: QParams, b_qp: QParams) -> None:
     out_qp = QParams(0.5, -3, -128, 127)
     from precsim.integer.fixedpoint import quantize_multiplier
     m0, shift = quantize_multiplier(a_qp.scale * b_qp.scale * 0.7 / out_qp.scale)
-    op = MatMulOp("mm", ["a", "b"], "y", a_qp, b_qp, out_qp, m0, shift, -128, 127, factor=0.7)
+    op = MatMulOp("mm", ["a", "b"], "y", a_qp, b_qp, out_qp, m0, shift, -128, 127, factor=0.7, rounding=rounding)
     acc_t, pre, _ = op.plan(k)
     assert (acc_t == torch.int64) == (k * a_qp.max_abs_centred * b_qp.max_abs_centred > 2**31 - 1)
     acc = (a - a_qp.zero_point) @ (b - b_qp.zero_point)
+    single = rounding == "single"
     if pre:
-        acc = ref_rdbpot(acc, pre)
-    want = np.clip(ref_mbqm(acc, m0, shift + pre) + out_qp.zero_point, -128, 127)
+        acc = ref_shift_single(acc, pre) if single else ref_rdbpot(acc, pre)
+    want = np.clip((ref_mbqm_single if single else ref_mbqm)(acc, m0, shift + pre) + out_qp.zero_point, -128, 127)
     ta = torch.from_numpy(a).to(a_qp.dtype)
     tb = torch.from_numpy(b).to(b_qp.dtype)
     got = to_nchw(op.run(_nhwc(ta), _nhwc(tb)))
@@ -324,7 +330,8 @@ def test_matmul_op_bit_exact(k: int, a_qp: QParams, b_qp: QParams) -> None:
     assert torch.equal(loaded.run(_nhwc(ta), _nhwc(tb)), op.run(_nhwc(ta), _nhwc(tb)))
 
 
-def test_add_const_op_bit_exact() -> None:
+@pytest.mark.parametrize("rounding", ["gemmlowp", "single"])
+def test_add_const_op_bit_exact(rounding: str) -> None:
     rng = np.random.default_rng(1)
     in_qp, out_qp = QParams(0.05, 0, -128, 127), QParams(0.002, 0, -32768, 32767)
     x = rng.integers(-128, 128, size=(3, 7, 8))
@@ -334,10 +341,11 @@ def test_add_const_op_bit_exact() -> None:
     prefix = rng.integers(-(2**25), 2**25, size=(1, 1, 8))
     offset = rng.integers(-(2**25), 2**25, size=(1, 7, 8))
     op = AddConstOp("pos", ["x"], "y", in_qp, out_qp, m0, shift, left, torch.from_numpy(prefix),
-                    torch.from_numpy(offset), 1, -32768, 32767)
-    v = ref_mbqm(x * 2**left, m0, shift) + offset
+                    torch.from_numpy(offset), 1, -32768, 32767, rounding)
+    single = rounding == "single"
+    v = (ref_mbqm_single if single else ref_mbqm)(x * 2**left, m0, shift) + offset
     v = np.concatenate([np.broadcast_to(prefix, (3, 1, 8)), v], axis=1)
-    want = np.clip(ref_rdbpot(v, left), -32768, 32767)
+    want = np.clip(ref_shift_single(v, left) if single else ref_rdbpot(v, left), -32768, 32767)
     tx = torch.from_numpy(x).to(torch.int8)
     got = op.run(tx)
     assert got.dtype == torch.int16 and got.shape == (3, 8, 8)

@@ -111,9 +111,16 @@ class BlockFormat:
         rounding: Rounding = "nearest",
         seed: Tensor | None = None,
         random_bits: Tensor | None = None,
+        row_stride: int | None = None,
     ) -> Tensor:
-        """Round ``blocks`` shaped (..., blocks, block_size), one scale per last-axis row."""
-        random_bits = bits_for(blocks.shape, rounding, seed, random_bits)
+        """Round ``blocks`` shaped (..., blocks, block_size), one scale per last-axis row.
+
+        A last axis shorter than ``block_size`` is a block whose zero padding was left out:
+        zeros change neither a block's max nor its other elements, so the result is that of
+        the padded block. ``row_stride`` (the padded row length) then numbers the elements for
+        the random bits as the padded layout does (:func:`precsim.formats.random.random_bits`).
+        """
+        random_bits = bits_for(blocks.shape, rounding, seed, random_bits, row_stride)
         # max |x| per block on the bit patterns (int order is float order for magnitudes; NaN
         # patterns sort above Inf): one integer reduction that fuses with the rounding below
         amax_bits = (float_bits(blocks) & 0x7FFFFFFF).amax(dim=-1, keepdim=True)

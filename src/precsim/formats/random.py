@@ -33,22 +33,36 @@ def draw_seed(generator: torch.Generator | None = None, device: torch.device | s
     return seed.to(device)
 
 
-def random_bits(shape: torch.Size | tuple[int, ...], seed: Tensor) -> Tensor:
-    """Uniform int32 words, one per element of ``shape``, from a two-word ``seed`` tensor."""
+def random_bits(shape: torch.Size | tuple[int, ...], seed: Tensor, row_stride: int | None = None) -> Tensor:
+    """Uniform int32 words, one per element of ``shape``, from a two-word ``seed`` tensor.
+
+    Element i (in flat order) gets the word of index i. With ``row_stride``, element (..., r, c)
+    of a 2-D-or-more ``shape`` (r counted over all leading dimensions) gets the word of index
+    ``r * row_stride + c`` instead: the words its place would have in rows padded to
+    ``row_stride`` (``row_stride`` >= the last dimension).
+    """
     n = 1
     for s in shape:
         n *= s
+    if row_stride is not None:
+        n = n // shape[-1] * row_stride if shape[-1] else 0
     if n >= 2**31:
         raise ValueError(f"stochastic rounding supports up to 2^31 - 1 elements, got {n}")
-    index = torch.arange(n, dtype=torch.int32, device=seed.device).view(shape)
+    if row_stride is None:
+        index = torch.arange(n, dtype=torch.int32, device=seed.device).view(shape)
+    else:
+        rows = torch.arange(n // row_stride if row_stride else 0, dtype=torch.int32, device=seed.device)
+        cols = torch.arange(shape[-1], dtype=torch.int32, device=seed.device)
+        index = (rows[:, None] * row_stride + cols).view(shape)
     return _mix(_mix(index ^ seed[0]) + seed[1])
 
 
 def bits_for(shape: torch.Size | tuple[int, ...], rounding: str, seed: Tensor | None,
-             given: Tensor | None) -> Tensor | None:
-    """The random bits a rounding needs: ``given`` ones, else bits from ``seed``; None if not stochastic."""
+             given: Tensor | None, row_stride: int | None = None) -> Tensor | None:
+    """The random bits a rounding needs: ``given`` ones, else bits from ``seed`` (see
+    :func:`random_bits` for ``row_stride``); None if not stochastic."""
     if rounding != "stochastic" or given is not None:
         return given
     if seed is None:
         raise ValueError("stochastic rounding needs a seed or random_bits")
-    return random_bits(shape, seed)
+    return random_bits(shape, seed, row_stride)

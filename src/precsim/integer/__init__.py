@@ -1,14 +1,18 @@
 """Integer-only arithmetic: gemmlowp/TFLite fixed point and I-ViT integer nonlinearities."""
 
 from precsim.integer.fixedpoint import (
+    ROUNDINGS,
     apply_dyadic,
+    check_rounding,
     dyadic,
     multiply_by_quantized_multiplier,
+    multiply_by_quantized_multiplier_single,
     quantize_multiplier,
     quantize_multipliers,
     requantize,
     rounding_divide_by_pot,
     saturating_rounding_doubling_high_mul,
+    shift_right_rounded,
 )
 from precsim.integer.ivit_ops import (
     ILayerNormConsts,
@@ -31,15 +35,18 @@ from precsim.integer.ivit_ops import (
 
 __all__ = [
     "ILayerNormConsts",
+    "ROUNDINGS",
     "ShiftExpConsts",
     "ShiftGeluConsts",
     "ShiftmaxConsts",
     "apply_dyadic",
+    "check_rounding",
     "dyadic",
     "i_layernorm",
     "i_layernorm_int",
     "isqrt",
     "multiply_by_quantized_multiplier",
+    "multiply_by_quantized_multiplier_single",
     "prepare_i_layernorm",
     "prepare_shift_exp",
     "prepare_shift_gelu",
@@ -52,6 +59,7 @@ __all__ = [
     "shift_exp_int",
     "shift_gelu",
     "shift_gelu_int",
+    "shift_right_rounded",
     "shiftmax",
     "shiftmax_int",
 ]

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
+from precsim.bias import accumulator_scale_of, bias_codes, round_half_away
 from precsim.fold import FoldedWeight, fold_conv_bn, folded_weight_input, trace
 from precsim.formats import IntFormat
 from precsim.formats.integer import quantize_codes
-from precsim.integer.fixedpoint import INT32_MAX, quantize_multiplier, quantize_multipliers
+from precsim.integer.fixedpoint import INT32_MAX, check_rounding, quantize_multiplier, quantize_multipliers
 from precsim.integer.ivit_ops import prepare_i_layernorm, prepare_shift_gelu, prepare_shiftmax
 from precsim.integer.model import IntegerModel
 from precsim.integer.ops import (
@@ -203,17 +204,14 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _round_half_away(x: Tensor) -> Tensor:
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
-
-
 # --------------------------------------------------------------------------------------------
 # Lowering
 # --------------------------------------------------------------------------------------------
 
 
 class _Lowering:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, rounding: str = "gemmlowp") -> None:
+        self.rounding = check_rounding(rounding)
         if not any(isinstance(m, Quantizer) for m in model.modules()):
             raise ConversionError(
                 f"{type(model).__name__} is not prepared: run precsim.prepare(model, config) (or precsim.calibrate) "
@@ -305,7 +303,7 @@ class _Lowering:
             if v.qp == qp:
                 return v
             m0, shift = quantize_multiplier(v.qp.scale / qp.scale)
-            self.emit(RequantOp(where, [v.tensor], out, v.qp, qp, m0, shift, qp.qmin, qp.qmax))
+            self.emit(RequantOp(where, [v.tensor], out, v.qp, qp, m0, shift, qp.qmin, qp.qmax, self.rounding))
             return _Codes(out, qp, where)
         lo, hi = self.bounds(qp, v.lower, v.upper, where)
         if isinstance(v, _PendingCodes):
@@ -315,7 +313,7 @@ class _Lowering:
                 self.emit(ClampOp(where, [src.tensor], out, qp, lo, hi))
             else:
                 m0, shift = quantize_multiplier(src.qp.scale / qp.scale)
-                self.emit(RequantOp(where, [src.tensor], out, src.qp, qp, m0, shift, lo, hi))
+                self.emit(RequantOp(where, [src.tensor], out, src.qp, qp, m0, shift, lo, hi, self.rounding))
         elif isinstance(v, _PendingConv):
             self.emit(self.conv_op(v, qp, out, lo, hi))
         elif isinstance(v, _PendingAdd):
@@ -326,7 +324,8 @@ class _Lowering:
             self.emit(self.affine_op(v, qp, out, lo, hi))
         elif isinstance(v, _PendingPool):
             assert v.src is not None
-            self.emit(AvgPoolOp(v.origin, [v.src.tensor], out, v.src.qp, qp, lo, hi, v.kernel, v.stride))
+            self.emit(AvgPoolOp(v.origin, [v.src.tensor], out, v.src.qp, qp, lo, hi, v.kernel, v.stride,
+                                rounding=self.rounding))
         else:  # pragma: no cover - every state is handled above
             raise AssertionError(type(v))
         return _Codes(out, qp, where)
@@ -385,10 +384,9 @@ class _Lowering:
         if p.await_bn is not None:
             raise ConversionError(f"{p.origin!r} was prepared with fold_bn but its output reaches {out!r} before "
                                   f"its BatchNorm {p.await_bn!r}")
-        s_in = torch.tensor(src.qp.scale, dtype=torch.float64)
-        s_acc = s_in * p.w_scale.double()  # scale of the accumulator and of the int32 bias: S_in S_w
+        s_acc = accumulator_scale_of(src.qp.scale, p.w_scale)  # of the accumulator and the int32 bias: S_in S_w
         m0, shift = quantize_multipliers(s_acc / qp.scale)
-        bias64 = _round_half_away(p.bias_real.double() / s_acc)
+        bias64 = bias_codes(p.bias_real, s_acc)  # the rule the simulation's bias: int32 uses
         if bool((bias64.abs() > INT32_MAX).any()):
             raise ConversionError(f"{p.origin!r}: the bias does not fit int32 at scale S_in*S_w "
                                   f"(max |bias/scale| = {float(bias64.abs().max()):.3g})")
@@ -421,7 +419,7 @@ class _Lowering:
         common = dict(name=p.origin, inputs=[src.tensor], output=out, weight=p.weight, w_zero_point=p.w_zero_point,
                       bias=bias, multiplier=m0, shift=shift.to(torch.int32), in_qp=src.qp, out_qp=qp, lo=lo, hi=hi,
                       in_scale=src.qp.scale, w_scale=p.w_scale, acc_dtype=acc_dtype, acc_bound=bound,
-                      pre_shift=pre_shift)
+                      pre_shift=pre_shift, rounding=self.rounding)
         if isinstance(m, nn.Linear):
             return ConvOp(op_type="linear", **common)  # type: ignore[arg-type]
         return ConvOp(op_type="conv2d", stride=tuple(m.stride), padding=tuple(m.padding),  # type: ignore[arg-type]
@@ -440,14 +438,15 @@ class _Lowering:
                 break
         else:
             raise ConversionError(f"{p.origin!r}: input scales too far apart for an int32 residual add")
-        return AddOp(p.origin, [a.tensor, b.tensor], out, a.qp, b.qp, qp, ma, sa, mb, sb, left, lo, hi)
+        return AddOp(p.origin, [a.tensor, b.tensor], out, a.qp, b.qp, qp, ma, sa, mb, sb, left, lo, hi, self.rounding)
 
     def matmul_op(self, p: _PendingMatMul, qp: QParams, out: str, lo: int, hi: int) -> MatMulOp:
         """Dyadic requantization of an activation product: ``M = S_a S_b factor / S_out``."""
         a, b = p.a, p.b
         assert a is not None and b is not None
         m0, shift = quantize_multiplier(a.qp.scale * b.qp.scale * p.factor / qp.scale)
-        return MatMulOp(p.origin, [a.tensor, b.tensor], out, a.qp, b.qp, qp, m0, shift, lo, hi, factor=p.factor)
+        return MatMulOp(p.origin, [a.tensor, b.tensor], out, a.qp, b.qp, qp, m0, shift, lo, hi, factor=p.factor,
+                        rounding=self.rounding)
 
     def affine_op(self, p: _Affine, qp: QParams, out: str, lo: int, hi: int) -> AddConstOp:
         """Tokens rescaled to ``S_out 2^-L`` plus the constants rounded once to that grid."""
@@ -461,10 +460,10 @@ class _Lowering:
         grid = qp.scale / 2.0**left
 
         def on_grid(t: Tensor | None) -> Tensor:
-            return torch.zeros(0, dtype=torch.int64) if t is None else _round_half_away(t / grid).to(torch.int64)
+            return torch.zeros(0, dtype=torch.int64) if t is None else round_half_away(t / grid).to(torch.int64)
 
         return AddConstOp(p.origin, [src.tensor], out, src.qp, qp, m0, shift, left, on_grid(p.prefix),
-                          on_grid(p.offset), p.dim, lo, hi)
+                          on_grid(p.offset), p.dim, lo, hi, self.rounding)
 
     # --- graph nodes ---------------------------------------------------------------------------
     def run(self) -> IntegerModel:
@@ -473,7 +472,7 @@ class _Lowering:
         if self.output is None or self.input_qp is None or self.input_tensor is None:
             raise ConversionError("the model has no quantized input or output")
         return IntegerModel(self.ops, self.input_tensor, self.output.tensor, self.input_qp, self.output.qp,
-                            source=type(self.model).__name__, notes=self.notes)
+                            source=type(self.model).__name__, notes=self.notes, rounding=self.rounding)
 
     def _node_placeholder(self, node: fx.Node) -> None:
         if self.input_tensor is not None:
@@ -844,15 +843,19 @@ class _Lowering:
         self.values[node.name] = result
 
 
-def convert(model: nn.Module, example: Tensor | None = None) -> IntegerModel:
+def convert(model: nn.Module, example: Tensor | None = None, *, rounding: str = "gemmlowp") -> IntegerModel:
     """Lower a prepared (QAT-trained or calibrated) model to an integer-only :class:`IntegerModel`.
 
     The integer model matches the simulated model in ``eval()`` mode: the same weight codes and
     activation scales, requantization by fixed-point multipliers. ``example`` (optional): one
     input batch run once so shape-dependent constants (global-pool multipliers) are resolved
-    and shown by :func:`describe`. Raises :class:`ConversionError` naming the offending module.
+    and shown by :func:`describe`. ``rounding``: how requantization rounds, ``"gemmlowp"``
+    (default: SaturatingRoundingDoublingHighMul then RoundingDivideByPOT, the double rounding of
+    Jacob et al. and gemmlowp) or ``"single"`` (TFLite's ``TFLITE_SINGLE_ROUNDING``: one rounding,
+    which plain fake quantization predicts more closely). Raises :class:`ConversionError` naming
+    the offending module, ValueError for an unknown ``rounding``.
     """
-    imodel = _Lowering(model).run()
+    imodel = _Lowering(model, rounding).run()
     if example is not None:
         imodel(example[:1])
     return imodel

@@ -2,12 +2,13 @@
 
 Plain fake quantization rounds ``y / S_out`` of a float32 result; the integer model rounds
 ``M0 * acc * 2^-n`` of an exact integer accumulator (int32 bias at S_in S_w, gemmlowp's
-double rounding). The two agree except where float32 noise lands a value on the other side of
+double rounding or TFLite's single rounding). The two agree except where float32 noise lands a value on the other side of
 a rounding tie -- rare per element, but a deep network spreads each such flip. Inside
 ``integer_exact`` the prepared model's forward is evaluated from its live quantizers with the
 integer arithmetic instead: accumulators are computed exactly (float64 conv/linear/pooling on
 the centred codes ``(q1 - Z1)(q2 - Z2)``, every partial sum an integer below 2^53, checked) and
-requantized with the fixed-point multipliers of :mod:`precsim.integer.fixedpoint`. The
+requantized with the fixed-point multipliers of :mod:`precsim.integer.fixedpoint` in the
+chosen rounding mode (the reference functions, not the integer model's fused kernels). The
 constants are the ones :func:`convert` derives, the kernels are independent of the integer
 model's (channels-first float64 instead of channels-last int32 im2col with precomputed
 zero-point terms), so equal codes test the integer kernels code for code.
@@ -27,16 +28,22 @@ __all__ = ["integer_exact"]
 
 
 @contextmanager
-def integer_exact(model: nn.Module) -> Iterator[nn.Module]:
+def integer_exact(model: nn.Module, rounding: str = "gemmlowp") -> Iterator[nn.Module]:
     """Within the block, ``model(x)`` returns the fixed-point simulation's output (float, on the output grid).
 
     The model is put in ``eval()`` mode (restored afterwards); its quantizers are read once on
-    entry, so train the model or calibrate it first. Raises like :func:`convert` for models
-    that have no integer form.
+    entry, so train the model or calibrate it first. ``rounding`` is the requantization mode of
+    the integer model it predicts (``convert(model, rounding=...)``): ``"gemmlowp"`` (default)
+    or ``"single"``. Raises like :func:`convert` for models that have no integer form, and
+    ValueError for an unknown ``rounding``.
     """
     was_training = model.training
-    model.eval()
-    imodel = convert(model)
+    model.eval()  # convert() reads the eval-mode model (running statistics, rounded folded biases)
+    try:
+        imodel = convert(model, rounding=rounding)
+    except Exception:
+        model.train(was_training)
+        raise
     had_forward = "forward" in model.__dict__
     old_forward = model.__dict__.get("forward")
 

@@ -5,6 +5,15 @@ Networks for Efficient Integer-Arithmetic-Only Inference"), gemmlowp's ``fixedpo
 TFLite's ``QuantizeMultiplier`` / ``MultiplyByQuantizedMultiplier``, plus I-ViT style dyadic
 numbers ``b / 2^c``.
 
+Requantization comes in two rounding modes (:data:`ROUNDINGS`), a property of the integer model:
+
+* ``"gemmlowp"`` (the default, Jacob et al. / gemmlowp / TFLite's classic kernels):
+  SaturatingRoundingDoublingHighMul then RoundingDivideByPOT -- two roundings;
+* ``"single"`` (TFLite built with ``TFLITE_SINGLE_ROUNDING``): one rounding of
+  ``x M0 2^(shift - 31)`` in int64, ties toward +inf. It is within 1/2 code of the real product
+  (up to the multiplier's 2^-31 relative error), so it agrees with fake quantization's
+  ``round(y / S)`` except within float noise of a tie.
+
 Conventions:
 
 * Run-time functions take torch integer tensors (int32 or int64) and return the dtype of their
@@ -29,14 +38,18 @@ from torch import Tensor
 __all__ = [
     "INT32_MAX",
     "INT32_MIN",
+    "ROUNDINGS",
     "apply_dyadic",
+    "check_rounding",
     "dyadic",
     "multiply_by_quantized_multiplier",
+    "multiply_by_quantized_multiplier_single",
     "quantize_multiplier",
     "quantize_multipliers",
     "requantize",
     "rounding_divide_by_pot",
     "saturating_rounding_doubling_high_mul",
+    "shift_right_rounded",
 ]
 
 INT32_MIN = -(1 << 31)
@@ -48,6 +61,18 @@ _MAX_RIGHT_SHIFT = 62
 _MAX_LEFT_SHIFT = 31
 
 IntLike = Tensor | int
+
+ROUNDINGS = ("gemmlowp", "single")
+"""Requantization rounding modes: gemmlowp's double rounding (default) and TFLite's single rounding."""
+
+
+def check_rounding(rounding: object) -> str:
+    """Return ``rounding`` if it is one of :data:`ROUNDINGS`; ValueError naming it and the allowed ones."""
+    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
+        raise ValueError(
+            f"unknown requantization rounding {rounding!r}; allowed: " + ", ".join(repr(r) for r in ROUNDINGS)
+        )
+    return rounding
 
 
 def _round_half_away(v: float) -> int:
@@ -239,7 +264,7 @@ def rounding_divide_by_pot(x: IntLike, exponent: IntLike) -> Tensor:
 
 
 def multiply_by_quantized_multiplier(
-    x: IntLike, multiplier: IntLike, shift: IntLike, axis: int | None = None
+    x: IntLike, multiplier: IntLike, shift: IntLike, axis: int | None = None, rounding: str = "gemmlowp"
 ) -> Tensor:
     """TFLite ``MultiplyByQuantizedMultiplier``: ``x * M0 * 2^(shift - 31)`` with gemmlowp rounding.
 
@@ -250,8 +275,10 @@ def multiply_by_quantized_multiplier(
     ``x * 2^left`` saturates to int32 where the C++ reference would overflow (undefined there).
     ``multiplier``/``shift`` are ints or tensors; with ``axis`` given, 1-D per-channel tensors are
     broadcast along that axis of ``x``.  Requires ``shift`` in [-62, 31] and int32-range ``x``.
-    Output dtype: ``x``'s.
+    Output dtype: ``x``'s.  ``rounding="single"``: :func:`multiply_by_quantized_multiplier_single`.
     """
+    if check_rounding(rounding) == "single":
+        return multiply_by_quantized_multiplier_single(x, multiplier, shift, axis)
     xt = _as_int_tensor(x, "x")
     m = _along_axis(_as_int_tensor(multiplier, "multiplier").to(torch.int64), xt, axis)
     s = _along_axis(_as_int_tensor(shift, "shift").to(torch.int64), xt, axis)
@@ -265,6 +292,57 @@ def multiply_by_quantized_multiplier(
     return rounding_divide_by_pot(high, right).to(xt.dtype)
 
 
+def multiply_by_quantized_multiplier_single(
+    x: IntLike, multiplier: IntLike, shift: IntLike, axis: int | None = None
+) -> Tensor:
+    """TFLite ``MultiplyByQuantizedMultiplier`` under ``TFLITE_SINGLE_ROUNDING``: one rounding.
+
+    With ``t = 31 - shift``: ``(x * M0 + 2^(t-1)) >> t`` in int64 (an arithmetic, flooring shift),
+    i.e. ``floor(x M0 2^-t + 1/2)``: round to nearest, ties toward +inf (-2.5 -> -2). TFLite
+    allows ``shift`` in [-31, 30]; we accept [-62, 31] like the gemmlowp path: ``t = 0`` is the
+    exact product, and ``t >= 63`` gives 0 (``|x M0| < 2^62 <= 2^(t-1)``, so the value is below
+    1/2 in magnitude). A result outside int32 (possible only with ``shift > 0``; TFLite's DCHECK)
+    saturates. ``M0`` must lie in [0, 2^31 - 1], ``x`` in int32 range. Output dtype: ``x``'s.
+    """
+    xt = _as_int_tensor(x, "x")
+    m = _along_axis(_as_int_tensor(multiplier, "multiplier").to(torch.int64), xt, axis)
+    s = _along_axis(_as_int_tensor(shift, "shift").to(torch.int64), xt, axis)
+    _check_range(s, -_MAX_RIGHT_SHIFT, _MAX_LEFT_SHIFT, "shift")
+    _check_range(m, 0, INT32_MAX, "multiplier")
+    x64 = xt.to(torch.int64)
+    _check_range(x64, INT32_MIN, INT32_MAX, "x")
+    t = 31 - s  # 0..93
+    t_used = torch.clamp(t, max=_MAX_RIGHT_SHIFT)
+    half = torch.where(
+        t_used > 0,
+        torch.bitwise_left_shift(torch.ones_like(t_used), torch.clamp(t_used - 1, min=0)),
+        torch.zeros_like(t_used),
+    )
+    res = torch.bitwise_right_shift(x64 * m + half, t_used)  # |x M0| < 2^62: no int64 overflow
+    res = torch.where(t > _MAX_RIGHT_SHIFT, torch.zeros_like(res), res)
+    return torch.clamp(res, INT32_MIN, INT32_MAX).to(xt.dtype)
+
+
+def shift_right_rounded(x: IntLike, exponent: int, rounding: str = "gemmlowp") -> Tensor:
+    """``x / 2^exponent`` rounded as a requantization of ``rounding`` mode rounds (output dtype: ``x``'s).
+
+    ``"gemmlowp"``: :func:`rounding_divide_by_pot` (ties away from zero); ``"single"``:
+    ``(x + 2^(e-1)) >> e``, ties toward +inf, which is single-rounding
+    ``MultiplyByQuantizedMultiplier`` by ``2^-e`` (the final step of TFLite's quantized add).
+    """
+    if check_rounding(rounding) == "gemmlowp":
+        return rounding_divide_by_pot(x, exponent)
+    xt = _as_int_tensor(x, "x")
+    if not 0 <= exponent <= _MAX_RIGHT_SHIFT:
+        raise ValueError(f"exponent must lie in [0, {_MAX_RIGHT_SHIFT}], got {exponent}")
+    if exponent == 0:
+        return xt
+    x64 = xt.to(torch.int64)
+    if x64.numel() and int(x64.max()) > INT64_MAX - (1 << (exponent - 1)):
+        raise OverflowError(f"shift_right_rounded: x + 2^{exponent - 1} overflows int64")
+    return torch.bitwise_right_shift(x64 + (1 << (exponent - 1)), exponent).to(xt.dtype)
+
+
 def requantize(
     acc: IntLike,
     multiplier: IntLike,
@@ -273,16 +351,17 @@ def requantize(
     qmin: int,
     qmax: int,
     axis: int | None = None,
+    rounding: str = "gemmlowp",
 ) -> Tensor:
     """int32 accumulator -> output codes: ``clamp(MBQM(acc, M0, shift) + zero_point, qmin, qmax)``.
 
-    Rounding is that of :func:`multiply_by_quantized_multiplier`; ``zero_point`` may be
+    Rounding is that of :func:`multiply_by_quantized_multiplier` in mode ``rounding``; ``zero_point`` may be
     per-channel like ``multiplier``/``shift`` (broadcast along ``axis``).  Returns int32.
     """
     if qmin > qmax:
         raise ValueError(f"requantize: qmin {qmin} > qmax {qmax}")
     xt = _as_int_tensor(acc, "acc")
-    scaled = multiply_by_quantized_multiplier(xt, multiplier, shift, axis).to(torch.int64)
+    scaled = multiply_by_quantized_multiplier(xt, multiplier, shift, axis, rounding).to(torch.int64)
     zp = _along_axis(_as_int_tensor(zero_point, "zero_point").to(torch.int64), xt, axis)
     return torch.clamp(scaled + zp, qmin, qmax).to(torch.int32)
 

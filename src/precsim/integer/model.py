@@ -3,6 +3,11 @@
 Floats exist only at the two boundaries: :meth:`IntegerModel.__call__` quantizes the float
 input with the input quantizer's scale and zero point (exactly as the simulation did) and
 dequantizes the output codes. :meth:`IntegerModel.run_integer` is integers in, integers out.
+
+``IntegerModel.rounding`` is the requantization rounding mode (``"gemmlowp"`` double rounding,
+the default, or TFLite's ``"single"`` rounding; :mod:`precsim.integer.fixedpoint`). Every op that
+requantizes carries it, and the model checks that they agree, so a saved file, ``describe()``
+and the ONNX export all see one mode.
 """
 
 from __future__ import annotations
@@ -14,11 +19,17 @@ import torch
 from torch import Tensor
 
 from precsim.integer import vit_ops  # noqa: F401  (registers the transformer ops with op_from_state)
+from precsim.integer.fixedpoint import check_rounding
 from precsim.integer.ops import Op, QParams, op_from_state, to_nchw, to_nhwc
 
 __all__ = ["IntegerModel", "describe"]
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: requantization rounding mode (files of version 1 are all "gemmlowp")
+_READABLE_VERSIONS = (1, 2)
+_ROUNDING_TEXT = {
+    "gemmlowp": "gemmlowp (SaturatingRoundingDoublingHighMul, then RoundingDivideByPOT: double rounding)",
+    "single": "single (TFLite TFLITE_SINGLE_ROUNDING: one rounding of acc M0 2^(shift-31), ties toward +inf)",
+}
 Record = list[tuple[str, str, Tensor]]
 
 
@@ -26,10 +37,16 @@ class IntegerModel:
     """A list of integer ops over named tensors, plus the input/output quantization.
 
     ``notes`` holds what the converter wants users to know (e.g. int64 accumulators).
+    ``rounding`` is the requantization mode; every op with a ``rounding`` field must use it.
     """
 
     def __init__(self, ops: list[Op], input_name: str, output_name: str, input_qp: QParams, output_qp: QParams,
-                 source: str = "", notes: list[str] | None = None) -> None:
+                 source: str = "", notes: list[str] | None = None, rounding: str = "gemmlowp") -> None:
+        self.rounding = check_rounding(rounding)
+        odd = [f"{op.name} ({op.rounding!r})" for op in ops if getattr(op, "rounding", rounding) != rounding]
+        if odd:
+            raise ValueError(f"integer model with rounding {rounding!r} has ops that requantize differently: "
+                             + ", ".join(odd[:5]))
         self.ops, self.input_name, self.output_name = ops, input_name, output_name
         self.input_qp, self.output_qp = input_qp, output_qp
         self.source = source
@@ -107,7 +124,7 @@ class IntegerModel:
             "ops": [op.state() for op in self.ops],
             "input_name": self.input_name, "output_name": self.output_name,
             "input_qp": self.input_qp.state(), "output_qp": self.output_qp.state(),
-            "source": self.source, "notes": list(self.notes),
+            "source": self.source, "notes": list(self.notes), "rounding": self.rounding,
         }
 
     def save(self, path: str | Path) -> None:
@@ -117,11 +134,13 @@ class IntegerModel:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> IntegerModel:
         version = state.get("precsim_integer_model")
-        if version != _FORMAT_VERSION:
-            raise ValueError(f"not a precsim integer model (format version {version!r}, expected {_FORMAT_VERSION})")
+        if version not in _READABLE_VERSIONS:
+            raise ValueError(f"not a precsim integer model (format version {version!r}, expected one of "
+                             f"{', '.join(map(str, _READABLE_VERSIONS))})")
         ops = [op_from_state(s) for s in state["ops"]]
         return cls(ops, state["input_name"], state["output_name"], QParams.from_state(state["input_qp"]),
-                   QParams.from_state(state["output_qp"]), state.get("source", ""), state.get("notes", []))
+                   QParams.from_state(state["output_qp"]), state.get("source", ""), state.get("notes", []),
+                   state.get("rounding", "gemmlowp"))
 
     @classmethod
     def load(cls, path: str | Path) -> IntegerModel:
@@ -132,7 +151,8 @@ class IntegerModel:
         return describe(self)
 
     def __repr__(self) -> str:
-        return f"IntegerModel({self.source or 'model'}, {len(self.ops)} ops, {self.nbytes()} bytes of constants)"
+        return (f"IntegerModel({self.source or 'model'}, {len(self.ops)} ops, {self.nbytes()} bytes of constants, "
+                f"rounding={self.rounding!r})")
 
 
 _COLUMNS = ["layer", "op", "in", "weight", "acc", "out", "M0", "n", "Z_in", "Z_w", "Z_out", "S_in", "S_w",
@@ -156,5 +176,6 @@ def describe(imodel: IntegerModel) -> str:
     lines = ["  ".join(c.ljust(width[c]) for c in _COLUMNS), "  ".join("-" * width[c] for c in _COLUMNS)]
     lines += ["  ".join(r.get(c, "-").ljust(width[c]) for c in _COLUMNS) for r in rows]
     lines.append(f"constants: {imodel.nbytes()} bytes")
+    lines.append(f"requantization: {_ROUNDING_TEXT[imodel.rounding]}")
     lines += [f"note: {n}" for n in imodel.notes]
     return "\n".join(lines)

@@ -11,7 +11,9 @@ gemmlowp's fixed-point rounding. Here each layer is:
 * ``Cast`` to int64, ``Add`` the int32 bias,
 * ``MultiplyByQuantizedMultiplier`` in int64: ``Mul`` by M0, then SaturatingRoundingDoublingHighMul
   and RoundingDivideByPOT fused into one flooring division by ``2^(31 + n)`` after adding
-  ``2^30 + 2^(n-1) 2^31 - [p < -2^30] 2^31`` (see :class:`precsim.integer.ops.FixedPointMultiplier`),
+  ``2^30 + 2^(n-1) 2^31 - [p < -2^30] 2^31`` (see :class:`precsim.integer.ops.FixedPointMultiplier`);
+  for an integer model with ``rounding="single"``, TFLite's single rounding: ``Add`` ``2^(30 + n)``
+  and floor-divide by ``2^(31 + n)``,
 * ``Add`` the output zero point, ``Clip`` to the (ReLU-folded) bounds, ``Cast`` to uint8/int8.
 
 Residual adds, requantizations and pooling sums use the same int64 pieces. The graph takes the
@@ -67,8 +69,9 @@ def _import_onnx() -> Any:
 class _Graph:
     """Collects ONNX nodes and constants with generated names."""
 
-    def __init__(self, onnx: Any) -> None:
+    def __init__(self, onnx: Any, rounding: str = "gemmlowp") -> None:
         self.onnx, self.helper = onnx, onnx.helper
+        self.rounding = rounding
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self.count = 0
@@ -105,6 +108,14 @@ class _Graph:
         left, right = np.maximum(s, 0), np.maximum(-s, 0)
         if (right > 31).any():
             raise ExportError("a requantization right shift above 31 is not exported")
+        if self.rounding == "single":  # one rounding: (x M0 + 2^(t-1)) >> t, t = 31 - shift in 0..62
+            t = 31 - s
+            p = self.node("Mul", [x, self.i64(m)])  # |x M0| < 2^62
+            half = np.where(t > 0, np.left_shift(np.int64(1), np.maximum(t - 1, 0)), 0)
+            y = self.floor_div(self.node("Add", [p, self.i64(half)]), self.i64(np.left_shift(np.int64(1), t)))
+            if (s > 0).any():  # saturate as fixedpoint.multiply_by_quantized_multiplier_single does
+                y = self.node("Clip", [y, self.i64(-(2**31)), self.i64(2**31 - 1)])
+            return y
         if (left > 0).any():
             x = self.node("Mul", [x, self.i64(np.left_shift(np.int64(1), left))])
             x = self.node("Clip", [x, self.i64(-(2**31)), self.i64(2**31 - 1)])
@@ -117,9 +128,12 @@ class _Graph:
         return self.floor_div(t, self.i64(np.left_shift(np.int64(1), right + 31)))
 
     def rdbpot(self, x: str, exponent: int) -> str:
-        """RoundingDivideByPOT: x / 2^e rounded to nearest, ties away from zero."""
+        """x / 2^e rounded as fixedpoint.shift_right_rounded: ties away from zero (gemmlowp's
+        RoundingDivideByPOT), or toward +inf with single rounding."""
         if exponent == 0:
             return x
+        if self.rounding == "single":
+            return self.floor_div(self.node("Add", [x, self.i64(1 << (exponent - 1))]), self.i64(1 << exponent))
         neg = self.node("Cast", [self.node("Less", [x, self.i64(0)])], to=self.onnx.TensorProto.INT64)
         t = self.node("Sub", [self.node("Add", [x, self.i64(1 << (exponent - 1))]), neg])
         return self.floor_div(t, self.i64(1 << exponent))
@@ -248,11 +262,12 @@ def export_onnx(imodel: IntegerModel, path: str | Path, example: Tensor) -> Any:
 
     ``example``: a float input batch (its shape fixes the non-batch dimensions; the batch
     dimension stays dynamic). Graph input ``input`` (float32); outputs ``output`` (float32)
-    and ``output_codes`` (the integer codes).
+    and ``output_codes`` (the integer codes). Both rounding modes of the integer model are
+    written out exactly (int64 ``Mul``/``Add`` and a flooring division).
     """
     onnx = _import_onnx()
     helper = onnx.helper
-    g = _Graph(onnx)
+    g = _Graph(onnx, imodel.rounding)
     with torch.no_grad():
         shapes = _shapes(imodel, example)
     iq, oq = imodel.input_qp, imodel.output_qp

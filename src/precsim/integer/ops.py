@@ -13,8 +13,10 @@ shifts, zero points, clamp bounds) and has two implementations:
   partial sum is an integer below 2^53, checked), the same fixed-point requantization.
 
 Requantization is always ``clamp(Z3 + MultiplyByQuantizedMultiplier(acc, M0, shift))`` from
-:mod:`precsim.integer.fixedpoint` (SaturatingRoundingDoublingHighMul, then RoundingDivideByPOT).
-ReLU/ReLU6 are folded into the clamp bounds.
+:mod:`precsim.integer.fixedpoint`, in the op's ``rounding`` mode: ``"gemmlowp"``
+(SaturatingRoundingDoublingHighMul, then RoundingDivideByPOT) or ``"single"`` (TFLite's single
+rounding). Every rounding right shift of an op (the residual add's final ``>> L``, the rounding
+of int64 accumulators) follows the same mode. ReLU/ReLU6 are folded into the clamp bounds.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from torch import Tensor
 from precsim.integer.fixedpoint import (
     INT32_MAX,
     INT32_MIN,
+    check_rounding,
     multiply_by_quantized_multiplier,
     quantize_multiplier,
     requantize,
-    rounding_divide_by_pot,
+    shift_right_rounded,
 )
 
 __all__ = [
@@ -125,29 +128,45 @@ def _exact_int(x: Tensor, where: str) -> Tensor:
 
 
 def _requant(acc: Tensor, m0: Tensor | int, shift: Tensor | int, pre_shift: int, zp: int, lo: int, hi: int,
-             axis: int | None) -> Tensor:
+             axis: int | None, rounding: str = "gemmlowp") -> Tensor:
     """Reference requantization by :mod:`fixedpoint` (int32 out); ``pre_shift`` rounds int64 sums first."""
     if pre_shift:
-        acc = rounding_divide_by_pot(acc.to(torch.int64), pre_shift)
-    return requantize(acc.to(torch.int32), m0, shift, zp, lo, hi, axis=axis)
+        acc = shift_right_rounded(acc.to(torch.int64), pre_shift, rounding)
+    return requantize(acc.to(torch.int32), m0, shift, zp, lo, hi, axis=axis, rounding=rounding)
 
 
 class FixedPointMultiplier:
     """``MultiplyByQuantizedMultiplier`` fused into a few int64 passes, for the integer kernels.
 
-    Bit-identical to :func:`fixedpoint.multiply_by_quantized_multiplier` for ``M0 >= 0`` (tested):
-    ``SRDHM(a, M0) = (a M0 + 2^30) >> 31`` (C's truncating division with gemmlowp's nudge equals
-    this flooring shift for both signs), ``RoundingDivideByPOT(h, e) = (h + 2^(e-1) - [h < 0]) >> e``,
-    and the two shifts compose: with ``p = a M0`` and ``e >= 1`` the result is
-    ``(p + 2^30 + 2^(e-1) 2^31 - [p < -2^30] 2^31) >> (31 + e)``.
+    Bit-identical to :func:`fixedpoint.multiply_by_quantized_multiplier` in the same ``rounding``
+    mode for ``M0 >= 0`` (tested).
+
+    ``"gemmlowp"``: ``SRDHM(a, M0) = (a M0 + 2^30) >> 31`` (C's truncating division with
+    gemmlowp's nudge equals this flooring shift for both signs),
+    ``RoundingDivideByPOT(h, e) = (h + 2^(e-1) - [h < 0]) >> e``, and the two shifts compose: with
+    ``p = a M0`` and ``e >= 1`` the result is ``(p + 2^30 + 2^(e-1) 2^31 - [p < -2^30] 2^31) >> (31 + e)``.
+
+    ``"single"``: ``(x M0 + 2^(t-1)) >> t`` with ``t = 31 - shift`` (0 where ``t >= 63``), saturated
+    to int32 when a left shift (``shift > 0``) could leave its range.
+
     ``m0``/``shift`` are ints or per-channel vectors broadcast along the last dimension.
     """
 
-    def __init__(self, m0: Tensor | int, shift: Tensor | int) -> None:
+    def __init__(self, m0: Tensor | int, shift: Tensor | int, rounding: str = "gemmlowp") -> None:
         m = torch.as_tensor(m0).to(torch.int64)
         s = torch.as_tensor(shift).to(torch.int64)
         if bool((m < 0).any()):
             raise ValueError("FixedPointMultiplier needs M0 >= 0")
+        self.rounding = check_rounding(rounding)
+        if self.rounding == "single":
+            t = 31 - s
+            far = t > 62  # |x M0| < 2^62 <= 2^(t-1): rounds to 0
+            self.m0 = torch.where(far, torch.zeros_like(m), m)
+            self.total_shift = torch.where(far, torch.zeros_like(t), t)
+            self.add = torch.where(self.total_shift > 0, torch.bitwise_left_shift(
+                torch.ones_like(t), torch.clamp(self.total_shift - 1, min=0)), 0)
+            self.saturate = bool((s > 0).any())
+            return
         self.m0 = m
         self.left = torch.clamp(s, min=0)
         right = torch.clamp(-s, min=0)
@@ -167,6 +186,9 @@ class FixedPointMultiplier:
     def __call__(self, x: Tensor) -> Tensor:
         """``x`` (int32-range values, any integer dtype) -> int64 ``x * M0 * 2^(shift - 31)``, rounded."""
         v = x.to(torch.int64)
+        if self.rounding == "single":
+            v = (v * self.m0).add_(self.add).bitwise_right_shift_(self.total_shift)
+            return v.clamp_(INT32_MIN, INT32_MAX) if self.saturate else v
         if self.any_left:
             v = torch.clamp(torch.bitwise_left_shift(v, self.left), INT32_MIN, INT32_MAX)
         v = v * self.m0  # |a M0| <= 2^62
@@ -180,12 +202,13 @@ class FixedPointMultiplier:
 
 
 def _requant_fast(acc: Tensor, mult: FixedPointMultiplier | None, pre_shift: int, zp: int, lo: int, hi: int,
-                  dtype: torch.dtype) -> Tensor:
+                  dtype: torch.dtype, rounding: str = "gemmlowp") -> Tensor:
     """The integer kernels' requantization: same results as :func:`_requant`, fewer passes."""
-    if pre_shift:  # RoundingDivideByPOT of the int64 sum, ties away from zero
-        acc = acc.to(torch.int64)
-        neg = (acc < 0).to(torch.int64)
-        acc = (acc + (1 << (pre_shift - 1)) - neg) >> pre_shift
+    if pre_shift:  # the int64 sum >> pre_shift, rounded as fixedpoint.shift_right_rounded
+        acc = acc.to(torch.int64) + (1 << (pre_shift - 1))
+        if rounding == "gemmlowp":  # RoundingDivideByPOT: ties away from zero
+            acc -= (acc < (1 << (pre_shift - 1))).to(torch.int64)
+        acc = acc >> pre_shift
     v = acc.to(torch.int64) if mult is None else mult(acc)  # None: the sum is already at the output scale
     v.add_(zp).clamp_(lo, hi)
     return v.to(dtype)
@@ -266,7 +289,7 @@ class ConvOp(Op):
     and ``bias`` (int32, scale S_in * S_w, zero point 0), ``multiplier`` (M0) and ``shift`` are
     per output channel. ``acc_dtype`` is ``int32`` unless the worst case ``acc_bound`` overflows
     it; then ``int64`` with a rounding ``pre_shift`` before requantization (already added into
-    ``shift``).
+    ``shift``). ``rounding``: the requantization mode (:data:`~precsim.integer.fixedpoint.ROUNDINGS`).
     """
 
     kind: ClassVar[str] = "conv"
@@ -292,6 +315,7 @@ class ConvOp(Op):
     padding: tuple[int, ...] = (0, 0)
     dilation: tuple[int, ...] = (1, 1)
     groups: int = 1
+    rounding: str = "gemmlowp"
     _w_mat: Tensor = field(init=False, repr=False, compare=False)
     _offset: Tensor = field(init=False, repr=False, compare=False)
     _has_wzp: bool = field(init=False, repr=False, compare=False)
@@ -312,7 +336,7 @@ class ConvOp(Op):
         # (groups, K, Cout/groups) with K ordered (C, kh, kw), as the im2col columns; a transposed
         # view of a (Cout/groups, K) block: torch's integer matmul runs 3-5x faster with K contiguous.
         self._w_mat = w.reshape(g, cout // g, k).contiguous().to(acc_t).transpose(1, 2)
-        self._mult = FixedPointMultiplier(self.multiplier, self.shift)
+        self._mult = FixedPointMultiplier(self.multiplier, self.shift, self.rounding)
 
     def state(self) -> dict[str, Any]:
         s = super().state()
@@ -366,7 +390,7 @@ class ConvOp(Op):
             acc = self._matmul(x.reshape(-1, x.shape[-1]).to(acc_t))
             _rec(record, self, "accumulator", acc)
             out = _requant_fast(acc, self._mult, self.pre_shift, self.out_qp.zero_point, self.lo, self.hi,
-                                self.out_qp.dtype)
+                                self.out_qp.dtype, self.rounding)
             return out.reshape(*lead, -1)
         n = x.shape[0]
         per_image = max(1, x[0].numel() * self.weight[0].numel() * 8 // max(1, x.shape[-1]))
@@ -377,7 +401,7 @@ class ConvOp(Op):
             acc = self._matmul(cols)
             _rec(record, self, "accumulator", acc)
             out = _requant_fast(acc, self._mult, self.pre_shift, self.out_qp.zero_point, self.lo, self.hi,
-                                self.out_qp.dtype)
+                                self.out_qp.dtype, self.rounding)
             outs.append(out.reshape(b, oh, ow, -1))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -403,7 +427,7 @@ class ConvOp(Op):
             raise OverflowError(f"{self.name}: accumulator overflowed int32 despite the bound")
         axis = 1 if self.op_type == "conv2d" else -1
         out = _requant(acc, self.multiplier, self.shift, self.pre_shift, self.out_qp.zero_point,
-                       self.lo, self.hi, axis=axis)
+                       self.lo, self.hi, axis=axis, rounding=self.rounding)
         return out.to(torch.int64)
 
     def describe_row(self) -> dict[str, str]:
@@ -430,7 +454,8 @@ class AddOp(Op):
 
     ``a' = MBQM((a - Za) << L, Ma0, sa)`` (Ma = Sa / S_out, likewise b), then
     ``q = clamp(Z_out + RoundingDivideByPOT(a' + b', L))``: one final rounding of an almost exact
-    sum, as TFLite's quantized add (which uses L = 20).
+    sum, as TFLite's quantized add (which uses L = 20). With ``rounding="single"`` the rescaling
+    and the final ``>> L`` round once each, ties toward +inf (TFLite's single-rounding add).
     """
 
     kind: ClassVar[str] = "add"
@@ -447,18 +472,19 @@ class AddOp(Op):
     left_shift: int
     lo: int
     hi: int
+    rounding: str = "gemmlowp"
 
     def __post_init__(self) -> None:
-        self._ma = FixedPointMultiplier(self.a_multiplier, self.a_shift)
-        self._mb = FixedPointMultiplier(self.b_multiplier, self.b_shift)
+        self._ma = FixedPointMultiplier(self.a_multiplier, self.a_shift, self.rounding)
+        self._mb = FixedPointMultiplier(self.b_multiplier, self.b_shift, self.rounding)
 
     def _combine(self, a: Tensor, b: Tensor) -> Tensor:
         one = 1 << self.left_shift
         a32 = (a.to(torch.int32) - self.a_qp.zero_point) * one
         b32 = (b.to(torch.int32) - self.b_qp.zero_point) * one
-        sa = multiply_by_quantized_multiplier(a32, self.a_multiplier, self.a_shift)
-        sb = multiply_by_quantized_multiplier(b32, self.b_multiplier, self.b_shift)
-        total = rounding_divide_by_pot(sa + sb, self.left_shift) + self.out_qp.zero_point
+        sa = multiply_by_quantized_multiplier(a32, self.a_multiplier, self.a_shift, rounding=self.rounding)
+        sb = multiply_by_quantized_multiplier(b32, self.b_multiplier, self.b_shift, rounding=self.rounding)
+        total = shift_right_rounded(sa + sb, self.left_shift, self.rounding) + self.out_qp.zero_point
         return torch.clamp(total, self.lo, self.hi)
 
     def run(self, a: Tensor, b: Tensor, record: list[tuple[str, str, Tensor]] | None = None) -> Tensor:
@@ -467,7 +493,7 @@ class AddOp(Op):
         sb = self._mb((b.to(torch.int32) - self.b_qp.zero_point) * one)
         _rec(record, self, "rescaled sum", sa.add_(sb))
         return _requant_fast(sa, None, self.left_shift, self.out_qp.zero_point, self.lo, self.hi,
-                             self.out_qp.dtype)
+                             self.out_qp.dtype, self.rounding)
 
     def reference(self, a: Tensor, b: Tensor) -> Tensor:
         return self._combine(a, b).to(torch.int64)
@@ -497,13 +523,14 @@ class RequantOp(Op):
     shift: int
     lo: int
     hi: int
+    rounding: str = "gemmlowp"
 
     def _apply(self, x: Tensor) -> Tensor:
         return requantize(x.to(torch.int32) - self.in_qp.zero_point, self.multiplier, self.shift,
-                          self.out_qp.zero_point, self.lo, self.hi)
+                          self.out_qp.zero_point, self.lo, self.hi, rounding=self.rounding)
 
     def __post_init__(self) -> None:
-        self._mult = FixedPointMultiplier(self.multiplier, self.shift)
+        self._mult = FixedPointMultiplier(self.multiplier, self.shift, self.rounding)
 
     def run(self, x: Tensor, record: list[tuple[str, str, Tensor]] | None = None) -> Tensor:
         return _requant_fast(x.to(torch.int32) - self.in_qp.zero_point, self._mult, 0, self.out_qp.zero_point,
@@ -566,6 +593,10 @@ class AvgPoolOp(Op):
     kernel: tuple[int, int] | None = None
     stride: tuple[int, int] | None = None
     multipliers: dict[int, tuple[int, int]] = field(default_factory=dict)
+    rounding: str = "gemmlowp"
+
+    def __post_init__(self) -> None:
+        check_rounding(self.rounding)
 
     def multiplier_for(self, count: int) -> tuple[int, int]:
         """(M0, shift) for a window of ``count`` elements (conversion-time maths, cached)."""
@@ -575,11 +606,11 @@ class AvgPoolOp(Op):
 
     def _finish(self, total: Tensor, count: int) -> Tensor:
         m0, shift = self.multiplier_for(count)
-        return requantize(total, m0, shift, self.out_qp.zero_point, self.lo, self.hi)
+        return requantize(total, m0, shift, self.out_qp.zero_point, self.lo, self.hi, rounding=self.rounding)
 
     def _finish_fast(self, total: Tensor, count: int) -> Tensor:
         m0, shift = self.multiplier_for(count)
-        return _requant_fast(total, FixedPointMultiplier(m0, shift), 0, self.out_qp.zero_point, self.lo, self.hi,
+        return _requant_fast(total, FixedPointMultiplier(m0, shift, self.rounding), 0, self.out_qp.zero_point, self.lo, self.hi,
                              self.out_qp.dtype)
 
     def run(self, x: Tensor, record: list[tuple[str, str, Tensor]] | None = None) -> Tensor:

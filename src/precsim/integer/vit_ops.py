@@ -28,9 +28,10 @@ from torch import Tensor
 
 from precsim.integer.fixedpoint import (
     INT32_MAX,
+    check_rounding,
     multiply_by_quantized_multiplier,
     requantize,
-    rounding_divide_by_pot,
+    shift_right_rounded,
 )
 from precsim.integer.ivit_ops import (
     ILayerNormConsts,
@@ -109,8 +110,12 @@ class MatMulOp(Op):
     lo: int
     hi: int
     factor: float = 1.0
+    rounding: str = "gemmlowp"
     _plans: dict[int, tuple[torch.dtype, int, FixedPointMultiplier]] = field(
         init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_rounding(self.rounding)
 
     def state(self) -> dict[str, Any]:
         s = super().state()
@@ -125,7 +130,7 @@ class MatMulOp(Op):
             acc_t = torch.int32 if bound <= INT32_MAX else torch.int64
             if self.shift + pre > 31:
                 raise OverflowError(f"{self.name}: requantization multiplier out of range for K = {k}")
-            self._plans[k] = (acc_t, pre, FixedPointMultiplier(self.multiplier, self.shift + pre))
+            self._plans[k] = (acc_t, pre, FixedPointMultiplier(self.multiplier, self.shift + pre, self.rounding))
         return self._plans[k]
 
     def run(self, a: Tensor, b: Tensor, record: Record | None = None) -> Tensor:
@@ -133,7 +138,8 @@ class MatMulOp(Op):
         acc_t, pre, mult = self.plan(a.shape[-1])
         acc = torch.matmul(a.to(acc_t) - self.a_qp.zero_point, b.to(acc_t) - self.b_qp.zero_point)
         _rec(record, self, "accumulator", acc)
-        return to_nhwc(_requant_fast(acc, mult, pre, self.out_qp.zero_point, self.lo, self.hi, self.out_qp.dtype))
+        return to_nhwc(_requant_fast(acc, mult, pre, self.out_qp.zero_point, self.lo, self.hi, self.out_qp.dtype,
+                                     self.rounding))
 
     def reference(self, a: Tensor, b: Tensor) -> Tensor:
         acc_t, pre, _ = self.plan(a.shape[-1])
@@ -143,9 +149,9 @@ class MatMulOp(Op):
         if acc_t == torch.int32 and acc.numel() and int(acc.abs().max()) > INT32_MAX:
             raise OverflowError(f"{self.name}: accumulator overflowed int32 despite the bound")
         if pre:
-            acc = rounding_divide_by_pot(acc, pre)
+            acc = shift_right_rounded(acc, pre, self.rounding)
         return requantize(acc.to(torch.int32), self.multiplier, self.shift + pre, self.out_qp.zero_point,
-                          self.lo, self.hi).to(torch.int64)
+                          self.lo, self.hi, rounding=self.rounding).to(torch.int64)
 
     def describe_row(self) -> dict[str, str]:
         k32 = INT32_MAX // max(1, self.a_qp.max_abs_centred * self.b_qp.max_abs_centred)
@@ -326,10 +332,11 @@ class AddConstOp(Op):
     dim: int
     lo: int
     hi: int
+    rounding: str = "gemmlowp"
     _mult: FixedPointMultiplier = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._mult = FixedPointMultiplier(self.multiplier, self.shift)
+        self._mult = FixedPointMultiplier(self.multiplier, self.shift, self.rounding)
 
     def state(self) -> dict[str, Any]:
         s = super().state()
@@ -350,12 +357,12 @@ class AddConstOp(Op):
         v = self._join(v)
         _rec(record, self, "rescaled sum", v)
         return to_nhwc(_requant_fast(v, None, self.left_shift, self.out_qp.zero_point, self.lo, self.hi,
-                                     self.out_qp.dtype))
+                                     self.out_qp.dtype, self.rounding))
 
     def reference(self, x: Tensor) -> Tensor:
         xc = (x.to(torch.int64) - self.in_qp.zero_point) * (1 << self.left_shift)
-        v = self._join(multiply_by_quantized_multiplier(xc, self.multiplier, self.shift))
-        out = rounding_divide_by_pot(v, self.left_shift) + self.out_qp.zero_point
+        v = self._join(multiply_by_quantized_multiplier(xc, self.multiplier, self.shift, rounding=self.rounding))
+        out = shift_right_rounded(v, self.left_shift, self.rounding) + self.out_qp.zero_point
         return torch.clamp(out, self.lo, self.hi)
 
     def nbytes(self) -> int:
