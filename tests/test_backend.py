@@ -166,3 +166,26 @@ def test_input_quantizer_tolerates_in_place_changes_of_its_input() -> None:
     h.add_(1.0)  # after the forward pass, before backward
     out.sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("spec", ["mxfp8_e4m3", "mxfp4", "mxint8", "nvfp4"])
+def test_block_max_is_the_magnitude_bit_max(compiled, spec: str) -> None:
+    """The per-block max (a float reduction) picks the scale that the max of the magnitudes'
+    bit patterns gives: subnormal and all-zero blocks, and a NaN of either sign makes its block
+    NaN, eager and compiled."""
+    fmt = parse_format(spec)
+    torch.manual_seed(2)
+    n = fmt.block_size  # one block per row
+    x = torch.randn(256, n) * torch.exp2(torch.randint(-150, 128, (256, 1)).float())
+    neg_nan = torch.tensor(-0x400000, dtype=torch.int32).view(torch.float32)  # 0xFFC00000
+    x[0, 5] = neg_nan
+    x[1, :] = neg_nan
+    x[2, 7] = -float("inf")
+    x[3, :] = -0.0
+    x[4, :] = torch.randn(n) * 1e-42  # subnormal block
+    x[5, :] = 1e-45
+    bits = (x.view(torch.int32) & 0x7FFFFFFF).amax(dim=-1)
+    for out in (fmt.quantize(x, "nearest"), run_quantize(fmt, x, "nearest")):
+        assert torch.equal(out.isnan().all(dim=-1), bits > 0x7F800000 - 1)
+        assert not out[bits < 0x7F800000].isnan().any()
+        assert fmt.scale != "e8m0" or (out[3:6] == 0).all()  # zero, subnormal blocks: bottom scale

@@ -121,9 +121,12 @@ class BlockFormat:
         the random bits as the padded layout does (:func:`precsim.formats.random.random_bits`).
         """
         random_bits = bits_for(blocks.shape, rounding, seed, random_bits, row_stride)
-        # max |x| per block on the bit patterns (int order is float order for magnitudes; NaN
-        # patterns sort above Inf): one integer reduction that fuses with the rounding below
-        amax_bits = (float_bits(blocks) & 0x7FFFFFFF).amax(dim=-1, keepdim=True)
+        # max |x| per block as a float reduction (exact: max never rounds, and float order is
+        # the bit order for magnitudes), then read as bits: a NaN block gets a NaN (its sign
+        # bit cleared, so that it sorts above Inf). Not an integer amax of the bit patterns:
+        # Inductor's CPU code reduces an int32 vector to a scalar element by element, which
+        # made the whole MX kernel 1.9x clone against 1.1x for the float reduction.
+        amax_bits = float_bits(blocks.abs().amax(dim=-1, keepdim=True)) & 0x7FFFFFFF
         if self.scale == "e8m0":
             out = self._quantize_mx(blocks, amax_bits, rounding, random_bits)
         else:
