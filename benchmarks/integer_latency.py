@@ -15,29 +15,16 @@ import argparse
 import datetime
 import io
 import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _timing import timeit
 from torch import nn
 from torch.utils.data import DataLoader
 
 import precsim
 from precsim.zoo import get_model, load_dataset
-
-
-def timeit(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -23,12 +23,12 @@ import datetime
 import io
 import json
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _timing import timeit
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -58,20 +58,25 @@ def train(model: nn.Module, data: TensorDataset, epochs: int, lr: float, batch: 
     return time.perf_counter() - start
 
 
+def load_or_train(model: nn.Module, path: Path | None, what: str, plan: str, fit: Callable[[], float]) -> float:
+    """Load ``model``'s state dict from ``path`` if that file exists (0 s), else print ``plan``, run ``fit``
+    (returns its wall time) and save the state dict there when a ``path`` is given. ``model`` ends in eval mode."""
+    if path is not None and path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        model.eval()
+        print(f"{what} loaded from {path}")
+        return 0.0
+    print(plan)
+    seconds = fit()
+    if path is not None:
+        torch.save(model.state_dict(), path)
+    model.eval()
+    return seconds
+
+
 def predictions(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 250) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)])
-
-
-def timeit(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -100,31 +105,19 @@ def main() -> None:
     model = get_model("vit", patch_size=args.patch, dim=args.dim, depth=args.depth, heads=args.heads)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"ViT patch {args.patch}, width {args.dim}, depth {args.depth}, {args.heads} heads: {n_params} parameters")
-    if args.checkpoint is not None and args.checkpoint.exists():
-        model.load_state_dict(torch.load(args.checkpoint, weights_only=True))
-        fp32_time = 0.0
-        print(f"FP32 weights loaded from {args.checkpoint}")
-    else:
-        print(f"FP32 training: {args.fp32_epochs} epochs, Adam lr {args.lr} (cosine), batch {args.batch}")
-        fp32_time = train(model, train_set, args.fp32_epochs, args.lr, args.batch, seed=0)
-        if args.checkpoint is not None:
-            torch.save(model.state_dict(), args.checkpoint)
-    model.eval()
+    fp32_time = load_or_train(
+        model, args.checkpoint, "FP32 weights",
+        f"FP32 training: {args.fp32_epochs} epochs, Adam lr {args.lr} (cosine), batch {args.batch}",
+        lambda: train(model, train_set, args.fp32_epochs, args.lr, args.batch, seed=0))
     acc_fp32 = (predictions(model, x).argmax(1) == labels).float().mean().item() * 100
     print(f"FP32 test accuracy {acc_fp32:.1f}%")
 
     qmodel = copy.deepcopy(model)
     precsim.prepare(qmodel, precsim.ivit_config(qmodel))
-    if args.qat_checkpoint is not None and args.qat_checkpoint.exists():
-        qmodel.load_state_dict(torch.load(args.qat_checkpoint, weights_only=True))  # observer ranges included
-        qmodel.eval()
-        qat_time = 0.0
-        print(f"QAT weights and quantizer state loaded from {args.qat_checkpoint}")
-    else:
-        print(f"QAT: {args.qat_epochs} epochs, Adam lr {args.qat_lr} (cosine), batch {args.batch}")
-        qat_time = train(qmodel, train_set, args.qat_epochs, args.qat_lr, args.batch, seed=1)
-        if args.qat_checkpoint is not None:
-            torch.save(qmodel.state_dict(), args.qat_checkpoint)
+    qat_time = load_or_train(  # the QAT state dict holds the observer ranges too
+        qmodel, args.qat_checkpoint, "QAT weights and quantizer state",
+        f"QAT: {args.qat_epochs} epochs, Adam lr {args.qat_lr} (cosine), batch {args.batch}",
+        lambda: train(qmodel, train_set, args.qat_epochs, args.qat_lr, args.batch, seed=1))
     sim = predictions(qmodel, x)
     acc_sim = (sim.argmax(1) == labels).float().mean().item() * 100
     print(f"simulated (fake-quant) test accuracy {acc_sim:.1f}%")

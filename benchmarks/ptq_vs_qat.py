@@ -31,23 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import precsim
-from precsim.zoo import get_model, load_dataset
-
-
-def train(model: nn.Module, data: TensorDataset, steps: int, lr: float, seed: int, batch: int = 64) -> None:
-    loader = DataLoader(data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    done = 0
-    while done < steps:
-        for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            done += 1
-            if done == steps:
-                return
+from precsim.zoo import get_model, load_dataset, train_steps
 
 
 def recalibrate_bn(model: nn.Module, data: TensorDataset, batches: int = 8) -> None:
@@ -100,7 +84,7 @@ def main() -> None:
     for act in ("relu", "relu6"):
         torch.manual_seed(0)
         base = get_model("resnet", in_channels=1, num_classes=10, widths=widths, activation=act)
-        train(base, train_set, args.float_steps, 5e-3, seed=0)
+        train_steps(base, train_set, args.float_steps, 5e-3, seed=0)
         recalibrate_bn(base, train_set)
         base.eval()
         fp32 = accuracy(base, test_set)
@@ -112,7 +96,7 @@ def main() -> None:
                                         batches=args.calib_batches)
                 qat = precsim.prepare(copy.deepcopy(base),
                                       config(base, bits, what, {"freeze_after": args.qat_steps // 2}))
-                train(qat, train_set, args.qat_steps, 5e-4, seed=2)
+                train_steps(qat, train_set, args.qat_steps, 5e-4, seed=2)
                 qat.eval()
                 row = {"act": act, "bits": bits, "quantized": what, "fp32": fp32,
                        "ptq": accuracy(ptq, test_set), "qat": accuracy(qat, test_set), "ptq_int": None, "qat_int": None,

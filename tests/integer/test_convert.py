@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import precsim
 from precsim.bias import layer_bias_codes
@@ -23,25 +23,9 @@ from precsim.integer.convert import ConversionError, convert, integer_config
 from precsim.integer.exact import integer_exact
 from precsim.integer.model import IntegerModel, describe
 from precsim.integer.ops import ConvOp, to_nchw, to_nhwc
-from precsim.zoo import get_model, load_dataset
+from precsim.zoo import get_model, load_dataset, train_steps
 
 WIDTHS = (4, 8, 16)
-
-
-def _train(model: nn.Module, data: TensorDataset, steps: int, lr: float, seed: int) -> None:
-    loader = DataLoader(data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    done = 0
-    while done < steps:
-        for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            done += 1
-            if done == steps:
-                break
 
 
 @dataclass
@@ -78,11 +62,11 @@ def qat_resnet() -> Trained:
     torch.manual_seed(0)
     train, test = load_dataset("mnist5k")
     model = get_model("resnet", in_channels=1, num_classes=10, widths=WIDTHS, activation="relu")
-    _train(model, train, steps=200, lr=1e-2, seed=0)
+    train_steps(model, train, steps=200, lr=1e-2, seed=0)
     _recalibrate_bn(model, train)
     float_model = copy.deepcopy(model).eval()
     precsim.prepare(model, integer_config(model, fold_bn={"freeze_after": 10}))
-    _train(model, train, steps=20, lr=1e-3, seed=1)
+    train_steps(model, train, steps=20, lr=1e-3, seed=1)
     model.eval()
     return Trained(model, float_model, train, test)
 
@@ -312,9 +296,10 @@ def test_jacob_constants() -> None:
     assert relu_out.lo == relu_out.out_qp.zero_point  # ReLU folded into the clamp
 
 
-def test_only_integer_tensors_at_run_time() -> None:
-    o = outputs()
-    codes = o.imodel.quantize_input(qat_resnet().test.tensors[0][:32])
+def run_integer_dtypes(
+    imodel: IntegerModel, codes: torch.Tensor
+) -> tuple[list[tuple[str, str, torch.Tensor]], list[torch.dtype]]:
+    """``imodel.run_integer(codes)``'s record, and the dtype of every tensor any torch op made on the way."""
     record: list[tuple[str, str, torch.Tensor]] = []
     seen: list[torch.dtype] = []
 
@@ -327,7 +312,13 @@ def test_only_integer_tensors_at_run_time() -> None:
             return out
 
     with Dtypes():
-        o.imodel.run_integer(codes, record=record)
+        imodel.run_integer(codes, record=record)
+    return record, seen
+
+
+def test_only_integer_tensors_at_run_time() -> None:
+    o = outputs()
+    record, seen = run_integer_dtypes(o.imodel, o.imodel.quantize_input(qat_resnet().test.tensors[0][:32]))
     assert len(record) > len(o.imodel.ops) + 1  # outputs plus accumulators and sums
     bad = [(layer, what, t.dtype) for layer, what, t in record if t.dtype.is_floating_point]
     assert not bad

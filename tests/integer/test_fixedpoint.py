@@ -307,14 +307,21 @@ def test_mbqm_saturates_left_shift() -> None:
     assert got.tolist() == [2**30, -(2**30), 24]
 
 
-def test_mbqm_per_channel_axis() -> None:
-    rng = np.random.default_rng(6)
+def _mbqm_per_channel(
+    rng: np.random.Generator, rounding: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+    """Random int64 values (3, 5, 7), one multiplier and shift per channel of axis 1 (shifts -62..3): x, m, s, MBQM."""
     x = rng.integers(-(2**31), 2**31, size=(3, 5, 7), dtype=np.int64)
     m = rng.integers(2**30, 2**31, size=5, dtype=np.int64)
     s = np.array([-31, -7, 0, 3, -62], dtype=np.int64)
     got = multiply_by_quantized_multiplier(
-        torch.from_numpy(x), torch.from_numpy(m).int(), torch.from_numpy(s).int(), axis=1
+        torch.from_numpy(x), torch.from_numpy(m).int(), torch.from_numpy(s).int(), axis=1, rounding=rounding
     )
+    return x, m, s, got
+
+
+def test_mbqm_per_channel_axis() -> None:
+    x, m, s, got = _mbqm_per_channel(np.random.default_rng(6), "gemmlowp")
     assert got.dtype == torch.int64
     np.testing.assert_array_equal(got.numpy(), ref_mbqm(x, m[None, :, None], s[None, :, None]))
     # axis=-1 with last-dim parameters equals plain broadcasting
@@ -414,12 +421,7 @@ def test_mbqm_single_cases(x: int, m0: int, shift: int, single: int, gemmlowp: i
 
 def test_mbqm_single_per_channel_and_requantize() -> None:
     rng = np.random.default_rng(11)
-    x = rng.integers(-(2**31), 2**31, size=(3, 5, 7), dtype=np.int64)
-    m = rng.integers(2**30, 2**31, size=5, dtype=np.int64)
-    s = np.array([-31, -7, 0, 3, -62], dtype=np.int64)
-    got = multiply_by_quantized_multiplier(
-        torch.from_numpy(x), torch.from_numpy(m).int(), torch.from_numpy(s).int(), axis=1, rounding="single"
-    )
+    x, m, s, got = _mbqm_per_channel(rng, "single")
     np.testing.assert_array_equal(got.numpy(), ref_mbqm_single(x, m[None, :, None], s[None, :, None]))
     acc = rng.integers(-(2**24), 2**24, size=(64, 4), dtype=np.int64)
     m0, shift = quantize_multipliers(torch.tensor([0.01, 0.002, 1e-4, 0.3], dtype=torch.float64))

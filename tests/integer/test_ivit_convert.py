@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from test_convert import run_integer_dtypes
 from test_fixedpoint import ref_mbqm, ref_mbqm_single, ref_rdbpot, ref_shift_single
 from test_ivit_ops import ref_gelu_consts, ref_i_layernorm, ref_ln_consts, ref_shift_gelu, ref_shiftmax
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.data import DataLoader, TensorDataset
 
 import precsim
 from precsim.integer.convert import ConversionError, convert
@@ -38,7 +37,7 @@ from precsim.integer.vit_ops import (
     encode_index,
 )
 from precsim.prepare import summary_rows
-from precsim.zoo import Add, MatMul, get_model, load_dataset
+from precsim.zoo import Add, MatMul, get_model, load_dataset, train_steps
 
 ARCH = {"patch_size": 7, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2}
 # Per-layer bounds for test_layers_agree_with_simulation, in 8-bit steps (see layer_errors):
@@ -62,23 +61,6 @@ BOUNDS = {
 N_TEST = 500
 
 
-def _train(model: nn.Module, data: TensorDataset, steps: int, lr: float, seed: int) -> None:
-    loader = DataLoader(data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    done = 0
-    while done < steps:
-        for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            done += 1
-            if done == steps:
-                break
-    model.eval()
-
-
 @dataclass
 class Trained:
     model: nn.Module  # the QAT model, eval mode
@@ -96,9 +78,11 @@ def qat_vit() -> Trained:
     torch.manual_seed(0)
     train, test = load_dataset("mnist5k")
     model = get_model("vit", **ARCH)
-    _train(model, train, steps=250, lr=3e-3, seed=0)
+    train_steps(model, train, steps=250, lr=3e-3, seed=0)
+    model.eval()
     precsim.prepare(model, precsim.ivit_config(model))
-    _train(model, train, steps=40, lr=5e-4, seed=1)
+    train_steps(model, train, steps=40, lr=5e-4, seed=1)
+    model.eval()
     x, labels = test.tensors[0][:N_TEST], test.tensors[1][:N_TEST]
     imodel = convert(model)
     with torch.no_grad():
@@ -191,20 +175,7 @@ def test_layers_agree_with_simulation() -> None:
 
 def test_only_integer_tensors_at_run_time() -> None:
     t = qat_vit()
-    codes = t.imodel.quantize_input(t.x[:16])
-    record: list[tuple[str, str, torch.Tensor]] = []
-    seen: list[torch.dtype] = []
-
-    class Dtypes(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            out = func(*args, **(kwargs or {}))
-            for r in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(r, torch.Tensor):
-                    seen.append(r.dtype)
-            return out
-
-    with Dtypes():
-        t.imodel.run_integer(codes, record=record)
+    record, seen = run_integer_dtypes(t.imodel, t.imodel.quantize_input(t.x[:16]))
     assert len(record) > len(t.imodel.ops)
     assert not [(layer, what, r.dtype) for layer, what, r in record if r.dtype.is_floating_point]
     assert seen and not [d for d in seen if d.is_floating_point or d.is_complex]

@@ -230,8 +230,11 @@ class Op:
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
+        """The constructor's arguments as plain values (``init=False`` fields are caches rebuilt on load)."""
         out: dict[str, Any] = {"kind": self.kind}
         for f in fields(self):  # type: ignore[arg-type]
+            if not f.init:
+                continue
             v = getattr(self, f.name)
             out[f.name] = v.state() if isinstance(v, QParams) else v
         return out
@@ -337,12 +340,6 @@ class ConvOp(Op):
         # view of a (Cout/groups, K) block: torch's integer matmul runs 3-5x faster with K contiguous.
         self._w_mat = w.reshape(g, cout // g, k).contiguous().to(acc_t).transpose(1, 2)
         self._mult = FixedPointMultiplier(self.multiplier, self.shift, self.rounding)
-
-    def state(self) -> dict[str, Any]:
-        s = super().state()
-        for key in ("_w_mat", "_offset", "_has_wzp"):
-            s.pop(key, None)
-        return s
 
     def nbytes(self) -> int:
         keep = (self.weight, self.w_zero_point, self.bias, self.multiplier, self.shift)

@@ -117,11 +117,6 @@ class MatMulOp(Op):
     def __post_init__(self) -> None:
         check_rounding(self.rounding)
 
-    def state(self) -> dict[str, Any]:
-        s = super().state()
-        s.pop("_plans", None)
-        return s
-
     def plan(self, k: int) -> tuple[torch.dtype, int, FixedPointMultiplier]:
         """(accumulator dtype, pre_shift, multiplier) for inner size ``k``."""
         if k not in self._plans:
@@ -170,9 +165,23 @@ class MatMulOp(Op):
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _NonlinearOp(Op):
+    """One input, one I-ViT integer nonlinearity: ``consts`` are its integer constants (a
+    ``prepare_*`` dataclass as plain values, :func:`consts_state`), rebuilt into ``_k`` by each
+    subclass's ``__post_init__``."""
+
+    name: str
+    inputs: list[str]
+    output: str
+    in_qp: QParams
+    out_qp: QParams
+    consts: dict[str, Any]
+
+
 @register_op
 @dataclass
-class ShiftmaxOp(Op):
+class ShiftmaxOp(_NonlinearOp):
     """Integer softmax over the last dim (:func:`~precsim.integer.ivit_ops.shiftmax_int`).
 
     ``in_qp.scale`` is the real scale of the input codes (any zero point: the row max is
@@ -181,12 +190,6 @@ class ShiftmaxOp(Op):
     """
 
     kind: ClassVar[str] = "shiftmax"
-    name: str
-    inputs: list[str]
-    output: str
-    in_qp: QParams
-    out_qp: QParams
-    consts: dict[str, Any]
     _k: ShiftmaxConsts = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -197,11 +200,6 @@ class ShiftmaxOp(Op):
     def make(cls, name: str, inputs: list[str], output: str, in_qp: QParams, k: ShiftmaxConsts) -> ShiftmaxOp:
         out_qp = QParams(k.out_scale, 0, 0, k.out_max)
         return cls(name, inputs, output, in_qp, out_qp, consts_state(k))
-
-    def state(self) -> dict[str, Any]:
-        s = super().state()
-        s.pop("_k", None)
-        return s
 
     def run(self, x: Tensor, record: Record | None = None) -> Tensor:
         return to_nhwc(shiftmax_int(to_nchw(x), self._k).to(self.out_qp.dtype))
@@ -217,29 +215,18 @@ class ShiftmaxOp(Op):
 
 @register_op
 @dataclass
-class ShiftGeluOp(Op):
+class ShiftGeluOp(_NonlinearOp):
     """Integer GELU ``x sigmoid(1.702 x)`` (:func:`~precsim.integer.ivit_ops.shift_gelu_int`).
 
     Symmetric codes in and out (zero point 0), output clamped to ``out_qp``'s range.
     """
 
     kind: ClassVar[str] = "shiftgelu"
-    name: str
-    inputs: list[str]
-    output: str
-    in_qp: QParams
-    out_qp: QParams
-    consts: dict[str, Any]
     _k: ShiftGeluConsts = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         c = dict(self.consts)
         self._k = ShiftGeluConsts(exp=ShiftExpConsts(**c.pop("exp")), **c)
-
-    def state(self) -> dict[str, Any]:
-        s = super().state()
-        s.pop("_k", None)
-        return s
 
     def _apply(self, x: Tensor) -> Tensor:
         return torch.clamp(shift_gelu_int(x, self._k), self.out_qp.qmin, self.out_qp.qmax)
@@ -258,7 +245,7 @@ class ShiftGeluOp(Op):
 
 @register_op
 @dataclass
-class ILayerNormOp(Op):
+class ILayerNormOp(_NonlinearOp):
     """Integer LayerNorm over the last dim (:func:`~precsim.integer.ivit_ops.i_layernorm_int`).
 
     The mean is shift-invariant, so the input may have any zero point; ``consts`` hold the
@@ -266,21 +253,10 @@ class ILayerNormOp(Op):
     """
 
     kind: ClassVar[str] = "ilayernorm"
-    name: str
-    inputs: list[str]
-    output: str
-    in_qp: QParams
-    out_qp: QParams
-    consts: dict[str, Any]
     _k: ILayerNormConsts = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._k = ILayerNormConsts(**self.consts)
-
-    def state(self) -> dict[str, Any]:
-        s = super().state()
-        s.pop("_k", None)
-        return s
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self._k.weight_int, self._k.bias_int))
@@ -337,11 +313,6 @@ class AddConstOp(Op):
 
     def __post_init__(self) -> None:
         self._mult = FixedPointMultiplier(self.multiplier, self.shift, self.rounding)
-
-    def state(self) -> dict[str, Any]:
-        s = super().state()
-        s.pop("_mult", None)
-        return s
 
     def _join(self, v: Tensor) -> Tensor:
         if self.offset.numel():
