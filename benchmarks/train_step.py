@@ -31,7 +31,11 @@ SR = "stochastic"
 SCHEMES: dict[str, tuple[dict | None, float | None]] = {
     "fp32": (None, None),
     "int8 act+weight, fp32 grad": ({"activation": "int8", "weight": "int8"}, 1.3),
+    "int8 act+weight, fp32 grad, delayed act range": ({"activation": {"format": "int8", "delayed": True},
+                                                       "weight": "int8"}, 1.3),
     "int8 act+weight+grad": ({"activation": "int8", "weight": "int8", "gradient": "int8"}, 1.5),
+    "int8 act+weight+grad, delayed act range": ({"activation": {"format": "int8", "delayed": True},
+                                                 "weight": "int8", "gradient": "int8"}, 1.5),
     "bf16 act+weight+grad": ({"activation": "bf16", "weight": "bf16", "gradient": "bf16"}, 1.5),
     "fp8 e4m3 act+weight, fp32 grad": ({"activation": "fp8_e4m3", "weight": "fp8_e4m3"}, 1.3),
     "hfp8 1-4-3/1-5-2, SR grad": ({"activation": "hfp8_fwd", "weight": "hfp8_fwd",

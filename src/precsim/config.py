@@ -30,7 +30,8 @@ ROLES: tuple[str, ...] = ("activation", "input", "weight", "gradient", "weight_g
 GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel")
 STES: tuple[str, ...] = ("clipped", "plain")
 BIASES: tuple[str, ...] = ("fp32", "int32")  # fp32: not quantized; int32: codes at S_in*S_w
-_ROLE_KEYS = ("format", "rounding", "observer", "momentum", "percentile", "granularity", "axis", "ste", "scale")
+_ROLE_KEYS = ("format", "rounding", "observer", "momentum", "percentile", "granularity", "axis", "ste", "scale",
+              "delayed")
 _TOP_KEYS = (*ROLES, "rules", "seed", "fold_bn", "bias")
 _RULE_KEYS = ("match", "type", *ROLES, "bias")
 
@@ -44,7 +45,10 @@ class RoleSpec:
     outside the representable range (the default for integer formats), ``plain`` passes it all.
     ``scale`` (gradient roles): a static factor S applied as Q(S g) / S, the same as scaling the
     loss by S and unscaling before the optimizer, or ``"dynamic"``: S is halved on overflow of
-    the format and doubled after 1000 steps without one.
+    the format and doubled after 1000 steps without one. ``delayed`` (integer formats with a
+    minmax, running_minmax or moving_average observer): in ``train()``, quantize with the range
+    stored by the previous call and update it from this tensor in the same pass (the first call
+    measures first).
     """
 
     format: Format
@@ -54,6 +58,7 @@ class RoleSpec:
     percentile: float = 99.99
     ste: str = "clipped"
     scale: float | str | None = None
+    delayed: bool = False
 
     @property
     def is_identity(self) -> bool:
@@ -108,9 +113,15 @@ def parse_role(role: str, value: Any, ctx: str = "") -> RoleSpec:
         if scale != "dynamic" and not (isinstance(scale, (int, float)) and scale > 0):
             raise ValueError(f"role {role!r}{_where(ctx)}: scale {scale!r} not allowed; allowed: a number > 0 or 'dynamic'")
         scale = scale if scale == "dynamic" else float(scale)
+    delayed = value.get("delayed", False)
+    if not isinstance(delayed, bool):
+        raise ValueError(f"role {role!r}{_where(ctx)}: delayed {delayed!r} not allowed; allowed: true, false")
+    if delayed and not (isinstance(fmt, IntFormat) and fmt.group_size is None and observer != "percentile"):
+        raise ValueError(f"role {role!r}{_where(ctx)}: delayed needs an integer format (not grouped) with a "
+                         f"minmax, running_minmax or moving_average observer, got {fmt.name} / {observer}")
     try:
         return RoleSpec(fmt, rounding, observer, float(value.get("momentum", 0.1)),
-                        float(value.get("percentile", 99.99)), ste, scale)
+                        float(value.get("percentile", 99.99)), ste, scale, delayed)
     except (TypeError, ValueError) as err:
         raise ValueError(f"role {role!r}{_where(ctx)}: {err}") from None
 

@@ -126,6 +126,20 @@ def observe_and_quantize(
     return q, min_val, max_val
 
 
+def quantize_then_observe(
+    x: Tensor, seed: Tensor | None, min_val: Tensor, max_val: Tensor, initialized: Tensor,
+    fmt: IntFormat, kind: str, momentum: float, rounding: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Delayed observer: Q(x) with the stored range, and the range after seeing ``x`` (pure).
+
+    The rounding does not wait for this tensor's min/max, so both share one pass over ``x``.
+    Returns (Q(x), new min, new max).
+    """
+    q, _, _ = observe_and_quantize(x, seed, min_val, max_val, initialized, fmt, kind, momentum, rounding, False)
+    lo, hi = observe(x, min_val, max_val, initialized, fmt.axis, kind, momentum)
+    return q, lo, hi
+
+
 def observe(x: Tensor, min_val: Tensor, max_val: Tensor, initialized: Tensor, axis: int | None, kind: str,
             momentum: float) -> tuple[Tensor, Tensor]:
     """The observer's next range after seeing ``x`` (pure)."""
@@ -281,19 +295,28 @@ class Quantizer(nn.Module):
                 obs.update(x32)  # eager: quantiles, or the first call that sizes per-channel buffers
                 update = False
             lo, hi = obs.min_val, obs.max_val
-            if update:  # its own small kernel: fused with the rounding, its scalars cost 5 ms a call
-                lo, hi = call(observe, x32, (lo, hi, obs.initialized), (fmt.axis, obs.kind, obs.momentum))
-            q, _, _ = call(
-                observe_and_quantize, x32, (seed, lo, hi, obs.initialized),
-                (fmt, obs.kind, obs.momentum, rounding, False),
-                inline=inline_kernel(fmt, rounding),
-            )
-            if update:
-                obs.min_val.copy_(lo)
-                obs.max_val.copy_(hi)
-                obs.initialized.fill_(True)
-            else:  # the buffers themselves: a later forward may update them before this backward
-                lo, hi = lo.clone(), hi.clone()
+            if update and spec.delayed and training and bool(obs.initialized):
+                # the previous call's range: this tensor's min/max is measured in the same pass
+                q, new_lo, new_hi = call(
+                    quantize_then_observe, x32, (seed, lo, hi, obs.initialized),
+                    (fmt, obs.kind, obs.momentum, rounding), inline=inline_kernel(fmt, rounding))
+                lo, hi = lo.clone(), hi.clone()  # the range used, kept for the STE mask in backward
+                obs.min_val.copy_(new_lo)
+                obs.max_val.copy_(new_hi)
+            else:
+                if update:  # its own small kernel: fused with the rounding, its scalars cost 5 ms a call
+                    lo, hi = call(observe, x32, (lo, hi, obs.initialized), (fmt.axis, obs.kind, obs.momentum))
+                q, _, _ = call(
+                    observe_and_quantize, x32, (seed, lo, hi, obs.initialized),
+                    (fmt, obs.kind, obs.momentum, rounding, False),
+                    inline=inline_kernel(fmt, rounding),
+                )
+                if update:
+                    obs.min_val.copy_(lo)
+                    obs.max_val.copy_(hi)
+                    obs.initialized.fill_(True)
+                else:  # the buffers themselves: a later forward may update them before this backward
+                    lo, hi = lo.clone(), hi.clone()
             if spec.ste == "clipped":
                 ste = (x, lo, hi, fmt, None)
         elif isinstance(fmt, DSEFormat):

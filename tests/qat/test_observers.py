@@ -120,3 +120,67 @@ def test_eval_first_use_initializes_observer() -> None:
     assert obs.min_val == raw.min() and obs.max_val == raw.max()
     assert torch.equal(model(x), y)  # and later eval calls leave it alone
     assert obs.min_val == raw.min() and obs.max_val == raw.max()
+
+
+@pytest.mark.parametrize("compile_kernels", [False, True])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_delayed_observer_quantizes_with_previous_range(compile_kernels: bool, granularity: str) -> None:
+    """``delayed: true``: step 1 measures first; step n quantizes with the range stored after
+    step n-1, then stores the range after this batch (the same as the non-delayed observer's)."""
+    from precsim.config import parse_role
+    from precsim.formats.backend import compile_enabled, set_compile
+    from precsim.quantizer import Quantizer
+
+    before = compile_enabled()
+    set_compile(compile_kernels)
+    try:
+        role = {"format": "int8", "granularity": granularity, "momentum": 0.3}
+        delayed = Quantizer("activation", parse_role("activation", {**role, "delayed": True})).train()
+        plain = Quantizer("activation", parse_role("activation", role)).train()
+        g = torch.Generator().manual_seed(3)
+        xs = [torch.randn(64, 8, 12, generator=g) * (1 + 2 * i) for i in range(3)]
+        # step 1: no stored range yet, so both measure first
+        assert torch.equal(delayed(xs[0]), plain(xs[0]))
+        for x in xs[1:]:
+            stored = {k: v.clone() for k, v in plain.state_dict().items()}
+            ref = Quantizer("activation", parse_role("activation", role)).eval()
+            ref.load_state_dict(stored)  # eval: quantizes with the stored range, leaves it alone
+            y, y_plain = delayed(x), plain(x)
+            assert torch.equal(y, ref(x))
+            assert not torch.equal(y, y_plain)  # the range grew: the non-delayed one uses it at once
+            for k, v in plain.observer.state_dict().items():  # the same range afterwards
+                assert torch.equal(delayed.observer.state_dict()[k], v), k
+        # the state is in buffers: a reloaded quantizer continues identically
+        copy = Quantizer("activation", parse_role("activation", {**role, "delayed": True})).train()
+        copy.load_state_dict(delayed.state_dict())
+        x = torch.randn(64, 8, 12, generator=g) * 9
+        assert torch.equal(copy(x), delayed(x))
+        assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), delayed.state_dict().values(), strict=True))
+    finally:
+        set_compile(before)
+
+
+def test_delayed_observer_clipped_ste_uses_range_it_quantized_with() -> None:
+    from precsim.config import parse_role
+    from precsim.quantizer import Quantizer
+
+    q = Quantizer("activation", parse_role("activation", {"format": "int8", "delayed": True})).train()
+    q(torch.randn(32, 10))  # stored range about [-2.5, 2.5]
+    lo, hi = q.observer.min_val.clone(), q.observer.max_val.clone()
+    x = (torch.randn(32, 10) * 10).requires_grad_()
+    q(x).backward(torch.ones(32, 10))
+    fmt = q.spec.format
+    scale, zp = fmt.qparams(lo, hi)  # the range stored before this call, not the one after it
+    inside = (x >= (fmt.qmin - zp - 0.5) * scale) & (x <= (fmt.qmax - zp + 0.5) * scale)
+    assert 0 < int(inside.sum()) < x.numel()
+    assert torch.equal(x.grad, inside.float())
+
+
+@pytest.mark.parametrize("role", [{"format": "fp8_e4m3", "delayed": True},
+                                  {"format": "int8", "observer": "percentile", "delayed": True},
+                                  {"format": "int8", "delayed": "yes"}])
+def test_delayed_observer_rejected_where_it_does_not_apply(role) -> None:
+    from precsim.config import parse_role
+
+    with pytest.raises(ValueError, match="delayed"):
+        parse_role("activation", role)
