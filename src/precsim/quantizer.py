@@ -109,21 +109,12 @@ def apply_ste(g: Tensor, x: Tensor, lo: Tensor | None, hi: Tensor | None, fmt: F
     return g * ste_mask(x, lo, hi, fmt, clip)
 
 
-def observe_and_quantize(
-    x: Tensor, seed: Tensor | None, min_val: Tensor, max_val: Tensor, initialized: Tensor,
-    fmt: IntFormat, kind: str, momentum: float, rounding: str, update: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Observe (if ``update``) and quantize in one pure function.
-
-    Returns (Q(x), new min, new max).
-    """
-    if update:
-        lo, hi = tensor_range(x, reduce_dims(fmt.axis, x.dim()))
-        min_val, max_val = next_range(lo, hi, min_val, max_val, initialized, kind, momentum)
+def quantize_in_range(x: Tensor, seed: Tensor | None, min_val: Tensor, max_val: Tensor, fmt: IntFormat,
+                      rounding: str) -> Tensor:
+    """Q(x) on the integer grid that spans [min_val, max_val] (pure)."""
     lo, hi = broadcast_range(min_val, max_val, fmt.axis, x.dim())
     scale, zp = fmt.qparams(lo, hi)
-    q = fmt.quantize(x, rounding, seed=seed, scale=scale, zero_point=zp)  # type: ignore[arg-type]
-    return q, min_val, max_val
+    return fmt.quantize(x, rounding, seed=seed, scale=scale, zero_point=zp)  # type: ignore[arg-type]
 
 
 def quantize_then_observe(
@@ -135,7 +126,7 @@ def quantize_then_observe(
     The rounding does not wait for this tensor's min/max, so both share one pass over ``x``.
     Returns (Q(x), new min, new max).
     """
-    q, _, _ = observe_and_quantize(x, seed, min_val, max_val, initialized, fmt, kind, momentum, rounding, False)
+    q = quantize_in_range(x, seed, min_val, max_val, fmt, rounding)
     lo, hi = observe(x, min_val, max_val, initialized, fmt.axis, kind, momentum)
     return q, lo, hi
 
@@ -295,28 +286,22 @@ class Quantizer(nn.Module):
                 obs.update(x32)  # eager: quantiles, or the first call that sizes per-channel buffers
                 update = False
             lo, hi = obs.min_val, obs.max_val
+            new_range = None
             if update and spec.delayed and training and bool(obs.initialized):
                 # the previous call's range: this tensor's min/max is measured in the same pass
-                q, new_lo, new_hi = call(
-                    quantize_then_observe, x32, (seed, lo, hi, obs.initialized),
-                    (fmt, obs.kind, obs.momentum, rounding), inline=inline_kernel(fmt, rounding))
-                lo, hi = lo.clone(), hi.clone()  # the range used, kept for the STE mask in backward
-                obs.min_val.copy_(new_lo)
-                obs.max_val.copy_(new_hi)
+                q, *new_range = call(quantize_then_observe, x32, (seed, lo, hi, obs.initialized),
+                                     (fmt, obs.kind, obs.momentum, rounding), inline=inline_kernel(fmt, rounding))
             else:
                 if update:  # its own small kernel: fused with the rounding, its scalars cost 5 ms a call
-                    lo, hi = call(observe, x32, (lo, hi, obs.initialized), (fmt.axis, obs.kind, obs.momentum))
-                q, _, _ = call(
-                    observe_and_quantize, x32, (seed, lo, hi, obs.initialized),
-                    (fmt, obs.kind, obs.momentum, rounding, False),
-                    inline=inline_kernel(fmt, rounding),
-                )
-                if update:
-                    obs.min_val.copy_(lo)
-                    obs.max_val.copy_(hi)
-                    obs.initialized.fill_(True)
-                else:  # the buffers themselves: a later forward may update them before this backward
-                    lo, hi = lo.clone(), hi.clone()
+                    lo, hi = new_range = call(observe, x32, (lo, hi, obs.initialized),
+                                              (fmt.axis, obs.kind, obs.momentum))
+                q = call(quantize_in_range, x32, (seed, lo, hi), (fmt, rounding), inline=inline_kernel(fmt, rounding))
+            if lo is obs.min_val:  # the buffers: the update below or a later forward may change them before backward
+                lo, hi = lo.clone(), hi.clone()
+            if new_range is not None:
+                obs.min_val.copy_(new_range[0])
+                obs.max_val.copy_(new_range[1])
+                obs.initialized.fill_(True)
             if spec.ste == "clipped":
                 ste = (x, lo, hi, fmt, None)
         elif isinstance(fmt, DSEFormat):
