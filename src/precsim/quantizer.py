@@ -16,6 +16,7 @@ gradient format (see :func:`scale_limit`).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -23,9 +24,10 @@ from torch import Tensor, nn
 
 from precsim.config import RoleSpec
 from precsim.formats import BlockFormat, DSEFormat, FloatFormat, Format, IntFormat
-from precsim.formats.backend import call, inline_kernel, run_quantize
+from precsim.formats.backend import call, compile_enabled, inline_kernel, run_quantize
 from precsim.formats.rounding import exp2i, exponent_of
 from precsim.observers import Observer, broadcast_range, next_range, reduce_dims, tensor_range
+from precsim.ownership import baseline, owns_gradient
 
 _GOLDEN = -1640531527  # 0x9E3779B9 as int32
 _BACKWARD_SALT = 0x5BD1E995
@@ -45,7 +47,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     """y = Q(x) forward; dx = G(mask * dy) backward (mask: clipped STE, G: gradient format).
 
     The clipped-STE mask is normally not stored: backward recomputes it from the saved input
-    and the range the forward pass used (:func:`ste_mask`), fused with ``mask * dy`` (and the
+    and the bounds of the grid the forward pass used (:func:`ste_mask`), fused with ``mask * dy`` (and the
     gradient rounding) in one pass. A stored mask cost a full-size output of the forward kernel
     and an eager mixed-dtype multiply in backward: on CPU the two made int8 training 2.5x FP32.
     """
@@ -66,69 +68,100 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        refs = sys.getrefcount(grad)  # first: see ownership.owns_gradient
+        owned = compile_enabled() and owns_gradient(grad, refs)
         ste: SteArgs | None = None
         if ctx.ste_static is not None:
             saved = ctx.saved_tensors
             lo, hi = (saved[1], saved[2]) if ctx.ste_has_range else (None, None)
             ste = (saved[0], lo, hi, *ctx.ste_static)
         if ctx.backward_fn is not None:  # the mask is applied inside, fused with the rounding
-            return ctx.backward_fn(grad, ste), None, None
+            return ctx.backward_fn(grad, ste, owned), None, None
         if ste is None:
             return grad, None, None
-        base, lo, hi, fmt, clip = ste
-        return call(apply_ste, grad.float(), (base, lo, hi), (fmt, clip)).to(grad.dtype), None, None
+        base, lo, hi, clip = ste
+        if owned:
+            call(apply_ste_into, grad, (base, lo, hi), (clip,), flat=per_tensor(lo))
+            return grad, None, None
+        return call(apply_ste, grad.float(), (base, lo, hi), (clip,), flat=per_tensor(lo)).to(grad.dtype), None, None
 
 
-# The clipped STE's state: (base, lo, hi, format, clip). ``base`` is the forward input (float32
-# or the input's dtype) from which backward rebuilds the mask, or (format None) the mask itself.
-SteArgs = tuple[Tensor, Tensor | None, Tensor | None, Format | None, float | None]
+# The clipped STE's state: (base, lo, hi, clip). ``base`` is the forward input (float32 or the
+# input's dtype) from which backward rebuilds the mask: lo <= base <= hi (integers), |base| <=
+# clip (floats); or, with lo, hi and clip all None, the mask itself.
+SteArgs = tuple[Tensor, Tensor | None, Tensor | None, float | None]
 
 
-def ste_mask(x: Tensor, lo: Tensor | None, hi: Tensor | None, fmt: Format | None, clip: float | None) -> Tensor:
+def ste_mask(x: Tensor, lo: Tensor | None, hi: Tensor | None, clip: float | None) -> Tensor:
     """The clipped-STE mask: where ``x`` was inside the representable range (pure).
 
-    Integers (``lo``/``hi``: the range the forward pass quantized with): x within half a step of
-    [qmin, qmax] after scaling, [S (qmin - Z - 1/2), S (qmax - Z + 1/2)]. Float formats:
-    |x| <= ``clip`` (the format's max). ``fmt`` None: ``x`` is a mask already.
+    Integers: ``lo``/``hi`` are the clip bounds of the grid the forward pass used
+    (:func:`int_grid`). Float formats: |x| <= ``clip`` (the format's max). All None: ``x`` is
+    a mask already.
     """
-    if fmt is None:
+    if clip is not None:
+        return x.float().abs() <= clip
+    if lo is None:
         return x
     x = x.float()
-    if isinstance(fmt, IntFormat):
-        assert lo is not None and hi is not None
-        lo, hi = broadcast_range(lo, hi, fmt.axis, x.dim())
-        scale, zp = fmt.qparams(lo, hi)
-        return (x >= (fmt.qmin - zp - 0.5) * scale) & (x <= (fmt.qmax - zp + 0.5) * scale)
-    assert clip is not None
-    return x.abs() <= clip
+    return (x >= lo) & (x <= hi)
 
 
-def apply_ste(g: Tensor, x: Tensor, lo: Tensor | None, hi: Tensor | None, fmt: Format | None,
-              clip: float | None) -> Tensor:
+def apply_ste(g: Tensor, x: Tensor, lo: Tensor | None, hi: Tensor | None, clip: float | None) -> Tensor:
     """mask * g with the clipped-STE mask of ``x`` (one fused pass under compile)."""
-    return g * ste_mask(x, lo, hi, fmt, clip)
+    return g * ste_mask(x, lo, hi, clip)
 
 
-def quantize_in_range(x: Tensor, seed: Tensor | None, min_val: Tensor, max_val: Tensor, fmt: IntFormat,
-                      rounding: str) -> Tensor:
-    """Q(x) on the integer grid that spans [min_val, max_val] (pure)."""
-    lo, hi = broadcast_range(min_val, max_val, fmt.axis, x.dim())
-    scale, zp = fmt.qparams(lo, hi)
-    return fmt.quantize(x, rounding, seed=seed, scale=scale, zero_point=zp)  # type: ignore[arg-type]
+def per_tensor(bound: Tensor | None) -> bool:
+    """Whether STE bounds are one number for the whole tensor (None: no bounds)."""
+    return bound is None or bound.dim() == 0
 
 
-def quantize_then_observe(
-    x: Tensor, seed: Tensor | None, min_val: Tensor, max_val: Tensor, initialized: Tensor,
-    fmt: IntFormat, kind: str, momentum: float, rounding: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Delayed observer: Q(x) with the stored range, and the range after seeing ``x`` (pure).
+def apply_ste_into(g: Tensor, x: Tensor, lo: Tensor | None, hi: Tensor | None, clip: float | None) -> None:
+    """:func:`apply_ste` written into ``g`` (a gradient this backward owns)."""
+    g.copy_(apply_ste(g, x, lo, hi, clip))
 
-    The rounding does not wait for this tensor's min/max, so both share one pass over ``x``.
-    Returns (Q(x), new min, new max).
+
+def int_grid(min_val: Tensor, max_val: Tensor, fmt: IntFormat, ndim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The integer grid spanning [min_val, max_val]: (scale, zero point, STE lo, STE hi) (pure).
+
+    The STE bounds are the range of inputs within half a step of [qmin, qmax]:
+    [S (qmin - Z - 1/2), S (qmax - Z + 1/2)].
     """
-    q = quantize_in_range(x, seed, min_val, max_val, fmt, rounding)
-    lo, hi = observe(x, min_val, max_val, initialized, fmt.axis, kind, momentum)
-    return q, lo, hi
+    lo, hi = broadcast_range(min_val, max_val, fmt.axis, ndim)
+    scale, zp = fmt.qparams(lo, hi)
+    return scale, zp, (fmt.qmin - zp - 0.5) * scale, (fmt.qmax - zp + 0.5) * scale
+
+
+def quantize_on_grid(x: Tensor, seed: Tensor | None, scale: Tensor, zero_point: Tensor, fmt: IntFormat,
+                     rounding: str) -> Tensor:
+    """Q(x) on a given integer grid (pure)."""
+    return fmt.quantize(x, rounding, seed=seed, scale=scale, zero_point=zero_point)  # type: ignore[arg-type]
+
+
+def int_point(
+    x: Tensor, seed: Tensor | None, min_val: Tensor, max_val: Tensor, initialized: Tensor, fmt: IntFormat,
+    kind: str, momentum: float, rounding: str, observe_when: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """An integer quantization point's forward pass in one pure function (one compiled call).
+
+    ``observe_when``: ``before`` measures ``x`` and rounds on the new range's grid (two passes
+    over ``x``: the min/max, then the rounding); ``after`` (delayed ranges) rounds on the
+    stored range's grid and measures ``x`` in the same pass; ``never`` rounds on the stored
+    range. Returns (Q(x), next min, next max, scale, zero point, STE lo, STE hi).
+
+    The grid is among the outputs so that Inductor computes it once: left as an intermediate,
+    it was recomputed for every element, the division included (int8 rounding then cost 3x
+    fp8's).
+    """
+    lo, hi = min_val, max_val
+    if observe_when == "before":
+        lo, hi = observe(x, min_val, max_val, initialized, fmt.axis, kind, momentum)
+    scale, zp, ste_lo, ste_hi = int_grid(lo, hi, fmt, x.dim())
+    q = quantize_on_grid(x, seed, scale, zp, fmt, rounding)
+    if observe_when == "after":
+        lo, hi = observe(x, min_val, max_val, initialized, fmt.axis, kind, momentum)
+    return q, lo, hi, scale, zp, ste_lo, ste_hi
 
 
 def observe(x: Tensor, min_val: Tensor, max_val: Tensor, initialized: Tensor, axis: int | None, kind: str,
@@ -176,7 +209,7 @@ def next_grad_scale(g: Tensor, scale: Tensor, clean: Tensor, limit: float,
 def quantize_gradient_fn(
     g: Tensor, ste_x: Tensor | None, ste_lo: Tensor | None, ste_hi: Tensor | None, seed: Tensor | None,
     scale: Tensor | None, clean: Tensor | None, stored: Tensor | None, fmt: Format, rounding: str,
-    limit: float | None, interval: int, ste_fmt: Format | None, ste_clip: float | None,
+    limit: float | None, interval: int, ste_clip: float | None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The whole gradient point in one pure function (one fused pass under compile).
 
@@ -186,7 +219,7 @@ def quantize_gradient_fn(
     shift); the caller stores the state.
     """
     if ste_x is not None:
-        g = g * ste_mask(ste_x, ste_lo, ste_hi, ste_fmt, ste_clip)  # type: ignore[arg-type]
+        g = g * ste_mask(ste_x, ste_lo, ste_hi, ste_clip)
     next_scale = next_clean = measured = None
     s = scale
     if scale is not None:
@@ -200,6 +233,19 @@ def quantize_gradient_fn(
     if s is not None:
         q = q / s
     return q, next_scale, next_clean, measured
+
+
+def quantize_gradient_into(
+    g: Tensor, ste_x: Tensor | None, ste_lo: Tensor | None, ste_hi: Tensor | None, seed: Tensor | None,
+    scale: Tensor | None, clean: Tensor | None, stored: Tensor | None, fmt: Format, rounding: str,
+    limit: float | None, interval: int, ste_clip: float | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`quantize_gradient_fn` written into ``g`` (a gradient this backward owns); returns
+    the rest of its outputs."""
+    q, next_scale, next_clean, measured = quantize_gradient_fn(
+        g, ste_x, ste_lo, ste_hi, seed, scale, clean, stored, fmt, rounding, limit, interval, ste_clip)
+    g.copy_(q)
+    return next_scale, next_clean, measured
 
 
 def scale_limit(fmt: Format) -> float:
@@ -219,6 +265,7 @@ class Quantizer(nn.Module):
 
     def __init__(self, role: str, spec: RoleSpec | None, grad_spec: RoleSpec | None = None, seed: int = 0) -> None:
         super().__init__()
+        baseline()  # measured once, outside any backward pass (see ownership.owns_gradient)
         self.role, self.spec, self.grad_spec = role, spec, grad_spec
         self.register_buffer("seed", torch.tensor([mix_seed(seed, 1), mix_seed(seed, 2)], dtype=torch.int32))
         self.register_buffer("step", torch.zeros((), dtype=torch.int32))
@@ -256,8 +303,8 @@ class Quantizer(nn.Module):
         fwd_seed, bwd_seed = self._seeds(training)
         backward_fn = None
         if self.grad_spec is not None:
-            def backward_fn(g: Tensor, ste: SteArgs | None) -> Tensor:
-                return self.quantize_gradient(g, bwd_seed, training, ste)
+            def backward_fn(g: Tensor, ste: SteArgs | None, owned: bool) -> Tensor:
+                return self.quantize_gradient(g, bwd_seed, training, ste, owned)
         if self.spec is None:
             return _FakeQuantSTE.apply(x, lambda t: (t, None), backward_fn)
 
@@ -269,8 +316,8 @@ class Quantizer(nn.Module):
     def quantize_values(self, x: Tensor, seed: Tensor | None, training: bool) -> tuple[Tensor, SteArgs | None]:
         """Q(x) and what the clipped STE needs in backward (None: pass every gradient).
 
-        That is the input and the range the integer grid was built from (or the float clip), so
-        backward rebuilds the mask; an ``input`` quantizer stores the mask itself instead, since
+        That is the input and the bounds of the integer grid it was rounded on (or the float
+        clip), so backward rebuilds the mask; an ``input`` quantizer stores the mask itself instead, since
         its input stays visible to the caller, who may change it in place before backward."""
         spec = self.spec
         assert spec is not None
@@ -285,46 +332,44 @@ class Quantizer(nn.Module):
             if update and (obs.kind == "percentile" or obs.min_val.shape != channels):
                 obs.update(x32)  # eager: quantiles, or the first call that sizes per-channel buffers
                 update = False
-            lo, hi = obs.min_val, obs.max_val
-            new_range = None
-            if update and spec.delayed and training and bool(obs.initialized):
-                # the previous call's range: this tensor's min/max is measured in the same pass
-                q, *new_range = call(quantize_then_observe, x32, (seed, lo, hi, obs.initialized),
-                                     (fmt, obs.kind, obs.momentum, rounding), inline=inline_kernel(fmt, rounding))
-            else:
-                if update:  # its own small kernel: fused with the rounding, its scalars cost 5 ms a call
-                    lo, hi = new_range = call(observe, x32, (lo, hi, obs.initialized),
-                                              (fmt.axis, obs.kind, obs.momentum))
-                q = call(quantize_in_range, x32, (seed, lo, hi), (fmt, rounding), inline=inline_kernel(fmt, rounding))
-            if lo is obs.min_val:  # the buffers: the update below or a later forward may change them before backward
-                lo, hi = lo.clone(), hi.clone()
-            if new_range is not None:
-                obs.min_val.copy_(new_range[0])
-                obs.max_val.copy_(new_range[1])
+            when = "never"
+            if update:  # delayed: the previous call's range; this tensor's min/max in the same pass
+                when = "after" if spec.delayed and training and bool(obs.initialized) else "before"
+            q, lo, hi, _, _, ste_lo, ste_hi = call(
+                int_point, x32, (seed, obs.min_val, obs.max_val, obs.initialized),
+                (fmt, obs.kind, obs.momentum, rounding, when), inline=inline_kernel(fmt, rounding),
+                flat=fmt.axis is None)
+            if update:
+                obs.min_val.copy_(lo)
+                obs.max_val.copy_(hi)
                 obs.initialized.fill_(True)
-            if spec.ste == "clipped":
-                ste = (x, lo, hi, fmt, None)
+            if spec.ste == "clipped":  # the bounds are new tensors: a later update cannot change them
+                ste = (x, ste_lo, ste_hi, None)
         elif isinstance(fmt, DSEFormat):
             delayed = fmt.delayed
             stored = self.dse_shift if delayed and bool(self.dse_ready) else None  # the previous call's
-            q, shift = call(quantize_dse, x32, (seed, stored), (fmt, rounding))
+            q, shift = call(quantize_dse, x32, (seed, stored), (fmt, rounding), flat=True)
             if delayed and training:
                 self.dse_shift.copy_(shift)
                 self.dse_ready.fill_(True)
         elif isinstance(fmt, FloatFormat):
-            q = call(quantize_float, x32, (seed,), (fmt, rounding))
+            q = call(quantize_float, x32, (seed,), (fmt, rounding), flat=True)
             if spec.ste == "clipped" and not fmt.is_float32:
-                ste = (x, None, None, fmt, fmt.max)
+                ste = (x, None, None, fmt.max)
         else:  # blocks, and integers without an observer (grouped): cut into blocks outside the kernel
             q = run_quantize(fmt, x32, rounding, seed)
         if ste is not None and self.role == "input":
-            ste = (call(ste_mask, x32, ste[1:3], ste[3:]), None, None, None, None)
+            ste = (call(ste_mask, x32, ste[1:3], ste[3:], flat=per_tensor(ste[1])), None, None, None)
         return q.to(x.dtype), ste
 
     # --- backward ---------------------------------------------------------------------------
     @torch.no_grad()
-    def quantize_gradient(self, g: Tensor, seed: Tensor | None, training: bool, ste: SteArgs | None = None) -> Tensor:
-        """G(mask * g): the gradient rounded to the gradient role's format (scaled if asked)."""
+    def quantize_gradient(self, g: Tensor, seed: Tensor | None, training: bool, ste: SteArgs | None = None,
+                          owned: bool = False) -> Tensor:
+        """G(mask * g): the gradient rounded to the gradient role's format (scaled if asked).
+
+        ``owned``: ``g`` is this backward's own (:func:`precsim.ownership.owns_gradient`), so
+        the result is written into it instead of a new tensor."""
         spec = self.grad_spec
         assert spec is not None
         fmt = spec.format
@@ -338,16 +383,23 @@ class Quantizer(nn.Module):
         delayed = isinstance(fmt, DSEFormat) and fmt.delayed
         if delayed and bool(self.grad_dse_ready):
             stored = self.grad_dse_shift  # the shift measured on the previous backward
-        ste_x, ste_lo, ste_hi, ste_fmt, ste_clip = (None,) * 5 if ste is None else ste
+        ste_x, ste_lo, ste_hi, ste_clip = (None,) * 4 if ste is None else ste
         if isinstance(fmt, BlockFormat):  # blocks are cut outside the kernel (see run_quantize)
             g32 = g.float()
-            if ste_x is not None:
-                g32 = call(apply_ste, g32, (ste_x, ste_lo, ste_hi), (ste_fmt, ste_clip))
+            if ste_x is not None and owned:
+                call(apply_ste_into, g32, (ste_x, ste_lo, ste_hi), (ste_clip,), flat=per_tensor(ste_lo))
+            elif ste_x is not None:
+                g32 = call(apply_ste, g32, (ste_x, ste_lo, ste_hi), (ste_clip,), flat=per_tensor(ste_lo))
             q, next_scale, next_clean, shift = self._block_gradient(g32, seed, scale, clean, fmt, rounding, limit)
         else:
-            q, next_scale, next_clean, shift = call(
-                quantize_gradient_fn, g.float(), (ste_x, ste_lo, ste_hi, seed, scale, clean, stored),
-                (fmt, rounding, limit, GROWTH_INTERVAL, ste_fmt, ste_clip))
+            args = (ste_x, ste_lo, ste_hi, seed, scale, clean, stored)
+            static = (fmt, rounding, limit, GROWTH_INTERVAL, ste_clip)
+            flat = per_tensor(ste_lo) and not (isinstance(fmt, IntFormat) and fmt.axis is not None)
+            if owned:
+                q = g
+                next_scale, next_clean, shift = call(quantize_gradient_into, g, args, static, flat=flat)
+            else:
+                q, next_scale, next_clean, shift = call(quantize_gradient_fn, g.float(), args, static, flat=flat)
         if training:
             if next_scale is not None:
                 self.grad_scale.copy_(next_scale)
@@ -366,7 +418,7 @@ class Quantizer(nn.Module):
         s = scale
         if scale is not None:
             if limit is not None:
-                s, next_scale, next_clean = call(next_grad_scale, g, (scale, clean), (limit, GROWTH_INTERVAL))
+                s, next_scale, next_clean = call(next_grad_scale, g, (scale, clean), (limit, GROWTH_INTERVAL), flat=True)
             g = g * s
         q = run_quantize(fmt, g, rounding, seed)
         return (q if s is None else q / s), next_scale, next_clean, None

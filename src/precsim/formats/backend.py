@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 _state = {"compile": os.environ.get("PRECSIM_COMPILE", "0") not in ("0", "", "false", "False")}
-MIN_COMPILED_NUMEL = 4096  # below this a compiled call's fixed overhead outweighs the fusion
+MIN_COMPILED_NUMEL = 64  # below this a compiled call's fixed overhead outweighs the fusion
 
 
 def set_compile(enabled: bool) -> None:
@@ -67,7 +67,7 @@ def _compiled(fn: Callable[..., Any], static: tuple[Any, ...], inline: bool = Fa
 
 
 def call(fn: Callable[..., Any], x: Tensor, args: tuple[Any, ...], static: tuple[Any, ...] = (),
-         dynamic: tuple[int, ...] | None = None, inline: bool = False) -> Any:
+         dynamic: tuple[int, ...] | None = None, inline: bool = False, flat: bool = False) -> Any:
     """``fn(x, *args, *static)``, through a compiled copy per ``static`` when enabled.
 
     ``fn`` must be a pure function of tensors; ``static`` holds the hashable settings (format,
@@ -75,15 +75,38 @@ def call(fn: Callable[..., Any], x: Tensor, args: tuple[Any, ...], static: tuple
     (default: all) are compiled as symbolic sizes, so one kernel serves every shape; the others,
     and every Python number in ``static``, are constants of the kernel. ``inline``: see
     :func:`inline_kernel`.
+
+    ``flat``: ``fn`` is element-wise in ``x`` and in every argument of ``x``'s shape, and any
+    reduction in it spans the whole tensor (per-tensor formats). The kernel then sees them
+    1-D, and its outputs of ``x``'s size come back in ``x``'s shape, so that every shape
+    (activations, conv weights with dimensions of 1, linear layers) shares one compiled entry.
     """
     if not _state["compile"] or x.numel() < MIN_COMPILED_NUMEL or torch.compiler.is_compiling():
         return fn(x, *args, *static)
     # A Parameter would get static-shape guards (a recompile per weight shape): pass plain data.
     plain = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
     x = x.detach()
-    for d in range(x.dim()) if dynamic is None else dynamic:
+    shape = x.shape
+    if flat and x.dim() != 1:
+        plain = tuple(a.reshape(-1) if isinstance(a, Tensor) and a.shape == shape else a for a in plain)
+        out = _compiled(fn, static, inline)(_dynamic(x.reshape(-1), (0,)), *plain)
+        return tuple(_unflatten(o, shape) for o in out) if isinstance(out, tuple) else _unflatten(out, shape)
+    for a in plain:  # arguments of x's shape (an STE's saved input) vary with it
+        if isinstance(a, Tensor) and a.shape == shape:
+            _dynamic(a, dynamic)
+    return _compiled(fn, static, inline)(_dynamic(x, dynamic), *plain)
+
+
+def _dynamic(x: Tensor, dims: tuple[int, ...] | None) -> Tensor:
+    for d in range(x.dim()) if dims is None else dims:
         torch._dynamo.maybe_mark_dynamic(x, d)
-    return _compiled(fn, static, inline)(x, *plain)
+    return x
+
+
+def _unflatten(out: Any, shape: torch.Size) -> Any:
+    if isinstance(out, Tensor) and out.dim() == 1 and out.numel() == shape.numel():
+        return out.view(shape)
+    return out
 
 
 def _quantize(x: Tensor, seed: Tensor | None, values: tuple[Any, ...], fmt: Any, rounding: str,
