@@ -7,7 +7,12 @@ Inductor caches it on disk for later runs) is reported separately. Peers: torch.
 QAT (deprecated; here only as a baseline) and QPyTorch when it is installed. Prints a markdown
 table ready for docs/benchmarks.md.
 
+glibc's malloc is tuned to keep freed memory (``precsim.tune_allocator``) for every row alike:
+with its defaults, page faults of new tensors moved a scheme's ratio by up to 0.4 depending on
+which other models were alive in the process. ``--default-allocator`` measures without it.
+
     python benchmarks/train_step.py [--quick] [--steps 15] [--batch 128] [--eager] [--device cpu]
+                                    [--threads N] [--default-allocator]
 """
 
 from __future__ import annotations
@@ -89,12 +94,16 @@ def main() -> None:
                    help="torch threads (default: torch's). On a shared VM, 1 avoids timing the wait for a "
                         "second OpenMP thread that another process keeps off its core")
     p.add_argument("--eager", action="store_true", help="precsim's eager reference kernels")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="leave glibc's malloc as it is (default: precsim.tune_allocator(), for every row alike)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.steps = min(args.steps, 5)
     set_compile(not args.eager)
+    allocator = "glibc default" if args.default_allocator else (
+        "tuned (precsim.tune_allocator)" if precsim.tune_allocator() else "default (tuning unavailable)")
     torch.manual_seed(0)
     x = torch.randn(args.batch, 1, 28, 28, device=args.device)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
@@ -143,7 +152,8 @@ def main() -> None:
     base = med["fp32"]
     print(f"<!-- benchmarks/train_step.py: zoo ResNet, batch {args.batch}, {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"precsim kernels {'eager' if args.eager else 'compiled'}, median of {args.steps} interleaved steps; "
+          f"precsim kernels {'eager' if args.eager else 'compiled'}, malloc {allocator}, "
+          f"median of {args.steps} interleaved steps; "
           f"load average {load_before} (timed steps start) / {load_average()} (end) -->")
     for note in notes:
         print(f"<!-- {note} -->")

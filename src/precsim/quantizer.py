@@ -177,16 +177,22 @@ def quantize_float(x: Tensor, seed: Tensor | None, fmt: FloatFormat, rounding: s
 
 
 def quantize_dse(x: Tensor, seed: Tensor | None, stored: Tensor | None, fmt: DSEFormat,
-                 rounding: str) -> tuple[Tensor, Tensor]:
+                 rounding: str, normal_grid: bool = False) -> tuple[Tensor, Tensor]:
     """DSE rounding and the shift measured on ``x``.
 
     With a ``stored`` shift (delayed DSE, from the previous call) the rounding does not wait
     for the measurement, so the two share one pass over ``x``; without, the max is a pass of
-    its own before the rounding.
+    its own before the rounding. ``normal_grid``: see :meth:`DSEFormat.quantize` (only with a
+    ``stored`` shift, which the caller can read first).
     """
     measured = fmt.shift_for(x)
     shift = measured if stored is None else stored
-    return fmt.quantize(x, rounding, seed=seed, shift=shift), measured
+    return fmt.quantize(x, rounding, seed=seed, shift=shift, normal_grid=normal_grid), measured
+
+
+def dse_normal_grid(fmt: Format, stored: Tensor | None) -> bool:
+    """Whether a stored DSE shift allows the faster normal-grid rounding (reads the shift)."""
+    return isinstance(fmt, DSEFormat) and stored is not None and fmt.grid_is_normal(int(stored))
 
 
 def next_grad_scale(g: Tensor, scale: Tensor, clean: Tensor, limit: float,
@@ -209,43 +215,52 @@ def next_grad_scale(g: Tensor, scale: Tensor, clean: Tensor, limit: float,
 def quantize_gradient_fn(
     g: Tensor, ste_x: Tensor | None, ste_lo: Tensor | None, ste_hi: Tensor | None, seed: Tensor | None,
     scale: Tensor | None, clean: Tensor | None, stored: Tensor | None, fmt: Format, rounding: str,
-    limit: float | None, interval: int, ste_clip: float | None,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    limit: float | None, interval: int, ste_clip: float | None, normal_grid: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, tuple[Tensor, ...]]:
     """The whole gradient point in one pure function (one fused pass under compile).
 
     G(mask * g), optionally scaled as G(S g) / S with a dynamic S (``limit`` not None); the
     clipped-STE mask is recomputed from the forward input ``ste_x`` (:func:`ste_mask`; no mask
     when ``ste_x`` is None). Returns (gradient, next S, next clean-step count, measured DSE
-    shift); the caller stores the state.
+    shift, per-tensor values); the caller stores the state. The per-tensor values (S, an
+    integer grid) are outputs only so that Inductor computes them once instead of per element
+    (see :func:`int_point`).
     """
     if ste_x is not None:
         g = g * ste_mask(ste_x, ste_lo, ste_hi, ste_clip)
     next_scale = next_clean = measured = None
+    once: tuple[Tensor, ...] = ()
     s = scale
     if scale is not None:
         if limit is not None:
             s, next_scale, next_clean = next_grad_scale(g, scale, clean, limit, interval)  # type: ignore[arg-type]
+            once = (s,)
         g = g * s
     if isinstance(fmt, DSEFormat):
-        q, measured = quantize_dse(g, seed, stored, fmt, rounding)
+        q, measured = quantize_dse(g, seed, stored, fmt, rounding, normal_grid)
+    elif isinstance(fmt, IntFormat) and fmt.axis is None and fmt.group_size is None:
+        grid = fmt.choose_qparams(g)
+        once += grid
+        q = fmt.quantize(g, rounding, seed=seed, scale=grid[0], zero_point=grid[1])  # type: ignore[arg-type]
     else:
         q = fmt.quantize(g, rounding, seed=seed)  # type: ignore[arg-type]
     if s is not None:
         q = q / s
-    return q, next_scale, next_clean, measured
+    return q, next_scale, next_clean, measured, once
 
 
 def quantize_gradient_into(
     g: Tensor, ste_x: Tensor | None, ste_lo: Tensor | None, ste_hi: Tensor | None, seed: Tensor | None,
     scale: Tensor | None, clean: Tensor | None, stored: Tensor | None, fmt: Format, rounding: str,
-    limit: float | None, interval: int, ste_clip: float | None,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    limit: float | None, interval: int, ste_clip: float | None, normal_grid: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, tuple[Tensor, ...]]:
     """:func:`quantize_gradient_fn` written into ``g`` (a gradient this backward owns); returns
     the rest of its outputs."""
-    q, next_scale, next_clean, measured = quantize_gradient_fn(
-        g, ste_x, ste_lo, ste_hi, seed, scale, clean, stored, fmt, rounding, limit, interval, ste_clip)
+    q, next_scale, next_clean, measured, once = quantize_gradient_fn(
+        g, ste_x, ste_lo, ste_hi, seed, scale, clean, stored, fmt, rounding, limit, interval, ste_clip,
+        normal_grid)
     g.copy_(q)
-    return next_scale, next_clean, measured
+    return next_scale, next_clean, measured, once
 
 
 def scale_limit(fmt: Format) -> float:
@@ -348,7 +363,8 @@ class Quantizer(nn.Module):
         elif isinstance(fmt, DSEFormat):
             delayed = fmt.delayed
             stored = self.dse_shift if delayed and bool(self.dse_ready) else None  # the previous call's
-            q, shift = call(quantize_dse, x32, (seed, stored), (fmt, rounding), flat=True)
+            q, shift = call(quantize_dse, x32, (seed, stored), (fmt, rounding, dse_normal_grid(fmt, stored)),
+                            flat=True)
             if delayed and training:
                 self.dse_shift.copy_(shift)
                 self.dse_ready.fill_(True)
@@ -393,13 +409,13 @@ class Quantizer(nn.Module):
             q, next_scale, next_clean, shift = self._block_gradient(g32, seed, scale, clean, fmt, rounding, limit)
         else:
             args = (ste_x, ste_lo, ste_hi, seed, scale, clean, stored)
-            static = (fmt, rounding, limit, GROWTH_INTERVAL, ste_clip)
+            static = (fmt, rounding, limit, GROWTH_INTERVAL, ste_clip, dse_normal_grid(fmt, stored))
             flat = per_tensor(ste_lo) and not (isinstance(fmt, IntFormat) and fmt.axis is not None)
             if owned:
                 q = g
-                next_scale, next_clean, shift = call(quantize_gradient_into, g, args, static, flat=flat)
+                next_scale, next_clean, shift, _ = call(quantize_gradient_into, g, args, static, flat=flat)
             else:
-                q, next_scale, next_clean, shift = call(quantize_gradient_fn, g.float(), args, static, flat=flat)
+                q, next_scale, next_clean, shift, _ = call(quantize_gradient_fn, g.float(), args, static, flat=flat)
         if training:
             if next_scale is not None:
                 self.grad_scale.copy_(next_scale)

@@ -73,3 +73,24 @@ def test_fast_equals_reference_per_block(m: int, emin: int, emax: int, mx: float
               negative_zero=True, rounding=rounding, random_bits=rb)
     fast, ref = round_float(x, **kw), round_float_reference(x, **kw)  # type: ignore[arg-type]
     assert torch.equal(fast.view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "toward_zero", "stochastic"])
+@pytest.mark.parametrize(("m", "emin", "emax", "mx", "overflow"),
+                         [(3, -6, 8, 448.0, "saturate"), (2, -14, 15, 57344.0, "inf"), (1, 0, 2, 6.0, "saturate")])
+def test_normal_grid_path_equals_reference(m: int, emin: int, emax: int, mx: float, overflow: str,
+                                           rounding: str) -> None:
+    """``normal_grid=True`` (a DSE shift read first) with every tensor exponent whose grid stays
+    at or above 2^-126, down to exactly -126, gives the reference's bits."""
+    x = _inputs()
+    x = x[: x.numel() // 32 * 32].reshape(-1, 32)
+    lowest = -126 - emin  # the smallest shift that keeps the grid normal
+    shared = torch.randint(lowest, 128 - emax, (x.shape[0], 1), dtype=torch.int32,
+                           generator=torch.Generator().manual_seed(4))
+    shared[:40] = lowest + torch.arange(40, dtype=torch.int32)[:, None] % 4
+    rb = torch.randint(-(2**31), 2**31 - 1, x.shape, dtype=torch.int32, generator=torch.Generator().manual_seed(5))
+    kw = dict(mantissa_bits=m, min_exponent=emin + shared, max_value=mx * exp2i(shared), overflow=overflow,
+              negative_zero=True, rounding=rounding, random_bits=rb)
+    fast = round_float(x, normal_grid=True, **kw)  # type: ignore[arg-type]
+    ref = round_float_reference(x, **kw)  # type: ignore[arg-type]
+    assert torch.equal(fast.view(torch.int32), ref.view(torch.int32))

@@ -66,6 +66,12 @@ class DSEFormat:
     def __str__(self) -> str:
         return self.describe()
 
+    def grid_is_normal(self, shift: int) -> bool:
+        """Whether the grid shifted by ``shift`` stays within float32's normal range (its
+        smallest normal exponent >= -126): true unless a tensor's max is below ~2^-118."""
+        lo, hi = self.shift_range
+        return self.element.min_exponent + min(max(shift, lo), hi) >= -126
+
     def shift_for(self, x: Tensor) -> Tensor:
         """The shift b (int32, 0-d) that puts max finite |x| at the top of the range."""
         e = self.element
@@ -91,8 +97,12 @@ class DSEFormat:
         seed: Tensor | None = None,
         random_bits: Tensor | None = None,
         shift: Tensor | int | None = None,
+        normal_grid: bool = False,
     ) -> Tensor:
-        """Round ``x`` with exponent shift ``shift`` (default: :meth:`shift_for` of ``x``)."""
+        """Round ``x`` with exponent shift ``shift`` (default: :meth:`shift_for` of ``x``).
+
+        ``normal_grid``: the caller has read ``shift`` and knows :meth:`grid_is_normal` of it
+        (a faster path with the same result; see :func:`round_float`)."""
         if self.delayed and shift is None:
             raise ValueError(f"{self.name} is delayed: pass shift= (the previous call's shift_for)")
         b = self.shift_for(x) if shift is None else torch.as_tensor(shift, dtype=torch.int32, device=x.device)
@@ -109,4 +119,5 @@ class DSEFormat:
             negative_zero=e.has_negative_zero,
             rounding=rounding,
             random_bits=random_bits,
+            normal_grid=normal_grid,
         )

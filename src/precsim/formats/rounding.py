@@ -81,6 +81,7 @@ def round_float(
     negative_zero: bool,
     rounding: Rounding,
     random_bits: Tensor | None = None,
+    normal_grid: bool = False,
 ) -> Tensor:
     """Round float32 ``x`` onto a sign-magnitude float grid.
 
@@ -99,13 +100,17 @@ def round_float(
     value past ``max_value`` (as IEEE round-toward-zero). NaN inputs stay NaN.
     Without ``negative_zero`` a result of -0 becomes +0 (the fnuz formats).
 
+    ``normal_grid``: the caller knows that a tensor ``min_exponent`` is >= -126 everywhere
+    (a DSE shift it has read). The grid's quantum then depends only on the exponent field, as
+    for a constant ``min_exponent``, which saves a third of the work per element. Same result.
+
     Grids with 1..22 mantissa bits (every format but E8M0-like and float32 itself) take
     :func:`_round_float_bits`, about half the integer ops of the general
     :func:`round_float_reference`, with identical results (tested on every float32 exponent).
     """
     if 1 <= mantissa_bits <= 22:
         return _round_float_bits(x, mantissa_bits, min_exponent, max_value, overflow, negative_zero, rounding,
-                                 random_bits)
+                                 random_bits, normal_grid)
     return round_float_reference(
         x, mantissa_bits=mantissa_bits, min_exponent=min_exponent, max_value=max_value, overflow=overflow,
         negative_zero=negative_zero, rounding=rounding, random_bits=random_bits)
@@ -119,7 +124,7 @@ def _bits_of(value: float) -> int:
 
 def _round_float_bits(x: Tensor, m: int, min_exponent: int | Tensor, max_value: float | Tensor,
                       overflow: Overflow, negative_zero: bool, rounding: Rounding,
-                      random_bits: Tensor | None) -> Tensor:
+                      random_bits: Tensor | None, normal_grid: bool = False) -> Tensor:
     """:func:`round_float` for 1 <= m <= 22, rounding the magnitude's bit pattern in place.
 
     With d the number of float32 significand bits below the grid's quantum, a magnitude with
@@ -134,10 +139,13 @@ def _round_float_bits(x: Tensor, m: int, min_exponent: int | Tensor, max_value: 
     biased = mag >> 23
     e1 = biased.clamp(min=1)  # float32 subnormals share the exponent field of 2^-126
     sig = torch.where(biased > 0, (mag & _MANT) | 0x800000, mag)  # |x| = sig * 2^(e1 - 150)
-    static = isinstance(min_exponent, int)
-    if static and min_exponent >= -126:  # the grid's quantum only depends on the exponent field
+    normal = normal_grid or (isinstance(min_exponent, int) and min_exponent >= -126)
+    if normal:  # the grid's quantum only depends on the exponent field
         d = (23 - m) + (min_exponent + 127 - e1).clamp(min=0)
-        quantum_bits = _bits_of(2.0 ** (min_exponent - m))
+        if isinstance(min_exponent, int):
+            quantum_bits = _bits_of(2.0 ** (min_exponent - m))
+        else:
+            quantum_bits = float_bits(exp2i(min_exponent - m))
     else:  # a float32 subnormal's own leading bit matters for grids reaching below 2^-126
         emin_b = torch.as_tensor(min_exponent, dtype=torch.int32) + 127
         true_b = (float_bits(sig.to(torch.float32)) >> 23) - 150 + e1
@@ -148,7 +156,7 @@ def _round_float_bits(x: Tensor, m: int, min_exponent: int | Tensor, max_value: 
     small = d > 23  # |x| below one quantum: the result is 0 or the quantum
     if rounding == "nearest":
         odd = (sig >> dm) & 1
-        if not (static and min_exponent >= -126):
+        if not normal:
             odd = odd & mask  # d = 0: nothing is dropped, nothing added
         rounded = (mag + ((mask >> 1) + odd)) & ~mask
         up = (d == 24) & (sig > 0x800000)  # above half a quantum (exactly half is a tie to 0)
