@@ -83,6 +83,30 @@ def test_rows_shorter_than_a_block_equal_eager(compiled, spec: str, rounding: st
     assert torch.equal(fmt.quantize(x, rounding, seed=seed).view(torch.int32), fast.view(torch.int32))
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "toward_zero"])
+@pytest.mark.parametrize("spec", ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4"])
+def test_scaled_rows_equal_eager_at_the_extremes(compiled, spec: str, rounding: str) -> None:
+    """Rows of 28 rounded as (x / X) on the element grid, times X: the reference's bits for blocks
+    at both ends of the scale range (clamped shared exponents), float32 subnormals beside huge
+    values (x / X below 2^-126), exact ties of the element grid, and NaN/Inf blocks."""
+    from precsim.formats.backend import scaled_rows
+
+    fmt = parse_format(spec)
+    assert scaled_rows(fmt, rounding)
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randn(4096, 28, generator=g)
+    rows *= torch.exp2(torch.randint(-149, 128, (4096, 1), generator=g).float()).clamp(max=2.0**100)
+    rows[:64] *= torch.exp2(torch.randint(-60, 0, (64, 28), generator=g).float())  # within-row spread
+    rows[64:128, 0] = 3.0e38  # huge rows with subnormal neighbours
+    rows[64:128, 1:] = torch.randn(64, 27, generator=g) * 1e-39
+    rows[128:192] = torch.randn(64, 28, generator=g) * 1e-41  # all subnormal: the bottom scale 2^-127
+    step = torch.exp2(torch.randint(-20, 20, (64, 1), generator=g).float())  # ties: odd multiples of half
+    rows[192:256] = (torch.randint(-15, 16, (64, 28), generator=g) * 2 + 1).float() * step / 8
+    rows[256, 3], rows[257, 0], rows[258, 5], rows[259, 1] = float("nan"), float("inf"), -float("inf"), -0.0
+    x = rows.reshape(64, 64, 28)
+    assert torch.equal(fmt.quantize(x, rounding).view(torch.int32), run_quantize(fmt, x, rounding).view(torch.int32))
+
+
 def test_random_bits_row_stride_numbers_the_padded_layout() -> None:
     from precsim.formats.random import random_bits
 
