@@ -40,6 +40,13 @@ def random_bits(shape: torch.Size | tuple[int, ...], seed: Tensor, row_stride: i
     of a 2-D-or-more ``shape`` (r counted over all leading dimensions) gets the word of index
     ``r * row_stride + c`` instead: the words its place would have in rows padded to
     ``row_stride`` (``row_stride`` >= the last dimension).
+
+    The word is one round of the mixer on ``(index ^ seed[0]) + seed[1]``. The quantizers
+    advance ``seed[1]`` by the golden ratio each step, so an element's words over the steps are
+    the mixer applied to a Weyl sequence, SplitMix32's construction. (Two rounds, until
+    2026-11-30, cost as much as the rounding itself and measured no better: mean, variance,
+    bit balance and correlations between neighbours and between steps within 1e-3 on 2^20
+    words.)
     """
     n = 1
     for s in shape:
@@ -54,7 +61,7 @@ def random_bits(shape: torch.Size | tuple[int, ...], seed: Tensor, row_stride: i
         rows = torch.arange(n // row_stride if row_stride else 0, dtype=torch.int32, device=seed.device)
         cols = torch.arange(shape[-1], dtype=torch.int32, device=seed.device)
         index = (rows[:, None] * row_stride + cols).view(shape)
-    return _mix(_mix(index ^ seed[0]) + seed[1])
+    return _mix((index ^ seed[0]) + seed[1])
 
 
 def bits_for(shape: torch.Size | tuple[int, ...], rounding: str, seed: Tensor | None,
