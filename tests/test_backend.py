@@ -219,3 +219,29 @@ def test_block_max_is_the_magnitude_bit_max(compiled, spec: str) -> None:
         assert torch.equal(out.isnan().all(dim=-1), bits > 0x7F800000 - 1)
         assert not out[bits < 0x7F800000].isnan().any()
         assert fmt.scale != "e8m0" or (out[3:6] == 0).all()  # zero, subnormal blocks: bottom scale
+
+
+@pytest.mark.parametrize("compile_kernels", [False, True])
+def test_weight_ste_skipped_only_when_every_value_is_inside(compile_kernels: bool) -> None:
+    """A weight's own min/max range passes every gradient, so backward applies no mask; a value
+    outside the STE bounds (here NaN, which compares false) still gets a zero gradient."""
+    from precsim.config import parse_role
+    from precsim.quantizer import Quantizer
+
+    before = compile_enabled()
+    set_compile(compile_kernels)
+    try:
+        q = Quantizer("weight", parse_role("weight", "int8")).train()
+        w = (torch.randn(64, 96) * 3).requires_grad_()
+        g = torch.randn(64, 96)
+        q(w).backward(g)
+        assert torch.equal(w.grad, g)  # inside: the gradient passes untouched
+        w2 = w.detach().clone()
+        w2[3, 5] = float("nan")
+        w2.requires_grad_()
+        q(w2).backward(g)
+        expected = g.clone()
+        expected[3, 5] = 0.0
+        assert torch.equal(w2.grad, expected)
+    finally:
+        set_compile(before)

@@ -141,14 +141,17 @@ def quantize_on_grid(x: Tensor, seed: Tensor | None, scale: Tensor, zero_point: 
 
 def int_point(
     x: Tensor, seed: Tensor | None, min_val: Tensor, max_val: Tensor, initialized: Tensor, fmt: IntFormat,
-    kind: str, momentum: float, rounding: str, observe_when: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    kind: str, momentum: float, rounding: str, observe_when: str, check_inside: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """An integer quantization point's forward pass in one pure function (one compiled call).
 
     ``observe_when``: ``before`` measures ``x`` and rounds on the new range's grid (two passes
     over ``x``: the min/max, then the rounding); ``after`` (delayed ranges) rounds on the
     stored range's grid and measures ``x`` in the same pass; ``never`` rounds on the stored
-    range. Returns (Q(x), next min, next max, scale, zero point, STE lo, STE hi).
+    range. Returns (Q(x), next min, next max, scale, zero point, STE lo, STE hi, inside), with
+    ``inside`` (``check_inside``) whether every element lies within the STE bounds, so that
+    backward has no mask to apply: a weight's own min/max range, the usual case for weights,
+    passes every gradient, and checking costs a reduction in the rounding's pass.
 
     The grid is among the outputs so that Inductor computes it once: left as an intermediate,
     it was recomputed for every element, the division included (int8 rounding then cost 3x
@@ -161,7 +164,8 @@ def int_point(
     q = quantize_on_grid(x, seed, scale, zp, fmt, rounding)
     if observe_when == "after":
         lo, hi = observe(x, min_val, max_val, initialized, fmt.axis, kind, momentum)
-    return q, lo, hi, scale, zp, ste_lo, ste_hi
+    inside = ste_mask(x, ste_lo, ste_hi, None).all() if check_inside else None
+    return q, lo, hi, scale, zp, ste_lo, ste_hi, inside
 
 
 def observe(x: Tensor, min_val: Tensor, max_val: Tensor, initialized: Tensor, axis: int | None, kind: str,
@@ -350,15 +354,17 @@ class Quantizer(nn.Module):
             when = "never"
             if update:  # delayed: the previous call's range; this tensor's min/max in the same pass
                 when = "after" if spec.delayed and training and bool(obs.initialized) else "before"
-            q, lo, hi, _, _, ste_lo, ste_hi = call(
+            clipped = spec.ste == "clipped"
+            check = clipped and when == "before" and obs.kind == "minmax"  # then mostly inside
+            q, lo, hi, _, _, ste_lo, ste_hi, inside = call(
                 int_point, x32, (seed, obs.min_val, obs.max_val, obs.initialized),
-                (fmt, obs.kind, obs.momentum, rounding, when), inline=inline_kernel(fmt, rounding),
+                (fmt, obs.kind, obs.momentum, rounding, when, check), inline=inline_kernel(fmt, rounding),
                 flat=fmt.axis is None)
             if update:
                 obs.min_val.copy_(lo)
                 obs.max_val.copy_(hi)
                 obs.initialized.fill_(True)
-            if spec.ste == "clipped":  # the bounds are new tensors: a later update cannot change them
+            if clipped and not (check and bool(inside)):  # new tensors: a later update cannot change them
                 ste = (x, ste_lo, ste_hi, None)
         elif isinstance(fmt, DSEFormat):
             delayed = fmt.delayed
