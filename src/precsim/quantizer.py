@@ -189,9 +189,9 @@ def quantize_dse(x: Tensor, seed: Tensor | None, stored: Tensor | None, fmt: DSE
     its own before the rounding. ``normal_grid``: see :meth:`DSEFormat.quantize` (only with a
     ``stored`` shift, which the caller can read first).
     """
-    measured = fmt.shift_for(x)
-    shift = measured if stored is None else stored
-    return fmt.quantize(x, rounding, seed=seed, shift=shift, normal_grid=normal_grid), measured
+    if stored is None:
+        return fmt.quantize_measured(x, rounding, seed=seed)
+    return fmt.quantize(x, rounding, seed=seed, shift=stored, normal_grid=normal_grid), fmt.shift_for(x)
 
 
 def dse_normal_grid(fmt: Format, stored: Tensor | None) -> bool:

@@ -125,3 +125,33 @@ def test_shift_clamped_to_float32() -> None:
     assert int(fmt.shift_for(torch.tensor([3e38]))) == hi
     y = fmt.quantize(torch.tensor([1e-45, 2.0**-140]))
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "toward_zero"])  # stochastic keeps the shifted grid
+@pytest.mark.parametrize("spec", SPECS + ["dse(e=4,m=3,overflow=nan)", "dse(e=5,m=2,overflow=saturate)"])
+def test_scaled_rounding_equals_the_shifted_grid(spec: str, rounding: str) -> None:
+    """quantize_measured (x / 2^b on the element grid, times 2^b, where exact) gives the bits of
+    rounding on the grid shifted by the same b: tensors at both ends of the shift range (the
+    scale factor 2^-b beyond float32), float32 subnormals beside large values, ties, specials
+    and a signaling NaN's payload."""
+    fmt = parse_format(spec)
+    g = torch.Generator().manual_seed(11)
+    cases = []
+    for log_scale in (-148, -140, -127, -100, -20, 0, 30, 100, 126, 127):
+        x = torch.randn(64, 48, generator=g) * 2.0**log_scale
+        x[0, :16] *= torch.exp2(-torch.arange(16, dtype=torch.float32) * 8)  # down to float32 subnormals
+        cases.append(x)
+    ties = (torch.randint(-64, 64, (64, 48), generator=g) * 2 + 1).float() * 2.0**-7  # odd multiples of half a step
+    ties[0, 0] = 120.0
+    cases.append(ties)
+    special = torch.randn(8, 8, generator=g)
+    special.view(-1)[:5] = torch.tensor([float("inf"), -float("inf"), -0.0, 0.0, 3e38])
+    special.view(torch.int32).view(-1)[5] = 0x7F800001  # a signaling NaN keeps its bits
+    cases.append(special)
+    for x in cases:
+        rb = torch.randint(-(2**31), 2**31 - 1, x.shape, dtype=torch.int32, generator=g)
+        kw = {"random_bits": rb} if rounding == "stochastic" else {}
+        got, b = fmt.quantize_measured(x, rounding, **kw)
+        want = fmt.quantize(x, rounding, shift=fmt.shift_for(x), **kw)
+        assert torch.equal(b, fmt.shift_for(x))
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (spec, rounding, int(b))
