@@ -48,7 +48,8 @@ class RoleSpec:
     the format and doubled after 1000 steps without one. ``delayed`` (integer formats with a
     minmax, running_minmax or moving_average observer): in ``train()``, quantize with the range
     stored by the previous call and update it from this tensor in the same pass (the first call
-    measures first).
+    measures first). On a gradient role (per tensor), the range is the previous backward's
+    [min, max], as in delayed FP8 scaling.
     """
 
     format: Format
@@ -119,6 +120,9 @@ def parse_role(role: str, value: Any, ctx: str = "") -> RoleSpec:
     if delayed and not (isinstance(fmt, IntFormat) and fmt.group_size is None and observer != "percentile"):
         raise ValueError(f"role {role!r}{_where(ctx)}: delayed needs an integer format (not grouped) with a "
                          f"minmax, running_minmax or moving_average observer, got {fmt.name} / {observer}")
+    if delayed and role in ("gradient", "weight_gradient") and fmt.axis is not None:
+        raise ValueError(f"role {role!r}{_where(ctx)}: delayed gradient ranges are per tensor; got per_channel "
+                         f"(axis {fmt.axis}); allowed: granularity per_tensor")
     try:
         return RoleSpec(fmt, rounding, observer, float(value.get("momentum", 0.1)),
                         float(value.get("percentile", 99.99)), ste, scale, delayed)

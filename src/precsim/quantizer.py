@@ -219,14 +219,15 @@ def next_grad_scale(g: Tensor, scale: Tensor, clean: Tensor, limit: float,
 def quantize_gradient_fn(
     g: Tensor, ste_x: Tensor | None, ste_lo: Tensor | None, ste_hi: Tensor | None, seed: Tensor | None,
     scale: Tensor | None, clean: Tensor | None, stored: Tensor | None, fmt: Format, rounding: str,
-    limit: float | None, interval: int, ste_clip: float | None, normal_grid: bool = False,
+    limit: float | None, interval: int, ste_clip: float | None, normal_grid: bool = False, delayed: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, tuple[Tensor, ...]]:
     """The whole gradient point in one pure function (one fused pass under compile).
 
     G(mask * g), optionally scaled as G(S g) / S with a dynamic S (``limit`` not None); the
     clipped-STE mask is recomputed from the forward input ``ste_x`` (:func:`ste_mask`; no mask
     when ``ste_x`` is None). Returns (gradient, next S, next clean-step count, measured DSE
-    shift, per-tensor values); the caller stores the state. The per-tensor values (S, an
+    shift or, ``delayed`` with an integer format, the [min, max] of ``g`` for the next call, which
+    rounds on the grid of ``stored``; per-tensor values); the caller stores the state. The per-tensor values (S, an
     integer grid) are outputs only so that Inductor computes them once instead of per element
     (see :func:`int_point`).
     """
@@ -243,9 +244,12 @@ def quantize_gradient_fn(
     if isinstance(fmt, DSEFormat):
         q, measured = quantize_dse(g, seed, stored, fmt, rounding, normal_grid)
     elif isinstance(fmt, IntFormat) and fmt.axis is None and fmt.group_size is None:
-        grid = fmt.choose_qparams(g)
+        # delayed: the grid of the range ([min, max]) measured on the previous backward
+        grid = fmt.choose_qparams(g) if stored is None else fmt.qparams(stored[0], stored[1])
         once += grid
         q = fmt.quantize(g, rounding, seed=seed, scale=grid[0], zero_point=grid[1])  # type: ignore[arg-type]
+        if delayed:
+            measured = torch.stack(tensor_range(g, None))
     else:
         q = fmt.quantize(g, rounding, seed=seed)  # type: ignore[arg-type]
     if s is not None:
@@ -256,13 +260,13 @@ def quantize_gradient_fn(
 def quantize_gradient_into(
     g: Tensor, ste_x: Tensor | None, ste_lo: Tensor | None, ste_hi: Tensor | None, seed: Tensor | None,
     scale: Tensor | None, clean: Tensor | None, stored: Tensor | None, fmt: Format, rounding: str,
-    limit: float | None, interval: int, ste_clip: float | None, normal_grid: bool = False,
+    limit: float | None, interval: int, ste_clip: float | None, normal_grid: bool = False, delayed: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, tuple[Tensor, ...]]:
     """:func:`quantize_gradient_fn` written into ``g`` (a gradient this backward owns); returns
     the rest of its outputs."""
     q, next_scale, next_clean, measured, once = quantize_gradient_fn(
         g, ste_x, ste_lo, ste_hi, seed, scale, clean, stored, fmt, rounding, limit, interval, ste_clip,
-        normal_grid)
+        normal_grid, delayed)
     g.copy_(q)
     return next_scale, next_clean, measured, once
 
@@ -298,6 +302,9 @@ class Quantizer(nn.Module):
         if grad_spec is not None and isinstance(grad_spec.format, DSEFormat) and grad_spec.format.delayed:
             self.register_buffer("grad_dse_shift", torch.zeros((), dtype=torch.int32))
             self.register_buffer("grad_dse_ready", torch.zeros((), dtype=torch.bool))
+        if grad_spec is not None and isinstance(grad_spec.format, IntFormat) and grad_spec.delayed:
+            self.register_buffer("grad_range", torch.zeros(2))  # [min, max] of the previous backward
+            self.register_buffer("grad_range_ready", torch.zeros((), dtype=torch.bool))
         if grad_spec is not None and grad_spec.scale is not None:
             start = 2.0**16 if grad_spec.scale == "dynamic" else float(grad_spec.scale)
             self.register_buffer("grad_scale", torch.tensor(start))
@@ -405,6 +412,9 @@ class Quantizer(nn.Module):
         delayed = isinstance(fmt, DSEFormat) and fmt.delayed
         if delayed and bool(self.grad_dse_ready):
             stored = self.grad_dse_shift  # the shift measured on the previous backward
+        delayed_range = isinstance(fmt, IntFormat) and spec.delayed
+        if delayed_range and bool(self.grad_range_ready):
+            stored = self.grad_range  # the range measured on the previous backward
         ste_x, ste_lo, ste_hi, ste_clip = (None,) * 4 if ste is None else ste
         if isinstance(fmt, BlockFormat):  # blocks are cut outside the kernel (see run_quantize)
             g32 = g.float()
@@ -415,7 +425,7 @@ class Quantizer(nn.Module):
             q, next_scale, next_clean, shift = self._block_gradient(g32, seed, scale, clean, fmt, rounding, limit)
         else:
             args = (ste_x, ste_lo, ste_hi, seed, scale, clean, stored)
-            static = (fmt, rounding, limit, GROWTH_INTERVAL, ste_clip, dse_normal_grid(fmt, stored))
+            static = (fmt, rounding, limit, GROWTH_INTERVAL, ste_clip, dse_normal_grid(fmt, stored), delayed_range)
             flat = per_tensor(ste_lo) and not (isinstance(fmt, IntFormat) and fmt.axis is not None)
             if owned:
                 q = g
@@ -429,6 +439,9 @@ class Quantizer(nn.Module):
             if delayed:
                 self.grad_dse_shift.copy_(shift)
                 self.grad_dse_ready.fill_(True)
+            if delayed_range:
+                self.grad_range.copy_(shift)  # here the range [min, max] the kernel measured
+                self.grad_range_ready.fill_(True)
         return q.to(g.dtype)
 
     @staticmethod

@@ -181,3 +181,45 @@ def test_dynamic_gradient_scale_works_for_scaled_formats(fmt: str) -> None:
     x.grad = None
     q(x).backward(g * 1e-36)
     assert torch.equal(q.grad_scale, scale) and torch.equal(x.grad, f.quantize(g * 1e-36))
+
+
+@pytest.mark.parametrize("compile_kernels", [False, True])
+def test_delayed_int_gradient_uses_previous_range(compile_kernels: bool) -> None:
+    """``delayed: true`` on an integer gradient: the first backward measures its own range;
+    each later one rounds on the grid of the previous backward's [min, max], then stores its own."""
+    from precsim.formats.backend import compile_enabled, set_compile
+    from precsim.observers import tensor_range
+
+    fmt = precsim.parse_format("int8")
+    before = compile_enabled()
+    set_compile(compile_kernels)
+    try:
+        model = precsim.prepare(make(MLP), {"gradient": {"format": "int8", "delayed": True}})
+        q = model.fc2.precsim_activation
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def hook(mod, args, out):
+            pair: list[torch.Tensor] = []
+            out.register_hook(lambda g: pair.append(g.detach().clone()))
+            args[0].register_hook(lambda g: seen.append((pair[0], g.detach().clone())))
+        q.register_forward_hook(hook)
+        g = torch.Generator().manual_seed(5)
+        model.train()
+        for factor in (1.0, 8.0, 1.0 / 64):  # 64 x 3 gradients: the compiled path when enabled
+            x = torch.randn(64, 6, generator=g)
+            y = torch.randint(0, 3, (64,), generator=g)
+            (nn.functional.cross_entropy(model(x), y) * factor).backward()
+        ranges = [torch.stack(tensor_range(incoming, None)) for incoming, _ in seen]
+        for i, (incoming, outgoing) in enumerate(seen):
+            lo, hi = ranges[max(i - 1, 0)]
+            scale, zp = fmt.qparams(lo, hi)
+            assert torch.equal(outgoing, fmt.quantize(incoming, scale=scale, zero_point=zp)), i
+        assert not torch.equal(seen[1][1], fmt.quantize(seen[1][0]))  # the stale range shows
+        assert torch.equal(q.grad_range, ranges[-1])
+    finally:
+        set_compile(before)
+
+
+def test_delayed_gradient_range_is_per_tensor() -> None:
+    with pytest.raises(ValueError, match="delayed gradient ranges are per tensor"):
+        precsim.prepare(make(MLP), {"gradient": {"format": "int8", "granularity": "per_channel", "delayed": True}})
