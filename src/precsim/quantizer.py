@@ -47,8 +47,9 @@ class _FakeQuantSTE(torch.autograd.Function):
     """y = Q(x) forward; dx = G(mask * dy) backward (mask: clipped STE, G: gradient format).
 
     The clipped-STE mask is normally not stored: backward recomputes it from the saved input
-    and the bounds of the grid the forward pass used (:func:`ste_mask`), fused with ``mask * dy`` (and the
-    gradient rounding) in one pass. A stored mask cost a full-size output of the forward kernel
+    and the bounds of the grid the forward pass used (:func:`ste_mask`), fused with
+    ``mask * dy`` (and the gradient rounding) in one pass, written into ``dy`` when backward
+    owns it (:mod:`precsim.ownership`). A stored mask cost a full-size output of the forward kernel
     and an eager mixed-dtype multiply in backward: on CPU the two made int8 training 2.5x FP32.
     """
 
@@ -225,11 +226,11 @@ def quantize_gradient_fn(
 
     G(mask * g), optionally scaled as G(S g) / S with a dynamic S (``limit`` not None); the
     clipped-STE mask is recomputed from the forward input ``ste_x`` (:func:`ste_mask`; no mask
-    when ``ste_x`` is None). Returns (gradient, next S, next clean-step count, measured DSE
-    shift or, ``delayed`` with an integer format, the [min, max] of ``g`` for the next call, which
-    rounds on the grid of ``stored``; per-tensor values); the caller stores the state. The per-tensor values (S, an
-    integer grid) are outputs only so that Inductor computes them once instead of per element
-    (see :func:`int_point`).
+    when ``ste_x`` is None). Returns (gradient, next S, next clean-step count, measured state,
+    per-tensor values); the caller stores the state. The measured state is DSE's shift or, for
+    an integer format with ``delayed``, the [min, max] of ``g``, which the next call rounds on
+    (``stored``). The per-tensor values (S, an integer grid) are outputs only so that Inductor
+    computes them once instead of per element (see :func:`int_point`).
     """
     if ste_x is not None:
         g = g * ste_mask(ste_x, ste_lo, ste_hi, ste_clip)
@@ -343,8 +344,9 @@ class Quantizer(nn.Module):
         """Q(x) and what the clipped STE needs in backward (None: pass every gradient).
 
         That is the input and the bounds of the integer grid it was rounded on (or the float
-        clip), so backward rebuilds the mask; an ``input`` quantizer stores the mask itself instead, since
-        its input stays visible to the caller, who may change it in place before backward."""
+        clip), so backward rebuilds the mask; an ``input`` quantizer stores the mask itself
+        instead, since its input stays visible to the caller, who may change it in place before
+        backward."""
         spec = self.spec
         assert spec is not None
         fmt = spec.format
