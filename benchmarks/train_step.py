@@ -11,7 +11,7 @@ glibc's malloc is tuned to keep freed memory (``precsim.tune_allocator``) for ev
 with its defaults, page faults of new tensors moved a scheme's ratio by up to 0.4 depending on
 which other models were alive in the process. ``--default-allocator`` measures without it.
 
-    python benchmarks/train_step.py [--quick] [--steps 15] [--batch 128] [--eager] [--device cpu]
+    python benchmarks/train_step.py [--quick] [--steps 25] [--batch 128] [--eager] [--device cpu]
                                     [--threads N] [--default-allocator]
 """
 
@@ -87,7 +87,7 @@ def load_average() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--steps", type=int, default=25)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--quick", action="store_true", help="5 timed steps per scheme")
     p.add_argument("--device", default="cpu")
