@@ -94,6 +94,9 @@ def parse_role(role: str, value: Any, ctx: str = "") -> RoleSpec:
     observer = value.get("observer", "minmax" if role == "weight" else "moving_average")
     if observer not in OBSERVERS:
         raise ValueError(f"role {role!r}{_where(ctx)}: observer {observer!r} not allowed; allowed: {', '.join(OBSERVERS)}")
+    if "observer" in value and role in ("gradient", "weight_gradient"):
+        raise ValueError(f"role {role!r}{_where(ctx)}: 'observer' is for forward roles; an integer gradient is "
+                         "rounded on its own [min, max] (or, with delayed: true, the previous backward's)")
     granularity = value.get("granularity", "per_tensor")
     if granularity not in GRANULARITIES:
         raise ValueError(

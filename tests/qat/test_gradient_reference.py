@@ -223,3 +223,9 @@ def test_delayed_int_gradient_uses_previous_range(compile_kernels: bool) -> None
 def test_delayed_gradient_range_is_per_tensor() -> None:
     with pytest.raises(ValueError, match="delayed gradient ranges are per tensor"):
         precsim.prepare(make(MLP), {"gradient": {"format": "int8", "granularity": "per_channel", "delayed": True}})
+
+
+def test_observer_on_a_gradient_role_is_an_error() -> None:
+    """A gradient has no observer: the key would be ignored, so it is refused."""
+    with pytest.raises(ValueError, match="'observer' is for forward roles"):
+        precsim.prepare(make(MLP), {"gradient": {"format": "int8", "observer": "moving_average"}})
