@@ -71,12 +71,27 @@ class _Residual(nn.Module):
         return self.head(self.add(self.fc2(h), h))  # h's gradient arrives through both branches
 
 
+class _ConvResidual(nn.Module):
+    """4-D activations with rows of 7: MX takes its rows-shorter-than-a-block path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.relu, self.conv2, self.add = nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), Add()
+        self.head = nn.Linear(8 * 49, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.conv1(x))
+        return self.head(self.add(self.conv2(h), h).flatten(1))
+
+
 CONFIGS = {
     "int8": {"activation": "int8", "weight": "int8"},
     "int8+grad": {"activation": "int8", "weight": "int8", "gradient": "int8"},
     "fp8 clipped, SR grad": {"activation": {"format": "fp8_e4m3", "ste": "clipped"}, "weight": "fp8_e4m3",
                              "gradient": {"format": "hfp8_bwd", "rounding": "stochastic"}},
     "mx grad": {"activation": "int8", "gradient": "mxfp8_e5m2"},
+    "mx rows, mx grad": {"activation": "mxfp8_e4m3", "weight": "mxfp8_e4m3", "gradient": "mxfp8_e5m2"},
+    "mx rows, scaled mx grad": {"activation": "mxfp8_e4m3", "gradient": {"format": "mxfp8_e5m2", "scale": "dynamic"}},
 }
 
 
@@ -87,9 +102,10 @@ def test_in_place_backward_equals_eager(name: str, monkeypatch: pytest.MonkeyPat
 
     def run() -> list[torch.Tensor]:
         torch.manual_seed(0)
-        model = _Residual()
+        rows = name.startswith("mx rows")
+        model = _ConvResidual() if rows else _Residual()
         precsim.prepare(model, CONFIGS[name], seed=3)
-        x = torch.randn(128, 96, requires_grad=True)
+        x = torch.randn(32, 4, 7, 7, requires_grad=True) if rows else torch.randn(128, 96, requires_grad=True)
         out = model(x)
         g = torch.randn_like(out)
         g_before = g.clone()

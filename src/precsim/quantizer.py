@@ -424,7 +424,8 @@ class Quantizer(nn.Module):
                 call(apply_ste_into, g32, (ste_x, ste_lo, ste_hi), (ste_clip,), flat=per_tensor(ste_lo))
             elif ste_x is not None:
                 g32 = call(apply_ste, g32, (ste_x, ste_lo, ste_hi), (ste_clip,), flat=per_tensor(ste_lo))
-            q, next_scale, next_clean, shift = self._block_gradient(g32, seed, scale, clean, fmt, rounding, limit)
+            q, next_scale, next_clean, shift = self._block_gradient(g32, seed, scale, clean, fmt, rounding, limit,
+                                                                    owned)
         else:
             args = (ste_x, ste_lo, ste_hi, seed, scale, clean, stored)
             static = (fmt, rounding, limit, GROWTH_INTERVAL, ste_clip, dse_normal_grid(fmt, stored), delayed_range)
@@ -449,15 +450,16 @@ class Quantizer(nn.Module):
     @staticmethod
     def _block_gradient(g: Tensor, seed: Tensor | None, scale: Tensor | None,
                         clean: Tensor | None, fmt: BlockFormat, rounding: str,
-                        limit: float | None) -> tuple[Tensor, Tensor | None, Tensor | None, None]:
-        """:func:`quantize_gradient_fn` for block formats (mask applied), in steps around the block kernel."""
+                        limit: float | None, owned: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None, None]:
+        """:func:`quantize_gradient_fn` for block formats (mask applied), in steps around the block
+        kernel; in place where ``g`` is owned or a scaled copy."""
         next_scale = next_clean = None
         s = scale
         if scale is not None:
             if limit is not None:
                 s, next_scale, next_clean = call(next_grad_scale, g, (scale, clean), (limit, GROWTH_INTERVAL), flat=True)
             g = g * s
-        q = run_quantize(fmt, g, rounding, seed)
+        q = run_quantize(fmt, g, rounding, seed, inplace=owned or s is not None)
         return (q if s is None else q / s), next_scale, next_clean, None
 
     def describe(self) -> tuple[str, str, str, str]:

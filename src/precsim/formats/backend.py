@@ -141,7 +141,11 @@ def _round_scaled(y: Tensor, fmt: Any, rounding: str) -> Tensor:
     return fmt.round_scaled(y, rounding)
 
 
-def _quantize_rows_scaled(rows: Tensor, fmt: Any, rounding: str) -> Tensor:
+def _round_scaled_into(y: Tensor, fmt: Any, rounding: str) -> None:
+    y.copy_(fmt.round_scaled(y, rounding))
+
+
+def _quantize_rows_scaled(rows: Tensor, fmt: Any, rounding: str, inplace: bool = False) -> Tensor:
     """MX rows shorter than a block as (x / X) rounded on the element grid, times X.
 
     Inductor compiles a rounding whose grid moves per row of 28 into a loop per row: a vector
@@ -152,14 +156,22 @@ def _quantize_rows_scaled(rows: Tensor, fmt: Any, rounding: str) -> Tensor:
     (:meth:`BlockFormat.round_scaled`).
     """
     s = call(_power_scale, rows, (), (fmt,), dynamic=(0,))
-    q = call(_round_scaled, (rows * s.reciprocal()).view(-1), (), (fmt, rounding), dynamic=(0,)).view(rows.shape)
+    if inplace:  # (rows owned by the caller: no new full-size tensor)
+        q = rows.mul_(s.reciprocal())
+        call(_round_scaled_into, q.view(-1), (), (fmt, rounding), dynamic=(0,))
+    else:
+        q = call(_round_scaled, (rows * s.reciprocal()).view(-1), (), (fmt, rounding), dynamic=(0,)).view(rows.shape)
     out = q.mul_(s)  # exact, as 1 / s is: powers of two from 2^-127 to 2^127
     bad = s.isnan()  # NaN or Inf in the block: the result is NaN, one canonical NaN
     return torch.where(bad, torch.nan, out) if bool(bad.any()) else out
 
 
-def run_quantize(fmt: Any, x: Tensor, rounding: str = "nearest", seed: Tensor | None = None, **params: Any) -> Tensor:
+def run_quantize(fmt: Any, x: Tensor, rounding: str = "nearest", seed: Tensor | None = None, *,
+                 inplace: bool = False, **params: Any) -> Tensor:
     """``fmt.quantize(x, rounding, seed=seed, **params)``, compiled when enabled.
+
+    ``inplace``: the caller owns ``x`` and allows writing the result into it (MX rows shorter
+    than a block do; other paths return a new tensor).
 
     A block format is cut into blocks outside the compiled kernel, which sees one (blocks,
     block_size) matrix whatever the tensor's shape: a pad or a reshape of symbolic sizes inside
@@ -179,7 +191,7 @@ def run_quantize(fmt: Any, x: Tensor, rounding: str = "nearest", seed: Tensor | 
         n = y.shape[-1]
         if 0 < n < fmt.block_size and y.is_contiguous() and _state.get("rows", True):
             if scaled_rows(fmt, rounding):
-                out = _quantize_rows_scaled(y.view(-1, n), fmt, rounding)
+                out = _quantize_rows_scaled(y.view(-1, n), fmt, rounding, inplace)
             else:
                 out = call(_quantize_rows, y.view(-1, n), (seed,), (fmt, rounding, n), dynamic=(0,),
                            inline=inline_kernel(fmt, rounding))
