@@ -245,3 +245,15 @@ def test_weight_ste_skipped_only_when_every_value_is_inside(compile_kernels: boo
         assert torch.equal(w2.grad, expected)
     finally:
         set_compile(before)
+
+
+@pytest.mark.parametrize("spec", ["int8", "uint8", "int8(axis=0)"])
+def test_integer_zero_is_positive_compiled_and_eager(compiled, spec: str) -> None:
+    """Small negative values round to the integer zero: +0.0, as eager IEEE arithmetic gives,
+    also from kernels compiled with -fno-signed-zeros."""
+    fmt = parse_format(spec)
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(2))
+    x[:, :8] = -1e-9
+    x[:, 8] = -0.0
+    for out in (fmt.quantize(x), run_quantize(fmt, x)):
+        assert (out[:, :9].view(torch.int32) == 0).all()

@@ -43,13 +43,15 @@ def float_bits(x: Tensor) -> Tensor:
 
 
 def positive_zero(x: Tensor) -> Tensor:
-    """``x`` with -0.0 turned into +0.0, on the bits.
+    """``x`` with -0.0 turned into +0.0.
 
     IEEE arithmetic gives +0 for ``(q - z) * s`` at q = z, but compiled kernels are built with
-    ``-fno-signed-zeros`` and may fold ``+ 0.0`` away: an integer select keeps both paths alike.
+    ``-fno-signed-zeros`` and may fold ``+ 0.0`` away: a select of the constant +0 where
+    ``x == 0`` (true for both zeros) keeps both paths alike. A select on the bit pattern did the
+    same, but Inductor's CPU code turns each bit view into a store and a reload: int8 rounding
+    cost 450 us on a 1.6 M activation against 330 us with the float select.
     """
-    bits = float_bits(x)
-    return torch.where(bits == _SIGN, 0, bits).view(torch.float32)
+    return torch.where(x == 0, 0.0, x)
 
 
 def exponent_of(x: Tensor) -> Tensor:
