@@ -196,8 +196,10 @@ def quantize_dse(x: Tensor, seed: Tensor | None, stored: Tensor | None, fmt: DSE
 
 
 def dse_normal_grid(fmt: Format, stored: Tensor | None) -> bool:
-    """Whether a stored DSE shift allows the faster normal-grid rounding (reads the shift)."""
-    return isinstance(fmt, DSEFormat) and stored is not None and fmt.grid_is_normal(int(stored))
+    """Whether a stored DSE shift allows the faster normal-grid rounding (reads the shift: on
+    the CPU only, where reading it costs no device sync)."""
+    return (isinstance(fmt, DSEFormat) and stored is not None and stored.device.type == "cpu"
+            and fmt.grid_is_normal(int(stored)))
 
 
 def next_grad_scale(g: Tensor, scale: Tensor, clean: Tensor, limit: float,
@@ -364,7 +366,8 @@ class Quantizer(nn.Module):
             if update:  # delayed: the previous call's range; this tensor's min/max in the same pass
                 when = "after" if spec.delayed and training and bool(obs.initialized) else "before"
             clipped = spec.ste == "clipped"
-            check = clipped and when == "before" and obs.kind == "minmax"  # then mostly inside
+            # then mostly inside; reading the answer is free on the CPU only (a sync on a GPU)
+            check = clipped and when == "before" and obs.kind == "minmax" and x.device.type == "cpu"
             q, lo, hi, _, _, ste_lo, ste_hi, inside = call(
                 int_point, x32, (seed, obs.min_val, obs.max_val, obs.initialized),
                 (fmt, obs.kind, obs.momentum, rounding, when, check), inline=inline_kernel(fmt, rounding),

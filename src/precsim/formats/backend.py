@@ -163,7 +163,9 @@ def _quantize_rows_scaled(rows: Tensor, fmt: Any, rounding: str, inplace: bool =
         q = call(_round_scaled, (rows * s.reciprocal()).view(-1), (), (fmt, rounding), dynamic=(0,)).view(rows.shape)
     out = q.mul_(s)  # exact, as 1 / s is: powers of two from 2^-127 to 2^127
     bad = s.isnan()  # NaN or Inf in the block: the result is NaN, one canonical NaN
-    return torch.where(bad, torch.nan, out) if bool(bad.any()) else out
+    if out.device.type == "cpu" and not bool(bad.any()):  # (on a GPU the check would cost a sync)
+        return out
+    return torch.where(bad, torch.nan, out)
 
 
 def run_quantize(fmt: Any, x: Tensor, rounding: str = "nearest", seed: Tensor | None = None, *,
