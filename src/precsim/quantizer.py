@@ -78,13 +78,7 @@ class _FakeQuantSTE(torch.autograd.Function):
             ste = (saved[0], lo, hi, *ctx.ste_static)
         if ctx.backward_fn is not None:  # the mask is applied inside, fused with the rounding
             return ctx.backward_fn(grad, ste, owned), None, None
-        if ste is None:
-            return grad, None, None
-        base, lo, hi, clip = ste
-        if owned:
-            call(apply_ste_into, grad, (base, lo, hi), (clip,), flat=per_tensor(lo))
-            return grad, None, None
-        return call(apply_ste, grad.float(), (base, lo, hi), (clip,), flat=per_tensor(lo)).to(grad.dtype), None, None
+        return (grad if ste is None else masked_gradient(grad, ste, owned)), None, None
 
 
 # The clipped STE's state: (base, lo, hi, clip). ``base`` is the forward input (float32 or the
@@ -121,6 +115,15 @@ def per_tensor(bound: Tensor | None) -> bool:
 def apply_ste_into(g: Tensor, x: Tensor, lo: Tensor | None, hi: Tensor | None, clip: float | None) -> None:
     """:func:`apply_ste` written into ``g`` (a gradient this backward owns)."""
     g.copy_(apply_ste(g, x, lo, hi, clip))
+
+
+def masked_gradient(g: Tensor, ste: SteArgs, owned: bool) -> Tensor:
+    """mask * g with the clipped-STE mask, compiled; written into ``g`` when backward owns it."""
+    base, lo, hi, clip = ste
+    if owned:
+        call(apply_ste_into, g, (base, lo, hi), (clip,), flat=per_tensor(lo))
+        return g
+    return call(apply_ste, g.float(), (base, lo, hi), (clip,), flat=per_tensor(lo)).to(g.dtype)
 
 
 def int_grid(min_val: Tensor, max_val: Tensor, fmt: IntFormat, ndim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -247,12 +250,12 @@ def quantize_gradient_fn(
     if isinstance(fmt, DSEFormat):
         q, measured = quantize_dse(g, seed, stored, fmt, rounding, normal_grid)
     elif isinstance(fmt, IntFormat) and fmt.axis is None and fmt.group_size is None:
-        # delayed: the grid of the range ([min, max]) measured on the previous backward
-        grid = fmt.choose_qparams(g) if stored is None else fmt.qparams(stored[0], stored[1])
+        lo, hi = tensor_range(g, None)  # delayed: rounded on the previous backward's range instead
+        grid = fmt.qparams(lo, hi) if stored is None else fmt.qparams(stored[0], stored[1])
         once += grid
         q = fmt.quantize(g, rounding, seed=seed, scale=grid[0], zero_point=grid[1])  # type: ignore[arg-type]
         if delayed:
-            measured = torch.stack(tensor_range(g, None))
+            measured = torch.stack((lo, hi))
     else:
         q = fmt.quantize(g, rounding, seed=seed)  # type: ignore[arg-type]
     if s is not None:
@@ -422,11 +425,7 @@ class Quantizer(nn.Module):
             stored = self.grad_range  # the range measured on the previous backward
         ste_x, ste_lo, ste_hi, ste_clip = (None,) * 4 if ste is None else ste
         if isinstance(fmt, BlockFormat):  # blocks are cut outside the kernel (see run_quantize)
-            g32 = g.float()
-            if ste_x is not None and owned:
-                call(apply_ste_into, g32, (ste_x, ste_lo, ste_hi), (ste_clip,), flat=per_tensor(ste_lo))
-            elif ste_x is not None:
-                g32 = call(apply_ste, g32, (ste_x, ste_lo, ste_hi), (ste_clip,), flat=per_tensor(ste_lo))
+            g32 = g.float() if ste is None else masked_gradient(g.float(), ste, owned)
             q, next_scale, next_clean, shift = self._block_gradient(g32, seed, scale, clean, fmt, rounding, limit,
                                                                     owned)
         else:
