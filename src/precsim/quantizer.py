@@ -16,6 +16,7 @@ gradient format (see :func:`scale_limit`).
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from precsim.config import RoleSpec
 from precsim.formats import BlockFormat, DSEFormat, FloatFormat, Format, IntFormat
-from precsim.formats.backend import call, compile_enabled, inline_kernel, run_quantize
+from precsim.formats.backend import MIN_COMPILED_NUMEL, call, compile_enabled, inline_kernel, run_quantize
 from precsim.formats.rounding import exp2i, exponent_of
 from precsim.observers import Observer, broadcast_range, next_range, reduce_dims, tensor_range
 from precsim.ownership import baseline, owns_gradient
@@ -51,12 +52,14 @@ class _FakeQuantSTE(torch.autograd.Function):
     ``mask * dy`` (and the gradient rounding) in one pass, written into ``dy`` when backward
     owns it (:mod:`precsim.ownership`). A stored mask cost a full-size output of the forward kernel
     and an eager mixed-dtype multiply in backward: on CPU the two made int8 training 2.5x FP32.
+    With compiled kernels on the CPU, an integer point keeps only the positions of the few
+    clipped elements instead (:func:`clipped_ste`), and backward zeroes those alone.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, forward_fn: Callable[[Tensor], tuple[Tensor, SteArgs | None]],  # type: ignore[override]
                 backward_fn: Callable[[Tensor, SteArgs | None], Tensor] | None) -> Tensor:
-        q, ste = forward_fn(x)
+        q, ste = forward_fn(x, ctx.needs_input_grad[0])
         if q is x:  # an input returned as is becomes a view that in-place ops (ReLU(inplace)) reject
             q = q.clone()
         ctx.backward_fn = backward_fn
@@ -83,7 +86,8 @@ class _FakeQuantSTE(torch.autograd.Function):
 
 # The clipped STE's state: (base, lo, hi, clip). ``base`` is the forward input (float32 or the
 # input's dtype) from which backward rebuilds the mask: lo <= base <= hi (integers), |base| <=
-# clip (floats); or, with lo, hi and clip all None, the mask itself.
+# clip (floats); or, with lo, hi and clip all None, the mask itself (bool) or the flat indices of
+# the clipped elements, the only ones the mask zeroes (int64, :func:`clipped_ste`).
 SteArgs = tuple[Tensor, Tensor | None, Tensor | None, float | None]
 
 
@@ -118,12 +122,67 @@ def apply_ste_into(g: Tensor, x: Tensor, lo: Tensor | None, hi: Tensor | None, c
 
 
 def masked_gradient(g: Tensor, ste: SteArgs, owned: bool) -> Tensor:
-    """mask * g with the clipped-STE mask, compiled; written into ``g`` when backward owns it."""
+    """mask * g with the clipped-STE mask, compiled; written into ``g`` when backward owns it.
+
+    Given the clipped elements' indices, only those are multiplied by 0 (into a copy of ``g``
+    unless owned). The rest keep their bits, as multiplying by 1 would leave them."""
     base, lo, hi, clip = ste
+    if base.dtype == torch.int64:
+        if not owned:
+            g = g.clone(memory_format=torch.contiguous_format)
+        flat = g.view(-1)
+        flat[base] = flat[base] * 0  # NaN * 0 and Inf * 0 stay NaN, as in mask * g
+        return g
     if owned:
         call(apply_ste_into, g, (base, lo, hi), (clip,), flat=per_tensor(lo))
         return g
     return call(apply_ste, g.float(), (base, lo, hi), (clip,), flat=per_tensor(lo)).to(g.dtype)
+
+
+def is_sparse(ste: SteArgs | None) -> bool:
+    """Whether an STE state holds the clipped elements' indices (see :func:`clipped_ste`)."""
+    return ste is not None and ste[0].dtype == torch.int64
+
+
+SPARSE_LIMIT = 1 / 64  # at most this fraction of clipped elements is kept as indices
+
+
+def count_rows(numel: int) -> int:
+    """How many rows a per-tensor point's kernel counts clipped elements in: 256 or the largest
+    power of two dividing ``numel``, so that a clipped element is looked for in 1/256 of it;
+    one row for small tensors."""
+    return math.gcd(numel, 256) if numel >= 4096 else 1
+
+
+def outside_per_row(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """How many elements of each row (first dimension) lie outside the STE bounds (pure)."""
+    outside = ~ste_mask(x, lo, hi, None)
+    if x.dim() < 2:
+        return outside.sum(dtype=torch.int32)
+    return outside.sum(dim=tuple(range(1, x.dim())), dtype=torch.int32)
+
+
+def clipped_ste(x: Tensor, x32: Tensor, lo: Tensor, hi: Tensor, outside: Tensor | None) -> SteArgs | None:
+    """The clipped STE's state for an integer point, given the counts of elements ``outside``
+    the bounds per row of the flat order (:func:`outside_per_row`; None: not counted).
+
+    None (pass every gradient) when no element is outside, as for a weight's own min/max range;
+    the flat indices of those outside when they are few and the bounds per tensor (in training
+    they are the tail beyond a moving-average range, a few per million: backward then costs
+    nothing, and only the rows that hold them are searched, as a full ``nonzero`` of the mask
+    costs 2.5x the rounding); otherwise the input, from which backward rebuilds the mask.
+    """
+    if outside is None:
+        return (x, lo, hi, None)
+    count = int(outside.sum())
+    if count == 0:
+        return None
+    if count > x.numel() * SPARSE_LIMIT or not (per_tensor(lo) and x32.is_contiguous()):
+        return (x, lo, hi, None)
+    rows = x32.reshape(max(outside.numel(), 1), -1)
+    hit = outside.reshape(-1).nonzero().squeeze(1)
+    r, c = (~ste_mask(rows[hit], lo, hi, None)).nonzero(as_tuple=True)
+    return (hit[r] * rows.shape[1] + c, None, None, None)
 
 
 def int_grid(min_val: Tensor, max_val: Tensor, fmt: IntFormat, ndim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -145,17 +204,17 @@ def quantize_on_grid(x: Tensor, seed: Tensor | None, scale: Tensor, zero_point: 
 
 def int_point(
     x: Tensor, seed: Tensor | None, min_val: Tensor, max_val: Tensor, initialized: Tensor, fmt: IntFormat,
-    kind: str, momentum: float, rounding: str, observe_when: str, check_inside: bool = False,
+    kind: str, momentum: float, rounding: str, observe_when: str, count_outside: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """An integer quantization point's forward pass in one pure function (one compiled call).
 
     ``observe_when``: ``before`` measures ``x`` and rounds on the new range's grid (two passes
     over ``x``: the min/max, then the rounding); ``after`` (delayed ranges) rounds on the
     stored range's grid and measures ``x`` in the same pass; ``never`` rounds on the stored
-    range. Returns (Q(x), next min, next max, scale, zero point, STE lo, STE hi, inside), with
-    ``inside`` (``check_inside``) whether every element lies within the STE bounds, so that
-    backward has no mask to apply: a weight's own min/max range, the usual case for weights,
-    passes every gradient, and checking costs a reduction in the rounding's pass.
+    range. Returns (Q(x), next min, next max, scale, zero point, STE lo, STE hi, outside), with
+    ``outside`` (``count_outside``) the number of elements outside the STE bounds per row
+    (:func:`outside_per_row`), which :func:`clipped_ste` turns into backward's work: counting
+    costs a reduction in the rounding's pass.
 
     The grid is among the outputs so that Inductor computes it once: left as an intermediate,
     it was recomputed for every element, the division included (int8 rounding then cost 3x
@@ -168,8 +227,8 @@ def int_point(
     q = quantize_on_grid(x, seed, scale, zp, fmt, rounding)
     if observe_when == "after":
         lo, hi = observe(x, min_val, max_val, initialized, fmt.axis, kind, momentum)
-    inside = ste_mask(x, ste_lo, ste_hi, None).all() if check_inside else None
-    return q, lo, hi, scale, zp, ste_lo, ste_hi, inside
+    outside = outside_per_row(x, ste_lo, ste_hi) if count_outside else None
+    return q, lo, hi, scale, zp, ste_lo, ste_hi, outside
 
 
 def observe(x: Tensor, min_val: Tensor, max_val: Tensor, initialized: Tensor, axis: int | None, kind: str,
@@ -338,15 +397,17 @@ class Quantizer(nn.Module):
             def backward_fn(g: Tensor, ste: SteArgs | None, owned: bool) -> Tensor:
                 return self.quantize_gradient(g, bwd_seed, training, ste, owned)
         if self.spec is None:
-            return _FakeQuantSTE.apply(x, lambda t: (t, None), backward_fn)
+            return _FakeQuantSTE.apply(x, lambda t, need_ste: (t, None), backward_fn)
 
-        def forward_fn(t: Tensor) -> tuple[Tensor, SteArgs | None]:
-            return self.quantize_values(t, fwd_seed, training)
+        def forward_fn(t: Tensor, need_ste: bool) -> tuple[Tensor, SteArgs | None]:
+            return self.quantize_values(t, fwd_seed, training, need_ste)
         return _FakeQuantSTE.apply(x, forward_fn, backward_fn)
 
     @torch.no_grad()
-    def quantize_values(self, x: Tensor, seed: Tensor | None, training: bool) -> tuple[Tensor, SteArgs | None]:
-        """Q(x) and what the clipped STE needs in backward (None: pass every gradient).
+    def quantize_values(self, x: Tensor, seed: Tensor | None, training: bool,
+                        need_ste: bool = True) -> tuple[Tensor, SteArgs | None]:
+        """Q(x) and what the clipped STE needs in backward (None: pass every gradient, or
+        ``need_ste`` False: no backward).
 
         That is the input and the bounds of the integer grid it was rounded on (or the float
         clip), so backward rebuilds the mask; an ``input`` quantizer stores the mask itself
@@ -368,19 +429,19 @@ class Quantizer(nn.Module):
             when = "never"
             if update:  # delayed: the previous call's range; this tensor's min/max in the same pass
                 when = "after" if spec.delayed and training and bool(obs.initialized) else "before"
-            clipped = spec.ste == "clipped"
-            # then mostly inside; reading the answer is free on the CPU only (a sync on a GPU)
-            check = clipped and when == "before" and obs.kind == "minmax" and x.device.type == "cpu"
-            q, lo, hi, _, _, ste_lo, ste_hi, inside = call(
+            clipped = spec.ste == "clipped" and need_ste
+            # reading the count is free on the CPU only (a sync on a GPU); eager is the reference
+            count = clipped and compile_enabled() and x.device.type == "cpu" and x.numel() >= MIN_COMPILED_NUMEL
+            q, lo, hi, _, _, ste_lo, ste_hi, outside = call(
                 int_point, x32, (seed, obs.min_val, obs.max_val, obs.initialized),
-                (fmt, obs.kind, obs.momentum, rounding, when, check), inline=inline_kernel(fmt, rounding),
-                flat=fmt.axis is None)
+                (fmt, obs.kind, obs.momentum, rounding, when, count), inline=inline_kernel(fmt, rounding),
+                flat=fmt.axis is None, rows=count_rows(x.numel()) if count else None)
             if update:
                 obs.min_val.copy_(lo)
                 obs.max_val.copy_(hi)
                 obs.initialized.fill_(True)
-            if clipped and not (check and bool(inside)):  # new tensors: a later update cannot change them
-                ste = (x, ste_lo, ste_hi, None)
+            if clipped:  # new tensors: a later update cannot change them
+                ste = clipped_ste(x, x32, ste_lo, ste_hi, outside)
         elif isinstance(fmt, DSEFormat):
             delayed = fmt.delayed
             stored = self.dse_shift if delayed and bool(self.dse_ready) else None  # the previous call's
@@ -391,11 +452,11 @@ class Quantizer(nn.Module):
                 self.dse_ready.fill_(True)
         elif isinstance(fmt, FloatFormat):
             q = call(quantize_float, x32, (seed,), (fmt, rounding), flat=True)
-            if spec.ste == "clipped" and not fmt.is_float32:
+            if spec.ste == "clipped" and need_ste and not fmt.is_float32:
                 ste = (x, None, None, fmt.max)
         else:  # blocks, and integers without an observer (grouped): cut into blocks outside the kernel
             q = run_quantize(fmt, x32, rounding, seed)
-        if ste is not None and self.role == "input":
+        if ste is not None and self.role == "input" and not is_sparse(ste):
             ste = (call(ste_mask, x32, ste[1:3], ste[3:], flat=per_tensor(ste[1])), None, None, None)
         return q.to(x.dtype), ste
 
@@ -423,6 +484,9 @@ class Quantizer(nn.Module):
         delayed_range = isinstance(fmt, IntFormat) and spec.delayed
         if delayed_range and bool(self.grad_range_ready):
             stored = self.grad_range  # the range measured on the previous backward
+        if is_sparse(ste):  # zero the few clipped elements first: then the kernel reads g alone
+            g = masked_gradient(g, ste, owned)  # type: ignore[arg-type]
+            ste, owned = None, g.dtype == torch.float32
         ste_x, ste_lo, ste_hi, ste_clip = (None,) * 4 if ste is None else ste
         if isinstance(fmt, BlockFormat):  # blocks are cut outside the kernel (see run_quantize)
             g32 = g.float() if ste is None else masked_gradient(g.float(), ste, owned)

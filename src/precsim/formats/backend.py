@@ -67,7 +67,8 @@ def _compiled(fn: Callable[..., Any], static: tuple[Any, ...], inline: bool = Fa
 
 
 def call(fn: Callable[..., Any], x: Tensor, args: tuple[Any, ...], static: tuple[Any, ...] = (),
-         dynamic: tuple[int, ...] | None = None, inline: bool = False, flat: bool = False) -> Any:
+         dynamic: tuple[int, ...] | None = None, inline: bool = False, flat: bool = False,
+         rows: int | None = None) -> Any:
     """``fn(x, *args, *static)``, through a compiled copy per ``static`` when enabled.
 
     ``fn`` must be a pure function of tensors; ``static`` holds the hashable settings (format,
@@ -80,6 +81,8 @@ def call(fn: Callable[..., Any], x: Tensor, args: tuple[Any, ...], static: tuple
     reduction in it spans the whole tensor (per-tensor formats). The kernel then sees them
     1-D, and its outputs of ``x``'s size come back in ``x``'s shape, so that every shape
     (activations, conv weights with dimensions of 1, linear layers) shares one compiled entry.
+    ``rows`` (with ``flat``): the kernel sees them as ``rows`` rows instead (a divisor of the
+    size), for per-row reductions in the flat order.
     """
     if not _state["compile"] or x.numel() < MIN_COMPILED_NUMEL or torch.compiler.is_compiling():
         return fn(x, *args, *static)
@@ -87,10 +90,13 @@ def call(fn: Callable[..., Any], x: Tensor, args: tuple[Any, ...], static: tuple
     plain = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
     x = x.detach()
     shape = x.shape
-    if flat and x.dim() != 1:
-        plain = tuple(a.reshape(-1) if isinstance(a, Tensor) and a.shape == shape else a for a in plain)
-        out = _compiled(fn, static, inline)(_dynamic(x.reshape(-1), (0,)), *plain)
-        return tuple(_unflatten(o, shape) for o in out) if isinstance(out, tuple) else _unflatten(out, shape)
+    view = (-1,) if rows is None else (rows, -1)
+    if flat and x.shape != view:
+        plain = tuple(a.reshape(view) if isinstance(a, Tensor) and a.shape == shape else a for a in plain)
+        x = x.reshape(view)
+        out = _compiled(fn, static, inline)(_dynamic(x, None), *plain)
+        return tuple(_unflatten(o, x.shape, shape) for o in out) if isinstance(out, tuple) else (
+            _unflatten(out, x.shape, shape))
     for a in plain:  # arguments of x's shape (an STE's saved input) vary with it
         if isinstance(a, Tensor) and a.shape == shape:
             _dynamic(a, dynamic)
@@ -103,8 +109,8 @@ def _dynamic(x: Tensor, dims: tuple[int, ...] | None) -> Tensor:
     return x
 
 
-def _unflatten(out: Any, shape: torch.Size) -> Any:
-    if isinstance(out, Tensor) and out.dim() == 1 and out.numel() == shape.numel():
+def _unflatten(out: Any, seen: torch.Size, shape: torch.Size) -> Any:
+    if isinstance(out, Tensor) and out.shape == seen:
         return out.view(shape)
     return out
 
