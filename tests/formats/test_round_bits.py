@@ -1,10 +1,11 @@
-"""The fast bit-pattern rounding equals the general reference algorithm, bit for bit.
+"""The fast rounding paths equal the general reference algorithm, bit for bit.
 
-:func:`round_float` takes a shorter integer path for 1..22 mantissa bits; the general
-:func:`round_float_reference` is the one checked against ml_dtypes and gfloat. Here the two
+:func:`round_float` takes a shorter integer path for 1..22 mantissa bits, and a float32
+addition for nearest rounding on constant normal grids; the general
+:func:`round_float_reference` is the one checked against ml_dtypes and gfloat. Here they
 must agree on every float32 exponent field, with edge-case and random mantissas, for every
 rounding (stochastic given the same random bits), overflow mode and kind of grid (fixed,
-reaching below 2^-126, per-block tensors of exponents).
+reaching below 2^-126, per-block tensors of exponents), eager and compiled.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from precsim.formats.rounding import exp2i, round_float, round_float_reference
+from precsim.formats.backend import call, compile_enabled, set_compile
+from precsim.formats.rounding import _float_add_rounds, exp2i, round_float, round_float_reference
 
 
 def _inputs() -> torch.Tensor:
@@ -93,4 +95,34 @@ def test_normal_grid_path_equals_reference(m: int, emin: int, emax: int, mx: flo
               negative_zero=True, rounding=rounding, random_bits=rb)
     fast = round_float(x, normal_grid=True, **kw)  # type: ignore[arg-type]
     ref = round_float_reference(x, **kw)  # type: ignore[arg-type]
+    assert torch.equal(fast.view(torch.int32), ref.view(torch.int32))
+
+
+ADDITION_GRIDS = [g for g in GRIDS if _float_add_rounds(g[0], g[1], g[2])]
+
+
+def test_float_addition_takes_the_narrow_grids() -> None:
+    """fp8/fp6/fp4/fp16-like grids take the float-addition path; bf16-like and grids below
+    2^-126 (whose magic constant would leave float32) do not."""
+    assert [g[:3] for g in ADDITION_GRIDS] == [g[:3] for g in GRIDS[:7]] + [GRIDS[8][:3]]
+
+
+def _round(x: torch.Tensor, m: int, emin: int, maxv: float, overflow: str, negzero: bool) -> torch.Tensor:
+    return round_float(x, mantissa_bits=m, min_exponent=emin, max_value=maxv, overflow=overflow,  # type: ignore[arg-type]
+                       negative_zero=negzero, rounding="nearest")
+
+
+@pytest.mark.parametrize(("m", "emin", "maxv", "overflow", "negzero"), [GRIDS[0], GRIDS[2], GRIDS[3], GRIDS[1]])
+def test_float_addition_compiled_equals_reference(m: int, emin: int, maxv: float, overflow: str,
+                                                  negzero: bool) -> None:
+    """Compiled, (x + c) - c is done as written (no reassociation, subnormals kept)."""
+    x = _inputs()
+    before = compile_enabled()
+    set_compile(True)
+    try:
+        fast = call(_round, x, (), (m, emin, maxv, overflow, negzero), flat=True)
+    finally:
+        set_compile(before)
+    ref = round_float_reference(x, mantissa_bits=m, min_exponent=emin, max_value=maxv, overflow=overflow,  # type: ignore[arg-type]
+                                negative_zero=negzero, rounding="nearest")
     assert torch.equal(fast.view(torch.int32), ref.view(torch.int32))

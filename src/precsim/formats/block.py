@@ -142,6 +142,8 @@ class BlockFormat:
             scale = exp2i(shared - (elem.bits - 2))
             zero = torch.zeros_like(scale)
             return fake_quantize(blocks, scale, zero, elem.qmin, elem.qmax, rounding, rb)
+        if rounding == "nearest":  # the same bits on the element's constant grid (see round_scaled)
+            return self.round_scaled(blocks * exp2i(-shared), rounding) * exp2i(shared)
         return round_float(
             blocks,
             mantissa_bits=elem.mantissa_bits,

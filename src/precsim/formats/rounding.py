@@ -11,6 +11,7 @@ two).
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Literal
 
@@ -108,8 +109,13 @@ def round_float(
 
     Grids with 1..22 mantissa bits (every format but E8M0-like and float32 itself) take
     :func:`_round_float_bits`, about half the integer ops of the general
-    :func:`round_float_reference`, with identical results (tested on every float32 exponent).
+    :func:`round_float_reference`, with identical results (tested on every float32 exponent);
+    with nearest rounding on a constant normal grid (FP8, FP6, FP4, the MX elements and DSE's
+    scaled grid), :func:`_round_nearest_float`, with a third of those.
     """
+    if rounding == "nearest" and _float_add_rounds(mantissa_bits, min_exponent, max_value):
+        return _round_nearest_float(x, mantissa_bits, min_exponent, max_value, overflow,  # type: ignore[arg-type]
+                                    negative_zero)
     if 1 <= mantissa_bits <= 22:
         return _round_float_bits(x, mantissa_bits, min_exponent, max_value, overflow, negative_zero, rounding,
                                  random_bits, normal_grid)
@@ -122,6 +128,53 @@ def round_float(
 def _bits_of(value: float) -> int:
     """The int32 bit pattern of ``value`` rounded to float32 (a constant, also under compile)."""
     return struct.unpack("<i", struct.pack("<f", value))[0] if abs(value) <= _FLOAT32_MAX else _INF_BITS
+
+
+def _top_exponent(max_value: float) -> int:
+    """The smallest e with 2^e > ``max_value`` (finite, > 0)."""
+    return math.frexp(max_value)[1]
+
+
+def _float_add_rounds(m: int, min_exponent: int | Tensor, max_value: float | Tensor) -> bool:
+    """Whether :func:`_round_nearest_float` applies: a constant grid with normal quanta whose
+    magic constant 2^(e + 23 - m) stays a finite float32 up to the overflow threshold."""
+    return (1 <= m <= 22 and isinstance(min_exponent, int) and min_exponent >= -126
+            and isinstance(max_value, float) and 0 < max_value < math.inf
+            and _top_exponent(max_value) + 23 - m <= 127)
+
+
+def _round_nearest_float(x: Tensor, m: int, min_exponent: int, max_value: float, overflow: Overflow,
+                         negative_zero: bool) -> Tensor:
+    """:func:`round_float` with ties to even, by float32 addition: (x + c) - c with
+    c = ±2^(e + 23 - m), e the exponent of the grid's binade for x.
+
+    x + c lies in c's binade, where float32's spacing 2^(e - m) is the grid's quantum, so the
+    hardware's ties-to-even addition rounds x onto the grid (the parity of the float32 last bit
+    is that of the grid's mantissa), and subtracting c is exact. Below the grid's smallest
+    normal, e = ``min_exponent`` gives the subnormal quantum; from the overflow threshold up,
+    e stays at its top so that c stays finite, and the result still exceeds ``max_value``.
+    About 15 vector ops per element against 45 for the bit path: on a cache-resident
+    activation (the training step's case) the bit path was compute-bound. Kernels are compiled
+    without reassociation (``-fno-unsafe-math-optimizations``) and keep subnormals, so the
+    addition is done as written. The sign is put back on the bits, as x - x gives +0.
+    """
+    bits = float_bits(x)
+    sign = bits & _SIGN
+    mag = bits & _ABS
+    field = (mag & _INF_BITS).clamp((min_exponent + 127) << 23, (_top_exponent(max_value) + 127) << 23)
+    c = ((field + ((23 - m) << 23)) | sign).view(torch.float32)
+    out = float_bits((x + c) - c) & _ABS
+    max_bits = _bits_of(max_value)
+    over = out > max_bits
+    if overflow == "saturate":
+        out = torch.where(over, max_bits, out)
+    elif overflow == "inf":
+        out = torch.where(over, _INF_BITS, out)
+    else:
+        out = torch.where(over, 0x7FC00000, out)
+    if not negative_zero:
+        sign = torch.where(out == 0, 0, sign)
+    return torch.where(mag > _INF_BITS, bits, out | sign).view(torch.float32)
 
 
 def _round_float_bits(x: Tensor, m: int, min_exponent: int | Tensor, max_value: float | Tensor,
