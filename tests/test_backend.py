@@ -73,7 +73,7 @@ def test_compiled_equals_eager(compiled, spec: str, rounding: str, params: dict)
 @pytest.mark.parametrize("shape", [(32, 8, 7, 7), (16, 4, 28, 28), (700, 31), (5000, 1)])
 def test_rows_shorter_than_a_block_equal_eager(compiled, spec: str, rounding: str, shape: tuple[int, ...]) -> None:
     """Rows shorter than a block are quantized in place (no padding): same bits, same random bits."""
-    fmt = parse_format(spec)
+    fmt = parse_format(f"{spec}(axis=-1)")
     torch.manual_seed(1)
     x = torch.randn(shape) * torch.exp2(torch.randint(-30, 30, shape).float())
     x.view(-1)[:6] = torch.tensor([0.0, -0.0, float("inf"), float("nan"), 1e-40, -3e-39])
@@ -81,6 +81,41 @@ def test_rows_shorter_than_a_block_equal_eager(compiled, spec: str, rounding: st
     fast = run_quantize(fmt, x, rounding, seed)
     assert fast.is_contiguous() or shape[-1] >= fmt.block_size  # padded rows come back as a view
     assert torch.equal(fmt.quantize(x, rounding, seed=seed).view(torch.int32), fast.view(torch.int32))
+
+
+@pytest.mark.parametrize(("spec", "rounding"), [("mxfp8_e4m3", "nearest"), ("mxfp8_e4m3", "stochastic"),
+                                              ("mxfp4", "nearest"), ("mxint8", "stochastic"), ("nvfp4", "nearest")])
+@pytest.mark.parametrize("shape", [(32, 16, 7, 7), (8, 64, 5, 5), (4, 48, 3, 3), (16, 1, 3, 3), (2, 32, 4, 3, 3)])
+def test_channel_blocks_equal_eager(compiled, spec: str, rounding: str, shape: tuple[int, ...]) -> None:
+    """Blocks along the channel axis (the default for 4-D and 5-D tensors) are cut in place,
+    across the memory layout: the reference's bits and random bits, NaN (either sign), Inf,
+    zero and subnormal blocks included; 48 channels (not whole blocks) take the eager path."""
+    fmt = parse_format(spec)
+    assert fmt.block_axis(len(shape)) == 1
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-30, 30, shape, generator=g).float())
+    flat = x.view(-1)
+    flat[:5] = torch.tensor([float("nan"), float("inf"), 1e-40, -0.0, -3e-39])
+    flat[7] = torch.tensor(-0x400000, dtype=torch.int32).view(torch.float32)  # -NaN
+    x[-1] = torch.randn(shape[1:], generator=g) * 1e-42  # subnormal blocks
+    seed = draw_seed(torch.Generator().manual_seed(5))
+    fast = run_quantize(fmt, x, rounding, seed)
+    assert fast.shape == x.shape and fast.is_contiguous()
+    assert torch.equal(fmt.quantize(x, rounding, seed=seed).view(torch.int32), fast.view(torch.int32))
+
+
+def test_channel_blocks_are_blocks_of_channels() -> None:
+    """The default block axis: channels of (N, C, H, W), the last axis of 2-D and 3-D tensors;
+    blocking channels equals blocking the last axis of the tensor with channels moved last."""
+    fmt = parse_format("mxfp8_e4m3")
+    assert [fmt.block_axis(n) for n in (1, 2, 3, 4, 5)] == [0, 1, 2, 1, 1]
+    assert parse_format("mxfp8_e4m3(axis=-1)").block_axis(4) == 3
+    x = torch.randn(4, 64, 5, 5) * torch.exp2(torch.randint(-10, 10, (4, 64, 1, 1)).float())
+    last = parse_format("mxfp8_e4m3(axis=-1)").quantize(x.movedim(1, -1)).movedim(-1, 1)
+    assert torch.equal(fmt.quantize(x), last)
+    assert not torch.equal(fmt.quantize(x), parse_format("mxfp8_e4m3(axis=-1)").quantize(x))
+    with pytest.raises(ValueError, match="block axis 4 not allowed for a 4-D tensor"):
+        parse_format("mxfp8_e4m3(axis=4)").quantize(x)
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "toward_zero"])
@@ -105,6 +140,9 @@ def test_scaled_rows_equal_eager_at_the_extremes(compiled, spec: str, rounding: 
     rows[256, 3], rows[257, 0], rows[258, 5], rows[259, 1] = float("nan"), float("inf"), -float("inf"), -0.0
     x = rows.reshape(64, 64, 28)
     assert torch.equal(fmt.quantize(x, rounding).view(torch.int32), run_quantize(fmt, x, rounding).view(torch.int32))
+    channels = x.reshape(64, 4, 16, 28).transpose(1, 3).contiguous()  # the same blocks along a channel axis
+    assert torch.equal(fmt.quantize(channels, rounding).view(torch.int32),
+                       run_quantize(fmt, channels, rounding).view(torch.int32))
 
 
 def test_random_bits_row_stride_numbers_the_padded_layout() -> None:

@@ -72,7 +72,8 @@ class _Residual(nn.Module):
 
 
 class _ConvResidual(nn.Module):
-    """4-D activations with rows of 7: MX takes its rows-shorter-than-a-block path."""
+    """4-D activations: MX blocks of 8 channels, or rows of 7 with ``axis=-1`` (its
+    rows-shorter-than-a-block path)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -90,8 +91,11 @@ CONFIGS = {
     "fp8 clipped, SR grad": {"activation": {"format": "fp8_e4m3", "ste": "clipped"}, "weight": "fp8_e4m3",
                              "gradient": {"format": "hfp8_bwd", "rounding": "stochastic"}},
     "mx grad": {"activation": "int8", "gradient": "mxfp8_e5m2"},
-    "mx rows, mx grad": {"activation": "mxfp8_e4m3", "weight": "mxfp8_e4m3", "gradient": "mxfp8_e5m2"},
-    "mx rows, scaled mx grad": {"activation": "mxfp8_e4m3", "gradient": {"format": "mxfp8_e5m2", "scale": "dynamic"}},
+    "mx channels, mx grad": {"activation": "mxfp8_e4m3", "weight": "mxfp8_e4m3", "gradient": "mxfp8_e5m2"},
+    "mx rows, mx grad": {"activation": "mxfp8_e4m3(axis=-1)", "weight": "mxfp8_e4m3(axis=-1)",
+                         "gradient": "mxfp8_e5m2(axis=-1)"},
+    "mx rows, scaled mx grad": {"activation": "mxfp8_e4m3(axis=-1)",
+                                "gradient": {"format": "mxfp8_e5m2(axis=-1)", "scale": "dynamic"}},
 }
 
 
@@ -102,7 +106,7 @@ def test_in_place_backward_equals_eager(name: str, monkeypatch: pytest.MonkeyPat
 
     def run() -> list[torch.Tensor]:
         torch.manual_seed(0)
-        rows = name.startswith("mx rows")
+        rows = name.startswith(("mx rows", "mx channels"))
         model = _ConvResidual() if rows else _Residual()
         precsim.prepare(model, CONFIGS[name], seed=3)
         x = torch.randn(32, 4, 7, 7, requires_grad=True) if rows else torch.randn(128, 96, requires_grad=True)

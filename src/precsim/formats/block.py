@@ -1,6 +1,10 @@
 """Block (microscaling) formats: OCP MX and NVFP4.
 
-A block of ``block_size`` consecutive elements along ``axis`` shares one scale.
+A block of ``block_size`` consecutive elements along one axis shares one scale. By default
+that is the axis a following layer reduces over, as MX hardware blocks dot products (and
+microxcaling, the MX reference library, blocks convolutions): the channel axis of image-like
+tensors (N, C, H, W[, D]; conv weights O, I, kh, kw) and the last axis of the others (Linear
+inputs and weights). Before 2026-12, blocks ran along the last axis of every tensor (W).
 
 - MX (OCP Microscaling v1.0): the scale is a power of two X = 2^(floor(log2(amax)) - emax_elem)
   stored as E8M0 (clamped to 2^-127..2^127; an all-zero block gets 2^-127). Elements are
@@ -29,19 +33,21 @@ _E4M3 = FloatFormat(4, 3, specials="fn", name="fp8_e4m3")
 
 @dataclass(frozen=True)
 class BlockFormat:
-    """``element`` values sharing a scale per block of ``block_size`` along ``axis``."""
+    """``element`` values sharing a scale per block of ``block_size`` along ``axis`` (None: see
+    :meth:`block_axis`)."""
 
     element: FloatFormat | IntFormat
     block_size: int = 32
-    axis: int = -1
+    axis: int | None = None
     scale: str = "e8m0"
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.block_size, int) and self.block_size >= 1):
             raise ValueError(f"block_size={self.block_size!r} not allowed; allowed: integers >= 1")
-        if not isinstance(self.axis, int):
-            raise ValueError(f"axis={self.axis!r} not allowed; allowed: an integer")
+        if self.axis is not None and (isinstance(self.axis, bool) or not isinstance(self.axis, int)):
+            raise ValueError(f"axis={self.axis!r} not allowed; allowed: an integer, or none for the channel axis "
+                             "of 4-D and 5-D tensors and the last axis of others")
         if self.scale not in SCALES:
             raise ValueError(f"block scale {self.scale!r} not allowed; allowed: {', '.join(SCALES)}")
         if isinstance(self.element, IntFormat) and (not self.element.signed or self.scale != "e8m0"):
@@ -63,11 +69,25 @@ class BlockFormat:
         scale_bits = 8
         return self.element.bits + scale_bits / self.block_size
 
+    def block_axis(self, ndim: int) -> int:
+        """The axis (>= 0) blocks run along in a tensor of ``ndim`` dimensions: ``axis``, or by
+        default 1 (channels) for 4 dimensions or more and the last axis otherwise. (A Conv1d's
+        (N, C, L) is ambiguous with a sequence's (N, T, F): it takes the last axis unless given
+        ``axis=1``.)"""
+        if self.axis is None:
+            return 1 if ndim >= 4 else max(ndim - 1, 0)
+        if not -max(ndim, 1) <= self.axis < max(ndim, 1):
+            raise ValueError(f"{self.name}: block axis {self.axis} not allowed for a {ndim}-D tensor; "
+                             f"allowed: {-max(ndim, 1)}..{max(ndim, 1) - 1}")
+        return self.axis % max(ndim, 1)
+
     def describe(self) -> str:
         scale = "E8M0 power of two" if self.scale == "e8m0" else "FP8 E4M3 x float32 per-tensor"
+        along = ("the channel axis of 4-D/5-D tensors, else the last axis" if self.axis is None
+                 else f"axis {self.axis}")
         return (
             f"{self.name}: block format, {self.element.name} elements, one {scale} scale per "
-            f"{self.block_size} elements along axis {self.axis} ({self.bits_per_element:g} bits "
+            f"{self.block_size} elements along {along} ({self.bits_per_element:g} bits "
             f"per element); elements saturate; a block with NaN/Inf becomes NaN"
         )
 
@@ -76,7 +96,7 @@ class BlockFormat:
 
     def blocks(self, x: Tensor) -> tuple[Tensor, int]:
         """``x`` as (..., blocks, block_size) with the block axis last and zero padding; and its length."""
-        y = x.movedim(self.axis, -1)
+        y = x.movedim(self.block_axis(x.dim()), -1)
         n = y.shape[-1]
         pad = (-n) % self.block_size
         if pad:  # zero only the tail (F.pad fills the whole tensor first, then copies)
@@ -89,7 +109,7 @@ class BlockFormat:
     def unblock(self, b: Tensor, n: int) -> Tensor:
         """The inverse of :meth:`blocks` (padding dropped, block axis back in place)."""
         y = b.reshape(*b.shape[:-2], -1)[..., :n]
-        return y.movedim(-1, self.axis)
+        return y.movedim(-1, self.block_axis(y.dim()))
 
     def quantize(
         self,
@@ -98,12 +118,19 @@ class BlockFormat:
         seed: Tensor | None = None,
         random_bits: Tensor | None = None,
     ) -> Tensor:
+        """Round ``x`` block by block. Stochastic rounding numbers the elements for the random
+        bits in the padded block layout when blocks run along the last axis, and in ``x``'s own
+        order along any other (as :meth:`quantize_blocks` with ``dim`` sees them)."""
         if x.dim() == 0:
             return self.quantize(x.reshape(1), rounding, seed, random_bits).reshape(())
+        if rounding == "stochastic" and random_bits is None and self.block_axis(x.dim()) != x.dim() - 1:
+            random_bits = bits_for(x.shape, rounding, seed, None)
         blocks, n = self.blocks(x)
         if random_bits is not None:
             random_bits, _ = self.blocks(random_bits)
-        return self.unblock(self.quantize_blocks(blocks, rounding, seed, random_bits), n)
+        out = self.unblock(self.quantize_blocks(blocks, rounding, seed, random_bits), n)
+        # x's layout, not a permuted view: ``randn_like`` and friends follow a view's strides
+        return out if self.block_axis(x.dim()) == x.dim() - 1 else out.contiguous()
 
     def quantize_blocks(
         self,
@@ -112,13 +139,17 @@ class BlockFormat:
         seed: Tensor | None = None,
         random_bits: Tensor | None = None,
         row_stride: int | None = None,
+        dim: int = -1,
     ) -> Tensor:
-        """Round ``blocks`` shaped (..., blocks, block_size), one scale per last-axis row.
+        """Round ``blocks`` shaped (..., blocks, block_size), one scale per last-axis row; or
+        with ``dim``, one scale per line along that dimension (blocks across the memory
+        layout, as a channel axis runs: (outer, blocks, block_size, inner) with ``dim=2``).
 
-        A last axis shorter than ``block_size`` is a block whose zero padding was left out:
-        zeros change neither a block's max nor its other elements, so the result is that of
-        the padded block. ``row_stride`` (the padded row length) then numbers the elements for
-        the random bits as the padded layout does (:func:`precsim.formats.random.random_bits`).
+        A block dimension shorter than ``block_size`` is a block whose zero padding was left
+        out: zeros change neither a block's max nor its other elements, so the result is that
+        of the padded block. ``row_stride`` (the padded row length) then numbers the elements
+        of last-axis rows for the random bits as the padded layout does
+        (:func:`precsim.formats.random.random_bits`).
         """
         random_bits = bits_for(blocks.shape, rounding, seed, random_bits, row_stride)
         # max |x| per block as a float reduction (exact: max never rounds, and float order is
@@ -126,7 +157,7 @@ class BlockFormat:
         # bit cleared, so that it sorts above Inf). Not an integer amax of the bit patterns:
         # Inductor's CPU code reduces an int32 vector to a scalar element by element, which
         # made the whole MX kernel 1.9x clone against 1.1x for the float reduction.
-        amax_bits = float_bits(blocks.abs().amax(dim=-1, keepdim=True)) & 0x7FFFFFFF
+        amax_bits = float_bits(blocks.abs().amax(dim=dim, keepdim=True)) & 0x7FFFFFFF
         if self.scale == "e8m0":
             out = self._quantize_mx(blocks, amax_bits, rounding, random_bits)
         else:
@@ -155,10 +186,10 @@ class BlockFormat:
             random_bits=rb,
         )
 
-    def power_scale(self, blocks: Tensor) -> Tensor:
-        """Per block (last axis): the MX scale X = 2^shared, or NaN for a block holding NaN or
-        Inf. For :meth:`round_scaled`; E8M0 scales only."""
-        amax_bits = float_bits(blocks.abs().amax(dim=-1, keepdim=True)) & 0x7FFFFFFF
+    def power_scale(self, blocks: Tensor, dim: int = -1) -> Tensor:
+        """Per block (along ``dim``): the MX scale X = 2^shared, or NaN for a block holding NaN
+        or Inf. For :meth:`round_scaled`; E8M0 scales only."""
+        amax_bits = float_bits(blocks.abs().amax(dim=dim, keepdim=True)) & 0x7FFFFFFF
         shared = ((amax_bits >> 23) - 127 - self.element_max_exponent).clamp(-127, 127)
         return torch.where(amax_bits >= 0x7F800000, torch.nan, exp2i(shared))
 

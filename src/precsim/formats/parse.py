@@ -142,7 +142,7 @@ def parse_format(spec: str | Format) -> Format:
         element = parse_format(elem_name)
         for k in kw:
             _need_int(spec, k, kw[k])
-        return BlockFormat(element, block_size=kw.get("block_size", size), axis=kw.get("axis", -1),  # type: ignore[arg-type]
+        return BlockFormat(element, block_size=kw.get("block_size", size), axis=kw.get("axis"),  # type: ignore[arg-type]
                            scale=scale, name=name if not kw else spec.strip())
     int_match = _INT.match(name)
     if int_match:
