@@ -162,9 +162,11 @@ def outside_per_row(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     return outside.sum(dim=tuple(range(1, x.dim())), dtype=torch.int32)
 
 
-def clipped_ste(x: Tensor, x32: Tensor, lo: Tensor, hi: Tensor, outside: Tensor | None) -> SteArgs | None:
+def clipped_ste(x: Tensor, x32: Tensor, lo: Tensor, hi: Tensor, outside: Tensor | None,
+                total: Tensor | None = None) -> SteArgs | None:
     """The clipped STE's state for an integer point, given the counts of elements ``outside``
-    the bounds per row of the flat order (:func:`outside_per_row`; None: not counted).
+    the bounds per row of the flat order (:func:`outside_per_row`; None: not counted) and
+    their ``total`` (default: summed here).
 
     None (pass every gradient) when no element is outside, as for a weight's own min/max range;
     the flat indices of those outside when they are few and the bounds per tensor (in training
@@ -174,7 +176,7 @@ def clipped_ste(x: Tensor, x32: Tensor, lo: Tensor, hi: Tensor, outside: Tensor 
     """
     if outside is None:
         return (x, lo, hi, None)
-    count = int(outside.sum())
+    count = int(outside.sum() if total is None else total)
     if count == 0:
         return None
     if count > x.numel() * SPARSE_LIMIT or not (per_tensor(lo) and x32.is_contiguous()):
@@ -205,16 +207,18 @@ def quantize_on_grid(x: Tensor, seed: Tensor | None, scale: Tensor, zero_point: 
 def int_point(
     x: Tensor, seed: Tensor | None, min_val: Tensor, max_val: Tensor, initialized: Tensor, fmt: IntFormat,
     kind: str, momentum: float, rounding: str, observe_when: str, count_outside: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """An integer quantization point's forward pass in one pure function (one compiled call).
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """An integer quantization point's forward pass in one function (one compiled call).
 
     ``observe_when``: ``before`` measures ``x`` and rounds on the new range's grid (two passes
     over ``x``: the min/max, then the rounding); ``after`` (delayed ranges) rounds on the
     stored range's grid and measures ``x`` in the same pass; ``never`` rounds on the stored
-    range. Returns (Q(x), next min, next max, scale, zero point, STE lo, STE hi, outside), with
-    ``outside`` (``count_outside``) the number of elements outside the STE bounds per row
-    (:func:`outside_per_row`), which :func:`clipped_ste` turns into backward's work: counting
-    costs a reduction in the rounding's pass.
+    range. The observer's state (``min_val``, ``max_val``, ``initialized``) is updated in
+    place, unless ``never``: three small eager copies cost more than the rounding of a weight.
+    Returns (Q(x), scale, zero point, STE lo, STE hi, outside, clipped), with ``outside``
+    (``count_outside``) the number of elements outside the STE bounds per row
+    (:func:`outside_per_row`) and ``clipped`` their total, which :func:`clipped_ste` turns
+    into backward's work: counting costs a reduction in the rounding's pass.
 
     The grid is among the outputs so that Inductor computes it once: left as an intermediate,
     it was recomputed for every element, the division included (int8 rounding then cost 3x
@@ -227,8 +231,12 @@ def int_point(
     q = quantize_on_grid(x, seed, scale, zp, fmt, rounding)
     if observe_when == "after":
         lo, hi = observe(x, min_val, max_val, initialized, fmt.axis, kind, momentum)
+    if observe_when != "never":
+        min_val.copy_(lo)
+        max_val.copy_(hi)
+        initialized.fill_(True)
     outside = outside_per_row(x, ste_lo, ste_hi) if count_outside else None
-    return q, lo, hi, scale, zp, ste_lo, ste_hi, outside
+    return q, scale, zp, ste_lo, ste_hi, outside, (None if outside is None else outside.sum())
 
 
 def observe(x: Tensor, min_val: Tensor, max_val: Tensor, initialized: Tensor, axis: int | None, kind: str,
@@ -432,16 +440,12 @@ class Quantizer(nn.Module):
             clipped = spec.ste == "clipped" and need_ste
             # reading the count is free on the CPU only (a sync on a GPU); eager is the reference
             count = clipped and compile_enabled() and x.device.type == "cpu" and x.numel() >= MIN_COMPILED_NUMEL
-            q, lo, hi, _, _, ste_lo, ste_hi, outside = call(
+            q, _, _, ste_lo, ste_hi, outside, clipped_count = call(
                 int_point, x32, (seed, obs.min_val, obs.max_val, obs.initialized),
                 (fmt, obs.kind, obs.momentum, rounding, when, count), inline=inline_kernel(fmt, rounding),
                 flat=fmt.axis is None, rows=count_rows(x.numel()) if count else None)
-            if update:
-                obs.min_val.copy_(lo)
-                obs.max_val.copy_(hi)
-                obs.initialized.fill_(True)
             if clipped:  # new tensors: a later update cannot change them
-                ste = clipped_ste(x, x32, ste_lo, ste_hi, outside)
+                ste = clipped_ste(x, x32, ste_lo, ste_hi, outside, clipped_count)
         elif isinstance(fmt, DSEFormat):
             delayed = fmt.delayed
             stored = self.dse_shift if delayed and bool(self.dse_ready) else None  # the previous call's
