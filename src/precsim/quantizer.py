@@ -154,6 +154,15 @@ def count_rows(numel: int) -> int:
     return math.gcd(numel, 256) if numel >= 4096 else 1
 
 
+def maybe_outside(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Whether any element of ``x`` may lie outside the STE bounds [lo, hi] (0-d bool, pure):
+    from the min and max of ``x`` (NaN propagates through both, and then counts as outside),
+    two reductions in the rounding's pass instead of a count per element."""
+    dims = tuple(d for d in range(x.dim()) if lo.dim() == 0 or lo.shape[d] == 1)
+    inside = (x.amin(dim=dims, keepdim=lo.dim() > 0) >= lo) & (x.amax(dim=dims, keepdim=lo.dim() > 0) <= hi)
+    return ~inside.all()
+
+
 def outside_per_row(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """How many elements of each row (first dimension) lie outside the STE bounds (pure)."""
     outside = ~ste_mask(x, lo, hi, None)
@@ -162,24 +171,28 @@ def outside_per_row(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     return outside.sum(dim=tuple(range(1, x.dim())), dtype=torch.int32)
 
 
-def clipped_ste(x: Tensor, x32: Tensor, lo: Tensor, hi: Tensor, outside: Tensor | None,
-                total: Tensor | None = None) -> SteArgs | None:
-    """The clipped STE's state for an integer point, given the counts of elements ``outside``
-    the bounds per row of the flat order (:func:`outside_per_row`; None: not counted) and
-    their ``total`` (default: summed here).
+def clipped_ste(x: Tensor, x32: Tensor, lo: Tensor, hi: Tensor, maybe: Tensor | None) -> SteArgs | None:
+    """The clipped STE's state for an integer point, given whether any element ``maybe`` lies
+    outside the bounds (:func:`maybe_outside`; None: not checked).
 
-    None (pass every gradient) when no element is outside, as for a weight's own min/max range;
-    the flat indices of those outside when they are few and the bounds per tensor (in training
-    they are the tail beyond a moving-average range, a few per million: backward then costs
-    nothing, and only the rows that hold them are searched, as a full ``nonzero`` of the mask
-    costs 2.5x the rounding); otherwise the input, from which backward rebuilds the mask.
+    None (pass every gradient) when no element is outside, as for a weight's own min/max range
+    and most activations; the flat indices of those outside when they are few and the bounds
+    per tensor (in training they are the tail beyond a moving-average range, a few per
+    million: backward then costs nothing; a compiled pass counts them per row, and only the
+    rows that hold them are searched, as a full ``nonzero`` of the mask costs 2.5x the
+    rounding); otherwise the input, from which backward rebuilds the mask.
     """
-    if outside is None:
+    if maybe is None:
         return (x, lo, hi, None)
-    count = int(outside.sum() if total is None else total)
+    if not bool(maybe):
+        return None
+    if not (per_tensor(lo) and x32.is_contiguous()):
+        return (x, lo, hi, None)
+    outside = call(outside_per_row, x32, (lo, hi), flat=True, rows=count_rows(x32.numel()))
+    count = int(outside.sum())
     if count == 0:
         return None
-    if count > x.numel() * SPARSE_LIMIT or not (per_tensor(lo) and x32.is_contiguous()):
+    if count > x.numel() * SPARSE_LIMIT:
         return (x, lo, hi, None)
     rows = x32.reshape(max(outside.numel(), 1), -1)
     hit = outside.reshape(-1).nonzero().squeeze(1)
@@ -206,8 +219,8 @@ def quantize_on_grid(x: Tensor, seed: Tensor | None, scale: Tensor, zero_point: 
 
 def int_point(
     x: Tensor, seed: Tensor | None, min_val: Tensor, max_val: Tensor, initialized: Tensor, fmt: IntFormat,
-    kind: str, momentum: float, rounding: str, observe_when: str, count_outside: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    kind: str, momentum: float, rounding: str, observe_when: str, check_outside: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """An integer quantization point's forward pass in one function (one compiled call).
 
     ``observe_when``: ``before`` measures ``x`` and rounds on the new range's grid (two passes
@@ -215,10 +228,9 @@ def int_point(
     stored range's grid and measures ``x`` in the same pass; ``never`` rounds on the stored
     range. The observer's state (``min_val``, ``max_val``, ``initialized``) is updated in
     place, unless ``never``: three small eager copies cost more than the rounding of a weight.
-    Returns (Q(x), scale, zero point, STE lo, STE hi, outside, clipped), with ``outside``
-    (``count_outside``) the number of elements outside the STE bounds per row
-    (:func:`outside_per_row`) and ``clipped`` their total, which :func:`clipped_ste` turns
-    into backward's work: counting costs a reduction in the rounding's pass.
+    Returns (Q(x), scale, zero point, STE lo, STE hi, outside), with ``outside``
+    (``check_outside``) whether any element may lie outside the STE bounds
+    (:func:`maybe_outside`), which :func:`clipped_ste` turns into backward's work.
 
     The grid is among the outputs so that Inductor computes it once: left as an intermediate,
     it was recomputed for every element, the division included (int8 rounding then cost 3x
@@ -235,8 +247,8 @@ def int_point(
         min_val.copy_(lo)
         max_val.copy_(hi)
         initialized.fill_(True)
-    outside = outside_per_row(x, ste_lo, ste_hi) if count_outside else None
-    return q, scale, zp, ste_lo, ste_hi, outside, (None if outside is None else outside.sum())
+    outside = maybe_outside(x, ste_lo, ste_hi) if check_outside else None
+    return q, scale, zp, ste_lo, ste_hi, outside
 
 
 def observe(x: Tensor, min_val: Tensor, max_val: Tensor, initialized: Tensor, axis: int | None, kind: str,
@@ -438,14 +450,14 @@ class Quantizer(nn.Module):
             if update:  # delayed: the previous call's range; this tensor's min/max in the same pass
                 when = "after" if spec.delayed and training and bool(obs.initialized) else "before"
             clipped = spec.ste == "clipped" and need_ste
-            # reading the count is free on the CPU only (a sync on a GPU); eager is the reference
-            count = clipped and compile_enabled() and x.device.type == "cpu" and x.numel() >= MIN_COMPILED_NUMEL
-            q, _, _, ste_lo, ste_hi, outside, clipped_count = call(
+            # reading the answer is free on the CPU only (a sync on a GPU); eager is the reference
+            check = clipped and compile_enabled() and x.device.type == "cpu" and x.numel() >= MIN_COMPILED_NUMEL
+            q, _, _, ste_lo, ste_hi, outside = call(
                 int_point, x32, (seed, obs.min_val, obs.max_val, obs.initialized),
-                (fmt, obs.kind, obs.momentum, rounding, when, count), inline=inline_kernel(fmt, rounding),
-                flat=fmt.axis is None, rows=count_rows(x.numel()) if count else None)
+                (fmt, obs.kind, obs.momentum, rounding, when, check), inline=inline_kernel(fmt, rounding),
+                flat=fmt.axis is None)
             if clipped:  # new tensors: a later update cannot change them
-                ste = clipped_ste(x, x32, ste_lo, ste_hi, outside, clipped_count)
+                ste = clipped_ste(x, x32, ste_lo, ste_hi, outside)
         elif isinstance(fmt, DSEFormat):
             delayed = fmt.delayed
             stored = self.dse_shift if delayed and bool(self.dse_ready) else None  # the previous call's

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from precsim.formats import DSEFormat, FloatFormat, parse_format, quantize
+from precsim.formats.rounding import exp2i, round_float_reference
 
 from ._helpers import F32, assert_same_bits
 
@@ -130,10 +131,11 @@ def test_shift_clamped_to_float32() -> None:
 @pytest.mark.parametrize("rounding", ["nearest", "toward_zero"])  # stochastic keeps the shifted grid
 @pytest.mark.parametrize("spec", SPECS + ["dse(e=4,m=3,overflow=nan)", "dse(e=5,m=2,overflow=saturate)"])
 def test_scaled_rounding_equals_the_shifted_grid(spec: str, rounding: str) -> None:
-    """quantize_measured (x / 2^b on the element grid, times 2^b, where exact) gives the bits of
-    rounding on the grid shifted by the same b: tensors at both ends of the shift range (the
-    scale factor 2^-b beyond float32), float32 subnormals beside large values, ties, specials
-    and a signaling NaN's payload."""
+    """Rounding x / 2^b on the element grid, times 2^b (where exact), gives the bits of the
+    general rounding on the grid shifted by b: with the tensor's own shift and with stale
+    (delayed) shifts 6 binades off either way, so that values overflow or fall below the grid;
+    tensors at both ends of the shift range (the scale factor 2^-b beyond float32), float32
+    subnormals beside large values, ties, specials and a signaling NaN's payload."""
     fmt = parse_format(spec)
     g = torch.Generator().manual_seed(11)
     cases = []
@@ -152,6 +154,19 @@ def test_scaled_rounding_equals_the_shifted_grid(spec: str, rounding: str) -> No
         rb = torch.randint(-(2**31), 2**31 - 1, x.shape, dtype=torch.int32, generator=g)
         kw = {"random_bits": rb} if rounding == "stochastic" else {}
         got, b = fmt.quantize_measured(x, rounding, **kw)
-        want = fmt.quantize(x, rounding, shift=fmt.shift_for(x), **kw)
         assert torch.equal(b, fmt.shift_for(x))
-        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (spec, rounding, int(b))
+        assert torch.equal(got.view(torch.int32), _shifted_reference(fmt, x, b, rounding, **kw).view(torch.int32))
+        lo, hi = fmt.shift_range
+        for stale in (b - 6, b + 6, torch.tensor(lo), torch.tensor(hi)):
+            stale = stale.clamp(lo, hi).to(torch.int32)
+            got = fmt.quantize(x, rounding, shift=stale, **kw)
+            want = _shifted_reference(fmt, x, stale, rounding, **kw)
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (spec, rounding, int(stale))
+
+
+def _shifted_reference(fmt, x: torch.Tensor, b: torch.Tensor, rounding: str, **kw) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The general rounding (round_float_reference) on the element grid shifted by b."""
+    e = fmt.element
+    return round_float_reference(x, mantissa_bits=e.mantissa_bits, min_exponent=e.min_exponent + b,
+                                  max_value=e.max * exp2i(b), overflow=e.overflow, negative_zero=e.has_negative_zero,
+                                  rounding=rounding, random_bits=kw.get("random_bits"))

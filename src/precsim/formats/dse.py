@@ -111,6 +111,8 @@ class DSEFormat:
         lo, hi = self.shift_range
         b = b.clamp(lo, hi)
         random_bits = bits_for(x.shape, rounding, seed, random_bits)
+        if self.scales_exactly and rounding == "nearest":
+            return self._scaled(x, b, rounding, random_bits)
         e = self.element
         return round_float(
             x,
@@ -126,11 +128,14 @@ class DSEFormat:
 
     @property
     def scales_exactly(self) -> bool:
-        """Whether :meth:`quantize_measured` may round x / 2^b on the element's own grid.
+        """Whether x may be rounded as x / 2^b on the element's own grid, times 2^b.
 
         Dividing by 2^b loses bits only where x / 2^b falls below 2^-126; those values must
         round to zero from either representation, which holds when half the element's smallest
-        step is at least 2^-126: every DSE element but 8-exponent-bit ones. Deterministic
+        step is at least 2^-126: every DSE element but 8-exponent-bit ones. Past the top (a
+        stale, delayed shift), x / 2^b may become Inf where x is finite: both exceed the grid's
+        max and overflow alike when rounding to nearest, but rounding toward zero saturates a
+        finite x and not Inf, so it scales only with the tensor's own shift. Deterministic
         rounding only: stochastic rounding compares the random bits with the significand's
         dropped bits, whose alignment differs between a float32 subnormal x and the normal
         x / 2^b (both unbiased, not the same bits).
@@ -147,13 +152,19 @@ class DSEFormat:
         tensor exponent (:func:`round_float`'s general path). NaN keeps its bits, as there.
         """
         b = self.shift_for(x)
-        if not self.scales_exactly or rounding == "stochastic":
-            return self.quantize(x, rounding, seed, random_bits, shift=b), b
-        random_bits = bits_for(x.shape, rounding, seed, random_bits)
+        if self.scales_exactly and rounding == "toward_zero":  # own shift: x / 2^b stays finite
+            return self._scaled(x, b, rounding, bits_for(x.shape, rounding, seed, random_bits)), b
+        return self.quantize(x, rounding, seed, random_bits, shift=b), b
+
+    def _scaled(self, x: Tensor, b: Tensor, rounding: Rounding, random_bits: Tensor | None) -> Tensor:
+        """x rounded as x / 2^b on the element's constant grid, times 2^b (see
+        :attr:`scales_exactly`): a constant grid takes :func:`round_float`'s fastest path,
+        20% faster compiled than a grid moved by a tensor exponent, or more. NaN keeps its
+        bits, as there."""
         e = self.element
         up = (-b).clamp(max=127)  # 2^-b can exceed float32 (b down to -140): two exact factors
         y = x * exp2i(up) * exp2i(-b - up)
         q = round_float(y, mantissa_bits=e.mantissa_bits, min_exponent=e.min_exponent, max_value=e.max,
                         overflow=e.overflow,  # type: ignore[arg-type]
                         negative_zero=e.has_negative_zero, rounding=rounding, random_bits=random_bits)
-        return torch.where(x != x, x, q * exp2i(b)), b
+        return torch.where(x != x, x, q * exp2i(b))
