@@ -10,8 +10,8 @@ A :class:`Kernel` compiles through ``torch.compile`` once per *signature* of its
 keeps what Inductor built (a custom backend hands it over), and calls that directly on later
 calls with the same signature. The signature holds what Dynamo's guards check about these
 arguments: dtype, device, rank, static sizes, whether each dynamic size is 0, 1 or more (Dynamo
-specializes 0 and 1), contiguity, which arguments share storage, sizes below 2^31, and grad
-mode. A compile is called directly only if it is one graph whose inputs are the arguments and
+specializes 0 and 1), contiguity, which arguments share storage, sizes below 2^31, grad and
+inference mode. A compile is called directly only if it is one graph whose inputs are the arguments and
 their dynamic sizes, whose outputs are the function's tensors, fresh, and whose shape guards
 hold for every size of the signature; otherwise that signature keeps going through
 ``torch.compile``. The first call of each signature is Dynamo's, so the two paths are tested
@@ -35,7 +35,7 @@ Signature = tuple[Any, ...]
 def signature(args: Sequence[Any], dynamic: Sequence[tuple[int, ...]]) -> Signature:
     """What Dynamo's guards would check of ``args``; ``dynamic[i]`` lists the dimensions of
     tensor ``args[i]`` marked dynamic (the others are compiled as constants)."""
-    sig: list[Any] = [torch.is_grad_enabled()]
+    sig: list[Any] = [torch.is_grad_enabled(), torch.is_inference_mode_enabled()]
     storages: list[int] = []
     for a, dims in zip(args, dynamic, strict=True):
         if not isinstance(a, Tensor):

@@ -1,0 +1,107 @@
+"""Compiled kernels called straight into Inductor's code give what torch.compile gives."""
+
+from __future__ import annotations
+
+import sympy
+import torch
+
+from precsim.formats.kernel import Kernel, _guards_hold, signature
+
+
+def _affine(x: torch.Tensor, s: torch.Tensor | None, bias: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Several outputs, a None among them, reductions and a per-tensor value."""
+    y = x * 2.0 + bias
+    scale = None if s is None else s * y.abs().amax()
+    return y, None, (y.amin(), scale)
+
+
+def _run(kernel: Kernel, x: torch.Tensor, *rest: torch.Tensor | None) -> object:
+    for d in range(x.dim()):
+        torch._dynamo.maybe_mark_dynamic(x, d)
+    return kernel((x, *rest), (tuple(range(x.dim())),) + ((),) * len(rest))
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(_same(p, q) for p, q in zip(a, b))
+    return a is None and b is None
+
+
+def test_later_calls_go_straight_to_the_compiled_code() -> None:
+    """After the first call of a signature (torch.compile's), calls are direct and agree with
+    eager on new data and new sizes; a None argument is another signature."""
+    k = Kernel(_affine, "affine")
+    bias = torch.tensor(0.5)
+    for n in (100, 100, 37, 4096):
+        x, s = torch.randn(n), torch.tensor(3.0)
+        assert _same(_run(k, x, s, bias), _affine(x, s, bias))
+    assert len(k._direct) == 1 and next(iter(k._direct.values())) is not None
+    x = torch.randn(50)
+    assert _same(_run(k, x, None, bias), _affine(x, None, bias))
+    assert len(k._direct) == 2 and all(v is not None for v in k._direct.values())
+
+
+def test_signature_separates_what_guards_check() -> None:
+    """Sizes 0, 1 and more, static sizes, dtype, contiguity, shared storage and grad mode."""
+    a, b = torch.randn(8, 3), torch.randn(8, 3)
+    base = signature((a, b), ((0,), ()))
+    assert signature((torch.randn(20, 3), b), ((0,), ())) == base  # a dynamic size: any >= 2
+    assert signature((torch.randn(1, 3), b), ((0,), ())) != base
+    assert signature((a, torch.randn(8, 4)), ((0,), ())) != base  # a static size
+    assert signature((a.double(), b), ((0,), ())) != base
+    assert signature((torch.randn(3, 8).t(), b), ((0,), ())) != base
+    assert signature((a, a), ((0,), ())) != base  # the same storage twice
+    with torch.no_grad():
+        assert signature((a, b), ((0,), ())) != base
+    assert signature((a, None), ((0,), ())) != base
+
+
+def _passthrough(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x * 2.0, y
+
+
+def _with_break(x: torch.Tensor) -> torch.Tensor:
+    y = x * 2.0
+    torch._dynamo.graph_break()
+    return y + 1.0
+
+
+def test_what_cannot_be_shown_the_same_keeps_torch_compile() -> None:
+    """An output that is an input, or a graph break: no direct call, and still the right result."""
+    k = Kernel(_passthrough, "passthrough")
+    x, y = torch.randn(64), torch.randn(3)
+    for _ in range(2):
+        out = _run(k, x, y)
+        assert torch.equal(out[0], x * 2.0) and out[1] is y
+    assert list(k._direct.values()) == [None]
+    k2 = Kernel(_with_break, "with_break")
+    for _ in range(2):
+        assert torch.equal(_run(k2, x), x * 2.0 + 1.0)
+    assert list(k2._direct.values()) == [None]
+
+
+def _into(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    total = g.sum()
+    g.mul_(s)
+    return total
+
+
+def test_direct_calls_write_into_mutated_inputs() -> None:
+    k = Kernel(_into, "into")
+    for _ in range(3):
+        g = torch.randn(256)
+        want = g * 3.0
+        total = _run(k, g, torch.tensor(3.0))
+        assert torch.equal(g, want) and torch.allclose(total, want.sum() / 3.0)
+    assert next(iter(k._direct.values())) is not None
+
+
+def test_shape_guards_must_hold_for_every_size() -> None:
+    s, t = sympy.symbols("s t", integer=True, positive=True)
+    assert _guards_hold([s >= 2, s < 2**31])
+    assert not _guards_hold([sympy.Eq(s, 128)])  # a specialization
+    assert not _guards_hold([s >= 16])
+    assert not _guards_hold([s < t])  # two sizes
+    assert not _guards_hold(None)
