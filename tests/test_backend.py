@@ -12,14 +12,6 @@ from precsim.formats.backend import compile_enabled, run_quantize, set_compile
 from precsim.formats.random import draw_seed
 
 
-@pytest.fixture
-def compiled():
-    before = compile_enabled()
-    set_compile(True)
-    yield
-    set_compile(before)
-
-
 def _data() -> torch.Tensor:
     """Normal values across many binades, subnormals, ties, specials."""
     torch.manual_seed(0)

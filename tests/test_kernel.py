@@ -25,7 +25,7 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
     if isinstance(a, tuple):
-        return isinstance(b, tuple) and len(a) == len(b) and all(_same(p, q) for p, q in zip(a, b))
+        return isinstance(b, tuple) and len(a) == len(b) and all(_same(p, q) for p, q in zip(a, b, strict=True))
     return a is None and b is None
 
 

@@ -12,6 +12,7 @@ import precsim
 from precsim.formats.backend import compile_enabled, set_compile
 from precsim.ownership import owns_gradient
 from precsim.zoo.layers import Add
+from qat._models import ResidualMLP
 
 
 class _Check(torch.autograd.Function):
@@ -60,17 +61,6 @@ def test_a_shared_gradient_is_not_owned(build) -> None:  # type: ignore[no-untyp
     assert _owned(build) and not any(_owned(build))
 
 
-class _Residual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.relu, self.fc2, self.add = nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 96), Add()
-        self.head = nn.Linear(96, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.relu(self.fc1(x))
-        return self.head(self.add(self.fc2(h), h))  # h's gradient arrives through both branches
-
-
 class _ConvResidual(nn.Module):
     """4-D activations: MX blocks of 8 channels, or rows of 7 with ``axis=-1`` (its
     rows-shorter-than-a-block path)."""
@@ -107,7 +97,7 @@ def test_in_place_backward_equals_eager(name: str, monkeypatch: pytest.MonkeyPat
     def run() -> list[torch.Tensor]:
         torch.manual_seed(0)
         rows = name.startswith(("mx rows", "mx channels"))
-        model = _ConvResidual() if rows else _Residual()
+        model = _ConvResidual() if rows else ResidualMLP()
         precsim.prepare(model, CONFIGS[name], seed=3)
         x = torch.randn(32, 4, 7, 7, requires_grad=True) if rows else torch.randn(128, 96, requires_grad=True)
         out = model(x)

@@ -13,6 +13,21 @@ from precsim.formats import DSEFormat, IntFormat
 from precsim.quantizer import Quantizer
 
 
+class ResidualMLP(nn.Module):
+    """fc-relu-fc plus a residual add: the add hands one gradient tensor to two branches."""
+
+    def __init__(self) -> None:
+        from precsim.zoo.layers import Add
+
+        super().__init__()
+        self.fc1, self.relu, self.fc2, self.add = nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 96), Add()
+        self.head = nn.Linear(96, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.relu(self.fc1(x))
+        return self.head(self.add(self.fc2(h), h))  # h's gradient arrives through both branches
+
+
 class SmallCNN(nn.Module):
     """conv-bn-relu x2, pool, flatten, linear."""
 

@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import precsim
 import precsim.quantizer as quantizer
 from precsim.config import parse_role
 from precsim.formats.backend import compile_enabled, set_compile
 from precsim.quantizer import Quantizer, SteArgs, is_sparse
-from precsim.zoo.layers import Add
 
-
-@pytest.fixture
-def compiled():
-    before = compile_enabled()
-    set_compile(True)
-    yield
-    set_compile(before)
+from ._models import ResidualMLP
 
 
 def _inside(x: torch.Tensor, q: Quantizer) -> torch.Tensor:
@@ -72,17 +64,6 @@ def test_many_clipped_elements_keep_the_input(compiled) -> None:
     assert torch.equal(x.grad, g * inside)
 
 
-class _Residual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.relu, self.fc2, self.add = nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 96), Add()
-        self.head = nn.Linear(96, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.relu(self.fc1(x))
-        return self.head(self.add(self.fc2(h), h))
-
-
 CONFIGS = {
     "int8": {"activation": "int8", "weight": "int8"},
     "int8, delayed": {"activation": {"format": "int8", "delayed": True}, "weight": "int8(axis=0)"},
@@ -100,7 +81,7 @@ def test_training_with_sparse_ste_equals_eager(name: str, monkeypatch: pytest.Mo
 
     def run() -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         torch.manual_seed(0)
-        model = _Residual()
+        model = ResidualMLP()
         precsim.prepare(model, CONFIGS[name], seed=2)
         outs = []
         for step in range(4):

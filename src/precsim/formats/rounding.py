@@ -164,7 +164,13 @@ def _round_nearest_float(x: Tensor, m: int, min_exponent: int, max_value: float,
     field = (mag & _INF_BITS).clamp((min_exponent + 127) << 23, (_top_exponent(max_value) + 127) << 23)
     c = ((field + ((23 - m) << 23)) | sign).view(torch.float32)
     out = float_bits((x + c) - c) & _ABS
-    max_bits = _bits_of(max_value)
+    return _finish(bits, sign, mag, out, _bits_of(max_value), overflow, negative_zero)
+
+
+def _finish(bits: Tensor, sign: Tensor, mag: Tensor, out: Tensor, max_bits: int | Tensor, overflow: Overflow,
+            negative_zero: bool) -> Tensor:
+    """The rounded magnitude ``out`` of input ``bits`` as float32: overflow past ``max_bits``,
+    the sign of zero, the sign back on, NaN inputs as they were."""
     over = out > max_bits
     if overflow == "saturate":
         out = torch.where(over, max_bits, out)
@@ -241,16 +247,7 @@ def _round_float_bits(x: Tensor, m: int, min_exponent: int | Tensor, max_value: 
     is_inf = mag == _INF_BITS
     if rounding == "toward_zero":
         out = torch.where((out > max_bits) & ~is_inf, max_bits, out)
-    over = out > max_bits
-    if overflow == "saturate":
-        out = torch.where(over, max_bits, out)
-    elif overflow == "inf":
-        out = torch.where(over, _INF_BITS, out)
-    else:
-        out = torch.where(over, 0x7FC00000, out)
-    if not negative_zero:
-        sign = torch.where(out == 0, 0, sign)
-    return torch.where(mag > _INF_BITS, bits, out | sign).view(torch.float32)
+    return _finish(bits, sign, mag, out, max_bits, overflow, negative_zero)
 
 
 def round_float_reference(
