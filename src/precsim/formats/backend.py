@@ -144,7 +144,9 @@ def _quantize_across(blocks: Tensor, seed: Tensor | None, fmt: Any, rounding: st
     s = fmt.power_scale(blocks, dim=2)
     inv = s.reciprocal()  # exact: a power of two from 2^-127 to 2^127 (or NaN)
     q = fmt.round_scaled(blocks * inv, rounding) * s
-    return torch.where(s.isnan(), torch.nan, q), s, inv
+    # a NaN/Inf block is one canonical NaN; tested on 1 / X: ``isnan`` of X made Inductor
+    # rebuild X per element (2x the time)
+    return torch.where(inv != inv, torch.nan, q), s, inv
 
 
 def scaled_rows(fmt: Any, rounding: str) -> bool:
