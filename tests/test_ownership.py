@@ -90,7 +90,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_in_place_backward_equals_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_in_place_backward_equals_eager(name: str, monkeypatch: pytest.MonkeyPatch, requires_compiler: None) -> None:
     """Compiled (in place where owned) and eager (never in place) gradients are bit-identical on
     a residual model, and a gradient the caller passes in is left as it was."""
 

@@ -114,7 +114,7 @@ def _round(x: torch.Tensor, m: int, emin: int, maxv: float, overflow: str, negze
 
 @pytest.mark.parametrize(("m", "emin", "maxv", "overflow", "negzero"), [GRIDS[0], GRIDS[2], GRIDS[3], GRIDS[1]])
 def test_float_addition_compiled_equals_reference(m: int, emin: int, maxv: float, overflow: str,
-                                                  negzero: bool) -> None:
+                                                  negzero: bool, requires_compiler: None) -> None:
     """Compiled, (x + c) - c is done as written (no reassociation, subnormals kept)."""
     x = _inputs()
     before = compile_enabled()

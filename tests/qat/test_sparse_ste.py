@@ -75,7 +75,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_training_with_sparse_ste_equals_eager(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_with_sparse_ste_equals_eager(name: str, monkeypatch: pytest.MonkeyPatch, requires_compiler: None) -> None:
     """Training steps whose inputs outgrow the moving-average range, compiled (indices of the
     clipped elements) and eager (the mask): same outputs, gradients and state, bit for bit."""
 

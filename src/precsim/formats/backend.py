@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,58 @@ def set_compile(enabled: bool) -> None:
 
 
 def compile_enabled() -> bool:
-    return _state["compile"]
+    """Whether kernels run compiled: turned on, and this machine's compiler gives the eager
+    reference's bits (:func:`compiler_works`)."""
+    return _state["compile"] and compiler_works()
+
+
+def _probe(x: Tensor, bits: Tensor, scale: Tensor) -> tuple[Tensor, ...]:
+    from precsim.formats.integer import fake_quantize
+    from precsim.formats.rounding import round_float
+
+    common = {"negative_zero": True, "overflow": "saturate"}
+    return (round_float(x, mantissa_bits=3, min_exponent=-6, max_value=448.0, rounding="nearest", **common),
+            round_float(x, mantissa_bits=7, min_exponent=-126, max_value=3.3895313892515355e38, rounding="nearest",
+                        **common),
+            round_float(x, mantissa_bits=2, min_exponent=-14, max_value=57344.0, rounding="stochastic",
+                        random_bits=bits, **common),
+            round_float(x, mantissa_bits=3, min_exponent=-6 + bits[:1].clamp(-20, 20), max_value=448.0,
+                        rounding="nearest", **common),
+            fake_quantize(x, scale, torch.zeros_like(scale), -128, 127))
+
+
+@functools.cache
+def compiler_works() -> bool:
+    """Whether ``torch.compile`` builds kernels here that give the eager reference's bits.
+
+    Checked once per process on a probe of the operations the kernels use (float and integer
+    bit manipulation, selects, shifts, the float-addition rounding, stochastic rounding,
+    integer rounding), over every float32 exponent and the specials. Where it fails, or
+    nothing can be compiled (no C++ compiler), a warning says so and every kernel runs
+    eagerly: slower, the same results. (On this project's AVX-512 machine, Inductor made to
+    emit AVX2 code, with ``ATEN_CPU_CAPABILITY=avx2``, computed even ``x * 2.0`` wrongly, and
+    the probe caught it; a real AVX2-only machine was not available to test.)
+    """
+    from precsim.formats.kernel import _same_bits
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-(2**31), 2**31 - 1, (8192,), dtype=torch.int32, generator=g).view(torch.float32).clone()
+    x[:8] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, 448.0, 0.5])
+    bits = torch.randint(-(2**31), 2**31 - 1, (8192,), dtype=torch.int32, generator=g)
+    scale = torch.tensor(0.037)
+    why = ""
+    try:
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        torch._dynamo.maybe_mark_dynamic(bits, 0)
+        same = _same_bits(torch.compile(_probe, dynamic=None)(x, bits, scale), _probe(x, bits, scale))
+        why = "it gives other bits than the eager reference"
+    except Exception as err:  # noqa: BLE001 (any failure to compile means: run eagerly)
+        same, why = False, f"it failed: {type(err).__name__}: {err}"[:300]
+    if not same:
+        warnings.warn(f"precsim: torch.compile cannot be used for the rounding kernels on this machine (torch "
+                      f"{torch.__version__}): {why}. They run eagerly: slower, the same results.",
+                      RuntimeWarning, stacklevel=2)
+    return same
 
 
 # Inductor stores an intermediate in a full-size buffer when a long expression feeds several
@@ -83,7 +135,7 @@ def call(fn: Callable[..., Any], x: Tensor, args: tuple[Any, ...], static: tuple
     ``rows`` (with ``flat``): the kernel sees them as ``rows`` rows instead (a divisor of the
     size), for per-row reductions in the flat order.
     """
-    if not _state["compile"] or x.numel() < MIN_COMPILED_NUMEL or torch.compiler.is_compiling():
+    if x.numel() < MIN_COMPILED_NUMEL or torch.compiler.is_compiling() or not compile_enabled():
         return fn(x, *args, *static)
     # A Parameter would get static-shape guards (a recompile per weight shape): pass plain data.
     plain = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
@@ -215,7 +267,7 @@ def run_quantize(fmt: Any, x: Tensor, rounding: str = "nearest", seed: Tensor | 
     """
     if params.get("random_bits") is not None:
         return fmt.quantize(x, rounding, seed=seed, **params)
-    if not params and hasattr(fmt, "quantize_blocks") and x.dim() > 0 and _state["compile"]:
+    if not params and hasattr(fmt, "quantize_blocks") and x.dim() > 0 and compile_enabled():
         axis = fmt.block_axis(x.dim())
         if axis != x.dim() - 1:  # across the memory layout: blocks of channels at each position
             c = x.shape[axis]

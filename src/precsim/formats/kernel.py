@@ -16,11 +16,18 @@ their dynamic sizes, whose outputs are the function's tensors, fresh, and whose 
 hold for every size of the signature; otherwise that signature keeps going through
 ``torch.compile``. The first call of each signature is Dynamo's, so the two paths are tested
 against each other wherever a kernel runs twice.
+
+The first call of each signature is also checked against the eager reference, bit for bit,
+on copies of the arguments (outputs and whatever the function writes into its arguments). If
+they differ, that signature runs eagerly from then on, with a warning: a code generator that
+miscompiles costs speed, never correctness (see also
+:func:`precsim.formats.backend.compiler_works`, checked before any kernel compiles).
 """
 
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,25 +64,42 @@ class Kernel:
         self._direct: dict[Signature, Callable[[Sequence[Any]], Any] | None] = {}
         self._dynamo: dict[Signature, Callable[..., Any]] = {}
         self._captured: list[tuple[Any, ...]] = []
+        self._eager: set[Signature] = set()
 
     def __call__(self, args: Sequence[Any], dynamic: Sequence[tuple[int, ...]]) -> Any:
         sig = signature(args, dynamic)
         direct = self._direct.get(sig)
         if direct is not None:
             return direct(args)
+        if sig in self._eager:
+            return self.fn(*args)
         compiled = self._dynamo.get(sig)
         if compiled is None:  # a code object of its own: Dynamo compiles each signature afresh
             code = self.fn.__code__.replace(co_name=f"{self.name}_{len(self._dynamo)}")
             unique = types.FunctionType(code, self.fn.__globals__, code.co_name, self.fn.__defaults__,
                                         self.fn.__closure__)
             compiled = self._dynamo[sig] = torch.compile(unique, backend=self._backend, dynamic=None)
-        first = sig not in self._direct
+        if sig in self._direct:  # checked already, no direct path
+            return compiled(*args)
+        saved = [a.clone() if isinstance(a, Tensor) else a for a in args]
         self._captured.clear()
         out = compiled(*args)
-        if first:
-            self._direct[sig] = _direct_call(self._captured, args, out)
+        captured = list(self._captured)
         self._captured.clear()
-        return out
+        copies = [a.clone() if isinstance(a, Tensor) else a for a in saved]
+        ref = self.fn(*copies)  # the eager reference, free to write into its copies
+        if _same_bits(out, ref) and _same_bits(list(args), copies):
+            self._direct[sig] = _direct_call(captured, args, out)
+            return out
+        warnings.warn(f"precsim: the compiled kernel {self.name} gave other bits than the eager reference on this "
+                      f"machine (torch {torch.__version__}); it runs eagerly from now on: slower, same results",
+                      RuntimeWarning, stacklevel=2)
+        self._direct[sig] = None
+        self._eager.add(sig)
+        for a, s in zip(args, saved, strict=True):
+            if isinstance(a, Tensor):
+                a.copy_(s)  # undo what the compiled code wrote
+        return self.fn(*args)  # the same as ``ref``, on (and returning) the caller's own tensors
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         from torch._guards import TracingContext
@@ -87,6 +111,21 @@ class Kernel:
         compiled = compile_fx(gm, example_inputs, config_patches=self.options)
         self._captured.append((gm, list(example_inputs), compiled, guards))
         return compiled
+
+
+def _same_bits(a: Any, b: Any) -> bool:
+    """Equal structure and equal bits (NaN payloads and the sign of zero included)."""
+    if isinstance(a, Tensor):
+        if not (isinstance(b, Tensor) and a.dtype == b.dtype and a.shape == b.shape):
+            return False
+        if a.is_floating_point():
+            view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+            return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+        return torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(
+            _same_bits(x, y) for x, y in zip(a, b, strict=True))
+    return a is None and b is None or (not isinstance(b, Tensor) and a == b)
 
 
 def _guards_hold(guards: list[Any] | None) -> bool:
