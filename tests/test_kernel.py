@@ -134,3 +134,36 @@ def test_a_compile_that_differs_from_eager_falls_back_to_eager(monkeypatch) -> N
             top = _run(k, g, torch.tensor(3.0))
         assert torch.equal(g, want) and torch.equal(top * 3.0, want.amax())
     assert list(k._direct.values()) == [None] and len(k._eager) == 1
+
+
+def test_a_compiler_that_miscompiles_or_fails_means_eager_kernels(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The probe before any kernel compiles: wrong bits, or a compiler that raises, turn the
+    compiled kernels off with a warning; the quantizers then give the eager results."""
+    import precsim
+    from precsim.formats import backend, parse_format
+
+    def off_by_one_ulp(fn, **kwargs):  # type: ignore[no-untyped-def]
+        def run(*args):  # type: ignore[no-untyped-def]
+            out = fn(*args)
+            return (out[0].view(torch.int32).add(1).view(torch.float32), *out[1:])
+        return run
+
+    def no_compiler(fn, **kwargs):  # type: ignore[no-untyped-def]
+        def run(*args):  # type: ignore[no-untyped-def]
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    x = torch.randn(4096)
+    before = backend.compile_enabled()
+    try:
+        for fake in (off_by_one_ulp, no_compiler):
+            backend.compiler_works.cache_clear()
+            monkeypatch.setattr(torch, "compile", fake)
+            backend.set_compile(True)
+            with pytest.warns(RuntimeWarning, match="cannot be used for the rounding kernels"):
+                assert not backend.compile_enabled()
+            assert torch.equal(precsim.quantize(x, "fp8_e4m3"), parse_format("fp8_e4m3").quantize(x))
+            monkeypatch.undo()
+    finally:
+        backend.compiler_works.cache_clear()
+        backend.set_compile(before)
