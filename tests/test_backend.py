@@ -287,3 +287,31 @@ def test_integer_zero_is_positive_compiled_and_eager(compiled, spec: str) -> Non
     x[:, 8] = -0.0
     for out in (fmt.quantize(x), run_quantize(fmt, x)):
         assert (out[:, :9].view(torch.int32) == 0).all()
+
+
+def test_outer_torch_compile_takes_the_eager_functions(compiled) -> None:
+    """Inside a user's own torch.compile, the quantizers trace their eager functions (no kernel
+    of their own, no value read back, no compiler check in the trace): same outputs and
+    gradients as eager, in training (int8 with int8 gradients, stochastic fp8)."""
+    from precsim.formats.backend import compile_enabled
+
+    cfg = {"activation": "int8", "weight": "int8", "gradient": {"format": "fp8_e5m2", "rounding": "stochastic"}}
+
+    def run(outer: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(80, 96), nn.ReLU(), nn.Linear(96, 10))
+        precsim.prepare(model, cfg, seed=1)
+        x = torch.randn(64, 80)
+        f = torch.compile(model, backend="aot_eager") if outer else model
+        out = f(x)
+        out.square().sum().backward()
+        return [out.detach()] + [p.grad for p in model.parameters()]
+
+    assert compile_enabled()
+    torch._dynamo.reset()
+    traced = run(True)
+    torch._dynamo.reset()
+    set_compile(False)
+    ref = run(False)
+    for a, b in zip(traced, ref, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))

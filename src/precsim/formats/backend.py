@@ -33,9 +33,10 @@ def set_compile(enabled: bool) -> None:
 
 
 def compile_enabled() -> bool:
-    """Whether kernels run compiled: turned on, and this machine's compiler gives the eager
-    reference's bits (:func:`compiler_works`)."""
-    return _state["compile"] and compiler_works()
+    """Whether kernels run compiled: turned on, this machine's compiler gives the eager
+    reference's bits (:func:`compiler_works`), and no outer ``torch.compile`` is tracing the
+    caller (whose graph then takes the eager functions, with no value read back)."""
+    return _state["compile"] and not torch.compiler.is_compiling() and compiler_works()
 
 
 def _probe(x: Tensor, bits: Tensor, scale: Tensor) -> tuple[Tensor, ...]:
