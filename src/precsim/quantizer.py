@@ -127,7 +127,7 @@ def masked_gradient(g: Tensor, ste: SteArgs, owned: bool) -> Tensor:
     Given the clipped elements' indices, only those are multiplied by 0 (into a copy of ``g``
     unless owned). The rest keep their bits, as multiplying by 1 would leave them."""
     base, lo, hi, clip = ste
-    if base.dtype == torch.int64:
+    if is_sparse(ste):
         if not owned:
             g = g.clone(memory_format=torch.contiguous_format)
         flat = g.view(-1)
@@ -277,11 +277,12 @@ def quantize_dse(x: Tensor, seed: Tensor | None, stored: Tensor | None, fmt: DSE
     return fmt.quantize(x, rounding, seed=seed, shift=stored, normal_grid=normal_grid), fmt.shift_for(x)
 
 
-def dse_normal_grid(fmt: Format, stored: Tensor | None) -> bool:
+def dse_normal_grid(fmt: Format, stored: Tensor | None, rounding: str) -> bool:
     """Whether a stored DSE shift allows the faster normal-grid rounding (reads the shift: on
-    the CPU only, where reading it costs no device sync)."""
+    the CPU only, where reading it costs no device sync). Not asked where the rounding takes
+    the scaled constant grid anyway (:meth:`DSEFormat.quantize`, nearest)."""
     return (isinstance(fmt, DSEFormat) and stored is not None and stored.device.type == "cpu"
-            and fmt.grid_is_normal(int(stored)))
+            and not (fmt.scales_exactly and rounding == "nearest") and fmt.grid_is_normal(int(stored)))
 
 
 def next_grad_scale(g: Tensor, scale: Tensor, clean: Tensor, limit: float,
@@ -461,7 +462,7 @@ class Quantizer(nn.Module):
         elif isinstance(fmt, DSEFormat):
             delayed = fmt.delayed
             stored = self.dse_shift if delayed and bool(self.dse_ready) else None  # the previous call's
-            q, shift = call(quantize_dse, x32, (seed, stored), (fmt, rounding, dse_normal_grid(fmt, stored)),
+            q, shift = call(quantize_dse, x32, (seed, stored), (fmt, rounding, dse_normal_grid(fmt, stored, rounding)),
                             flat=True)
             if delayed and training:
                 self.dse_shift.copy_(shift)
@@ -510,7 +511,7 @@ class Quantizer(nn.Module):
                                                                     owned)
         else:
             args = (ste_x, ste_lo, ste_hi, seed, scale, clean, stored)
-            static = (fmt, rounding, limit, GROWTH_INTERVAL, ste_clip, dse_normal_grid(fmt, stored), delayed_range)
+            static = (fmt, rounding, limit, GROWTH_INTERVAL, ste_clip, dse_normal_grid(fmt, stored, rounding), delayed_range)
             flat = per_tensor(ste_lo) and not (isinstance(fmt, IntFormat) and fmt.axis is not None)
             # Inductor leaves an integer gradient's kernel (range, then rounding) on one thread when
             # it writes into its input: 2x the time of writing a new tensor
