@@ -47,6 +47,8 @@ GRIDS = [
     (3, -138, 2.0**-120, "saturate", True),
     (10, -139, 2.0**-100, "inf", True),
     (22, -126, 3.0e38, "inf", True),
+    (7, -126, float(torch.finfo(torch.bfloat16).max), "saturate", False),
+    (4, -126, 2.0**120, "nan", True),
     (1, -148, 2.0**-140, "saturate", True),
 ]
 
@@ -125,4 +127,33 @@ def test_float_addition_compiled_equals_reference(m: int, emin: int, maxv: float
         set_compile(before)
     ref = round_float_reference(x, mantissa_bits=m, min_exponent=emin, max_value=maxv, overflow=overflow,  # type: ignore[arg-type]
                                 negative_zero=negzero, rounding="nearest")
+    assert torch.equal(fast.view(torch.int32), ref.view(torch.int32))
+
+
+def _round_with(x: torch.Tensor, rb: torch.Tensor, m: int, emin: int, maxv: float, overflow: str, negzero: bool,
+                rounding: str) -> torch.Tensor:
+    return round_float(x, mantissa_bits=m, min_exponent=emin, max_value=maxv, overflow=overflow,  # type: ignore[arg-type]
+                       negative_zero=negzero, rounding=rounding, random_bits=rb)  # type: ignore[arg-type]
+
+
+FIXED_GRIDS = [g for g in GRIDS if g[1] == -126 and not _float_add_rounds(g[0], g[1], g[2])]
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "toward_zero", "stochastic"])
+@pytest.mark.parametrize(("m", "emin", "maxv", "overflow", "negzero"), FIXED_GRIDS)
+def test_fixed_shift_compiled_equals_reference(m: int, emin: int, maxv: float, overflow: str, negzero: bool,
+                                               rounding: str, requires_compiler: None) -> None:
+    """Grids whose smallest normal is 2^-126 (bf16-like) drop a constant 23 - m bits from every
+    float32, subnormals included: compiled, the reference's bits for every rounding."""
+    assert len(FIXED_GRIDS) == 4
+    x = _inputs()
+    rb = torch.randint(-(2**31), 2**31 - 1, x.shape, dtype=torch.int32, generator=torch.Generator().manual_seed(6))
+    before = compile_enabled()
+    set_compile(True)
+    try:
+        fast = call(_round_with, x, (rb,), (m, emin, maxv, overflow, negzero, rounding), flat=True)
+    finally:
+        set_compile(before)
+    ref = round_float_reference(x, mantissa_bits=m, min_exponent=emin, max_value=maxv, overflow=overflow,  # type: ignore[arg-type]
+                                negative_zero=negzero, rounding=rounding, random_bits=rb)  # type: ignore[arg-type]
     assert torch.equal(fast.view(torch.int32), ref.view(torch.int32))
