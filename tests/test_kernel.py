@@ -46,6 +46,34 @@ def test_later_calls_go_straight_to_the_compiled_code(requires_compiler: None) -
     assert len(k._direct) == 2 and all(v is not None for v in k._direct.values())
 
 
+def test_direct_calls_run_inductors_code_checked_on_copies(requires_compiler: None, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Direct calls go below AOTAutograd's wrappers to Inductor's generated code, once that code,
+    run on copies of the first call's arguments, gave the first call's bits; code that gives
+    other bits keeps the wrappers (here: a stand-in off by one)."""
+    from precsim.formats import kernel
+
+    k = Kernel(_affine, "affine_code")
+    bias = torch.tensor(0.5)
+    for n in (100, 300):
+        x, s = torch.randn(n), torch.tensor(3.0)
+        assert _same(_run(k, x, s, bias), _affine(x, s, bias))
+    assert next(iter(k._direct.values())).inductor_code  # type: ignore[union-attr]
+
+    found = kernel._inductor_code
+
+    def off_by_one(compiled):  # type: ignore[no-untyped-def]
+        code = found(compiled)
+        return lambda inputs: [t + 1 for t in code(inputs)]  # type: ignore[misc]
+
+    monkeypatch.setattr(kernel, "_inductor_code", off_by_one)
+    k2 = Kernel(_affine, "affine_wrapped")
+    for n in (100, 300):
+        x, s = torch.randn(n), torch.tensor(3.0)
+        assert _same(_run(k2, x, s, bias), _affine(x, s, bias))
+    direct = next(iter(k2._direct.values()))
+    assert direct is not None and not direct.inductor_code  # type: ignore[attr-defined]
+
+
 def test_signature_separates_what_guards_check() -> None:
     """Sizes 0, 1 and more, static sizes, dtype, contiguity, shared storage and grad mode."""
     a, b = torch.randn(8, 3), torch.randn(8, 3)
@@ -77,7 +105,7 @@ def test_what_cannot_be_shown_the_same_keeps_torch_compile() -> None:
     x, y = torch.randn(64), torch.randn(3)
     for _ in range(2):
         out = _run(k, x, y)
-        assert torch.equal(out[0], x * 2.0) and out[1] is y
+        assert torch.equal(out[0], x * 2.0) and out[1].data_ptr() == y.data_ptr()  # y itself (detached)
     assert list(k._direct.values()) == [None]
     k2 = Kernel(_with_break, "with_break")
     for _ in range(2):

@@ -145,33 +145,23 @@ def call(fn: Callable[..., Any], x: Tensor, args: tuple[Any, ...], static: tuple
     ``rows`` (with ``flat``): the kernel sees them as ``rows`` rows instead (a divisor of the
     size), for per-row reductions in the flat order.
     """
-    if x.numel() < MIN_COMPILED_NUMEL or torch.compiler.is_compiling() or not compile_enabled():
+    if x.numel() < MIN_COMPILED_NUMEL or not compile_enabled():
         return fn(x, *args, *static)
-    # A Parameter would get static-shape guards (a recompile per weight shape): pass plain data.
-    plain = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-    x = x.detach()
     shape = x.shape
-    view = (-1,) if rows is None else (rows, -1)
-    reshaped = flat and x.shape != view
-    if reshaped:
-        plain = tuple(a.reshape(view) if isinstance(a, Tensor) and a.shape == shape else a for a in plain)
+    if flat:
+        view = (-1,) if rows is None else (rows, -1)
+        args = tuple(a.reshape(view) if isinstance(a, Tensor) and a.shape == shape else a for a in args)
         x = x.reshape(view)
-    dims = tuple(range(x.dim())) if dynamic is None or reshaped else dynamic
+        dims = tuple(range(x.dim()))
+    else:
+        dims = tuple(range(x.dim())) if dynamic is None else dynamic
     # arguments of x's shape (an STE's saved input) vary with it
-    varying = [dims if isinstance(a, Tensor) and a.shape == x.shape else () for a in plain]
-    for a, d in zip(plain, varying, strict=True):
-        _dynamic(a, d)
-    out = _compiled(fn, static, inline, rowwise)((_dynamic(x, dims), *plain), (dims, *varying))
-    if not reshaped:
+    varying = [dims if isinstance(a, Tensor) and a.shape == x.shape else () for a in args]
+    out = _compiled(fn, static, inline, rowwise)((x, *args), (dims, *varying))
+    if not flat:
         return out
     return tuple(_unflatten(o, x.shape, shape) for o in out) if isinstance(out, tuple) else (
         _unflatten(out, x.shape, shape))
-
-
-def _dynamic(x: Tensor, dims: tuple[int, ...]) -> Tensor:
-    for d in dims:
-        torch._dynamo.maybe_mark_dynamic(x, d)
-    return x
 
 
 def _unflatten(out: Any, seen: torch.Size, shape: torch.Size) -> Any:
