@@ -104,6 +104,13 @@ _INLINE = {"realize_opcount_threshold": 200}
 _SCALAR_TAILS = {"cpp.enable_loop_tail_vec": False}
 
 
+def _scalar_tails() -> dict[str, Any]:
+    """:data:`_SCALAR_TAILS` where this torch's Inductor has the setting (empty otherwise)."""
+    from torch._inductor import config
+
+    return _SCALAR_TAILS if hasattr(config.cpp, "enable_loop_tail_vec") else {}
+
+
 def inline_kernel(fmt: Any, rounding: str) -> bool:
     """Whether ``fmt`` fuses a per-row reduction with long per-element expressions: MX blocks
     (the E8M0 exponent feeds the rounding; 1.7x instead of 4.5x clone for MXFP4), and
@@ -122,7 +129,7 @@ def _compiled(fn: Callable[..., Any], static: tuple[Any, ...], inline: bool = Fa
         return fn(*args, *static)
 
     # one Dynamo code object per (function, static arguments) and signature (see Kernel)
-    options = {**(_INLINE if inline else {}), **(_SCALAR_TAILS if rowwise else {})}
+    options = {**(_INLINE if inline else {}), **(_scalar_tails() if rowwise else {})}
     return Kernel(run, f"{fn.__name__}_{abs(hash(static))}", options or None)
 
 
