@@ -27,6 +27,18 @@ def tensor_range(x: Tensor, dims: tuple[int, ...] | None) -> tuple[Tensor, Tenso
     return lo, hi
 
 
+def row_ranges(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For a 2-D ``x``: the range of its finite values, as :func:`tensor_range` over all, and each
+    row's plain min and max (NaN propagating), all from one pass (pure). The rows' extremes
+    tell which rows may hold values outside a range decided afterwards."""
+    finite = x.abs() < torch.inf
+    lo = torch.where(finite, x, torch.inf).amin(dim=1).amin()
+    hi = torch.where(finite, x, -torch.inf).amax(dim=1).amax()
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    return lo, hi, x.amin(dim=1), x.amax(dim=1)
+
+
 def percentile_range(x: Tensor, dims: tuple[int, ...] | None, q: float) -> tuple[Tensor, Tensor]:
     """The (100 - q)-th and q-th percentiles: a range that ignores rare outliers."""
     x = x.detach().float()

@@ -27,7 +27,7 @@ from precsim.config import RoleSpec
 from precsim.formats import BlockFormat, DSEFormat, FloatFormat, Format, IntFormat
 from precsim.formats.backend import MIN_COMPILED_NUMEL, call, compile_enabled, inline_kernel, run_quantize
 from precsim.formats.rounding import exp2i, exponent_of
-from precsim.observers import Observer, broadcast_range, next_range, reduce_dims, tensor_range
+from precsim.observers import Observer, broadcast_range, next_range, reduce_dims, row_ranges, tensor_range
 from precsim.ownership import baseline, owns_gradient
 
 _GOLDEN = -1640531527  # 0x9E3779B9 as int32
@@ -172,32 +172,47 @@ def outside_per_row(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 
 
 def clipped_ste(x: Tensor, x32: Tensor, lo: Tensor, hi: Tensor, maybe: Tensor | None) -> SteArgs | None:
-    """The clipped STE's state for an integer point, given whether any element ``maybe`` lies
-    outside the bounds (:func:`maybe_outside`; None: not checked).
+    """The clipped STE's state for an integer point, given whether elements may lie outside the
+    bounds: one flag for the tensor (:func:`maybe_outside`) or one per row of ``x32``'s flat
+    order (:func:`int_point`); None: not checked.
 
     None (pass every gradient) when no element is outside, as for a weight's own min/max range
     and most activations; the flat indices of those outside when they are few and the bounds
-    per tensor (in training they are the tail beyond a moving-average range, a few per
-    million: backward then costs nothing; a compiled pass counts them per row, and only the
-    rows that hold them are searched, as a full ``nonzero`` of the mask costs 2.5x the
-    rounding); otherwise the input, from which backward rebuilds the mask.
+    per tensor (in training they are the tail beyond a moving-average range, often one or two
+    elements: backward then costs nothing; only the rows that may hold them are searched, as a
+    full ``nonzero`` of the mask costs 2.5x the rounding); otherwise the input, from which
+    backward rebuilds the mask. Rows come from the kernel's flags, or, given one flag, from a
+    pass that counts the clipped elements per row.
     """
     if maybe is None:
         return (x, lo, hi, None)
-    if not bool(maybe):
+    if not bool(maybe.any()):
         return None
     if not (per_tensor(lo) and x32.is_contiguous()):
         return (x, lo, hi, None)
-    outside = call(outside_per_row, x32, (lo, hi), flat=True, rows=count_rows(x32.numel()))
-    count = int(outside.sum())
-    if count == 0:
-        return None
-    if count > x.numel() * SPARSE_LIMIT:
-        return (x, lo, hi, None)
-    rows = x32.reshape(max(outside.numel(), 1), -1)
-    hit = outside.reshape(-1).nonzero().squeeze(1)
+    if maybe.numel() == 1:
+        outside = call(outside_per_row, x32, (lo, hi), flat=True, rows=count_rows(x32.numel())).reshape(-1)
+        count = int(outside.sum())
+        if count == 0:
+            return None
+        if count > x.numel() * SPARSE_LIMIT:
+            return (x, lo, hi, None)
+        hit = outside.nonzero().squeeze(1)
+    else:
+        outside = maybe
+        hit = maybe.nonzero().squeeze(1)
+        if hit.numel() > maybe.numel() * ROW_LIMIT:  # too many rows to search: the mask, rebuilt
+            return (x, lo, hi, None)
+    rows = x32.reshape(outside.numel(), -1)
     r, c = (~ste_mask(rows[hit], lo, hi, None)).nonzero(as_tuple=True)
+    if r.numel() == 0:
+        return None
+    if r.numel() > x.numel() * SPARSE_LIMIT:
+        return (x, lo, hi, None)
     return (hit[r] * rows.shape[1] + c, None, None, None)
+
+
+ROW_LIMIT = 1 / 8  # past this fraction of rows flagged, none is searched
 
 
 def int_grid(min_val: Tensor, max_val: Tensor, fmt: IntFormat, ndim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -230,14 +245,20 @@ def int_point(
     place, unless ``never``: three small eager copies cost more than the rounding of a weight.
     Returns (Q(x), scale, zero point, STE lo, STE hi, outside), with ``outside``
     (``check_outside``) whether any element may lie outside the STE bounds
-    (:func:`maybe_outside`), which :func:`clipped_ste` turns into backward's work.
+    (:func:`maybe_outside`), which :func:`clipped_ste` turns into backward's work. Measuring
+    a 2-D ``x`` first (per-tensor ``before``), the pass that measures it also takes each row's
+    min and max, and ``outside`` is per row: which rows to search (no counting pass later).
 
     The grid is among the outputs so that Inductor computes it once: left as an intermediate,
     it was recomputed for every element, the division included (int8 rounding then cost 3x
     fp8's).
     """
     lo, hi = min_val, max_val
-    if observe_when == "before":
+    row_extremes = None
+    if observe_when == "before" and check_outside and x.dim() == 2 and fmt.axis is None:
+        x_lo, x_hi, *row_extremes = row_ranges(x)
+        lo, hi = next_range(x_lo, x_hi, min_val, max_val, initialized, kind, momentum)
+    elif observe_when == "before":
         lo, hi = observe(x, min_val, max_val, initialized, fmt.axis, kind, momentum)
     scale, zp, ste_lo, ste_hi = int_grid(lo, hi, fmt, x.dim())
     q = quantize_on_grid(x, seed, scale, zp, fmt, rounding)
@@ -247,7 +268,11 @@ def int_point(
         min_val.copy_(lo)
         max_val.copy_(hi)
         initialized.fill_(True)
-    outside = maybe_outside(x, ste_lo, ste_hi) if check_outside else None
+    outside = None
+    if row_extremes is not None:
+        outside = ~((row_extremes[0] >= ste_lo) & (row_extremes[1] <= ste_hi))
+    elif check_outside:
+        outside = maybe_outside(x, ste_lo, ste_hi)
     return q, scale, zp, ste_lo, ste_hi, outside
 
 
@@ -456,7 +481,8 @@ class Quantizer(nn.Module):
             q, _, _, ste_lo, ste_hi, outside = call(
                 int_point, x32, (seed, obs.min_val, obs.max_val, obs.initialized),
                 (fmt, obs.kind, obs.momentum, rounding, when, check), inline=inline_kernel(fmt, rounding),
-                flat=fmt.axis is None)
+                flat=fmt.axis is None,
+                rows=count_rows(x32.numel()) if check and when == "before" and fmt.axis is None else None)
             if clipped:  # new tensors: a later update cannot change them
                 ste = clipped_ste(x, x32, ste_lo, ste_hi, outside)
         elif isinstance(fmt, DSEFormat):

@@ -67,6 +67,23 @@ def test_observer_ignores_non_finite_values() -> None:
     assert obs.min_val.item() == -2.0 and obs.max_val.item() == 1.0
 
 
+def test_row_ranges_are_the_tensor_range_and_each_rows_extremes() -> None:
+    """One pass gives the finite range of the whole tensor (as tensor_range) and each row's
+    plain min and max, NaN and Inf included (they flag a row for the clipped-STE search)."""
+    from precsim.observers import row_ranges, tensor_range
+
+    x = torch.randn(8, 50)
+    x[1, 3], x[2, 7], x[5, :] = float("nan"), -float("inf"), float("nan")
+    lo, hi, row_min, row_max = row_ranges(x)
+    want_lo, want_hi = tensor_range(x, None)
+    assert torch.equal(lo, want_lo) and torch.equal(hi, want_hi) and torch.isfinite(lo) and torch.isfinite(hi)
+    torch.testing.assert_close(row_min, x.amin(dim=1), rtol=0, atol=0, equal_nan=True)
+    assert row_min[1].isnan() and row_min[2] == -float("inf") and row_max[5].isnan()
+    assert torch.equal(row_max[[0, 3, 4, 6, 7]], x[[0, 3, 4, 6, 7]].amax(dim=1))
+    all_nan = torch.full((2, 4), float("nan"))
+    assert [float(v) for v in row_ranges(all_nan)[:2]] == [0.0, 0.0]
+
+
 def test_quantizer_observers_follow_reference_in_training_only() -> None:
     """Inside a prepared CNN: activation (per tensor and per channel) and weight observers."""
     model = make(SmallCNN)
