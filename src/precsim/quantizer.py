@@ -145,12 +145,13 @@ def is_sparse(ste: SteArgs | None) -> bool:
 
 
 SPARSE_LIMIT = 1 / 64  # at most this fraction of clipped elements is kept as indices
+ROW_LIMIT = 1 / 8  # past this fraction of rows flagged as holding some, none is searched
 
 
 def count_rows(numel: int) -> int:
-    """How many rows a per-tensor point's kernel counts clipped elements in: 256 or the largest
-    power of two dividing ``numel``, so that a clipped element is looked for in 1/256 of it;
-    one row for small tensors."""
+    """How many rows a per-tensor point's clipped elements are looked for in (flagged by the
+    kernel, or counted): 256 or the largest power of two dividing ``numel``, so that a clipped
+    element is searched for in 1/256 of the tensor; one row for small tensors."""
     return math.gcd(numel, 256) if numel >= 4096 else 1
 
 
@@ -211,8 +212,6 @@ def clipped_ste(x: Tensor, x32: Tensor, lo: Tensor, hi: Tensor, maybe: Tensor | 
         return (x, lo, hi, None)
     return (hit[r] * rows.shape[1] + c, None, None, None)
 
-
-ROW_LIMIT = 1 / 8  # past this fraction of rows flagged, none is searched
 
 
 def int_grid(min_val: Tensor, max_val: Tensor, fmt: IntFormat, ndim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
