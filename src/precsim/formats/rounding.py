@@ -111,7 +111,8 @@ def round_float(
     :func:`_round_float_bits`, about half the integer ops of the general
     :func:`round_float_reference`, with identical results (tested on every float32 exponent);
     with nearest rounding on a constant normal grid (FP8, FP6, FP4, the MX elements and DSE's
-    scaled grid), :func:`_round_nearest_float`, with a third of those.
+    scaled grid), :func:`_round_nearest_float`, with a third of those; grids whose smallest
+    normal is 2^-126 (bf16) drop a constant number of bits (:func:`_round_float_bits_fixed`).
     """
     if rounding == "nearest" and _float_add_rounds(mantissa_bits, min_exponent, max_value):
         return _round_nearest_float(x, mantissa_bits, min_exponent, max_value, overflow,  # type: ignore[arg-type]
