@@ -11,8 +11,8 @@ glibc's malloc is tuned to keep freed memory (``precsim.tune_allocator``) for ev
 with its defaults, page faults of new tensors moved a scheme's ratio by up to 0.4 depending on
 which other models were alive in the process. ``--default-allocator`` measures without it.
 
-    python benchmarks/train_step.py [--quick] [--steps 25] [--batch 128] [--eager] [--device cpu]
-                                    [--threads N] [--default-allocator]
+    python benchmarks/train_step.py [--quick] [--steps 25] [--rounds 3] [--batch 128] [--eager]
+                                    [--device cpu] [--threads N] [--default-allocator]
 """
 
 from __future__ import annotations
@@ -90,6 +90,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--quick", action="store_true", help="5 timed steps per scheme")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the timed steps this many times and add a table of each round's ratios "
+                        "(a ratio moves by a few hundredths between rounds)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's). On a shared VM, 1 avoids timing the wait for a "
@@ -139,17 +142,8 @@ def main() -> None:
         step()
         first[name] = time.perf_counter() - t
     load_before = load_average()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.steps):  # interleaved, so drift in machine load hits every scheme alike
-        for name, step in steps.items():
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            step()
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t)
-    med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    rounds = [timed_round(steps, args.steps, args.device) for _ in range(args.rounds)]
+    med = rounds[0]
     base = med["fp32"]
     print(f"<!-- benchmarks/train_step.py: zoo ResNet, batch {args.batch}, {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -166,6 +160,33 @@ def main() -> None:
         ratio = med[name] / base
         goal = "—" if target is None else f"<= {target}" + (" met" if ratio <= target else " not met")
         print(f"| {name} | {med[name] * 1e3:.1f} | {ratio:.2f} | {goal} | {first[name]:.1f} |")
+    if len(rounds) > 1:
+        print()
+        print(f"<!-- {len(rounds)} rounds of {args.steps} interleaved steps each, one after another -->")
+        print()
+        print("| scheme | x FP32 per round | range | target |")
+        print("|---|---|---|---|")
+        for name in steps:
+            ratios = [r[name] / r["fp32"] for r in rounds]
+            target = targets[name]
+            goal = "—" if target is None else f"<= {target}: met in {sum(v <= target for v in ratios)} of {len(ratios)}"
+            print(f"| {name} | {', '.join(f'{v:.2f}' for v in ratios)} | {min(ratios):.2f}-{max(ratios):.2f} | {goal} |")
+
+
+def timed_round(steps: dict[str, Callable[[], None]], n: int, device: str) -> dict[str, float]:
+    """Median seconds per step of each scheme over ``n`` steps, the schemes' steps interleaved,
+    so that drift in machine load hits every scheme alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(n):
+        for name, step in steps.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 if __name__ == "__main__":
