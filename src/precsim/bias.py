@@ -12,9 +12,11 @@ an error the simulation does not see.
 through the ops that keep codes and scale: pure layout ops (flatten, reshape/view,
 transpose/permute, unflatten, squeeze, contiguous, indexing, unbind/chunk/split and their
 pieces, concatenation of equally quantized tensors), max pooling, ReLU clamps, dropout and
-identity. Anything else (a product, a constant factor, an unquantized sum) makes new values
-with another scale; then there is no ``S_in`` and :func:`quantize_biases` names the layer and
-the op in the way. ``S_w`` comes from the weight quantizer's observer, exactly as the weight
+identity. A multiplication or division by a positive constant number (``x * c``, ``x / c``)
+keeps the codes and scales ``S_in`` by ``c`` (or ``1/c``), as :func:`precsim.convert` treats
+it. Anything else (a product of tensors, a negative factor, an unquantized sum) makes new
+values with another scale; then there is no ``S_in`` and :func:`quantize_biases` names the
+layer and the op in the way. ``S_w`` comes from the weight quantizer's observer, exactly as the weight
 codes are made (:func:`precsim.convert` makes the same choices). Both are read at every
 forward, so the bias follows the ranges during QAT.
 
@@ -59,6 +61,8 @@ _LAYOUT_FUNCS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, t
 _KEEP_FUNCS = (*_LAYOUT_FUNCS, torch.relu, F.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d)
 _KEEP_METHODS = ("flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze", "transpose", "permute", "t",
                  "unflatten", "unbind", "chunk", "split", "narrow", "select", "expand", "relu")
+_MUL_FUNCS = (operator.mul, torch.mul)
+_DIV_FUNCS = (operator.truediv, torch.div)
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,43 +102,66 @@ def _describe_node(n: fx.Node) -> str:
     return f"{what!r} (graph node {n.name!r})"
 
 
-def _trace_input(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Quantizer | None, str]:
-    """The quantizer whose codes reach ``node``'s first input, or None and the op where the search stopped."""
+def _constant_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """``(x, f)`` for ``x * c``, ``c * x`` (f = c) or ``x / c`` (f = 1/c) with a positive constant
+    number ``c``: the cases :func:`precsim.convert` folds into the codes' scale."""
+    if node.op != "call_function" or node.kwargs or len(node.args) != 2:
+        return None
+    divide = node.target in _DIV_FUNCS
+    if not (divide or node.target in _MUL_FUNCS):
+        return None
+    x, c = node.args
+    if not divide and not isinstance(x, fx.Node):
+        x, c = c, x
+    if not isinstance(x, fx.Node) or isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
+        return None
+    return x, 1.0 / float(c) if divide else float(c)
+
+
+def _trace_input(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Quantizer | None, str, tuple[float, ...]]:
+    """The quantizer whose codes reach ``node``'s first input and the constant factors on the way
+    (in the order they apply), or None and the op where the search stopped."""
     if node.op == "call_module" and _is_point(getattr(modules[str(node.target)], "precsim_input", None)):
-        return modules[str(node.target)].precsim_input, ""  # type: ignore[return-value]
+        return modules[str(node.target)].precsim_input, "", ()  # type: ignore[return-value]
     arg = node.args[0] if node.args else None
     from precsim.prepare import QuantPoint  # prepare imports this module
 
+    factors: list[float] = []  # upstream order: reversed at the end
     while isinstance(arg, fx.Node):
         if arg.op == "call_module":
             m = modules[str(arg.target)]
             act, inp = getattr(m, "precsim_activation", None), getattr(m, "precsim_input", None)
             if _is_point(act):
-                return act, ""  # type: ignore[return-value]
+                return act, "", tuple(reversed(factors))  # type: ignore[return-value]
             if not isinstance(m, (*_KEEP_CODES, QuantPoint)):
-                return None, f"{_describe_node(arg)}, a {type(m).__name__} with no activation quantizer"
+                return None, f"{_describe_node(arg)}, a {type(m).__name__} with no activation quantizer", ()
             if _is_point(inp):
-                return inp, ""  # type: ignore[return-value]
+                return inp, "", tuple(reversed(factors))  # type: ignore[return-value]
         elif arg.op == "placeholder":
-            return None, f"the model input {arg.name!r}, not quantized"
+            return None, f"the model input {arg.name!r}, not quantized", ()
+        elif (scaled := _constant_factor(arg)) is not None:
+            arg = scaled[0]
+            factors.append(scaled[1])
+            continue
         elif not ((arg.op == "call_function" and arg.target in _KEEP_FUNCS)
                   or (arg.op == "call_method" and arg.target in _KEEP_METHODS)
                   or (arg.op == "call_function" and arg.target is torch.cat)):
-            return None, f"{_describe_node(arg)}, which makes new values at another scale"
+            return None, f"{_describe_node(arg)}, which makes new values at another scale", ()
         first = arg.args[0] if arg.args else None
         if arg.op == "call_function" and arg.target is torch.cat:
             first = first[0] if isinstance(first, (list, tuple)) and first else None  # equal scales for a cat
         arg = first
-    return None, "a constant"
+    return None, "a constant", ()
 
 
 def input_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> Quantizer | None:
     """The quantizer whose codes reach ``node``'s first input (None: the input is not quantized).
 
     Follows the graph upstream through ops that keep codes and scale (layout ops such as
-    transpose/flatten/reshape/indexing, max pooling, ReLU, dropout); stops at the first
-    quantizer (an activation quantizer, or a module's own ``input`` quantizer) or at anything
-    that computes new values.
+    transpose/flatten/reshape/indexing, max pooling, ReLU, dropout) and through positive
+    constant factors, which keep the codes and scale ``S_in`` (:func:`accumulator_scale`);
+    stops at the first quantizer (an activation quantizer, or a module's own ``input``
+    quantizer) or at anything that computes new values.
     """
     return _trace_input(node, modules)[0]
 
@@ -167,12 +194,21 @@ def _weight_scale(layer: nn.Module, q: Quantizer) -> Tensor:
     return q.spec.format.qparams(lo, hi)[0]  # type: ignore[union-attr]
 
 
-def accumulator_scale(layer: nn.Module, source: Quantizer) -> Tensor | None:
-    """``S_in * S_w`` in float64, per output channel for per-channel weights (None: no input range yet)."""
-    s_in = _act_scale(source)
+def accumulator_scale(layer: nn.Module, source: Quantizer, factors: tuple[float, ...] = ()) -> Tensor | None:
+    """``S_in * S_w`` in float64, per output channel for per-channel weights (None: no input range yet).
+
+    ``factors``: the constants the source's values are multiplied by on their way to the layer,
+    in that order; ``S_in`` is the source's scale times each, in double precision, as
+    :func:`precsim.convert` scales the codes' ``S``."""
+    s_act = _act_scale(source)
     q = weight_quantizer(layer)
-    if s_in is None or q is None:
+    if s_act is None or q is None:
         return None
+    s_in: Tensor | float = s_act
+    if factors:
+        s_in = float(s_act)
+        for f in factors:
+            s_in = s_in * f
     return accumulator_scale_of(s_in, _weight_scale(layer, q))
 
 
@@ -189,11 +225,13 @@ class IntBias(nn.Module):
     comes out rounded. All three are references, not sub-modules: their state is saved once.
     """
 
-    def __init__(self, layer: nn.Module, source: Quantizer, bn: nn.Module | None = None) -> None:
+    def __init__(self, layer: nn.Module, source: Quantizer, bn: nn.Module | None = None,
+                 factors: tuple[float, ...] = ()) -> None:
         super().__init__()
         self.__dict__["layer"] = layer
         self.__dict__["source"] = source
         self.__dict__["bn"] = bn
+        self.factors = factors  # constants between the source and the layer (see accumulator_scale)
 
     def effective(self, b: Tensor) -> Tensor:
         """The bias the accumulator receives: ``b`` itself, or the folded ``beta + (b_conv - mean) s``."""
@@ -206,14 +244,14 @@ class IntBias(nn.Module):
 
     def codes(self, b: Tensor) -> Tensor | None:
         """The int32 codes of the effective bias (float64; None: no input range observed yet)."""
-        scale = accumulator_scale(self.layer, self.source)
+        scale = accumulator_scale(self.layer, self.source, self.factors)
         return None if scale is None else bias_codes(self.effective(b), scale)
 
     def forward(self, b: Tensor) -> Tensor:
         if self.bn is not None and self.bn.training:
             return b  # batch statistics: no folded bias exists (the batch mean cancels any constant)
         with torch.no_grad():
-            scale = accumulator_scale(self.layer, self.source)
+            scale = accumulator_scale(self.layer, self.source, self.factors)
             if scale is None:
                 return b
             real = self.effective(b)
@@ -221,7 +259,8 @@ class IntBias(nn.Module):
         return b + residual  # unfolded: exactly the rounded bias (Sterbenz); gradient 1 to b
 
     def extra_repr(self) -> str:
-        return "int32 at S_in*S_w" + (" (folded BatchNorm bias)" if self.bn is not None else "")
+        times = "".join(f"*{f:g}" for f in self.factors)
+        return f"int32 at S_in{times}*S_w" + (" (folded BatchNorm bias)" if self.bn is not None else "")
 
 
 def int_bias_of(layer: nn.Module) -> tuple[IntBias, nn.Module] | None:
@@ -292,24 +331,25 @@ def quantize_biases(model: nn.Module, config: QuantConfig) -> list[str]:
     wanted = [n for n, m in modules.items() if isinstance(m, FOLDABLE) and bias_setting(n, m, config) == "int32"]
     if not wanted:
         return []
-    sources: dict[str, Quantizer] = {}
+    sources: dict[str, tuple[Quantizer, tuple[float, ...]]] = {}
     for node in trace(model).nodes:
         name = str(node.target)
         if node.op != "call_module" or name not in wanted:
             continue
-        q, stop = _trace_input(node, modules)
+        q, stop, factors = _trace_input(node, modules)
         if q is None:
             raise ValueError(f"bias: int32 for {name!r}: its input is not integer-quantized, so there is no S_in "
                              f"(past the layout ops that keep codes and scale, its input is {stop}); give {name!r} an "
                              f"input quantizer (a rule {{match: {name}, input: uint8}}), quantize the module feeding it, "
                              f"or set {{match: {name}, bias: fp32}}")
-        if sources.setdefault(name, q) is not q:
-            raise ValueError(f"bias: int32 for {name!r}: the module is called on inputs from different quantizers")
+        if sources.setdefault(name, (q, factors)) != (q, factors):
+            raise ValueError(f"bias: int32 for {name!r}: the module is called on inputs from different quantizers "
+                             "or scales")
     done = []
     for name in wanted:
         if name not in sources:
             continue  # never called in forward()
-        layer, source = modules[name], sources[name]
+        layer, (source, factors) = modules[name], sources[name]
         _check_format(source, "its input", name, per_channel_ok=False)
         wq = weight_quantizer(layer)
         if wq is None:
@@ -327,7 +367,7 @@ def quantize_biases(model: nn.Module, config: QuantConfig) -> list[str]:
             owner = layer
         else:
             continue  # no bias: zero is exact
-        parametrize.register_parametrization(owner, "bias", IntBias(layer, source, bn))
+        parametrize.register_parametrization(owner, "bias", IntBias(layer, source, bn, factors))
         owner.register_load_state_dict_pre_hook(_load_plain_bias)
         done.append(name)
     return done

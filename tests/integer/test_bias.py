@@ -280,19 +280,40 @@ def test_vit_inputs_found_through_layout_ops() -> None:
 
 
 class Scaled(nn.Module):
-    """fc1 -> x * 2 -> fc2: the constant factor changes the scale, so fc2 has no S_in from a quantizer."""
+    """fc1 -> x * a, / b -> fc2: constant factors between fc1's output quantizer and fc2."""
 
-    def __init__(self) -> None:
+    def __init__(self, times: float = 2.0, over: float = 4.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(4, 4)
         self.fc2 = nn.Linear(4, 2)
+        self.times, self.over = times, over
+        with torch.no_grad():
+            self.fc2.bias.uniform_(-0.5, 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.fc1(x).transpose(0, 1).transpose(0, 1) * 2)
+        return self.fc2(self.fc1(x).transpose(0, 1).transpose(0, 1) * self.times / self.over)
+
+
+def test_constant_factors_scale_the_input_scale() -> None:
+    """fc2's input codes are fc1's output codes at S * 3 / 4: its bias is rounded at that S_in
+    times S_w (in the order the factors apply), and convert derives the same codes."""
+    torch.manual_seed(0)
+    cfg = {"activation": "uint8", "weight": "int8", "bias": "int32", "rules": [{"match": "fc1", "input": "uint8"}]}
+    g = torch.Generator().manual_seed(1)
+    net = precsim.calibrate(Scaled(3.0, 4.0), [torch.randn(16, 4, generator=g) for _ in range(3)], cfg)
+    s_in = float(_act_scale(net.fc1.precsim_activation)) * 3.0 * 0.25
+    s_w = net.fc2.parametrizations.weight.original.abs().amax() / 127
+    want = round_half_away(net.fc2.parametrizations.bias.original.double() / (s_in * s_w.double()))
+    assert torch.equal(layer_bias_codes(net.fc2), want.long())
+    imodel = convert(net)
+    ops = {op.name: op for op in imodel.ops if isinstance(op, ConvOp)}
+    assert torch.equal(ops["fc2"].bias.long(), layer_bias_codes(net.fc2))
+    assert "S_in*3*0.25*S_w" in repr(net.fc2)
 
 
 def test_scale_changing_op_is_named() -> None:
+    """A negative factor is not folded into the scale (convert refuses it too): no S_in for fc2."""
     cfg = {"activation": "uint8", "weight": "int8", "bias": "int32", "rules": [{"match": "fc1", "input": "uint8"}]}
     with pytest.raises(ValueError, match=r"bias: int32 for 'fc2': .*'mul' \(graph node 'mul'\), which makes new "
                                          r"values at another scale"):
-        precsim.prepare(Scaled(), cfg)
+        precsim.prepare(Scaled(times=-2.0), cfg)
