@@ -213,7 +213,6 @@ def clipped_ste(x: Tensor, x32: Tensor, lo: Tensor, hi: Tensor, maybe: Tensor | 
     return (hit[r] * rows.shape[1] + c, None, None, None)
 
 
-
 def int_grid(min_val: Tensor, max_val: Tensor, fmt: IntFormat, ndim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The integer grid spanning [min_val, max_val]: (scale, zero point, STE lo, STE hi) (pure).
 
