@@ -337,3 +337,25 @@ def test_row_kernels_end_rows_with_scalar_tails(compiled, monkeypatch: pytest.Mo
     assert options["_quantize_across"]["cpp.enable_loop_tail_vec"] is False  # type: ignore[index]
     assert options["_power_scale"]["cpp.enable_loop_tail_vec"] is False  # type: ignore[index]
     assert "cpp.enable_loop_tail_vec" not in (options["_quantize"] or {})
+
+
+def test_kernels_run_on_every_thread_whatever_the_first_size(compiled) -> None:
+    """Inductor decides from the first call's size whether loops are worth several threads, and
+    its cache keeps the choice for all sizes: a kernel first called on a small tensor ran every
+    later one on one thread (2x the time). The kernels' options make loops parallel anyway."""
+    from torch._inductor.utils import run_and_get_code
+
+    from precsim.formats.backend import call
+    from precsim.quantizer import quantize_gradient_into
+
+    static = (parse_format("int8"), "nearest", None, 1234, None, False, False)  # a kernel of this test's own
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch._inductor.config.patch(force_disable_caches=True):
+            _, sources = run_and_get_code(call, quantize_gradient_into, torch.randn(8, 10), (None,) * 7, static,
+                                          flat=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert sources, "nothing was compiled"
+    assert any("#pragma omp parallel" in s for s in sources)

@@ -102,13 +102,24 @@ _INLINE = {"realize_opcount_threshold": 200}
 # with scalar tails. Not for flat kernels, which have one tail in all: there scalar tails made
 # the training step slower (fp8 by 0.07 x FP32, DSE by 0.16), for reasons not found.
 _SCALAR_TAILS = {"cpp.enable_loop_tail_vec": False}
+# With dynamic sizes Inductor decides once, from the size of the first call, whether a loop is
+# worth several threads (not under 512 elements a thread), and keeps that choice, in its on-disk
+# cache too, for every later size. A kernel first called on a small tensor (a test's, a small
+# layer's) then ran every tensor on one thread: the int8 gradient kernel took 2x its time on 2
+# cores once the test suite had filled the cache. A bar of one element makes the loops parallel
+# whatever the first size; a tensor that small costs the threads' start-up, a few microseconds.
+_PARALLEL = {"cpp.min_chunk_size": 1}
 
 
-def _scalar_tails() -> dict[str, Any]:
-    """:data:`_SCALAR_TAILS` where this torch's Inductor has the setting (empty otherwise)."""
+def _available(options: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` this torch's Inductor has (the package accepts older releases)."""
     from torch._inductor import config
 
-    return _SCALAR_TAILS if hasattr(config.cpp, "enable_loop_tail_vec") else {}
+    def has(key: str) -> bool:
+        section, _, name = key.rpartition(".")
+        return hasattr(getattr(config, section) if section else config, name)
+
+    return {k: v for k, v in options.items() if has(k)}
 
 
 def inline_kernel(fmt: Any, rounding: str) -> bool:
@@ -129,7 +140,7 @@ def _compiled(fn: Callable[..., Any], static: tuple[Any, ...], inline: bool = Fa
         return fn(*args, *static)
 
     # one Dynamo code object per (function, static arguments) and signature (see Kernel)
-    options = {**(_INLINE if inline else {}), **(_scalar_tails() if rowwise else {})}
+    options = _available({**_PARALLEL, **(_INLINE if inline else {}), **(_SCALAR_TAILS if rowwise else {})})
     return Kernel(run, f"{fn.__name__}_{abs(hash(static))}", options or None)
 
 
