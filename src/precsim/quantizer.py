@@ -537,8 +537,7 @@ class Quantizer(nn.Module):
             args = (ste_x, ste_lo, ste_hi, seed, scale, clean, stored)
             static = (fmt, rounding, limit, GROWTH_INTERVAL, ste_clip, dse_normal_grid(fmt, stored, rounding), delayed_range)
             flat = per_tensor(ste_lo) and not (isinstance(fmt, IntFormat) and fmt.axis is not None)
-            # written into the gradient it owns: for an integer gradient (its range, then the
-            # rounding) Inductor's kernel writing a new tensor ran on one thread (2x the time)
+            # written into the gradient it owns: no new gradient-sized tensor
             if owned:
                 q = g
                 next_scale, next_clean, shift, _ = call(quantize_gradient_into, g, args, static, flat=flat)
