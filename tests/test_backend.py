@@ -342,7 +342,8 @@ def test_row_kernels_end_rows_with_scalar_tails(compiled, monkeypatch: pytest.Mo
 def test_kernels_run_on_every_thread_whatever_the_first_size(compiled) -> None:
     """Inductor decides from the first call's size whether loops are worth several threads, and
     its cache keeps the choice for all sizes: a kernel first called on a small tensor ran every
-    later one on one thread (2x the time). The kernels' options make loops parallel anyway."""
+    later one on one thread (2x the time). The kernels' options make loops parallel anyway; a
+    change of torch's thread count compiles the kernel again (Inductor writes it into loops)."""
     from torch._inductor.utils import run_and_get_code
 
     from precsim.formats.backend import call
@@ -350,12 +351,16 @@ def test_kernels_run_on_every_thread_whatever_the_first_size(compiled) -> None:
 
     static = (parse_format("int8"), "nearest", None, 1234, None, False, False)  # a kernel of this test's own
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
         with torch._inductor.config.patch(force_disable_caches=True):
+            torch.set_num_threads(1)  # compiled first for one thread: loops without threads
+            _, serial = run_and_get_code(call, quantize_gradient_into, torch.randn(8, 10), (None,) * 7, static,
+                                         flat=True)
+            torch.set_num_threads(2)  # then for two: compiled again, the first call small
             _, sources = run_and_get_code(call, quantize_gradient_into, torch.randn(8, 10), (None,) * 7, static,
                                           flat=True)
     finally:
         torch.set_num_threads(threads)
-    assert sources, "nothing was compiled"
+    assert serial and not any("#pragma omp parallel" in s for s in serial)
+    assert sources, "a new thread count did not compile the kernel again"
     assert any("#pragma omp parallel" in s for s in sources)

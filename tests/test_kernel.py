@@ -75,7 +75,7 @@ def test_direct_calls_run_inductors_code_checked_on_copies(requires_compiler: No
 
 
 def test_signature_separates_what_guards_check() -> None:
-    """Sizes 0, 1 and more, static sizes, dtype, contiguity, shared storage and grad mode."""
+    """Sizes 0, 1 and more, static sizes, dtype, contiguity, shared storage, grad mode, threads."""
     a, b = torch.randn(8, 3), torch.randn(8, 3)
     base = signature((a, b), ((0,), ()))
     assert signature((torch.randn(20, 3), b), ((0,), ())) == base  # a dynamic size: any >= 2
@@ -87,6 +87,12 @@ def test_signature_separates_what_guards_check() -> None:
     with torch.no_grad():
         assert signature((a, b), ((0,), ())) != base
     assert signature((a, None), ((0,), ())) != base
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # Inductor writes the thread count into its loops
+    try:
+        assert signature((a, b), ((0,), ())) != base
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _passthrough(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

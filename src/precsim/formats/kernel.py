@@ -11,9 +11,10 @@ keeps what Inductor built (a custom backend hands it over), and calls that direc
 calls with the same signature. The signature holds what Dynamo's guards check about these
 arguments: dtype, device, rank, static sizes, whether each dynamic size is 0, 1 or more (Dynamo
 specializes 0 and 1), contiguity, which arguments share storage, sizes below 2^31, grad and
-inference mode. A compile is called directly only if it is one graph whose inputs are the arguments and
-their dynamic sizes, whose outputs are the function's tensors, fresh, and whose shape guards
-hold for every size of the signature; otherwise that signature keeps going through
+inference mode; and torch's thread count, which Inductor writes into its C++ loops. A compile
+is called directly only if it is one graph whose inputs are the arguments and their dynamic
+sizes, whose outputs are the function's tensors, fresh, and whose shape guards hold for every
+size of the signature; otherwise that signature keeps going through
 ``torch.compile``. Where it can (:func:`_direct_call`), the direct call goes one level further
 down, to the code Inductor generated, skipping AOTAutograd's runtime wrappers too. The first
 call of each signature is Dynamo's, so the two paths are tested against each other wherever a
@@ -44,7 +45,8 @@ Signature = tuple[Any, ...]
 def signature(args: Sequence[Any], dynamic: Sequence[tuple[int, ...]]) -> Signature:
     """What Dynamo's guards would check of ``args``; ``dynamic[i]`` lists the dimensions of
     tensor ``args[i]`` marked dynamic (the others are compiled as constants)."""
-    sig: list[Any] = [torch.is_grad_enabled(), torch.is_inference_mode_enabled()]
+    # torch's thread count too: Inductor writes it into its C++ loops (its disk cache keys on it)
+    sig: list[Any] = [torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_num_threads()]
     storages: list[int] = []
     for a, dims in zip(args, dynamic, strict=True):
         if not isinstance(a, Tensor):
