@@ -100,7 +100,8 @@ _INLINE = {"realize_opcount_threshold": 200}
 # bit casts loop element by element), and kernels that round per row pay it in every row: an MX
 # channel block on a 7x7 map (rows of 49: three vectors and a tail) took 2.4x the time it takes
 # with scalar tails. Not for flat kernels, which have one tail in all: there scalar tails made
-# the training step slower (fp8 by 0.07 x FP32, DSE by 0.16), for reasons not found.
+# the training step slower (fp8 by 0.07 x FP32, DSE by 0.16), for reasons not found (measured
+# before _PARALLEL below: perhaps the one-thread kernels that it fixes).
 _SCALAR_TAILS = {"cpp.enable_loop_tail_vec": False}
 # With dynamic sizes Inductor decides once, from the size of the first call, whether a loop is
 # worth several threads (not under 512 elements a thread), and keeps that choice, in its on-disk
