@@ -14,11 +14,11 @@ specializes 0 and 1), contiguity, which arguments share storage, sizes below 2^3
 inference mode; and torch's thread count, which Inductor writes into its C++ loops. A compile
 is called directly only if it is one graph whose inputs are the arguments and their dynamic
 sizes, whose outputs are the function's tensors, fresh, and whose shape guards hold for every
-size of the signature; otherwise that signature keeps going through
-``torch.compile``. Where it can (:func:`_direct_call`), the direct call goes one level further
-down, to the code Inductor generated, skipping AOTAutograd's runtime wrappers too. The first
-call of each signature is Dynamo's, so the two paths are tested against each other wherever a
-kernel runs twice.
+size of the signature; otherwise that signature keeps going through ``torch.compile``. Where
+it can (:func:`_direct_call`), the direct call goes one level further down, to the code
+Inductor generated, skipping AOTAutograd's runtime wrappers too. The first call of each
+signature is Dynamo's, so the two paths are tested against each other wherever a kernel runs
+twice.
 
 The first call of each signature is also checked against the eager reference, bit for bit,
 on copies of the arguments (outputs and whatever the function writes into its arguments). If
