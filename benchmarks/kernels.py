@@ -1,10 +1,13 @@
-"""Kernel cost: precsim.quantize on 2^24 float32 values, as a ratio to x.clone().
+"""Kernel cost: the public ``precsim.quantize`` on 2^24 float32 values, as a ratio to x.clone().
 
 Rounding is element-wise, so its floor is one read and one write of the tensor: the traffic of
 ``clone()`` (which also pays for a fresh output allocation, as quantize does). Every format
 family x rounding mode is timed against clone with the two interleaved call by call, so that
-drifting machine load hits both alike; the ratio is median / median. First-call time
-(compilation, cached on disk by Inductor for later runs) is reported separately. Prints a
+drifting machine load hits both alike; the ratio is median / median. The call is what a user
+makes, with default settings: ``precsim.quantize(x, spec, rounding=...)`` (format parsing,
+checks, a seed drawn per stochastic call, the automatic integer scale). First-call time
+(compilation, cached on disk by Inductor for later runs) is reported separately: run once with
+``TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)`` for a fresh cache, then again for a warm one. Prints a
 markdown table ready for docs/benchmarks.md.
 
     python benchmarks/kernels.py [--quick] [--numel 16777216] [--repeat 9] [--eager] [--device cpu]
@@ -20,9 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-from precsim.formats import parse_format
-from precsim.formats.backend import run_quantize, set_compile
-from precsim.formats.random import draw_seed
+import precsim
+from precsim.formats.backend import set_compile
 
 # (family, format spec): every family of the issue; the delayed DSE gets a given shift
 FAMILIES: list[tuple[str, str]] = [
@@ -58,6 +60,15 @@ def ratio_to_clone(fn: Callable[[], object], x: torch.Tensor, repeat: int, devic
     return sorted(kernel)[repeat // 2], sorted(clone)[repeat // 2]
 
 
+def cache_state() -> str:
+    """Where Inductor's disk cache is, and whether it held anything when the run started."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    path = cache_dir()
+    fresh = not os.path.isdir(path) or not os.listdir(path)
+    return f"{path} ({'fresh' if fresh else 'warm'})"
+
+
 def load_average() -> str:
     try:
         return ", ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -84,10 +95,9 @@ def main() -> None:
         args.repeat = min(args.repeat, 5)
     torch.manual_seed(0)
     x = torch.randn(args.numel, device=args.device)
-    seed = draw_seed(None, args.device)
-    print(f"<!-- benchmarks/kernels.py: {args.numel} float32 values on {args.device}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; load average before: {load_average()} -->")
+    print(f"<!-- benchmarks/kernels.py: precsim.quantize, defaults; {args.numel} float32 values on {args.device}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores; Inductor cache {cache_state()}; load average before: {load_average()} -->")
     print()
     head = "| family | spec | nearest x clone | stochastic x clone |"
     rule = "|---|---|---|---|"
@@ -100,14 +110,12 @@ def main() -> None:
     k, c = ratio_to_clone(fq, x, args.repeat, args.device)
     peer = f"| peer: torch.fake_quantize_per_tensor_affine | int8 | {k / c:.2f} | — |"
     for family, spec in FAMILIES:
-        fmt = parse_format(spec)
         t = x.view(-1, 4096) if "axis" in spec else x
-        params = {"shift": torch.tensor(-3, dtype=torch.int32, device=args.device)} if "delayed" in spec else {}
-        set_compile(True)
+        params = {"shift": -3} if "delayed" in spec else {}
         cells, first = [], 0.0
         for rounding in ("nearest", "stochastic"):
-            def fn(fmt=fmt, t=t, rounding=rounding, params=params) -> torch.Tensor:
-                return run_quantize(fmt, t, rounding, seed, **params)
+            def fn(spec=spec, t=t, rounding=rounding, params=params) -> torch.Tensor:
+                return precsim.quantize(t, spec, rounding=rounding, **params)
             start = time.perf_counter()
             fn()
             sync(args.device)
@@ -118,8 +126,9 @@ def main() -> None:
         row = f"| {family} | `{spec}` | {cells[0]} | {cells[1]} |"
         if args.eager:
             set_compile(False)
-            k, c = ratio_to_clone(lambda fmt=fmt, t=t, params=params: run_quantize(fmt, t, "nearest", seed, **params),
+            k, c = ratio_to_clone(lambda spec=spec, t=t, params=params: precsim.quantize(t, spec, **params),
                                   t, 3, args.device)
+            set_compile(True)
             row += f" {k / c:.0f} |"
         print(f"{row} {first:.1f} |", flush=True)
     print(peer + (" — |" if args.eager else "") + " — |")

@@ -7,12 +7,12 @@ Inductor caches it on disk for later runs) is reported separately. Peers: torch.
 QAT (deprecated; here only as a baseline) and QPyTorch when it is installed. Prints a markdown
 table ready for docs/benchmarks.md.
 
-glibc's malloc is tuned to keep freed memory (``precsim.tune_allocator``) for every row alike:
-with its defaults, page faults of new tensors moved a scheme's ratio by up to 0.4 depending on
-which other models were alive in the process. ``--default-allocator`` measures without it.
+The defaults are a user's: compiled kernels, glibc's malloc as it is, no environment variable.
+``--tune-allocator`` applies ``precsim.tune_allocator()`` (keep freed memory, no page faults for
+new tensors) to every row alike; ``--eager`` times the eager reference.
 
     python benchmarks/train_step.py [--quick] [--steps 25] [--rounds 3] [--batch 128] [--eager]
-                                    [--device cpu] [--threads N] [--default-allocator]
+                                    [--device cpu] [--threads N] [--tune-allocator]
 """
 
 from __future__ import annotations
@@ -97,16 +97,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's). On a shared VM, 1 avoids timing the wait for a "
                         "second OpenMP thread that another process keeps off its core")
-    p.add_argument("--eager", action="store_true", help="precsim's eager reference kernels")
-    p.add_argument("--default-allocator", action="store_true",
-                   help="leave glibc's malloc as it is (default: precsim.tune_allocator(), for every row alike)")
+    p.add_argument("--eager", action="store_true", help="precsim's eager reference kernels (PRECSIM_COMPILE=0)")
+    p.add_argument("--tune-allocator", action="store_true",
+                   help="precsim.tune_allocator() for every row alike (default: glibc's malloc as a user has it)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.steps = min(args.steps, 5)
-    set_compile(not args.eager)
-    allocator = "glibc default" if args.default_allocator else (
+    if args.eager:
+        set_compile(False)
+    allocator = "glibc default" if not args.tune_allocator else (
         "tuned (precsim.tune_allocator)" if precsim.tune_allocator() else "default (tuning unavailable)")
     torch.manual_seed(0)
     x = torch.randn(args.batch, 1, 28, 28, device=args.device)

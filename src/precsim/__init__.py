@@ -30,9 +30,10 @@ from precsim.prepare import QuantPoint, prepare, quantizers, summary  # noqa: E4
 __all__ += ["QuantConfig", "QuantPoint", "RoleSpec", "prepare", "quantizers", "summary"]
 
 from precsim.allocator import tune_allocator  # noqa: E402
+from precsim.formats.backend import set_compile  # noqa: E402
 from precsim.optim import QuantizedOptimizer  # noqa: E402
 
-__all__ += ["QuantizedOptimizer", "tune_allocator"]
+__all__ += ["QuantizedOptimizer", "set_compile", "tune_allocator"]
 
 from precsim.fold import fold_conv_bn  # noqa: E402
 from precsim.integer.calibrate import calibrate  # noqa: E402

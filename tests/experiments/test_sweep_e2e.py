@@ -30,6 +30,7 @@ def test_tiny_sweep_through_cli(tmp_path: Path, write_config, capsys) -> None:
     # The terminal table and the progress bars.
     assert "scheme" in proc.stdout and "fp32" in proc.stdout and "qint8" in proc.stdout
     assert "[1/2] fp32" in proc.stderr and "[2/2] qint8" in proc.stderr
+    assert "compiling kernels for qint8 (first run only, cached)" in proc.stderr
 
     rows = _csv(out / "results.csv")
     assert tuple(rows[0]) == RESULT_COLUMNS and set(REQUIRED) <= set(rows[0])
@@ -51,7 +52,7 @@ def test_tiny_sweep_through_cli(tmp_path: Path, write_config, capsys) -> None:
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
     assert "![accuracy and loss per epoch](curves.png)" in report
-    assert "| scheme | acc % | loss | time s | x fp32 | epochs |" in report and "| qint8 |" in report
+    assert "| scheme | acc % | loss | time s | x fp32 | compile s | epochs |" in report and "| qint8 |" in report
     assert not list(out.rglob("*.tmp"))
 
     # A rerun skips both finished schemes and leaves the results as they were.
@@ -127,3 +128,36 @@ def test_sweep_with_compiled_kernels_matches_eager(tmp_path: Path) -> None:
         digests[compiled] = (out / "debug" / "fp8_sr.rank0.sha256").read_text()
     assert digests[True] == digests[False]
     assert (rows[True]["accuracy"], rows[True]["loss"]) == (rows[False]["accuracy"], rows[False]["loss"])
+
+
+def test_compile_time_is_left_out_of_the_timed_run(tmp_path: Path, monkeypatch) -> None:
+    """Kernel compile time inside a scheme's epochs (a kernel first needed there, say when values
+    first clip) goes to ``compile_s``, not ``time_s``. Simulated: every evaluation sleeps 0.5 s,
+    counted as compile time in one run and not in the other."""
+    import time
+
+    import yaml
+
+    from precsim.experiments import spec as spec_mod
+    from precsim.experiments import sweep, train
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(epochs=2, schemes=["qint8"])))
+    evaluate = train.evaluate
+    rows = {}
+    for counted in (False, True):
+        compiled = [0.0]
+
+        def slow_evaluate(*args, counted=counted, compiled=compiled):  # type: ignore[no-untyped-def]
+            time.sleep(0.5)
+            compiled[0] += 0.5 if counted else 0.0
+            return evaluate(*args)
+
+        monkeypatch.setattr(train, "evaluate", slow_evaluate)
+        monkeypatch.setattr(train, "compile_seconds", lambda compiled=compiled: compiled[0])
+        spec = spec_mod.load_spec(cfg, out=str(tmp_path / f"out{counted}"))
+        (rows[counted],) = sweep.run_sweep(spec, progress=False, log=lambda m: None)
+    assert rows[False]["time_s"] - rows[True]["time_s"] > 0.7  # 1.0 s taken out, give or take the noise
+    assert rows[True]["compile_s"] - rows[False]["compile_s"] > 0.7
+    stored = json.loads((tmp_path / "outTrue" / "results.json").read_text())
+    assert stored[0]["compile_s"] == rows[True]["compile_s"]

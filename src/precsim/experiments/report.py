@@ -17,7 +17,7 @@ from precsim.experiments.checkpoint import atomic_write_bytes, atomic_write_text
 CURVES_PNG = "curves.png"
 REPORT_MD = "report.md"
 _TABLE_COLUMNS = (("scheme", "scheme"), ("accuracy", "acc %"), ("loss", "loss"), ("time_s", "time s"),
-                  ("time_ratio", "x fp32"), ("epochs", "epochs"), ("formats", "formats"))
+                  ("time_ratio", "x fp32"), ("compile_s", "compile s"), ("epochs", "epochs"), ("formats", "formats"))
 
 
 def _cell(key: str, v: Any) -> str:
@@ -27,7 +27,7 @@ def _cell(key: str, v: Any) -> str:
         return f"{100 * v:.2f}"
     if key == "loss":
         return f"{v:.4f}"
-    if key == "time_s":
+    if key in ("time_s", "compile_s"):
         return f"{v:.1f}"
     if key == "time_ratio":
         return f"{v:.2f}"
@@ -44,7 +44,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table for the terminal."""
     header, body = table_cells(rows)
     width = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    numeric = {1, 2, 3, 4, 5}
+    numeric = {1, 2, 3, 4, 5, 6}
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.rjust(width[i]) if i in numeric else c.ljust(width[i]) for i, c in enumerate(cells)).rstrip()
@@ -54,7 +54,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header, body = table_cells(rows)
-    align = ["---" if i in (0, 6) else "---:" for i in range(len(header))]
+    align = ["---" if i in (0, 7) else "---:" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in b) + " |" for b in body]
     return "\n".join(lines)

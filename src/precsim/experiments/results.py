@@ -19,7 +19,7 @@ from precsim.experiments.checkpoint import atomic_write_json, atomic_write_text
 from precsim.experiments.train import CURVE_COLUMNS
 
 RESULT_COLUMNS: tuple[str, ...] = (
-    "scheme", "accuracy", "loss", "time_s", "time_ratio", "epochs", "best_accuracy", "train_loss",
+    "scheme", "accuracy", "loss", "time_s", "time_ratio", "compile_s", "epochs", "best_accuracy", "train_loss",
     "train_accuracy", "train_time_s", "cpu_time_s", "steps", "diverged", "stopped_early", "formats", "description", "world_size", "device",
     "allreduce", "replicas_in_sync", "baseline", "scheme_fingerprint",
 )

@@ -507,6 +507,7 @@ def check_buildable(spec: SweepSpec) -> None:
 
     import torch
 
+    from precsim.formats.backend import compiling
     from precsim.prepare import prepare
     from precsim.zoo import get_model
 
@@ -525,13 +526,14 @@ def check_buildable(spec: SweepSpec) -> None:
                          f"{shape}: {err}") from None
     for s in spec.schemes:
         model = copy.deepcopy(base)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                prepare(model, s.config, seed=spec.seed)
-            model.eval()
-            with torch.no_grad():
-                model(torch.zeros(2, *shape))
+        try:  # eager: a check on two zero images is no reason to compile kernels before the run says so
+            with compiling(False):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    prepare(model, s.config, seed=spec.seed)
+                model.eval()
+                with torch.no_grad():
+                    model(torch.zeros(2, *shape))
         except (ValueError, TypeError, RuntimeError) as err:
             raise ValueError(f"scheme {s.name!r}: {err}") from None
 

@@ -27,7 +27,7 @@ from precsim.experiments.report import CURVES_PNG, REPORT_MD, format_table, writ
 from precsim.experiments.results import CURVES_CSV, RESULTS_CSV, RESULTS_JSON, ResultStore
 from precsim.experiments.spec import SweepSpec
 from precsim.experiments.train import load_data, train_scheme, warm_up
-from precsim.formats.backend import compile_enabled, set_compile
+from precsim.formats.backend import compiling
 
 SPEC_JSON = "spec.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -115,8 +115,12 @@ def run_sweep(spec: SweepSpec, *, fresh: bool = False, progress: bool = True,
     call of each format compiles for a few seconds, cached on disk across runs).
     """
     start = time.perf_counter()
-    compiled_before = compile_enabled()
-    set_compile(spec.compile)
+    with compiling(spec.compile):
+        return _run_sweep(spec, start, fresh, progress, log)
+
+
+def _run_sweep(spec: SweepSpec, start: float, fresh: bool, progress: bool,
+               log: Callable[[str], None] | None) -> list[dict[str, Any]]:
     ctx = D.init_distributed(spec.device)
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if not ctx.is_main:
@@ -169,7 +173,6 @@ def run_sweep(spec: SweepSpec, *, fresh: bool = False, progress: bool = True,
                 f"{RESULTS_CSV}, {RESULTS_JSON}, {CURVES_CSV}, {CURVES_PNG}, {REPORT_MD}")
         return [r for r in rows if r["scheme"] in current]
     finally:
-        set_compile(compiled_before)
         D.shutdown(ctx)
 
 

@@ -5,17 +5,23 @@ loop (C++ on CPU, Triton on GPU) with the same arithmetic: eager is the referenc
 compiled path must give the same bits (tested). Compilation happens once per (format,
 rounding, extra parameters) with dynamic shapes, and Inductor caches it on disk across runs.
 
-``set_compile(True)`` (or the environment variable ``PRECSIM_COMPILE=1``) turns it on; inside
-an outer ``torch.compile`` region the eager function is used so the outer graph can fuse it.
+Compiled kernels are the default for every entry point (``precsim.quantize``, prepared models,
+the optimizer, calibration, the sweep). ``set_compile(False)`` or the environment variable
+``PRECSIM_COMPILE=0`` turns them off: the eager reference then runs, with the same bits. They
+are off by themselves, with one warning, where this machine cannot compile or its compiler
+gives other bits (:func:`compiler_works`); inside an outer ``torch.compile`` region the eager
+function is used so the outer graph can fuse it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,13 +29,25 @@ from torch import Tensor
 
 from precsim.formats.kernel import Kernel
 
-_state = {"compile": os.environ.get("PRECSIM_COMPILE", "0") not in ("0", "", "false", "False")}
+_OFF = ("0", "", "false", "False", "off", "no")
+_state = {"compile": os.environ.get("PRECSIM_COMPILE", "1") not in _OFF}
 MIN_COMPILED_NUMEL = 64  # below this a compiled call's fixed overhead outweighs the fusion
 
 
 def set_compile(enabled: bool) -> None:
-    """Use compiled rounding kernels (True) or the eager reference (False)."""
+    """Use compiled rounding kernels (True, the default) or the eager reference (False)."""
     _state["compile"] = bool(enabled)
+
+
+@contextlib.contextmanager
+def compiling(enabled: bool) -> Iterator[None]:
+    """:func:`set_compile` for a ``with`` block, restored afterwards."""
+    before = _state["compile"]
+    _state["compile"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _state["compile"] = before
 
 
 def compile_enabled() -> bool:
@@ -68,6 +86,17 @@ def compiler_works() -> bool:
     """
     from precsim.formats.kernel import _same_bits
 
+    start = time.perf_counter()
+    try:
+        return _check_compiler(_same_bits)
+    finally:
+        _probe_s[0] = time.perf_counter() - start
+
+
+_probe_s = [0.0]
+
+
+def _check_compiler(_same_bits: Callable[[Any, Any], bool]) -> bool:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-(2**31), 2**31 - 1, (8192,), dtype=torch.int32, generator=g).view(torch.float32).clone()
     x[:8] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, 448.0, 0.5])
@@ -135,6 +164,20 @@ def inline_kernel(fmt: Any, rounding: str) -> bool:
     return rounding == "stochastic" and isinstance(fmt, IntFormat) and fmt.axis is not None
 
 
+_KERNELS: list[Kernel] = []
+
+
+def kernels() -> tuple[Kernel, ...]:
+    """The kernels this process has made so far (one per function and static settings)."""
+    return tuple(_KERNELS)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling kernels and checking them (the compiler probe
+    and each signature's first call), so that a timed run can leave them out."""
+    return _probe_s[0] + sum(k.compile_s for k in _KERNELS)
+
+
 @functools.cache
 def _compiled(fn: Callable[..., Any], static: tuple[Any, ...], inline: bool = False, rowwise: bool = False) -> Kernel:
     def run(*args: Any) -> Any:
@@ -142,7 +185,9 @@ def _compiled(fn: Callable[..., Any], static: tuple[Any, ...], inline: bool = Fa
 
     # one Dynamo code object per (function, static arguments) and signature (see Kernel)
     options = _available({**_PARALLEL, **(_INLINE if inline else {}), **(_SCALAR_TAILS if rowwise else {})})
-    return Kernel(run, f"{fn.__name__}_{abs(hash(static))}", options or None)
+    kernel = Kernel(run, f"{fn.__name__}_{abs(hash(static))}", options or None)
+    _KERNELS.append(kernel)
+    return kernel
 
 
 def call(fn: Callable[..., Any], x: Tensor, args: tuple[Any, ...], static: tuple[Any, ...] = (),
@@ -189,8 +234,10 @@ def _unflatten(out: Any, seen: torch.Size, shape: torch.Size) -> Any:
     return out
 
 
-def _quantize(x: Tensor, seed: Tensor | None, values: tuple[Any, ...], fmt: Any, rounding: str,
-              keys: tuple[str, ...]) -> Tensor:
+def _quantize(x: Tensor, seed: Tensor | None, *rest: Any) -> Tensor:
+    """``fmt.quantize`` with the parameters as arguments of their own (``rest``: their values,
+    then ``fmt``, ``rounding`` and their names), so that a kernel's signature sees each tensor."""
+    *values, fmt, rounding, keys = rest
     return fmt.quantize(x, rounding, seed=seed, **dict(zip(keys, values, strict=True)))
 
 
@@ -284,8 +331,8 @@ def run_quantize(fmt: Any, x: Tensor, rounding: str = "nearest", seed: Tensor | 
     in, a padded output and a copy out (the next layer copied the strided view): 3-4x the
     step time of FP32 for MXFP8 on the zoo ResNet.
     """
-    if params.get("random_bits") is not None:
-        return fmt.quantize(x, rounding, seed=seed, **params)
+    if params.get("random_bits") is not None and hasattr(fmt, "quantize_blocks"):
+        return fmt.quantize(x, rounding, seed=seed, **params)  # explicit bits for blocks: eager
     if not params and hasattr(fmt, "quantize_blocks") and x.dim() > 0 and compile_enabled():
         axis = fmt.block_axis(x.dim())
         if axis != x.dim() - 1:  # across the memory layout: blocks of channels at each position
@@ -312,5 +359,9 @@ def run_quantize(fmt: Any, x: Tensor, rounding: str = "nearest", seed: Tensor | 
                    inline=inline_kernel(fmt, rounding))
         return fmt.unblock(out.view(blocks.shape), n)
     keys = tuple(sorted(params))
-    return call(_quantize, x, (seed, tuple(params[k] for k in keys)), (fmt, rounding, keys),
-                inline=inline_kernel(fmt, rounding))
+    values = tuple(params[k] for k in keys)
+    # one kernel for every shape where the format and its parameters are per tensor or per element
+    flat = (getattr(fmt, "axis", None) is None and getattr(fmt, "group_size", None) is None
+            and not hasattr(fmt, "quantize_blocks")
+            and all(not isinstance(v, Tensor) or v.dim() == 0 or v.shape == x.shape for v in values))
+    return call(_quantize, x, (seed, *values), (fmt, rounding, keys), inline=inline_kernel(fmt, rounding), flat=flat)

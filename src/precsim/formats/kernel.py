@@ -29,6 +29,7 @@ miscompiles costs speed, never correctness (see also
 
 from __future__ import annotations
 
+import time
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -69,6 +70,12 @@ class Kernel:
         self._dynamo: dict[Signature, Callable[..., Any]] = {}
         self._captured: list[tuple[Any, ...]] = []
         self._eager: set[Signature] = set()
+        self.compile_s = 0.0  # seconds spent in first calls of signatures (compiling and checking)
+
+    @property
+    def compiles(self) -> int:
+        """How many signatures this kernel has compiled (each one a ``torch.compile``)."""
+        return len(self._dynamo)
 
     def __call__(self, args: Sequence[Any], dynamic: Sequence[tuple[int, ...]]) -> Any:
         sig = signature(args, dynamic)
@@ -77,20 +84,20 @@ class Kernel:
             return direct(args)
         if sig in self._eager:
             return self.fn(*args)
-        # Dynamo's first call: plain data (a Parameter would get static-shape guards), with the
-        # dynamic sizes marked; direct calls need neither
-        args = [a.detach() if isinstance(a, Tensor) else a for a in args]
-        for a, dims in zip(args, dynamic, strict=True):
-            for d in dims if isinstance(a, Tensor) else ():
-                torch._dynamo.maybe_mark_dynamic(a, d)
-        compiled = self._dynamo.get(sig)
-        if compiled is None:  # a code object of its own: Dynamo compiles each signature afresh
-            code = self.fn.__code__.replace(co_name=f"{self.name}_{len(self._dynamo)}")
-            unique = types.FunctionType(code, self.fn.__globals__, code.co_name, self.fn.__defaults__,
-                                        self.fn.__closure__)
-            compiled = self._dynamo[sig] = torch.compile(unique, backend=self._backend, dynamic=None)
         if sig in self._direct:  # checked already, no direct path
-            return compiled(*args)
+            return self._dynamo[sig](*_for_dynamo(args, dynamic))
+        start = time.perf_counter()
+        try:
+            return self._first_call(sig, _for_dynamo(args, dynamic))
+        finally:
+            self.compile_s += time.perf_counter() - start
+
+    def _first_call(self, sig: Signature, args: list[Any]) -> Any:
+        """Compile ``sig``, check it against the eager reference, and keep the direct path to it."""
+        code = self.fn.__code__.replace(co_name=f"{self.name}_{len(self._dynamo)}")
+        unique = types.FunctionType(code, self.fn.__globals__, code.co_name, self.fn.__defaults__,
+                                    self.fn.__closure__)  # a code object of its own: compiled afresh
+        compiled = self._dynamo[sig] = torch.compile(unique, backend=self._backend, dynamic=None)
         saved = [a.clone() if isinstance(a, Tensor) else a for a in args]
         self._captured.clear()
         out = compiled(*args)
@@ -121,6 +128,16 @@ class Kernel:
         compiled = compile_fx(gm, example_inputs, config_patches=self.options)
         self._captured.append((gm, list(example_inputs), compiled, guards))
         return compiled
+
+
+def _for_dynamo(args: Sequence[Any], dynamic: Sequence[tuple[int, ...]]) -> list[Any]:
+    """The arguments as Dynamo's calls take them: plain data (a Parameter would get static-shape
+    guards), with the dynamic sizes marked (direct calls need neither)."""
+    args = [a.detach() if isinstance(a, Tensor) else a for a in args]
+    for a, dims in zip(args, dynamic, strict=True):
+        for d in dims if isinstance(a, Tensor) else ():
+            torch._dynamo.maybe_mark_dynamic(a, d)
+    return args
 
 
 def _same_bits(a: Any, b: Any) -> bool:

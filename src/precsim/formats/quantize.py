@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from precsim.formats.backend import run_quantize
 from precsim.formats.block import BlockFormat
 from precsim.formats.dse import DSEFormat
 from precsim.formats.float import FloatFormat
@@ -122,7 +123,10 @@ def quantize(
     seed = None
     if rounding == "stochastic" and "random_bits" not in params:
         seed = draw_seed(generator, x.device)
-    y = fmt.quantize(x32, rounding, seed=seed, **params)
+    # numbers as the tensors the format makes of them: a kernel then serves every value
+    params = {k: torch.as_tensor(v, dtype=torch.int32 if k == "shift" else torch.float32, device=x.device)
+              if isinstance(v, (int, float)) else v for k, v in params.items()}
+    y = run_quantize(fmt, x32, rounding, seed, **params)
     if x.dtype != torch.float32 and _holds(x.dtype, fmt):
         return y.to(x.dtype)
     return y
