@@ -122,10 +122,10 @@ def warm_up_scheme(spec: SweepSpec, scheme: SchemeSpec, data: Data, ctx: D.DistC
     """Seconds spent running ``scheme``'s kernels once, before its timed run.
 
     Two training steps (a delayed format's first step takes other kernels than the later ones)
-    and one evaluation batch of a throwaway copy of the prepared model: this compiles every
-    rounding kernel the run will call (on a fresh Inductor cache; a warm one loads them in
-    well under a second), so that the scheme's time is training, the same on a fresh machine
-    and a warm one. Leaves every RNG as it was."""
+    and one evaluation batch of a throwaway copy of the prepared model: this compiles the
+    rounding kernels the run will call (a few seconds each on an empty Inductor cache; with a
+    warm one Dynamo still traces each, about a second), so that the scheme's time is training,
+    the same on a fresh machine and a warm one. Leaves every RNG as it was."""
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
         model = build_model(spec, scheme).to(ctx.device)
