@@ -431,6 +431,8 @@ class Quantizer(nn.Module):
                 (self.seed ^ _BACKWARD_SALT) + offset if bwd else None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:  # a zero-size batch: nothing to round, observe or count
+            return x.clone()
         training = self.training
         if training:
             with torch.no_grad():

@@ -155,3 +155,21 @@ def test_relaunch_command_uses_one_module_constant() -> None:
     i = cmd.index("-m", 3)
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node" in cmd
     assert cmd[i + 1] == distributed.RELAUNCH_MODULE and cmd[i + 2] == "sweep" and "--nproc" not in cmd
+
+
+def test_dry_run_reports_a_rule_that_matches_no_module(tmp_path, write_config) -> None:  # type: ignore[no-untyped-def]
+    """The rule's warning comes at once, naming the scheme, with --dry-run too; the real run
+    does not say it a second time for the same scheme."""
+    import warnings
+
+    from precsim.experiments.train import build_model
+
+    scheme = {"name": "typo", "activation": "int8", "rules": [{"match": "no_such_layer.*", "activation": "fp32"}]}
+    cfg = write_config(tiny_config(schemes=["fp32", scheme]))
+    with pytest.warns(UserWarning, match="scheme 'typo': precsim: rule .*no_such_layer.* matches no module"):
+        assert command.main(["sweep", "--config", str(cfg), "--dry-run"]) == 0
+    with pytest.warns(UserWarning, match="scheme 'typo'"):
+        spec = load_spec(str(cfg), out=str(tmp_path / "out"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_model(spec, spec.schemes[1])

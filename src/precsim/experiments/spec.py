@@ -528,9 +528,12 @@ def check_buildable(spec: SweepSpec) -> None:
         model = copy.deepcopy(base)
         try:  # eager: a check on two zero images is no reason to compile kernels before the run says so
             with compiling(False):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
                     prepare(model, s.config, seed=spec.seed)
+                for w in caught:  # a rule that matches no module, say: said now, --dry-run included
+                    if str(w.message).startswith("precsim:"):
+                        warnings.warn(f"scheme {s.name!r}: {w.message}", UserWarning, stacklevel=2)
                 model.eval()
                 with torch.no_grad():
                     model(torch.zeros(2, *shape))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,9 @@ def build_model(spec: SweepSpec, scheme: SchemeSpec) -> nn.Module:
 
     torch.manual_seed(spec.seed)
     model = get_model(spec.model, **model_kwargs_for(spec))
-    return prepare(model, scheme.config, seed=spec.seed)
+    with warnings.catch_warnings():  # said once already, when the spec was checked (check_buildable)
+        warnings.filterwarnings("ignore", message="precsim: rule .* matches no module")
+        return prepare(model, scheme.config, seed=spec.seed)
 
 
 def build_optimizer(spec: SweepSpec, model: nn.Module) -> torch.optim.Optimizer:

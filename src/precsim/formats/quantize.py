@@ -104,7 +104,12 @@ def quantize(
     float32 is computed as is. bfloat16/float16 inputs are computed in float32; float64 inputs
     are narrowed to float32 so that the result is rounded once (see :func:`narrow_float64`).
     The result has the input's dtype when that dtype holds every value of the format, else
-    float32.
+    float32. An empty tensor gives an empty result of that dtype and shape.
+
+    Autograd, the same for every format: the straight-through estimator. Where ``x`` requires
+    grad, the result does, and its gradient reaches ``x`` unchanged (no clipping: a quantizer
+    of :func:`precsim.prepare` clips where it saturates, this function does not); parameters
+    such as ``scale`` get no gradient, and an automatic scale is a constant of the call.
     """
     fmt = parse_format(fmt)
     check_rounding(rounding)
@@ -115,9 +120,9 @@ def quantize(
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"quantize needs a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dtype == torch.float64:
-        x32 = narrow_float64(x, fmt, rounding)
+        x32 = narrow_float64(x.detach(), fmt, rounding)
     else:
-        x32 = x.to(torch.float32)
+        x32 = x.detach().to(torch.float32)
     if isinstance(fmt, IntFormat) and params.get("scale") is not None:
         fmt.check_qparams(params["scale"], params.get("zero_point"))
     seed = None
@@ -126,7 +131,27 @@ def quantize(
     # numbers as the tensors the format makes of them: a kernel then serves every value
     params = {k: torch.as_tensor(v, dtype=torch.int32 if k == "shift" else torch.float32, device=x.device)
               if isinstance(v, (int, float)) else v for k, v in params.items()}
-    y = run_quantize(fmt, x32, rounding, seed, **params)
-    if x.dtype != torch.float32 and _holds(x.dtype, fmt):
-        return y.to(x.dtype)
-    return y
+    if getattr(fmt, "group_size", None) is not None and x.dim() == 0:
+        raise ValueError(f"{fmt.name} scales groups along an axis; a 0-d tensor has none")
+
+    def compute() -> Tensor:
+        y = run_quantize(fmt, x32, rounding, seed, **params) if x32.numel() else x32.clone()
+        return y.to(x.dtype) if x.dtype != torch.float32 and _holds(x.dtype, fmt) else y
+
+    if x.requires_grad and torch.is_grad_enabled():
+        return _StraightThrough.apply(x, compute)
+    with torch.no_grad():
+        return compute()
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``compute()`` forward, the incoming gradient unchanged (in ``x``'s dtype) backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, compute: Any) -> Tensor:  # type: ignore[override]
+        ctx.dtype = x.dtype
+        return compute()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad.to(ctx.dtype), None
