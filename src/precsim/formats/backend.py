@@ -84,19 +84,19 @@ def compiler_works() -> bool:
     emit AVX2 code, with ``ATEN_CPU_CAPABILITY=avx2``, computed even ``x * 2.0`` wrongly, and
     the probe caught it; a real AVX2-only machine was not available to test.)
     """
-    from precsim.formats.kernel import _same_bits
-
     start = time.perf_counter()
     try:
-        return _check_compiler(_same_bits)
+        return _check_compiler()
     finally:
         _probe_s[0] = time.perf_counter() - start
 
 
-_probe_s = [0.0]
+_probe_s = [0.0]  # seconds :func:`compiler_works` took (see :func:`compile_seconds`)
 
 
-def _check_compiler(_same_bits: Callable[[Any, Any], bool]) -> bool:
+def _check_compiler() -> bool:
+    from precsim.formats.kernel import _same_bits
+
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-(2**31), 2**31 - 1, (8192,), dtype=torch.int32, generator=g).view(torch.float32).clone()
     x[:8] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, 448.0, 0.5])
