@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 import precsim
-from precsim.formats.backend import set_compile
+from precsim.runtime.backend import set_compile
 
 # (family, format spec): every family of the issue; the delayed DSE gets a given shift
 FAMILIES: list[tuple[str, str]] = [

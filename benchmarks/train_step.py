@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import precsim
-from precsim.formats.backend import set_compile
+from precsim.runtime.backend import set_compile
 from precsim.zoo import get_model
 
 SR = "stochastic"

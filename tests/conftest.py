@@ -4,7 +4,7 @@ The suite checks the eager reference by default (``PRECSIM_COMPILE=0`` for this 
 processes it starts): it exercises hundreds of formats, shapes and settings, and compiling a
 kernel for each on a fresh Inductor cache would take CI past its time. Users get the compiled
 kernels by default; tests that ask for the fixture ``compiled`` (and the sweep, which turns
-them on) check that path against the reference bit for bit, and ``tests/test_default_path.py``
+them on) check that path against the reference bit for bit, and ``tests/runtime/test_default_path.py``
 checks, in a fresh process, that the default is the compiled path.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 os.environ["PRECSIM_COMPILE"] = "0"  # before precsim reads it (subprocesses inherit it)
 
-from precsim.formats.backend import compile_enabled, compiler_works, set_compile  # noqa: E402
+from precsim.runtime.backend import compile_enabled, compiler_works, set_compile  # noqa: E402
 
 set_compile(False)
 

@@ -8,8 +8,8 @@ from precsim.formats import (
     IntFormat,
     format_names,
     parse_format,
-    quantize,
 )
+from precsim.runtime.quantize import quantize
 
 __version__ = "0.1.0"
 
@@ -24,24 +24,24 @@ __all__ = [
     "quantize",
 ]
 
-from precsim.config import QuantConfig, RoleSpec  # noqa: E402
-from precsim.prepare import QuantPoint, prepare, quantizers, summary  # noqa: E402
+from precsim.qat.config import QuantConfig, RoleSpec  # noqa: E402
+from precsim.qat.prepare import QuantPoint, prepare, quantizers, summary  # noqa: E402
 
 __all__ += ["QuantConfig", "QuantPoint", "RoleSpec", "prepare", "quantizers", "summary"]
 
-from precsim.allocator import tune_allocator  # noqa: E402
-from precsim.formats.backend import set_compile  # noqa: E402
-from precsim.optim import QuantizedOptimizer  # noqa: E402
+from precsim.qat.optim import QuantizedOptimizer  # noqa: E402
+from precsim.runtime.allocator import tune_allocator  # noqa: E402
+from precsim.runtime.backend import set_compile  # noqa: E402
 
 __all__ += ["QuantizedOptimizer", "set_compile", "tune_allocator"]
 
-from precsim.fold import fold_conv_bn  # noqa: E402
-from precsim.integer.calibrate import calibrate  # noqa: E402
 from precsim.integer.convert import ConversionError, convert, integer_config  # noqa: E402
 from precsim.integer.exact import integer_exact  # noqa: E402
 from precsim.integer.ivit_config import ivit_config  # noqa: E402
 from precsim.integer.model import IntegerModel, describe  # noqa: E402
 from precsim.integer.onnx_export import export_onnx  # noqa: E402
+from precsim.qat.calibrate import calibrate  # noqa: E402
+from precsim.qat.fold import fold_conv_bn  # noqa: E402
 
 __all__ += ["ConversionError", "IntegerModel", "calibrate", "convert", "describe", "export_onnx", "fold_conv_bn",
             "integer_config", "integer_exact", "ivit_config"]

@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from precsim.formats import BlockFormat, DSEFormat, FloatFormat, Format, IntFormat, format_names, parse_format
-from precsim.formats.parse import FAMILIES
+from precsim.formats import format_names, parse_format
+from precsim.formats.parse import family_usages, format_kinds
 
 
 @dataclass(frozen=True)
@@ -36,41 +36,9 @@ def register(name: str, add_parser: Callable[..., argparse.ArgumentParser],
 
 # --- precsim formats ---------------------------------------------------------------------------
 FORMAT_COLUMNS = ("name", "kind", "bits", "max", "min subnormal", "specials", "overflow")
-KINDS = ("float", "int", "block", "dse")
-
-
-def _num(v: float) -> str:
-    return f"{v:.6g}"
-
-
-def format_row(name: str, fmt: Format) -> tuple[str, ...]:
-    """One table row. Scaled formats give magnitudes in units of their scale:
-    ``x S`` (integer scale, or block scale), ``x 2^b`` (DSE's dynamic shift)."""
-    if isinstance(fmt, FloatFormat):
-        sub = "-" if fmt.mantissa_bits == 0 else _num(fmt.smallest_subnormal)
-        return (name, "float", str(fmt.bits), _num(fmt.max), sub, fmt.specials, fmt.overflow)
-    if isinstance(fmt, IntFormat):
-        return (name, "int", str(fmt.bits), f"{fmt.qmax} x S", "-", "none", "saturate")
-    if isinstance(fmt, DSEFormat):
-        e = fmt.element
-        sub = "-" if e.mantissa_bits == 0 else f"{_num(e.smallest_subnormal)} x 2^b"
-        return (name, "dse", str(fmt.bits), f"{_num(e.max)} x 2^b", sub, e.specials, e.overflow)
-    assert isinstance(fmt, BlockFormat)
-    elem = fmt.element
-    if isinstance(elem, IntFormat):  # MXINT: codes k * 2^-(bits-2)
-        top, sub = _num(elem.qmax * 2.0 ** -(elem.bits - 2)), "-"
-        specials = "none"
-    else:
-        top = _num(elem.max)
-        sub = "-" if elem.mantissa_bits == 0 else f"{_num(elem.smallest_subnormal)} x S"
-        specials = elem.specials
-    return (name, "block", f"{fmt.bits_per_element:g}", f"{top} x S", sub, f"{specials}; NaN/Inf -> NaN block",
-            "saturate")
-
-
 def formats_table(kind: str | None = None) -> list[tuple[str, ...]]:
     """Rows (without the header) for every preset, optionally of one kind."""
-    rows = [format_row(name, parse_format(name)) for name in format_names()]
+    rows = [(name, *parse_format(name).table_row()) for name in format_names()]
     return [r for r in rows if kind is None or r[1] == kind]
 
 
@@ -88,7 +56,7 @@ def add_formats_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         description="List every preset number format: kind, bits, largest value, smallest "
         "subnormal, special values and what overflow does by default.",
     )
-    p.add_argument("--kind", choices=KINDS, help="only formats of this kind")
+    p.add_argument("--kind", choices=format_kinds(), help="only formats of this kind")
     return p
 
 
@@ -100,7 +68,7 @@ def run_formats(args: argparse.Namespace) -> int:
           "is E4M3 x a float32 tensor scale). 2^b: DSE's shift, chosen per tensor.")
     print("specials: ieee = Inf/NaN in the top exponent code; fn = no Inf, one NaN code; "
           "fnuz = no Inf, no -0, NaN at the -0 code; finite = no Inf/NaN codes.")
-    print(f"Families: {'; '.join(FAMILIES)}. Options: e.g. fp8_e4m3(overflow=nan), int8(axis=0), "
+    print(f"Families: {'; '.join(family_usages())}. Options: e.g. fp8_e4m3(overflow=nan), int8(axis=0), "
           "mxfp4(block=16).")
     return 0
 

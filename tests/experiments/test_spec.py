@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from precsim.config import QuantConfig
 from precsim.experiments import command
 from precsim.experiments.schemes import BUILTIN_SCHEMES, DEFAULT_SCHEMES
 from precsim.experiments.spec import load_spec
+from precsim.qat.config import QuantConfig
 
 from ._helpers import tiny_config
 

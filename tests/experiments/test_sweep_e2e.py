@@ -113,7 +113,7 @@ def test_sweep_with_compiled_kernels_matches_eager(tmp_path: Path) -> None:
     and leaves the process's compile setting as it found it."""
     from precsim.experiments.spec import load_spec
     from precsim.experiments.sweep import run_sweep
-    from precsim.formats.backend import compile_enabled
+    from precsim.runtime.backend import compile_enabled
 
     scheme = {"name": "fp8_sr", "activation": "fp8_e4m3", "weight": "fp8_e4m3",
               "gradient": {"format": "fp8_e5m2", "rounding": "stochastic"}}

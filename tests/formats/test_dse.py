@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from precsim.formats import DSEFormat, FloatFormat, parse_format, quantize
+from precsim.formats import DSEFormat, FloatFormat, parse_format
 from precsim.formats.rounding import exp2i, round_float_reference
+from precsim.runtime import quantize
 
 from ._helpers import F32, assert_same_bits
 

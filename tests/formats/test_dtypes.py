@@ -10,7 +10,8 @@ import pytest
 import torch
 from gfloat import RoundMode
 
-from precsim.formats import parse_format, quantize
+from precsim.formats import parse_format
+from precsim.runtime import quantize
 
 from ._helpers import F32, assert_same_bits
 from .test_vs_gfloat import gfloat_info

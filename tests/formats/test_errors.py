@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from precsim.formats import FloatFormat, IntFormat, parse_format, quantize
+from precsim.formats import FloatFormat, IntFormat, parse_format
+from precsim.runtime import quantize
 
 BAD_SPECS = [
     ("flexfp(e=9,m=30)", r"e=9 not allowed; allowed: integers 1\.\.8"),

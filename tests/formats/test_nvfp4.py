@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from precsim.formats import BlockFormat, parse_format, quantize
+from precsim.formats import BlockFormat, parse_format
+from precsim.runtime import quantize
 
 from ._helpers import F32, assert_same_bits
 

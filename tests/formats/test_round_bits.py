@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from precsim.formats.backend import call, compile_enabled, set_compile
 from precsim.formats.rounding import _float_add_rounds, exp2i, round_float, round_float_reference
+from precsim.runtime.backend import call, compile_enabled, set_compile
 
 
 def _inputs() -> torch.Tensor:

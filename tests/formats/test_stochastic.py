@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from precsim.formats import parse_format, quantize
+from precsim.formats import parse_format
 from precsim.formats.random import draw_seed, random_bits
+from precsim.runtime import quantize
 
 from ._helpers import F32
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from precsim.formats import parse_format, quantize
+from precsim.formats import parse_format
+from precsim.runtime import quantize
 
 from ._helpers import F32, assert_same_bits, boundaries, every_exponent, ties
 

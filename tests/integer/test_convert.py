@@ -17,12 +17,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import TensorDataset
 
 import precsim
-from precsim.bias import layer_bias_codes
-from precsim.fold import trace
 from precsim.integer.convert import ConversionError, convert, integer_config
 from precsim.integer.exact import integer_exact
 from precsim.integer.model import IntegerModel, describe
 from precsim.integer.ops import ConvOp, to_nchw, to_nhwc
+from precsim.qat.bias import layer_bias_codes
+from precsim.qat.fold import trace
 from precsim.zoo import get_model, load_dataset, train_steps
 
 WIDTHS = (4, 8, 16)

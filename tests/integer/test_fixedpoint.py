@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from precsim.integer.fixedpoint import (
-    ROUNDINGS,
+    REQUANT_ROUNDINGS,
     apply_dyadic,
-    check_rounding,
+    check_requant_rounding,
     dyadic,
     multiply_by_quantized_multiplier,
     multiply_by_quantized_multiplier_single,
@@ -477,11 +477,11 @@ def test_shift_right_rounded(x: int, e: int, single: int, gemmlowp: int) -> None
 
 
 def test_rounding_names_are_checked() -> None:
-    assert ROUNDINGS == ("gemmlowp", "single")
-    assert check_rounding("single") == "single"
+    assert REQUANT_ROUNDINGS == ("gemmlowp", "single")
+    assert check_requant_rounding("single") == "single"
     for bad in ("double", "Single", None):
         with pytest.raises(ValueError, match=r"rounding .*allowed: 'gemmlowp', 'single'"):
-            check_rounding(bad)
+            check_requant_rounding(bad)
     with pytest.raises(ValueError, match="'tflite'"):
         multiply_by_quantized_multiplier(torch.tensor([1]), 2**30, 0, rounding="tflite")
     with pytest.raises(ValueError, match="'tflite'"):

@@ -36,7 +36,7 @@ from precsim.integer.vit_ops import (
     decode_index,
     encode_index,
 )
-from precsim.prepare import summary_rows
+from precsim.qat.prepare import summary_rows
 from precsim.zoo import Add, MatMul, get_model, load_dataset, train_steps
 
 ARCH = {"patch_size": 7, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2}

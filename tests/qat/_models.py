@@ -10,14 +10,14 @@ from torch import Tensor, nn
 
 import precsim
 from precsim.formats import DSEFormat, IntFormat
-from precsim.quantizer import Quantizer
+from precsim.qat.quantizer import Quantizer
 
 
 class ResidualMLP(nn.Module):
     """fc-relu-fc plus a residual add: the add hands one gradient tensor to two branches."""
 
     def __init__(self) -> None:
-        from precsim.zoo.layers import Add
+        from precsim.qat.markers import Add
 
         super().__init__()
         self.fc1, self.relu, self.fc2, self.add = nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 96), Add()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import precsim
-import precsim.quantizer as quantizer_module
+import precsim.qat.quantizer as quantizer_module
 
 from ._models import MLP, RoundGrad, make
 
@@ -164,9 +164,9 @@ def test_dynamic_gradient_scale_works_for_scaled_formats(fmt: str) -> None:
     power-of-two S leaves their rounding unchanged; it must still keep S g finite. At the initial
     2^16, gradients near 1e36 overflow float32 (the NaN seen in an MXFP8 DDP run); the scale backs
     off and the result equals the unscaled rounding."""
-    from precsim.config import RoleSpec
     from precsim.formats import parse_format
-    from precsim.quantizer import Quantizer
+    from precsim.qat.config import RoleSpec
+    from precsim.qat.quantizer import Quantizer
 
     f = parse_format(fmt)
     q = Quantizer("activation", None, RoleSpec(format=f, scale="dynamic"))
@@ -187,8 +187,8 @@ def test_dynamic_gradient_scale_works_for_scaled_formats(fmt: str) -> None:
 def test_delayed_int_gradient_uses_previous_range(compile_kernels: bool) -> None:
     """``delayed: true`` on an integer gradient: the first backward measures its own range;
     each later one rounds on the grid of the previous backward's [min, max], then stores its own."""
-    from precsim.formats.backend import compile_enabled, set_compile
-    from precsim.observers import tensor_range
+    from precsim.qat.observers import tensor_range
+    from precsim.runtime.backend import compile_enabled, set_compile
 
     fmt = precsim.parse_format("int8")
     before = compile_enabled()

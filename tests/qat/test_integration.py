@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch import nn
 
 import precsim
-from precsim.observers import Observer
-from precsim.quantizer import Quantizer
+from precsim.qat.observers import Observer
+from precsim.qat.quantizer import Quantizer
 
 from ._models import SmallCNN, assert_representable, image_batches, make
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import precsim
-from precsim.prepare import summary_rows
+from precsim.qat.prepare import summary_rows
 
 from ._models import (
     Capture,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import precsim
-from precsim.observers import Observer
+from precsim.qat.observers import Observer
 
 from ._models import SmallCNN, image_batches, make
 
@@ -70,7 +70,7 @@ def test_observer_ignores_non_finite_values() -> None:
 def test_row_ranges_are_the_tensor_range_and_each_rows_extremes() -> None:
     """One pass gives the finite range of the whole tensor (as tensor_range) and each row's
     plain min and max, NaN and Inf included (they flag a row for the clipped-STE search)."""
-    from precsim.observers import row_ranges, tensor_range
+    from precsim.qat.observers import row_ranges, tensor_range
 
     x = torch.randn(8, 50)
     x[1, 3], x[2, 7], x[5, :] = float("nan"), -float("inf"), float("nan")
@@ -144,9 +144,9 @@ def test_eval_first_use_initializes_observer() -> None:
 def test_delayed_observer_quantizes_with_previous_range(compile_kernels: bool, granularity: str) -> None:
     """``delayed: true``: step 1 measures first; step n quantizes with the range stored after
     step n-1, then stores the range after this batch (the same as the non-delayed observer's)."""
-    from precsim.config import parse_role
-    from precsim.formats.backend import compile_enabled, set_compile
-    from precsim.quantizer import Quantizer
+    from precsim.qat.config import parse_role
+    from precsim.qat.quantizer import Quantizer
+    from precsim.runtime.backend import compile_enabled, set_compile
 
     before = compile_enabled()
     set_compile(compile_kernels)
@@ -178,8 +178,8 @@ def test_delayed_observer_quantizes_with_previous_range(compile_kernels: bool, g
 
 
 def test_delayed_observer_clipped_ste_uses_range_it_quantized_with() -> None:
-    from precsim.config import parse_role
-    from precsim.quantizer import Quantizer
+    from precsim.qat.config import parse_role
+    from precsim.qat.quantizer import Quantizer
 
     q = Quantizer("activation", parse_role("activation", {"format": "int8", "delayed": True})).train()
     q(torch.randn(32, 10))  # stored range about [-2.5, 2.5]
@@ -197,7 +197,7 @@ def test_delayed_observer_clipped_ste_uses_range_it_quantized_with() -> None:
                                   {"format": "int8", "observer": "percentile", "delayed": True},
                                   {"format": "int8", "delayed": "yes"}])
 def test_delayed_observer_rejected_where_it_does_not_apply(role) -> None:
-    from precsim.config import parse_role
+    from precsim.qat.config import parse_role
 
     with pytest.raises(ValueError, match="delayed"):
         parse_role("activation", role)

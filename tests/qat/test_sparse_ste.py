@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import precsim
-import precsim.quantizer as quantizer
-from precsim.config import parse_role
-from precsim.formats.backend import compile_enabled, set_compile
-from precsim.quantizer import Quantizer, SteArgs, is_sparse
+import precsim.qat.quantizer as quantizer
+from precsim.qat.config import parse_role
+from precsim.qat.quantizer import Quantizer, SteArgs, is_sparse
+from precsim.runtime.backend import compile_enabled, set_compile
 
 from ._models import ResidualMLP
 

@@ -114,10 +114,10 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _run_sweep(spec: Any, args: argparse.Namespace) -> int:
-    from precsim.allocator import tune_allocator
     from precsim.experiments.sweep import run_sweep
+    from precsim.runtime.allocator import tune_allocator
 
-    tune_allocator()  # this process is ours: keep freed memory (see precsim.allocator)
+    tune_allocator()  # this process is ours: keep freed memory (see precsim.runtime.allocator)
 
     rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     where = f" (rank {rank})" if rank is not None else ""

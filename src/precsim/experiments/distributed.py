@@ -144,7 +144,8 @@ def quantized_allreduce_hook(fmt: str) -> Callable[[Any, dist.GradBucket], torch
     in float32 (the reduction's accumulator), and the sum is rounded to ``fmt`` again (what
     every rank would receive). Like torch's ``fp16_compress_hook``, with any precsim format.
     """
-    from precsim.formats import parse_format, quantize
+    from precsim.formats import parse_format
+    from precsim.runtime import quantize
 
     parsed = parse_format(fmt)
 

@@ -22,7 +22,7 @@ Common choices, written down so a reader can compare with the paper:
 - Every row quantizes the *outputs* of Conv, Linear, BatchNorm and ReLU (``activation``), the
   weights of Conv and Linear (``weight``), and in backward the gradient flowing through each of
   those points (``gradient``) and the gradient of each weight (``weight_gradient``); this is
-  precsim's default placement (see :mod:`precsim.prepare`), the paper's layer set.
+  precsim's default placement (see :mod:`precsim.qat.prepare`), the paper's layer set.
 - Rounding is round-to-nearest-even everywhere (the paper's Table 1 does not use stochastic
   rounding); a YAML scheme can ask for ``rounding: stochastic`` per role.
 - Integer rows: activations per tensor with the moving-average min/max observer, weights per

@@ -42,13 +42,8 @@ from typing import Any
 import yaml
 
 from precsim.experiments.schemes import BUILTIN_SCHEMES, DEFAULT_SCHEMES, DESCRIPTIONS
+from precsim.zoo.data import SHAPES
 
-# (channels, height, width) of each dataset, known without loading it; 10 classes each.
-DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
-    "mnist5k": (1, 28, 28),
-    "digits": (1, 8, 8),
-    "cifar10": (3, 32, 32),
-}
 NUM_CLASSES = 10
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
@@ -96,7 +91,7 @@ class SchemeSpec:
     @property
     def is_baseline(self) -> bool:
         """True when nothing is quantized (the FP32 row that time ratios refer to)."""
-        from precsim.config import QuantConfig
+        from precsim.qat.config import QuantConfig
 
         cfg = QuantConfig.from_any(self.config)
         quantized_rule = any(v is not None for r in cfg.rules for v in r.roles.values())
@@ -232,8 +227,8 @@ def _resolve_path(path: str, base: Path | None) -> str:
 
 def parse_scheme(raw: Any, index: int, base: Path | None = None) -> SchemeSpec:
     """A ``schemes:`` entry -> SchemeSpec, checking its prepare() config now."""
-    from precsim.config import QuantConfig
     from precsim.formats import parse_format
+    from precsim.qat.config import QuantConfig
 
     where = f"scheme {index}"
     if isinstance(raw, str):
@@ -319,7 +314,7 @@ def model_kwargs_for(spec: SweepSpec) -> dict[str, Any]:
     """The model's kwargs with the dataset's shape and class count filled in where not given."""
     from precsim.zoo import MODELS
 
-    c, h, w = DATASET_SHAPES[spec.dataset]
+    c, h, w = SHAPES[spec.dataset]
     accepted = inspect.signature(MODELS[spec.model].__init__).parameters
     fill = {"in_channels": c, "num_classes": NUM_CLASSES, "image_size": h, "in_shape": [c, h, w]}
     kwargs = {k: v for k, v in fill.items() if k in accepted}
@@ -361,8 +356,8 @@ def load_spec(config: str | Path | dict[str, Any] | None = None, **overrides: An
     ds = {"name": ds} if isinstance(ds, str) else _mapping(ds, "dataset")
     _check_keys(ds, _DATASET_KEYS, "dataset")
     dataset = ds.get("name", "mnist5k")
-    if dataset not in DATASET_SHAPES:
-        raise ValueError(f"unknown dataset {dataset!r}; available: {', '.join(DATASET_SHAPES)}")
+    if dataset not in SHAPES:
+        raise ValueError(f"unknown dataset {dataset!r}; available: {', '.join(SHAPES)}")
     root = ds.get("root")
     if root is not None:
         if not isinstance(root, str):
@@ -507,12 +502,12 @@ def check_buildable(spec: SweepSpec) -> None:
 
     import torch
 
-    from precsim.formats.backend import compiling
-    from precsim.prepare import prepare
+    from precsim.qat.prepare import prepare
+    from precsim.runtime.backend import compiling
     from precsim.zoo import get_model
 
     kwargs = model_kwargs_for(spec)
-    shape = DATASET_SHAPES[spec.dataset]
+    shape = SHAPES[spec.dataset]
     try:
         base = get_model(spec.model, **kwargs)
     except (TypeError, ValueError) as err:
@@ -541,5 +536,5 @@ def check_buildable(spec: SweepSpec) -> None:
             raise ValueError(f"scheme {s.name!r}: {err}") from None
 
 
-__all__ = ["DATASET_SHAPES", "SchemeSpec", "SweepSpec", "check_buildable", "load_spec", "model_kwargs_for",
+__all__ = ["SchemeSpec", "SweepSpec", "check_buildable", "load_spec", "model_kwargs_for",
            "parse_scheme"]

@@ -27,7 +27,7 @@ from precsim.experiments.report import CURVES_PNG, REPORT_MD, format_table, writ
 from precsim.experiments.results import CURVES_CSV, RESULTS_CSV, RESULTS_JSON, ResultStore
 from precsim.experiments.spec import SweepSpec
 from precsim.experiments.train import load_data, train_scheme, warm_up
-from precsim.formats.backend import compiling
+from precsim.runtime.backend import compiling
 
 SPEC_JSON = "spec.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -85,7 +85,7 @@ def write_record(out: Path, spec: SweepSpec, world_size: int, previous: dict[str
     schemes = dict(previous.get("schemes", {})) if previous else {}
     for s in spec.schemes:
         schemes[s.name] = {**s.to_dict(), "fingerprint": s.fingerprint}
-    import precsim
+    from precsim import __version__
 
     atomic_write_json(out / SPEC_JSON, {
         "fingerprint": spec.fingerprint(world_size),
@@ -93,7 +93,7 @@ def write_record(out: Path, spec: SweepSpec, world_size: int, previous: dict[str
         "spec": spec.to_dict(),
         "fields": spec.fingerprint_fields(world_size),
         "schemes": schemes,
-        "precsim_version": precsim.__version__,
+        "precsim_version": __version__,
         "torch_version": torch.__version__,
         "created": previous.get("created", now) if previous else now,
         "updated": now,

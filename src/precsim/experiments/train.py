@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from precsim.experiments import distributed as D
 from precsim.experiments.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from precsim.experiments.spec import SchemeSpec, SweepSpec, model_kwargs_for
-from precsim.formats.backend import compile_seconds
-from precsim.quantizer import mix_seed
+from precsim.formats.random import mix_seed
+from precsim.runtime.backend import compile_seconds
 
 CURVE_COLUMNS: tuple[str, ...] = ("scheme", "epoch", "train_loss", "train_accuracy", "test_loss",
                                   "test_accuracy", "lr", "epoch_time_s", "time_s")
@@ -85,7 +85,7 @@ def lr_at(spec: SweepSpec, step: int, total_steps: int) -> float:
 
 def build_model(spec: SweepSpec, scheme: SchemeSpec) -> nn.Module:
     """The zoo model with the spec's seed for its initial weights, prepared for ``scheme``."""
-    from precsim.prepare import prepare
+    from precsim.qat.prepare import prepare
     from precsim.zoo import get_model
 
     torch.manual_seed(spec.seed)

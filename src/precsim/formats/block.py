@@ -22,19 +22,38 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from precsim.formats.float import FloatFormat
+from precsim.formats.base import FormatRow
+from precsim.formats.float import FLOATS, FloatFormat
 from precsim.formats.integer import IntFormat, fake_quantize
+from precsim.formats.options import need_int, take
 from precsim.formats.random import bits_for
 from precsim.formats.rounding import Rounding, exp2i, float_bits, round_float
 
 SCALES: tuple[str, ...] = ("e8m0", "e4m3")
 _E4M3 = FloatFormat(4, 3, specials="fn", name="fp8_e4m3")
+# preset name -> (element preset, block size, scale)
+BLOCKS: dict[str, tuple[str, int, str]] = {
+    "mxfp8_e4m3": ("fp8_e4m3", 32, "e8m0"),
+    "mxfp8_e5m2": ("fp8_e5m2", 32, "e8m0"),
+    "mxfp6_e2m3": ("fp6_e2m3", 32, "e8m0"),
+    "mxfp6_e3m2": ("fp6_e3m2", 32, "e8m0"),
+    "mxfp4": ("fp4_e2m1", 32, "e8m0"),
+    "mxint8": ("int8", 32, "e8m0"),
+    "nvfp4": ("fp4_e2m1", 16, "e4m3"),
+}
 
 
 @dataclass(frozen=True)
 class BlockFormat:
     """``element`` values sharing a scale per block of ``block_size`` along ``axis`` (None: see
     :meth:`block_axis`)."""
+
+    params = ()
+    default_ste = "plain"
+    observed = False
+    state = None
+    ste_clip = None
+    gradient_limit = 2.0**127  # each block scales to its own range: S only keeps S g finite
 
     element: FloatFormat | IntFormat
     block_size: int = 32
@@ -93,6 +112,28 @@ class BlockFormat:
 
     def __str__(self) -> str:
         return self.describe()
+
+    @property
+    def spec(self) -> str:
+        """The preset with this element and scale, and the options that differ from it (the name
+        where no preset has them)."""
+        for preset, (elem_name, size, scale) in BLOCKS.items():
+            if scale == self.scale and _element(elem_name) == self.element:
+                opts = [f"block={self.block_size}"] if self.block_size != size else []
+                opts += [f"axis={self.axis}"] if self.axis is not None else []
+                return preset + (f"({','.join(opts)})" if opts else "")
+        return self.name
+
+    def table_row(self) -> FormatRow:
+        elem = self.element
+        if isinstance(elem, IntFormat):  # MXINT: codes k * 2^-(bits-2)
+            top, sub, specials = f"{elem.qmax * 2.0 ** -(elem.bits - 2):.6g}", "-", "none"
+        else:
+            top = f"{elem.max:.6g}"
+            sub = "-" if elem.mantissa_bits == 0 else f"{elem.smallest_subnormal:.6g} x S"
+            specials = elem.specials
+        return FormatRow("block", f"{self.bits_per_element:g}", f"{top} x S", sub,
+                         f"{specials}; NaN/Inf -> NaN block", "saturate")
 
     def blocks(self, x: Tensor) -> tuple[Tensor, int]:
         """``x`` as (..., blocks, block_size) with the block axis last and zero padding; and its length."""
@@ -222,3 +263,20 @@ class BlockFormat:
         q = elem.quantize(blocks / safe, rounding, random_bits=rb)
         # q * block_scale is exact (2 x 4 significant bits): one rounding for the value e2m1 x bs x ts
         return torch.where(scale > 0, (q * block_scale) * tensor_scale, torch.zeros_like(q))
+
+
+def parse_block(name: str, spec: str, opts: dict[str, object]) -> BlockFormat | None:
+    """A preset of :data:`BLOCKS` (options: ``block``, ``axis``)."""
+    if name not in BLOCKS:
+        return None
+    elem_name, size, scale = BLOCKS[name]
+    kw = take(spec, opts, {"block": "block_size", "block_size": "block_size", "axis": "axis"})
+    for k in kw:
+        need_int(spec, k, kw[k])
+    return BlockFormat(_element(elem_name), block_size=kw.get("block_size", size), axis=kw.get("axis"),  # type: ignore[arg-type]
+                       scale=scale, name=name if not kw else spec.strip())
+
+
+def _element(name: str) -> FloatFormat | IntFormat:
+    """A block preset's element format."""
+    return IntFormat(8, name="int8") if name == "int8" else FloatFormat(*FLOATS[name], name=name)

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from precsim.formats.base import FormatRow, MeasuredState
 from precsim.formats.float import FloatFormat
+from precsim.formats.options import need_int, take
 from precsim.formats.random import bits_for
 from precsim.formats.rounding import Rounding, exp2i, exponent_of, round_float
 
@@ -21,6 +23,12 @@ from precsim.formats.rounding import Rounding, exp2i, exponent_of, round_float
 @dataclass(frozen=True)
 class DSEFormat:
     """FlexFP ``element`` (its own shift must be 0) with a per-tensor shift from the data."""
+
+    params = ("shift",)
+    default_ste = "plain"
+    observed = False
+    ste_clip = None
+    gradient_limit = 2.0**127  # a scale only has to keep S g finite (and off the lowest shift)
 
     element: FloatFormat
     delayed: bool = False
@@ -65,6 +73,30 @@ class DSEFormat:
 
     def __str__(self) -> str:
         return self.describe()
+
+    def table_row(self) -> FormatRow:
+        e = self.element
+        sub = "-" if e.mantissa_bits == 0 else f"{e.smallest_subnormal:.6g} x 2^b"
+        return FormatRow("dse", str(self.bits), f"{e.max:.6g} x 2^b", sub, e.specials, e.overflow)
+
+    # --- per-call state: the shift ----------------------------------------------------------
+    @property
+    def state(self) -> MeasuredState:
+        return MeasuredState(("dse_shift", "dse_ready"), (), integer=True, delayed=self.delayed)
+
+    def measure(self, x: Tensor) -> Tensor:
+        return self.shift_for(x)
+
+    def state_params(self, state: Tensor) -> dict[str, Tensor]:
+        return {"shift": state}
+
+    def fast_options(self, stored: Tensor, rounding: str) -> dict[str, bool]:
+        """``normal_grid`` where a stored shift allows the faster normal-grid rounding (reads the
+        shift: on the CPU only, where reading it costs no device sync). Not asked where the
+        rounding takes the scaled constant grid anyway (:meth:`quantize`, nearest)."""
+        ok = (stored.device.type == "cpu" and not (self.scales_exactly and rounding == "nearest")
+              and self.grid_is_normal(int(stored)))
+        return {"normal_grid": True} if ok else {}
 
     def grid_is_normal(self, shift: int) -> bool:
         """Whether the grid shifted by ``shift`` stays within float32's normal range (its
@@ -168,3 +200,15 @@ class DSEFormat:
                         overflow=e.overflow,  # type: ignore[arg-type]
                         negative_zero=e.has_negative_zero, rounding=rounding, random_bits=random_bits)
         return torch.where(x != x, x, q * exp2i(b))
+
+
+def parse_dse(name: str, spec: str, opts: dict[str, object]) -> DSEFormat | None:
+    """``dse(e=,m=,specials=,overflow=,delayed=)``."""
+    if name != "dse":
+        return None
+    kw = take(spec, opts, {"e": "e", "m": "m", "specials": "specials", "overflow": "overflow", "delayed": "delayed"})
+    if "e" not in kw or "m" not in kw:
+        raise ValueError(f"format {spec!r}: dse needs e= and m= (and optionally specials=, delayed=)")
+    e, m = need_int(spec, "e", kw.pop("e")), need_int(spec, "m", kw.pop("m"))
+    delayed = kw.pop("delayed", False)
+    return DSEFormat(FloatFormat(e, m, 0, **kw), delayed=delayed)  # type: ignore[arg-type]

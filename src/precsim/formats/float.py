@@ -22,12 +22,31 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from precsim.formats.base import FormatRow
+from precsim.formats.options import need_int, take
 from precsim.formats.random import bits_for
-from precsim.formats.rounding import Overflow, Rounding, round_float
+from precsim.formats.rounding import Rounding, round_float
 
 SPECIALS: tuple[str, ...] = ("ieee", "fn", "fnuz", "finite")
 OVERFLOWS: tuple[str, ...] = ("saturate", "inf", "nan")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+# preset name -> (exponent bits, mantissa bits, shift b, specials)
+FLOATS: dict[str, tuple[int, int, int, str]] = {
+    "fp32": (8, 23, 0, "ieee"),
+    "bf16": (8, 7, 0, "ieee"),
+    "fp16": (5, 10, 0, "ieee"),
+    "fp8_e4m3": (4, 3, 0, "fn"),
+    "fp8_e5m2": (5, 2, 0, "ieee"),
+    "fp8_e4m3fnuz": (4, 3, 0, "fnuz"),
+    "fp8_e5m2fnuz": (5, 2, 0, "fnuz"),
+    "fp8_e4m3b11fnuz": (4, 3, -3, "fnuz"),
+    "fp6_e2m3": (2, 3, 0, "finite"),
+    "fp6_e3m2": (3, 2, 0, "finite"),
+    "fp4_e2m1": (2, 1, 0, "finite"),
+    "hfp8_fwd": (4, 3, -4, "ieee"),  # HFP8 forward 1-4-3, exponent bias 11 (Table 1 of Tamiya et al.)
+    "hfp8_bwd": (5, 2, 0, "ieee"),  # HFP8 backward 1-5-2
+}
 
 
 def _default_bias(e: int, specials: str) -> int:
@@ -42,6 +61,11 @@ class FloatFormat:
     that do not; ``nan`` reproduces converters that turn overflow into NaN (ml_dtypes does this
     for E4M3FN and the fnuz formats).
     """
+
+    params = ()
+    default_ste = "plain"
+    observed = False
+    state = None
 
     exponent_bits: int
     mantissa_bits: int
@@ -161,6 +185,18 @@ class FloatFormat:
     def __str__(self) -> str:
         return self.describe()
 
+    def table_row(self) -> FormatRow:
+        sub = "-" if self.mantissa_bits == 0 else f"{self.smallest_subnormal:.6g}"
+        return FormatRow("float", str(self.bits), f"{self.max:.6g}", sub, self.specials, self.overflow)
+
+    @property
+    def ste_clip(self) -> float | None:
+        return None if self.is_float32 else self.max
+
+    @property
+    def gradient_limit(self) -> float:
+        return self.max
+
     # --- rounding -------------------------------------------------------------------------
     def quantize(
         self,
@@ -189,5 +225,18 @@ class FloatFormat:
         return FloatFormat(self.exponent_bits, self.mantissa_bits, b, self.specials, self.overflow)
 
 
-def with_overflow(fmt: FloatFormat, overflow: Overflow) -> FloatFormat:
-    return FloatFormat(fmt.exponent_bits, fmt.mantissa_bits, fmt.bias, fmt.specials, overflow, fmt.name)
+
+def parse_float(name: str, spec: str, opts: dict[str, object]) -> FloatFormat | None:
+    """A preset of :data:`FLOATS` (option: ``overflow``) or ``flexfp(e=,m=,b=,specials=,overflow=)``."""
+    if name in FLOATS:
+        e, m, b, specials = FLOATS[name]
+        kw = take(spec, opts, {"overflow": "overflow"})
+        return FloatFormat(e, m, b, specials, name=name if not kw else spec.strip(), **kw)  # type: ignore[arg-type]
+    if name != "flexfp":
+        return None
+    kw = take(spec, opts, {"e": "e", "m": "m", "b": "b", "specials": "specials", "overflow": "overflow"})
+    if "e" not in kw or "m" not in kw:
+        raise ValueError(f"format {spec!r}: flexfp needs e= and m= (and optionally b=, specials=, overflow=)")
+    e, m = need_int(spec, "e", kw.pop("e")), need_int(spec, "m", kw.pop("m"))
+    b = need_int(spec, "b", kw.pop("b", 0))
+    return FloatFormat(e, m, b, **kw)  # type: ignore[arg-type]

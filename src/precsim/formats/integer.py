@@ -8,13 +8,37 @@ min/max for affine). Zero is always exactly representable: the zero point is an 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from precsim.formats.base import FormatRow, MeasuredState
+from precsim.formats.options import take
 from precsim.formats.random import bits_for
 from precsim.formats.rounding import Rounding, positive_zero, round_integer
+
+
+def finite_only(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` with its non-finite values made +Inf and -Inf: what a min and a max then ignore."""
+    finite = x.abs() < torch.inf  # isfinite in two vector ops (compiled, isfinite takes six)
+    return torch.where(finite, x, torch.inf), torch.where(finite, x, -torch.inf)
+
+
+def zero_if_infinite(v: Tensor) -> Tensor:
+    """A reduced min or max, 0 where no finite value was seen."""
+    return torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+
+
+def tensor_range(x: Tensor, dims: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
+    """Min and max of the finite values of ``x`` over ``dims`` (None: all)."""
+    lo, hi = finite_only(x.detach())
+    if dims is None:
+        lo, hi = lo.amin(), hi.amax()
+    else:
+        lo, hi = lo.amin(dim=dims), hi.amax(dim=dims)
+    return zero_if_infinite(lo), zero_if_infinite(hi)
 
 
 @dataclass(frozen=True)
@@ -26,6 +50,11 @@ class IntFormat:
     per-channel scales along that axis (None: one scale per tensor); ``group_size`` further
     splits that axis into groups of that many elements, one scale each.
     """
+
+    params = ("scale", "zero_point")
+    default_ste = "clipped"
+    ste_clip = None  # the clip follows the grid of each call (the observed range)
+    gradient_limit = 2.0**127  # each tensor scales to its own range: S only keeps S g finite
 
     bits: int
     signed: bool = True
@@ -96,6 +125,31 @@ class IntFormat:
     def __str__(self) -> str:
         return self.describe()
 
+    def table_row(self) -> FormatRow:
+        return FormatRow("int", str(self.bits), f"{self.qmax} x S", "-", "none", "saturate")
+
+    # --- per-call state ---------------------------------------------------------------------
+    @property
+    def observed(self) -> bool:
+        """Per tensor and per channel, the scale comes from an observer's range; per group, from
+        the groups themselves."""
+        return self.group_size is None
+
+    @property
+    def state(self) -> MeasuredState | None:
+        """Per tensor, [min, max] measured on each tensor (gradients: see ``delayed``)."""
+        if self.axis is not None or self.group_size is not None:
+            return None
+        return MeasuredState(("range", "range_ready"), (2,), integer=False)
+
+    def measure(self, x: Tensor) -> Tensor:
+        """[min, max] of the finite values of ``x`` (0 where there are none)."""
+        return torch.stack(tensor_range(x, None))
+
+    def state_params(self, state: Tensor) -> dict[str, Tensor]:
+        scale, zero_point = self.qparams(state[0], state[1])
+        return {"scale": scale, "zero_point": zero_point}
+
     # --- scales ---------------------------------------------------------------------------
     def qparams(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         """Scale and zero point (float32 tensors) covering [lo, hi] and containing 0."""
@@ -160,6 +214,11 @@ class IntFormat:
         if bool((z != torch.round(z)).any()) or bool(((z < self.qmin) | (z > self.qmax)).any()):
             raise ValueError(f"zero_point must be an integer in {self.qmin}..{self.qmax}, got {zero_point}")
 
+    def check_params(self, scale: Tensor | float | None = None, zero_point: Tensor | float | None = None) -> None:
+        """:meth:`check_qparams` of given parameters (for :func:`precsim.quantize`)."""
+        if scale is not None:
+            self.check_qparams(scale, zero_point)
+
     def _broadcast(self, p: Tensor | float, x: Tensor) -> Tensor:
         """A given per-channel parameter of shape (C,) reshaped to broadcast along ``axis``."""
         p = torch.as_tensor(p, dtype=torch.float32, device=x.device)
@@ -221,3 +280,19 @@ def quantize_codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax
     """The integer codes clamp(round(x / S) + Z) (ties to even), as int32."""
     q = torch.round(x / scale) + zero_point
     return torch.clamp(q, qmin, qmax).to(torch.int32)
+
+
+_INT = re.compile(r"^(u?)int(\d+)$")
+
+
+def parse_int(name: str, spec: str, opts: dict[str, object]) -> IntFormat | None:
+    """``intN`` / ``uintN`` (options: ``symmetric``, ``narrow``, ``axis``, ``group``)."""
+    match = _INT.match(name)
+    if not match:
+        return None
+    bits = int(match.group(2))
+    if not 2 <= bits <= 16:
+        raise ValueError(f"format {spec!r}: integer bits {bits} not allowed; allowed: 2..16")
+    kw = take(spec, opts, {"symmetric": "symmetric", "narrow": "narrow", "axis": "axis",
+                           "group": "group_size", "group_size": "group_size"})
+    return IntFormat(bits, signed=not match.group(1), **kw)  # type: ignore[arg-type]

@@ -1,33 +1,43 @@
-"""Format specs: ``"fp8_e4m3"``, ``"flexfp(e=4,m=3,b=-4)"``, ``"int8(axis=0)"`` -> Format."""
+"""Format specs: ``"fp8_e4m3"``, ``"flexfp(e=4,m=3,b=-4)"``, ``"int8(axis=0)"`` -> Format.
+
+Each family parses its own names (in its own file); :data:`FAMILIES` is the one table that
+lists them. A family defined elsewhere (a test, a user's package) joins with
+:func:`register_family` and then works everywhere a spec string does: configs, sweeps,
+``precsim.quantize`` and ``precsim formats``.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import NamedTuple
 
-from precsim.formats.block import BlockFormat
-from precsim.formats.dse import DSEFormat
-from precsim.formats.float import FloatFormat
-from precsim.formats.integer import IntFormat
+from precsim.formats.base import Format
+from precsim.formats.block import BLOCKS, parse_block
+from precsim.formats.dse import parse_dse
+from precsim.formats.float import FLOATS, parse_float
+from precsim.formats.integer import parse_int
+from precsim.formats.options import parse_options
 
-Format = FloatFormat | IntFormat | DSEFormat | BlockFormat
-FORMAT_TYPES = (FloatFormat, IntFormat, DSEFormat, BlockFormat)
 
-# name -> (exponent bits, mantissa bits, shift b, specials)
-FLOATS: dict[str, tuple[int, int, int, str]] = {
-    "fp32": (8, 23, 0, "ieee"),
-    "bf16": (8, 7, 0, "ieee"),
-    "fp16": (5, 10, 0, "ieee"),
-    "fp8_e4m3": (4, 3, 0, "fn"),
-    "fp8_e5m2": (5, 2, 0, "ieee"),
-    "fp8_e4m3fnuz": (4, 3, 0, "fnuz"),
-    "fp8_e5m2fnuz": (5, 2, 0, "fnuz"),
-    "fp8_e4m3b11fnuz": (4, 3, -3, "fnuz"),
-    "fp6_e2m3": (2, 3, 0, "finite"),
-    "fp6_e3m2": (3, 2, 0, "finite"),
-    "fp4_e2m1": (2, 1, 0, "finite"),
-    "hfp8_fwd": (4, 3, -4, "ieee"),  # HFP8 forward 1-4-3, exponent bias 11 (Table 1 of Tamiya et al.)
-    "hfp8_bwd": (5, 2, 0, "ieee"),  # HFP8 backward 1-5-2
-}
+class Family(NamedTuple):
+    """A format family: ``kind`` is the word its formats' table rows start with;
+    ``parse(name, spec, options)`` returns its Format, or None when ``name`` is not one of its
+    names; ``presets`` are the names ``precsim formats`` lists; ``usage`` says how its
+    parametrized specs are written (for error messages and help)."""
+
+    kind: str
+    parse: Callable[[str, str, dict[str, object]], Format | None]
+    presets: tuple[str, ...]
+    usage: str = ""
+
+
+FAMILIES: list[Family] = [
+    Family("float", parse_float, tuple(FLOATS), "flexfp(e=,m=,b=)"),
+    Family("block", parse_block, tuple(BLOCKS)),
+    Family("dse", parse_dse, (), "dse(e=,m=)"),
+    Family("int", parse_int, ("int8", "uint8", "int4"), "intN / uintN (N = 2..16)"),
+]
 ALIASES: dict[str, str] = {
     "float32": "fp32",
     "bfloat16": "bf16",
@@ -38,68 +48,32 @@ ALIASES: dict[str, str] = {
     "e5m2": "fp8_e5m2",
     "mxfp4_e2m1": "mxfp4",
 }
-# name -> (element preset, block size, scale)
-BLOCKS: dict[str, tuple[str, int, str]] = {
-    "mxfp8_e4m3": ("fp8_e4m3", 32, "e8m0"),
-    "mxfp8_e5m2": ("fp8_e5m2", 32, "e8m0"),
-    "mxfp6_e2m3": ("fp6_e2m3", 32, "e8m0"),
-    "mxfp6_e3m2": ("fp6_e3m2", 32, "e8m0"),
-    "mxfp4": ("fp4_e2m1", 32, "e8m0"),
-    "mxint8": ("int8", 32, "e8m0"),
-    "nvfp4": ("fp4_e2m1", 16, "e4m3"),
-}
-FAMILIES = ("flexfp(e=,m=,b=)", "dse(e=,m=)", "intN / uintN (N = 2..16)")
 
 _SPEC = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$")
-_INT = re.compile(r"^(u?)int(\d+)$")
+
+
+def register_family(family: Family) -> None:
+    """Add a format family (its names must not be taken: the first family to claim a name wins)."""
+    FAMILIES.append(family)
 
 
 def format_names() -> list[str]:
     """Every preset name, in table order."""
-    return [*FLOATS, *BLOCKS, "int8", "uint8", "int4"]
+    return [name for family in FAMILIES for name in family.presets]
+
+
+def format_kinds() -> list[str]:
+    """The kinds of format, one per family, in table order."""
+    return list(dict.fromkeys(family.kind for family in FAMILIES))
+
+
+def family_usages() -> list[str]:
+    """How each family's parametrized specs are written."""
+    return [family.usage for family in FAMILIES if family.usage]
 
 
 def _allowed() -> str:
-    return f"{', '.join([*FLOATS, *BLOCKS])}, or {', '.join(FAMILIES)}"
-
-
-def _value(key: str, text: str) -> int | str | bool | None:
-    t = text.strip()
-    low = t.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "none":
-        return None
-    try:
-        return int(t)
-    except ValueError:
-        return t
-
-
-def _options(name: str, body: str | None) -> dict[str, object]:
-    if not body or not body.strip():
-        return {}
-    opts: dict[str, object] = {}
-    for item in body.split(","):
-        if "=" not in item:
-            raise ValueError(f"format {name!r}: option {item.strip()!r} must be key=value")
-        k, v = item.split("=", 1)
-        opts[k.strip()] = _value(k.strip(), v)
-    return opts
-
-
-def _take(name: str, opts: dict[str, object], allowed: dict[str, str]) -> dict[str, object]:
-    """Rename spec keys to constructor keys, rejecting unknown ones."""
-    bad = [k for k in opts if k not in allowed]
-    if bad:
-        raise ValueError(f"format {name!r}: unknown option {bad[0]!r}; allowed: {', '.join(allowed)}")
-    return {allowed[k]: v for k, v in opts.items()}
-
-
-def _need_int(name: str, key: str, v: object) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise ValueError(f"format {name!r}: {key}={v!r} must be an integer")
-    return v
+    return f"{', '.join(format_names())}, or {', '.join(family_usages())}"
 
 
 def parse_format(spec: str | Format) -> Format:
@@ -107,49 +81,18 @@ def parse_format(spec: str | Format) -> Format:
 
     Raises ValueError naming the bad part and what is allowed.
     """
-    if isinstance(spec, FORMAT_TYPES):
+    if not isinstance(spec, str) and isinstance(spec, Format):
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"a format is a spec string or a Format, got {type(spec).__name__}: {spec!r}")
     match = _SPEC.match(spec)
     if not match:
         raise ValueError(f"cannot parse format {spec!r}; allowed: {_allowed()}")
-    name, body = match.group(1).lower(), match.group(2)
+    name = match.group(1).lower()
     name = ALIASES.get(name, name)
-    opts = _options(spec, body)
-
-    if name in FLOATS:
-        e, m, b, specials = FLOATS[name]
-        kw = _take(spec, opts, {"overflow": "overflow"})
-        return FloatFormat(e, m, b, specials, name=name if not kw else spec.strip(), **kw)  # type: ignore[arg-type]
-    if name == "flexfp":
-        kw = _take(spec, opts, {"e": "e", "m": "m", "b": "b", "specials": "specials", "overflow": "overflow"})
-        if "e" not in kw or "m" not in kw:
-            raise ValueError(f"format {spec!r}: flexfp needs e= and m= (and optionally b=, specials=, overflow=)")
-        e, m = _need_int(spec, "e", kw.pop("e")), _need_int(spec, "m", kw.pop("m"))
-        b = _need_int(spec, "b", kw.pop("b", 0))
-        return FloatFormat(e, m, b, **kw)  # type: ignore[arg-type]
-    if name == "dse":
-        kw = _take(spec, opts, {"e": "e", "m": "m", "specials": "specials", "overflow": "overflow", "delayed": "delayed"})
-        if "e" not in kw or "m" not in kw:
-            raise ValueError(f"format {spec!r}: dse needs e= and m= (and optionally specials=, delayed=)")
-        e, m = _need_int(spec, "e", kw.pop("e")), _need_int(spec, "m", kw.pop("m"))
-        delayed = kw.pop("delayed", False)
-        return DSEFormat(FloatFormat(e, m, 0, **kw), delayed=delayed)  # type: ignore[arg-type]
-    if name in BLOCKS:
-        elem_name, size, scale = BLOCKS[name]
-        kw = _take(spec, opts, {"block": "block_size", "block_size": "block_size", "axis": "axis"})
-        element = parse_format(elem_name)
-        for k in kw:
-            _need_int(spec, k, kw[k])
-        return BlockFormat(element, block_size=kw.get("block_size", size), axis=kw.get("axis"),  # type: ignore[arg-type]
-                           scale=scale, name=name if not kw else spec.strip())
-    int_match = _INT.match(name)
-    if int_match:
-        bits = int(int_match.group(2))
-        if not 2 <= bits <= 16:
-            raise ValueError(f"format {spec!r}: integer bits {bits} not allowed; allowed: 2..16")
-        kw = _take(spec, opts, {"symmetric": "symmetric", "narrow": "narrow", "axis": "axis",
-                                "group": "group_size", "group_size": "group_size"})
-        return IntFormat(bits, signed=not int_match.group(1), **kw)  # type: ignore[arg-type]
+    opts = parse_options(spec, match.group(2))
+    for family in FAMILIES:
+        fmt = family.parse(name, spec, opts)
+        if fmt is not None:
+            return fmt
     raise ValueError(f"unknown format {spec!r}; allowed: {_allowed()}")

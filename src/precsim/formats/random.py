@@ -73,3 +73,12 @@ def bits_for(shape: torch.Size | tuple[int, ...], rounding: str, seed: Tensor | 
     if seed is None:
         raise ValueError("stochastic rounding needs a seed or random_bits")
     return random_bits(shape, seed, row_stride)
+
+
+def mix_seed(*words: int) -> int:
+    """A 32-bit hash of integers (for per-quantizer seeds; Python ints, not tensors)."""
+    h = 0x811C9DC5
+    for w in words:
+        h = ((h ^ (w & 0xFFFFFFFF)) * 0x01000193) & 0xFFFFFFFF
+        h ^= h >> 15
+    return h - 2**32 if h >= 2**31 else h

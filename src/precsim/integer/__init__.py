@@ -1,9 +1,9 @@
 """Integer-only arithmetic: gemmlowp/TFLite fixed point and I-ViT integer nonlinearities."""
 
 from precsim.integer.fixedpoint import (
-    ROUNDINGS,
+    REQUANT_ROUNDINGS,
     apply_dyadic,
-    check_rounding,
+    check_requant_rounding,
     dyadic,
     multiply_by_quantized_multiplier,
     multiply_by_quantized_multiplier_single,
@@ -35,12 +35,12 @@ from precsim.integer.ivit_ops import (
 
 __all__ = [
     "ILayerNormConsts",
-    "ROUNDINGS",
+    "REQUANT_ROUNDINGS",
     "ShiftExpConsts",
     "ShiftGeluConsts",
     "ShiftmaxConsts",
     "apply_dyadic",
-    "check_rounding",
+    "check_requant_rounding",
     "dyadic",
     "i_layernorm",
     "i_layernorm_int",

@@ -31,15 +31,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
-from precsim.bias import accumulator_scale_of, bias_codes, round_half_away
-from precsim.fold import FoldedWeight, fold_conv_bn, folded_weight_input, trace
 from precsim.formats import IntFormat
 from precsim.formats.integer import quantize_codes
-from precsim.integer.fixedpoint import INT32_MAX, check_rounding, quantize_multiplier, quantize_multipliers
+from precsim.integer.fixedpoint import (
+    INT32_MAX,
+    check_requant_rounding,
+    quantize_multiplier,
+    quantize_multipliers,
+)
 from precsim.integer.ivit_ops import prepare_i_layernorm, prepare_shift_gelu, prepare_shiftmax
 from precsim.integer.model import IntegerModel
 from precsim.integer.ops import (
@@ -66,24 +68,38 @@ from precsim.integer.vit_ops import (
     consts_state,
     encode_index,
 )
-from precsim.prepare import QuantPoint
-from precsim.quantizer import Quantizer
-from precsim.zoo.layers import Add, MatMul
+from precsim.qat.bias import accumulator_scale_of, bias_codes, round_half_away
+from precsim.qat.fold import FoldedWeight, fold_conv_bn, folded_weight_input
+from precsim.qat.graph import (
+    DIV_FUNCS,
+    IDENTITY_MODULES,
+    LAYOUT_METHODS,
+    MUL_FUNCS,
+    RELU_FUNCS,
+    RELU_MODULES,
+    constant_factor,
+    trace,
+)
+from precsim.qat.markers import Add, MatMul, QuantPoint
+from precsim.qat.quantizer import Quantizer
 
 __all__ = ["ConversionError", "convert", "integer_config"]
 
 SUPPORTED = ("Conv2d, Linear, BatchNorm (folded into the preceding conv: fold_bn), ReLU, ReLU6, "
              "precsim.zoo.Add / a + b, AvgPool2d, AdaptiveAvgPool2d(1), MaxPool2d, Flatten, torch.cat, "
-             "Identity, Dropout, QuantPoint; for transformers: precsim.zoo.MatMul / a @ b (times a constant), "
+             "Identity, Dropout, QuantPoint; for transformers: precsim.qat.markers.MatMul / a @ b (times a constant), "
              "Softmax (Shiftmax), GELU (ShiftGELU), LayerNorm (I-LayerNorm), a class token concatenated and a "
              "position embedding added, permute/transpose/unflatten/unbind/indexing")
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, QuantPoint)
-_RELU_FUNCS = {F.relu: None, torch.relu: None, F.relu6: 6.0}
+# The ops that keep codes and scale are defined in precsim.qat.graph; convert lowers the subsets named here and
+# raises "no integer implementation" for the rest (which the bias walker still sees through).
+# Identity modules it passes through: Dropout3d is not among them (not lowered).
+_IDENTITY_MODULES = tuple(m for m in IDENTITY_MODULES if m is not nn.Dropout3d)
+_PASS_MODULES = (*_IDENTITY_MODULES, QuantPoint)
+# Layout methods that become a LayoutOp of the same name with constant arguments (flatten, view/reshape,
+# contiguous and unbind have their own lowering; squeeze, chunk, split, ... have none).
+_LAYOUT_OP_METHODS = tuple(m for m in LAYOUT_METHODS if m in ("permute", "transpose", "unflatten"))
 _ADD_FUNCS = (operator.add, torch.add, operator.iadd)
 _MATMUL_FUNCS = (operator.matmul, torch.matmul)
-_MUL_FUNCS = (operator.mul, torch.mul)
-_DIV_FUNCS = (operator.truediv, torch.div)
-_LAYOUT_METHODS = ("permute", "transpose", "unflatten")
 
 
 class ConversionError(ValueError):
@@ -211,7 +227,7 @@ def _pair(v: Any) -> tuple[int, int]:
 
 class _Lowering:
     def __init__(self, model: nn.Module, rounding: str = "gemmlowp") -> None:
-        self.rounding = check_rounding(rounding)
+        self.rounding = check_requant_rounding(rounding)
         if not any(isinstance(m, Quantizer) for m in model.modules()):
             raise ConversionError(
                 f"{type(model).__name__} is not prepared: run precsim.prepare(model, config) (or precsim.calibrate) "
@@ -547,7 +563,7 @@ class _Lowering:
                     "output must feed only this BatchNorm); an integer model has no separate BatchNorm")
             v.await_bn = None
             result = v
-        elif isinstance(m, (nn.ReLU, nn.ReLU6)):
+        elif isinstance(m, RELU_MODULES):
             assert v is not None
             result = self._relu(v, 6.0 if isinstance(m, nn.ReLU6) else None, name, act_qp is not None)
         elif isinstance(m, Add):
@@ -736,12 +752,12 @@ class _Lowering:
                                       "an integer concatenation needs them to match")
             self.emit(CatOp(node.name, [c.tensor for c in cs], node.name, cs[0].qp, int(dim)))
             result = _Codes(node.name, cs[0].qp, node.name)
-        elif fn in _RELU_FUNCS:
-            result = self._relu(self.value(node.args[0], where), _RELU_FUNCS[fn], node.name, False)
+        elif fn in RELU_FUNCS:
+            result = self._relu(self.value(node.args[0], where), RELU_FUNCS[fn], node.name, False)
         elif fn in _MATMUL_FUNCS:
             result = self._matmul(node, node.name)
-        elif fn in _MUL_FUNCS or fn in _DIV_FUNCS:
-            result = self._times_constant(node, fn in _DIV_FUNCS, where)
+        elif fn in MUL_FUNCS or fn in DIV_FUNCS:
+            result = self._times_constant(node, where)
         elif fn is getattr and len(node.args) == 2 and node.args[1] == "shape":
             self.value(node.args[0], where)
             result = _Shape(node.name)
@@ -764,17 +780,14 @@ class _Lowering:
         d = dim % consts[0].dim()
         return _Affine(origin=name, src=src, dim=d, prefix=torch.cat(consts, dim=d))
 
-    def _times_constant(self, node: fx.Node, divide: bool, where: str) -> Value:
+    def _times_constant(self, node: fx.Node, where: str) -> Value:
         """``x * c`` or ``x / c`` with a positive constant: a new scale for codes, a factor for a product."""
-        args = list(node.args)
-        if not divide and len(args) == 2 and not isinstance(args[0], fx.Node):
-            args.reverse()
-        c = args[1] if len(args) == 2 else None
-        if node.kwargs or isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
+        scaled = constant_factor(node)
+        if scaled is None:
             raise ConversionError(f"cannot convert {where}: only a multiplication or division by a positive "
                                   "constant number is supported")
-        factor = 1.0 / float(c) if divide else float(c)
-        v = self.value(args[0], where)
+        x, factor = scaled
+        v = self.value(x, where)
         if isinstance(v, _PendingMatMul):
             return _PendingMatMul(origin=v.origin, lower=v.lower, upper=v.upper, a=v.a, b=v.b, factor=v.factor * factor)
         cv = self.codes(v, where)
@@ -823,7 +836,7 @@ class _Lowering:
             result = self._shape_op(v, ReshapeOp(node.name, [self._tensor(v)], node.name, shape), where)
         elif method == "contiguous":
             result = v
-        elif method in _LAYOUT_METHODS and not node.kwargs and not any(
+        elif method in _LAYOUT_OP_METHODS and not node.kwargs and not any(
                 isinstance(a, fx.Node) for a in fx.node.map_aggregate(node.args[1:], lambda a: a)):
             result = self._shape_op(v, LayoutOp(node.name, [self._tensor(v)], node.name, method, list(node.args[1:])),
                                     where)
@@ -865,7 +878,7 @@ def convert(model: nn.Module, example: Tensor | None = None, *, rounding: str = 
 # A config that gives a model everything convert() needs
 # --------------------------------------------------------------------------------------------
 
-_SHAPE_ONLY = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+_SHAPE_ONLY = (nn.Flatten, *_IDENTITY_MODULES)
 
 
 def integer_config(model: nn.Module, activation: Any = "uint8",
@@ -877,7 +890,7 @@ def integer_config(model: nn.Module, activation: Any = "uint8",
     weights). Adds the rules convert() needs: an ``input`` quantizer (``input``, default the
     activation format) on the first module(s) the model input reaches, and output quantizers
     for average pools and for residual adds that no ReLU follows. ``bias``: ``int32`` (default)
-    rounds the simulated biases to the int32 codes the integer model adds (:mod:`precsim.bias`).
+    rounds the simulated biases to the int32 codes the integer model adds (:mod:`precsim.qat.bias`).
     """
     weight = {"format": "int8", "granularity": "per_channel"} if weight is None else weight
     graph = trace(model)
@@ -903,7 +916,7 @@ def integer_config(model: nn.Module, activation: Any = "uint8",
         if isinstance(m, Add):
             users = list(node.users)
             relu_next = len(users) == 1 and users[0].op == "call_module" and isinstance(
-                modules[users[0].target], (nn.ReLU, nn.ReLU6))
+                modules[users[0].target], RELU_MODULES)
             needs = not relu_next
         if needs:
             rules.append({"match": str(node.target), "activation": activation})

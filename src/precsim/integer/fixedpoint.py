@@ -5,7 +5,7 @@ Networks for Efficient Integer-Arithmetic-Only Inference"), gemmlowp's ``fixedpo
 TFLite's ``QuantizeMultiplier`` / ``MultiplyByQuantizedMultiplier``, plus I-ViT style dyadic
 numbers ``b / 2^c``.
 
-Requantization comes in two rounding modes (:data:`ROUNDINGS`), a property of the integer model:
+Requantization comes in two rounding modes (:data:`REQUANT_ROUNDINGS`), a property of the integer model:
 
 * ``"gemmlowp"`` (the default, Jacob et al. / gemmlowp / TFLite's classic kernels):
   SaturatingRoundingDoublingHighMul then RoundingDivideByPOT -- two roundings;
@@ -38,9 +38,9 @@ from torch import Tensor
 __all__ = [
     "INT32_MAX",
     "INT32_MIN",
-    "ROUNDINGS",
+    "REQUANT_ROUNDINGS",
     "apply_dyadic",
-    "check_rounding",
+    "check_requant_rounding",
     "dyadic",
     "multiply_by_quantized_multiplier",
     "multiply_by_quantized_multiplier_single",
@@ -62,15 +62,15 @@ _MAX_LEFT_SHIFT = 31
 
 IntLike = Tensor | int
 
-ROUNDINGS = ("gemmlowp", "single")
+REQUANT_ROUNDINGS = ("gemmlowp", "single")
 """Requantization rounding modes: gemmlowp's double rounding (default) and TFLite's single rounding."""
 
 
-def check_rounding(rounding: object) -> str:
-    """Return ``rounding`` if it is one of :data:`ROUNDINGS`; ValueError naming it and the allowed ones."""
-    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
+def check_requant_rounding(rounding: object) -> str:
+    """Return ``rounding`` if it is one of :data:`REQUANT_ROUNDINGS`; ValueError naming it and the allowed ones."""
+    if not isinstance(rounding, str) or rounding not in REQUANT_ROUNDINGS:
         raise ValueError(
-            f"unknown requantization rounding {rounding!r}; allowed: " + ", ".join(repr(r) for r in ROUNDINGS)
+            f"unknown requantization rounding {rounding!r}; allowed: " + ", ".join(repr(r) for r in REQUANT_ROUNDINGS)
         )
     return rounding
 
@@ -277,7 +277,7 @@ def multiply_by_quantized_multiplier(
     broadcast along that axis of ``x``.  Requires ``shift`` in [-62, 31] and int32-range ``x``.
     Output dtype: ``x``'s.  ``rounding="single"``: :func:`multiply_by_quantized_multiplier_single`.
     """
-    if check_rounding(rounding) == "single":
+    if check_requant_rounding(rounding) == "single":
         return multiply_by_quantized_multiplier_single(x, multiplier, shift, axis)
     xt = _as_int_tensor(x, "x")
     m = _along_axis(_as_int_tensor(multiplier, "multiplier").to(torch.int64), xt, axis)
@@ -330,7 +330,7 @@ def shift_right_rounded(x: IntLike, exponent: int, rounding: str = "gemmlowp") -
     ``(x + 2^(e-1)) >> e``, ties toward +inf, which is single-rounding
     ``MultiplyByQuantizedMultiplier`` by ``2^-e`` (the final step of TFLite's quantized add).
     """
-    if check_rounding(rounding) == "gemmlowp":
+    if check_requant_rounding(rounding) == "gemmlowp":
         return rounding_divide_by_pot(x, exponent)
     xt = _as_int_tensor(x, "x")
     if not 0 <= exponent <= _MAX_RIGHT_SHIFT:

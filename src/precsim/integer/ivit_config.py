@@ -9,8 +9,8 @@ quantizer on the module(s) it reaches first, so :func:`precsim.convert` knows it
 logits are kept at 16 bits so that two close classes do not tie in argmax.
 
 Module types, not names, select the nonlinear ops, so any model built from ``nn.Linear``,
-``nn.LayerNorm``, ``nn.Softmax``, ``nn.GELU``, :class:`~precsim.zoo.layers.MatMul` and
-:class:`~precsim.zoo.layers.Add` modules (the zoo ViT is) gets the same treatment.
+``nn.LayerNorm``, ``nn.Softmax``, ``nn.GELU``, :class:`~precsim.qat.markers.MatMul` and
+:class:`~precsim.qat.markers.Add` modules (the zoo ViT is) gets the same treatment.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from precsim.fold import trace
+from precsim.qat.graph import trace
 
 __all__ = ["ivit_config"]
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from precsim.integer import vit_ops  # noqa: F401  (registers the transformer ops with op_from_state)
-from precsim.integer.fixedpoint import check_rounding
+from precsim.integer.fixedpoint import check_requant_rounding
 from precsim.integer.ops import Op, QParams, op_from_state, to_nchw, to_nhwc
 
 __all__ = ["IntegerModel", "describe"]
@@ -42,7 +42,7 @@ class IntegerModel:
 
     def __init__(self, ops: list[Op], input_name: str, output_name: str, input_qp: QParams, output_qp: QParams,
                  source: str = "", notes: list[str] | None = None, rounding: str = "gemmlowp") -> None:
-        self.rounding = check_rounding(rounding)
+        self.rounding = check_requant_rounding(rounding)
         odd = [f"{op.name} ({op.rounding!r})" for op in ops if getattr(op, "rounding", rounding) != rounding]
         if odd:
             raise ValueError(f"integer model with rounding {rounding!r} has ops that requantize differently: "

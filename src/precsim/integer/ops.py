@@ -31,7 +31,7 @@ from torch import Tensor
 from precsim.integer.fixedpoint import (
     INT32_MAX,
     INT32_MIN,
-    check_rounding,
+    check_requant_rounding,
     multiply_by_quantized_multiplier,
     quantize_multiplier,
     requantize,
@@ -157,7 +157,7 @@ class FixedPointMultiplier:
         s = torch.as_tensor(shift).to(torch.int64)
         if bool((m < 0).any()):
             raise ValueError("FixedPointMultiplier needs M0 >= 0")
-        self.rounding = check_rounding(rounding)
+        self.rounding = check_requant_rounding(rounding)
         if self.rounding == "single":
             t = 31 - s
             far = t > 62  # |x M0| < 2^62 <= 2^(t-1): rounds to 0
@@ -257,10 +257,6 @@ def _rec(record: list[tuple[str, str, Tensor]] | None, op: Op, what: str, t: Ten
         record.append((op.name, what, t))
 
 
-def _clamp_codes(x: Tensor, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
-    return torch.clamp(x, lo, hi).to(dtype)
-
-
 def requant_row(in_qp: QParams, out_qp: QParams, lo: int, hi: int) -> dict[str, str]:
     """The :func:`describe` columns every one-input requantizing op shares: dtypes, zero points, scales, clamp."""
     return {
@@ -292,7 +288,7 @@ class ConvOp(Op):
     and ``bias`` (int32, scale S_in * S_w, zero point 0), ``multiplier`` (M0) and ``shift`` are
     per output channel. ``acc_dtype`` is ``int32`` unless the worst case ``acc_bound`` overflows
     it; then ``int64`` with a rounding ``pre_shift`` before requantization (already added into
-    ``shift``). ``rounding``: the requantization mode (:data:`~precsim.integer.fixedpoint.ROUNDINGS`).
+    ``shift``). ``rounding``: the requantization mode (:data:`~precsim.integer.fixedpoint.REQUANT_ROUNDINGS`).
     """
 
     kind: ClassVar[str] = "conv"
@@ -593,7 +589,7 @@ class AvgPoolOp(Op):
     rounding: str = "gemmlowp"
 
     def __post_init__(self) -> None:
-        check_rounding(self.rounding)
+        check_requant_rounding(self.rounding)
 
     def multiplier_for(self, count: int) -> tuple[int, int]:
         """(M0, shift) for a window of ``count`` elements (conversion-time maths, cached)."""

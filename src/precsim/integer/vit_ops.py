@@ -28,7 +28,7 @@ from torch import Tensor
 
 from precsim.integer.fixedpoint import (
     INT32_MAX,
-    check_rounding,
+    check_requant_rounding,
     multiply_by_quantized_multiplier,
     requantize,
     shift_right_rounded,
@@ -115,7 +115,7 @@ class MatMulOp(Op):
         init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_rounding(self.rounding)
+        check_requant_rounding(self.rounding)
 
     def plan(self, k: int) -> tuple[torch.dtype, int, FixedPointMultiplier]:
         """(accumulator dtype, pre_shift, multiplier) for inner size ``k``."""

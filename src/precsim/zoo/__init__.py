@@ -6,8 +6,8 @@ attach to every intermediate result; datasets load from local files only.
 them with.
 """
 
+from precsim.qat.markers import Add, MatMul
 from precsim.zoo.data import DATASETS, load_dataset
-from precsim.zoo.layers import Add, MatMul
 from precsim.zoo.models import MLP, MODELS, ResNet, ViT, get_model
 from precsim.zoo.training import train_steps
 

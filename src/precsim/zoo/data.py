@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["DATASETS", "load_dataset", "stratified_split"]
+__all__ = ["DATASETS", "SHAPES", "load_dataset", "stratified_split"]
 
 # A raw loader returns (x_train, y_train, x_test, y_test) as numpy arrays,
 # images (N, C, H, W) in their original value range, labels integer.
@@ -181,6 +181,12 @@ DATASETS: dict[str, Callable[[str | None, int, float], _RawSplit]] = {
     "mnist5k": _load_mnist5k,
     "digits": _load_digits,
     "cifar10": _load_cifar10,
+}
+# (channels, height, width) of each dataset's images, known without loading it; 10 classes each
+SHAPES: dict[str, tuple[int, int, int]] = {
+    "mnist5k": (1, 28, 28),
+    "digits": (1, 8, 8),
+    "cifar10": (3, 32, 32),
 }
 
 

@@ -1,8 +1,8 @@
 """Small reference models for precision experiments.
 
 Every op whose output may need a quantizer is its own ``nn.Module`` instance:
-each activation, each residual add (:class:`~precsim.zoo.layers.Add`), each
-activation-by-activation product (:class:`~precsim.zoo.layers.MatMul`), each
+each activation, each residual add (:class:`~precsim.qat.markers.Add`), each
+activation-by-activation product (:class:`~precsim.qat.markers.MatMul`), each
 softmax and each LayerNorm. precsim attaches quantizers to module outputs and
 its integer converter rewrites models module by module, so an inline
 ``F.relu(x)`` or ``x + y`` would silently escape simulation. For the same
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from precsim.zoo.layers import Add, MatMul
+from precsim.qat.markers import Add, MatMul
 
 __all__ = ["MLP", "ResNet", "BasicBlock", "ViT", "MODELS", "get_model"]
 

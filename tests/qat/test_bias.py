@@ -1,4 +1,4 @@
-"""``bias: int32``: the simulated conv/linear adds its bias as int32 codes at S_in * S_w (precsim.bias)."""
+"""``bias: int32``: the simulated conv/linear adds its bias as int32 codes at S_in * S_w (precsim.qat.bias)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 import precsim
-from precsim.bias import bias_setting, input_quantizer, layer_bias_codes, round_half_away
-from precsim.config import QuantConfig
-from precsim.fold import trace
 from precsim.integer.convert import convert
 from precsim.integer.ops import ConvOp
-from precsim.quantizer import Quantizer
+from precsim.qat.bias import bias_setting, input_quantizer, layer_bias_codes, round_half_away
+from precsim.qat.config import QuantConfig
+from precsim.qat.graph import trace
+from precsim.qat.quantizer import Quantizer
 
 
 class Net(nn.Module):

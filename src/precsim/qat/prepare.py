@@ -6,7 +6,7 @@
 - Weights (and weight gradients): a parametrization (``torch.nn.utils.parametrize``) returns the
   rounded weight; its backward rounds the gradient of the stored weight.
 - Biases, with ``bias: int32``: a parametrization rounds them to int32 codes at ``S_in S_w``
-  (:mod:`precsim.bias`).
+  (:mod:`precsim.qat.bias`).
 
 Default placement follows Tamiya et al.: outputs of Conv, Linear, BatchNorm, ReLU/ReLU6 and
 :class:`QuantPoint`, weights of Conv and Linear. Other modules take part when a rule selects
@@ -22,24 +22,17 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from precsim.bias import quantize_biases
-from precsim.config import ROLES, QuantConfig, RoleSpec
-from precsim.fold import fold_batchnorms
-from precsim.quantizer import Quantizer, mix_seed
+from precsim.formats.random import mix_seed
+from precsim.qat.bias import quantize_biases
+from precsim.qat.config import ROLES, QuantConfig, RoleSpec
+from precsim.qat.fold import fold_batchnorms
+from precsim.qat.markers import CONTAINERS, WEIGHT_TYPES, QuantPoint
+from precsim.qat.quantizer import Quantizer
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6,
 )
-WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
-class QuantPoint(nn.Module):
-    """Identity that marks a tensor for quantization (like the paper's QuantStub)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x
 
 
 def _is_float(x: Any) -> bool:
@@ -70,7 +63,7 @@ def resolve(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, RoleSp
     plan: dict[str, dict[str, RoleSpec | None]] = {}
     used = [False] * len(config.rules)
     for name, module in model.named_modules():
-        if isinstance(module, (*_CONTAINERS, Quantizer)) or name.split(".")[-1].startswith("precsim_"):
+        if isinstance(module, (*CONTAINERS, Quantizer)) or name.split(".")[-1].startswith("precsim_"):
             continue
         type_name = tuple(c.__name__ for c in type(module).__mro__)  # a rule's type matches subclasses
         default = isinstance(module, (*DEFAULT_TYPES, QuantPoint))

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 import precsim
 from precsim.integer.convert import convert, integer_config
 from precsim.integer.exact import integer_exact
-from precsim.quantizer import Quantizer
+from precsim.qat.quantizer import Quantizer
 from precsim.zoo import get_model
 
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import precsim
-from precsim.config import QuantConfig
-from precsim.fold import FoldedWeight, find_fold_chains, fold_conv_bn
-from precsim.quantizer import Quantizer
+from precsim.qat.config import QuantConfig
+from precsim.qat.fold import FoldedWeight, find_fold_chains, fold_conv_bn
+from precsim.qat.quantizer import Quantizer
 from precsim.zoo import get_model
 
 
@@ -28,7 +28,7 @@ def _random_bn(c: int, seed: int, dims: int = 2) -> nn.Module:
 
 
 def _explicit_fold(w: torch.Tensor, b: torch.Tensor | None, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The textbook formulas, written out independently of precsim.fold."""
+    """The textbook formulas, written out independently of precsim.qat.fold."""
     std = torch.sqrt(bn.running_var + bn.eps)
     factor = bn.weight / std
     w_ref = w * factor.view(-1, *([1] * (w.dim() - 1)))

@@ -25,10 +25,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from precsim.formats import DSEFormat, FloatFormat, Format, parse_format, quantize
-from precsim.formats.random import random_bits
+from precsim.formats import Format, parse_format
+from precsim.formats.random import mix_seed, random_bits
 from precsim.formats.rounding import check_rounding
-from precsim.quantizer import mix_seed
+from precsim.runtime import quantize
 
 _KEY = "precsim_quantized"
 
@@ -40,9 +40,10 @@ def _format_or_none(what: str, spec: str | Format | None) -> Format | None:
         fmt = parse_format(spec)
     except ValueError as err:
         raise ValueError(f"QuantizedOptimizer {what}: {err}") from None
-    if isinstance(fmt, DSEFormat) and fmt.delayed:
-        raise ValueError(f"QuantizedOptimizer {what}: delayed DSE needs per-tensor history; use dse(...) without delayed")
-    if isinstance(fmt, FloatFormat) and fmt.is_float32:
+    if fmt.state is not None and fmt.state.delayed:
+        raise ValueError(f"QuantizedOptimizer {what}: {fmt.name} is delayed, which needs per-tensor history; "
+                         "use it without delayed (e.g. dse(...) without delayed=true)")
+    if fmt == parse_format("fp32"):  # every float32 value is representable: nothing to round
         return None
     return fmt
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import precsim
-from precsim.formats.backend import compile_enabled, set_compile
-from precsim.ownership import owns_gradient
-from precsim.zoo.layers import Add
+from precsim.qat.markers import Add
+from precsim.runtime.backend import compile_enabled, set_compile
+from precsim.runtime.ownership import owns_gradient
 from qat._models import ResidualMLP
 
 
@@ -107,7 +107,7 @@ def test_in_place_backward_equals_eager(name: str, monkeypatch: pytest.MonkeyPat
         assert torch.equal(g, g_before)
         return [x.grad] + [p.grad for p in model.parameters()]
 
-    import precsim.quantizer as quantizer
+    import precsim.qat.quantizer as quantizer
 
     owned = []
 

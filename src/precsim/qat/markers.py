@@ -1,10 +1,14 @@
-"""Module wrappers for functional tensor ops.
+"""Markers: the module types that say where a model computes what precsim quantizes.
 
 Quantizers in precsim are attached to *module outputs* (via forward hooks) and
 the integer converter rewrites models module by module. An op written inline
-as ``a + b`` or ``a @ b`` is invisible to both, so the model zoo routes every
-such op that needs its own quantizer through one of these tiny modules. Use a
+as ``a + b`` or ``a @ b`` is invisible to both, so a model routes every
+such op that needs its own quantizer through one of these tiny modules
+(:class:`QuantPoint` marks a plain tensor, like the paper's QuantStub). Use a
 separate instance per call site so each site gets its own quantizer.
+
+The type tables below (layers with weights, containers) are the one list that
+``prepare``, BN folding, bias quantization and ``convert`` share.
 """
 
 from __future__ import annotations
@@ -12,7 +16,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Add", "MatMul"]
+__all__ = ["CONTAINERS", "WEIGHT_TYPES", "Add", "MatMul", "QuantPoint"]
+
+# layers whose weight is quantized and that an integer model runs as one GEMM
+WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# modules that only hold others: never a leaf of the traced graph, never a quantization point
+CONTAINERS: tuple[type[nn.Module], ...] = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+class QuantPoint(nn.Module):
+    """Identity that marks a tensor for quantization (like the paper's QuantStub)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class Add(nn.Module):

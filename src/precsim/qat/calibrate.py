@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from precsim.config import QuantConfig
-from precsim.prepare import prepare
-from precsim.quantizer import Quantizer
+from precsim.qat.config import QuantConfig
+from precsim.qat.prepare import prepare
+from precsim.qat.quantizer import Quantizer
 
 __all__ = ["calibrate"]
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from precsim.formats.kernel import Kernel
+from precsim.runtime.kernel import Kernel
 
 _OFF = ("0", "", "false", "False", "off", "no")
 _state = {"compile": os.environ.get("PRECSIM_COMPILE", "1") not in _OFF}
@@ -95,7 +95,7 @@ _probe_s = [0.0]  # seconds :func:`compiler_works` took (see :func:`compile_seco
 
 
 def _check_compiler() -> bool:
-    from precsim.formats.kernel import _same_bits
+    from precsim.runtime.kernel import _same_bits
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-(2**31), 2**31 - 1, (8192,), dtype=torch.int32, generator=g).view(torch.float32).clone()
@@ -150,6 +150,18 @@ def _available(options: dict[str, Any]) -> dict[str, Any]:
         return hasattr(getattr(config, section) if section else config, name)
 
     return {k: v for k, v in options.items() if has(k)}
+
+
+def blocked(fmt: Any) -> bool:
+    """Whether ``fmt`` rounds blocks of elements (:meth:`BlockFormat.quantize_blocks`), which
+    :func:`run_quantize` cuts outside the kernel."""
+    return hasattr(fmt, "quantize_blocks")
+
+
+def per_tensor_format(fmt: Any) -> bool:
+    """Whether ``fmt`` rounds every element alike, with at most one value for the whole tensor
+    (no channel axis, groups or blocks): a kernel may then see any tensor flat."""
+    return getattr(fmt, "axis", None) is None and getattr(fmt, "group_size", None) is None and not blocked(fmt)
 
 
 def inline_kernel(fmt: Any, rounding: str) -> bool:
@@ -331,9 +343,9 @@ def run_quantize(fmt: Any, x: Tensor, rounding: str = "nearest", seed: Tensor | 
     in, a padded output and a copy out (the next layer copied the strided view): 3-4x the
     step time of FP32 for MXFP8 on the zoo ResNet.
     """
-    if params.get("random_bits") is not None and hasattr(fmt, "quantize_blocks"):
+    if params.get("random_bits") is not None and blocked(fmt):
         return fmt.quantize(x, rounding, seed=seed, **params)  # explicit bits for blocks: eager
-    if not params and hasattr(fmt, "quantize_blocks") and x.dim() > 0 and compile_enabled():
+    if not params and blocked(fmt) and x.dim() > 0 and compile_enabled():
         axis = fmt.block_axis(x.dim())
         if axis != x.dim() - 1:  # across the memory layout: blocks of channels at each position
             c = x.shape[axis]
@@ -361,7 +373,6 @@ def run_quantize(fmt: Any, x: Tensor, rounding: str = "nearest", seed: Tensor | 
     keys = tuple(sorted(params))
     values = tuple(params[k] for k in keys)
     # one kernel for every shape where the format and its parameters are per tensor or per element
-    flat = (getattr(fmt, "axis", None) is None and getattr(fmt, "group_size", None) is None
-            and not hasattr(fmt, "quantize_blocks")
+    flat = (per_tensor_format(fmt)
             and all(not isinstance(v, Tensor) or v.dim() == 0 or v.shape == x.shape for v in values))
     return call(_quantize, x, (seed, *values), (fmt, rounding, keys), inline=inline_kernel(fmt, rounding), flat=flat)

@@ -29,60 +29,22 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
-from precsim.quantizer import Quantizer
+from precsim.qat.graph import trace
+from precsim.qat.markers import WEIGHT_TYPES
+from precsim.qat.quantizer import Quantizer
 
-FOLDABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 __all__ = [
     "FoldChain",
     "FoldedWeight",
-    "ModuleTracer",
     "bn_scale",
     "find_fold_chains",
     "fold_batchnorms",
     "fold_conv_bn",
     "folded_weight_input",
-    "trace",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Tracing: the dataflow between modules (hooks are not traced, so quantizers stay attached)
-# --------------------------------------------------------------------------------------------
-
-
-def _own_children(module: nn.Module) -> list[nn.Module]:
-    """Children that belong to the user's model (not precsim quantizers or parametrizations)."""
-    return [c for n, c in module.named_children() if not (n.startswith("precsim_") or n == "parametrizations")]
-
-
-class ModuleTracer(fx.Tracer):
-    """fx tracer whose leaves are the modules that compute (own no sub-modules) or carry quantizers.
-
-    The default tracer would trace *into* small user modules such as ``precsim.zoo.Add`` and
-    record an anonymous ``operator.add``; the quantizer hooked on that module would then be lost.
-    """
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, _CONTAINERS):
-            return False
-        if isinstance(m, Quantizer) or hasattr(m, "precsim_activation") or hasattr(m, "precsim_input"):
-            return True
-        return super().is_leaf_module(m, module_qualified_name) or not _own_children(m)
-
-
-def trace(model: nn.Module) -> fx.Graph:
-    """The module-level dataflow graph of ``model``; a clear error if torch.fx cannot trace it."""
-    try:
-        return ModuleTracer().trace(model)
-    except Exception as err:  # fx raises many types (TraceError, TypeError, ...)
-        raise ValueError(
-            f"precsim needs the dataflow of {type(model).__name__} and torch.fx cannot trace it: "
-            f"{type(err).__name__}: {err}. Keep data-dependent Python control flow out of forward()."
-        ) from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +147,7 @@ def find_fold_chains(model: nn.Module, graph: fx.Graph | None = None) -> list[Fo
             calls[node.target] = calls.get(node.target, 0) + 1
     chains = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], FOLDABLE):
+        if node.op != "call_module" or not isinstance(modules[node.target], WEIGHT_TYPES):
             continue
         conv, user = modules[node.target], _only_user(node)
         if user is None or user.op != "call_module" or not isinstance(modules[user.target], BATCHNORMS):

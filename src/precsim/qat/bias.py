@@ -9,7 +9,7 @@ an error the simulation does not see.
 
 ``S_in`` is the scale of the quantizer that produced the layer's input codes: its own
 ``input`` quantizer, else the activation quantizer upstream, found once in the fx graph
-through the ops that keep codes and scale: pure layout ops (flatten, reshape/view,
+through the ops that keep codes and scale (their rules are in :mod:`precsim.qat.graph`): pure layout ops (flatten, reshape/view,
 transpose/permute, unflatten, squeeze, contiguous, indexing, unbind/chunk/split and their
 pieces, concatenation of equally quantized tensors), max pooling, ReLU clamps, dropout and
 identity. A multiplication or division by a positive constant number (``x * c``, ``x / c``)
@@ -36,33 +36,21 @@ and the bias is left alone.
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
-from precsim.config import QuantConfig
-from precsim.fold import FOLDABLE, FoldedWeight, bn_scale, folded_weight_input, trace
 from precsim.formats import IntFormat
-from precsim.quantizer import Quantizer
+from precsim.qat.config import QuantConfig
+from precsim.qat.fold import FoldedWeight, bn_scale, folded_weight_input
+from precsim.qat.graph import KEEP_CODES_FUNCS, KEEP_CODES_METHODS, KEEP_CODES_MODULES, constant_factor, trace
+from precsim.qat.markers import WEIGHT_TYPES
+from precsim.qat.quantizer import Quantizer
 
 __all__ = ["IntBias", "accumulator_scale", "accumulator_scale_of", "bias_codes", "bias_setting", "input_quantizer",
            "int_bias_of", "layer_bias_codes", "quantize_biases", "round_half_away", "weight_quantizer"]
-
-_KEEP_CODES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten,
-               nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.ReLU, nn.ReLU6)
-# Ops whose first argument's codes (or pieces of them) pass through with the same scale and zero point.
-_LAYOUT_FUNCS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
-                 torch.unflatten, torch.unbind, torch.chunk, torch.split, torch.narrow, torch.select,
-                 operator.getitem)
-_KEEP_FUNCS = (*_LAYOUT_FUNCS, torch.relu, F.relu, F.relu6, F.max_pool1d, F.max_pool2d, F.max_pool3d)
-_KEEP_METHODS = ("flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze", "transpose", "permute", "t",
-                 "unflatten", "unbind", "chunk", "split", "narrow", "select", "expand", "relu")
-_MUL_FUNCS = (operator.mul, torch.mul)
-_DIV_FUNCS = (operator.truediv, torch.div)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,29 +90,12 @@ def _describe_node(n: fx.Node) -> str:
     return f"{what!r} (graph node {n.name!r})"
 
 
-def _constant_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
-    """``(x, f)`` for ``x * c``, ``c * x`` (f = c) or ``x / c`` (f = 1/c) with a positive constant
-    number ``c``: the cases :func:`precsim.convert` folds into the codes' scale."""
-    if node.op != "call_function" or node.kwargs or len(node.args) != 2:
-        return None
-    divide = node.target in _DIV_FUNCS
-    if not (divide or node.target in _MUL_FUNCS):
-        return None
-    x, c = node.args
-    if not divide and not isinstance(x, fx.Node):
-        x, c = c, x
-    if not isinstance(x, fx.Node) or isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
-        return None
-    return x, 1.0 / float(c) if divide else float(c)
-
-
 def _trace_input(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Quantizer | None, str, tuple[float, ...]]:
     """The quantizer whose codes reach ``node``'s first input and the constant factors on the way
     (in the order they apply), or None and the op where the search stopped."""
     if node.op == "call_module" and _is_point(getattr(modules[str(node.target)], "precsim_input", None)):
         return modules[str(node.target)].precsim_input, "", ()  # type: ignore[return-value]
     arg = node.args[0] if node.args else None
-    from precsim.prepare import QuantPoint  # prepare imports this module
 
     factors: list[float] = []  # upstream order: reversed at the end
     while isinstance(arg, fx.Node):
@@ -133,18 +104,18 @@ def _trace_input(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Quantize
             act, inp = getattr(m, "precsim_activation", None), getattr(m, "precsim_input", None)
             if _is_point(act):
                 return act, "", tuple(reversed(factors))  # type: ignore[return-value]
-            if not isinstance(m, (*_KEEP_CODES, QuantPoint)):
+            if not isinstance(m, KEEP_CODES_MODULES):
                 return None, f"{_describe_node(arg)}, a {type(m).__name__} with no activation quantizer", ()
             if _is_point(inp):
                 return inp, "", tuple(reversed(factors))  # type: ignore[return-value]
         elif arg.op == "placeholder":
             return None, f"the model input {arg.name!r}, not quantized", ()
-        elif (scaled := _constant_factor(arg)) is not None:
+        elif (scaled := constant_factor(arg)) is not None:
             arg = scaled[0]
             factors.append(scaled[1])
             continue
-        elif not ((arg.op == "call_function" and arg.target in _KEEP_FUNCS)
-                  or (arg.op == "call_method" and arg.target in _KEEP_METHODS)
+        elif not ((arg.op == "call_function" and arg.target in KEEP_CODES_FUNCS)
+                  or (arg.op == "call_method" and arg.target in KEEP_CODES_METHODS)
                   or (arg.op == "call_function" and arg.target is torch.cat)):
             return None, f"{_describe_node(arg)}, which makes new values at another scale", ()
         first = arg.args[0] if arg.args else None
@@ -328,7 +299,7 @@ def quantize_biases(model: nn.Module, config: QuantConfig) -> list[str]:
     layer when its input or weights are not integer-quantized (no ``S_in`` or ``S_w``).
     """
     modules = dict(model.named_modules())
-    wanted = [n for n, m in modules.items() if isinstance(m, FOLDABLE) and bias_setting(n, m, config) == "int32"]
+    wanted = [n for n, m in modules.items() if isinstance(m, WEIGHT_TYPES) and bias_setting(n, m, config) == "int32"]
     if not wanted:
         return []
     sources: dict[str, tuple[Quantizer, tuple[float, ...]]] = {}

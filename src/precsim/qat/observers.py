@@ -9,37 +9,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from precsim.formats.integer import finite_only, tensor_range, zero_if_infinite
+
 OBSERVERS: tuple[str, ...] = ("minmax", "running_minmax", "moving_average", "percentile")
-
-
-def _finite_only(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``x`` with its non-finite values made +Inf and -Inf: what a min and a max then ignore."""
-    finite = x.abs() < torch.inf  # isfinite in two vector ops (compiled, isfinite takes six)
-    return torch.where(finite, x, torch.inf), torch.where(finite, x, -torch.inf)
-
-
-def _zero_if_infinite(v: Tensor) -> Tensor:
-    """A reduced min or max, 0 where no finite value was seen."""
-    return torch.where(torch.isfinite(v), v, torch.zeros_like(v))
-
-
-def tensor_range(x: Tensor, dims: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
-    """Min and max of the finite values of ``x`` over ``dims`` (None: all)."""
-    lo, hi = _finite_only(x.detach())
-    if dims is None:
-        lo, hi = lo.amin(), hi.amax()
-    else:
-        lo, hi = lo.amin(dim=dims), hi.amax(dim=dims)
-    return _zero_if_infinite(lo), _zero_if_infinite(hi)
 
 
 def row_ranges(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """For a 2-D ``x``: the range of its finite values, as :func:`tensor_range` over all, and each
     row's plain min and max (NaN propagating), all from one pass (pure). The rows' extremes
     tell which rows may hold values outside a range decided afterwards."""
-    lo, hi = _finite_only(x)
+    lo, hi = finite_only(x)
     lo, hi = lo.amin(dim=1).amin(), hi.amax(dim=1).amax()  # per row first: one pass with the rows' extremes
-    return _zero_if_infinite(lo), _zero_if_infinite(hi), x.amin(dim=1), x.amax(dim=1)
+    return zero_if_infinite(lo), zero_if_infinite(hi), x.amin(dim=1), x.amax(dim=1)
 
 
 def percentile_range(x: Tensor, dims: tuple[int, ...] | None, q: float) -> tuple[Tensor, Tensor]:

@@ -21,10 +21,9 @@ from typing import Any
 
 import yaml
 
-from precsim.formats import Format, IntFormat, parse_format
-from precsim.formats.parse import FORMAT_TYPES
+from precsim.formats import Format, parse_format
 from precsim.formats.rounding import ROUNDINGS
-from precsim.observers import OBSERVERS
+from precsim.qat.observers import OBSERVERS
 
 ROLES: tuple[str, ...] = ("activation", "input", "weight", "gradient", "weight_gradient")
 GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel")
@@ -75,7 +74,7 @@ def parse_role(role: str, value: Any, ctx: str = "") -> RoleSpec:
     """A role value (spec string or dict) -> RoleSpec, with errors naming the bad key/value."""
     if isinstance(value, RoleSpec):
         return value
-    if isinstance(value, str) or isinstance(value, FORMAT_TYPES):
+    if isinstance(value, (str, Format)):
         value = {"format": value}
     if not isinstance(value, dict):
         raise ValueError(f"role {role!r}{_where(ctx)}: expected a format string or a dict, got {value!r}")
@@ -103,11 +102,11 @@ def parse_role(role: str, value: Any, ctx: str = "") -> RoleSpec:
             f"role {role!r}{_where(ctx)}: granularity {granularity!r} not allowed; allowed: {', '.join(GRANULARITIES)}"
         )
     if granularity == "per_channel":
-        if not isinstance(fmt, IntFormat):
+        if not fmt.observed:
             raise ValueError(f"role {role!r}{_where(ctx)}: per_channel needs an integer format, got {fmt.name}")
         axis = value.get("axis", 0 if role in ("weight", "weight_gradient") else 1)
         fmt = dataclasses.replace(fmt, axis=axis, name="")
-    ste = value.get("ste", "clipped" if isinstance(fmt, IntFormat) else "plain")
+    ste = value.get("ste", fmt.default_ste)
     if ste not in STES:
         raise ValueError(f"role {role!r}{_where(ctx)}: ste {ste!r} not allowed; allowed: {', '.join(STES)}")
     scale = value.get("scale")
@@ -120,7 +119,7 @@ def parse_role(role: str, value: Any, ctx: str = "") -> RoleSpec:
     delayed = value.get("delayed", False)
     if not isinstance(delayed, bool):
         raise ValueError(f"role {role!r}{_where(ctx)}: delayed {delayed!r} not allowed; allowed: true, false")
-    if delayed and not (isinstance(fmt, IntFormat) and fmt.group_size is None and observer != "percentile"):
+    if delayed and not (fmt.observed and observer != "percentile"):
         raise ValueError(f"role {role!r}{_where(ctx)}: delayed needs an integer format (not grouped) with a "
                          f"minmax, running_minmax or moving_average observer, got {fmt.name} / {observer}")
     if delayed and role in ("gradient", "weight_gradient") and fmt.axis is not None:

@@ -8,7 +8,7 @@ import pytest
 import sympy
 import torch
 
-from precsim.formats.kernel import Kernel, _guards_hold, signature
+from precsim.runtime.kernel import Kernel, _guards_hold, signature
 
 
 def _affine(x: torch.Tensor, s: torch.Tensor | None, bias: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -50,7 +50,7 @@ def test_direct_calls_run_inductors_code_checked_on_copies(requires_compiler: No
     """Direct calls go below AOTAutograd's wrappers to Inductor's generated code, once that code,
     run on copies of the first call's arguments, gave the first call's bits; code that gives
     other bits keeps the wrappers (here: a stand-in off by one)."""
-    from precsim.formats import kernel
+    from precsim.runtime import kernel
 
     k = Kernel(_affine, "affine_code")
     bias = torch.tensor(0.5)
@@ -174,7 +174,8 @@ def test_a_compiler_that_miscompiles_or_fails_means_eager_kernels(monkeypatch) -
     """The probe before any kernel compiles: wrong bits, or a compiler that raises, turn the
     compiled kernels off with a warning; the quantizers then give the eager results."""
     import precsim
-    from precsim.formats import backend, parse_format
+    from precsim.formats import parse_format
+    from precsim.runtime import backend
 
     def off_by_one_ulp(fn, **kwargs):  # type: ignore[no-untyped-def]
         def run(*args):  # type: ignore[no-untyped-def]

@@ -24,7 +24,7 @@ The first call of each signature is also checked against the eager reference, bi
 on copies of the arguments (outputs and whatever the function writes into its arguments). If
 they differ, that signature runs eagerly from then on, with a warning: a code generator that
 miscompiles costs speed, never correctness (see also
-:func:`precsim.formats.backend.compiler_works`, checked before any kernel compiles).
+:func:`precsim.runtime.backend.compiler_works`, checked before any kernel compiles).
 """
 
 from __future__ import annotations

@@ -12,12 +12,12 @@ import torch
 
 import precsim
 from precsim.formats import parse_format
-from precsim.formats.backend import kernels
 from precsim.formats.random import draw_seed
+from precsim.runtime.backend import kernels
 
 _PROBE = """
 import torch, precsim
-from precsim.formats.backend import compile_enabled, kernels
+from precsim.runtime.backend import compile_enabled, kernels
 torch.manual_seed(0)
 x = torch.randn(4096)
 y = precsim.quantize(x, "fp8_e4m3")
