@@ -178,3 +178,34 @@ def test_codes_interface() -> None:
     codes = quantize_codes(x, s, z, fmt.qmin, fmt.qmax)
     assert codes.dtype == torch.int32
     assert torch.equal(codes.float() * s, quantize(x, fmt))
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("compile_kernels", [False, True])
+@pytest.mark.parametrize("spec", ["int8", "int8(axis=0)", "int8(group=8)", "uint8"])
+def test_no_finite_value_gives_scale_one(spec: str, compile_kernels: bool, request) -> None:
+    """The documented policy (docs/guide.md, Inf and NaN): where a tensor, channel or group has
+    no finite value its range is [0, 0], as for all zeros, so S = 1: ±Inf become qmin and qmax
+    (times 1), NaN stays NaN; nothing raises and no scale is made up from the Inf."""
+    if compile_kernels:
+        request.getfixturevalue("compiled")
+    fmt = parse_format(spec)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, generator=g)
+    specials = torch.tensor([INF, -INF, NAN, INF]).repeat(8)
+    whole = spec in ("int8", "uint8")
+    if whole:  # per tensor: nothing finite anywhere
+        x = specials.reshape(8, 4).repeat(1, 4)
+    else:  # row 2 (a channel; two groups) has no finite value, the other rows keep their own scales
+        x[2] = specials[:16]
+    y = quantize(x, spec)
+    ends = torch.where(x > 0, float(fmt.qmax), float(fmt.qmin))
+    nonfinite = ~torch.isfinite(x)
+    assert torch.equal(y[nonfinite & ~x.isnan()], ends[nonfinite & ~x.isnan()])
+    assert y[x.isnan()].isnan().all()
+    if not whole:
+        assert_same_bits(y[2], torch.where(x[2].isnan(), x[2], ends[2]))
+        others = torch.cat([x[:2], x[3:]])
+        assert_same_bits(torch.cat([y[:2], y[3:]]), quantize(others, spec))

@@ -68,20 +68,21 @@ def test_observer_ignores_non_finite_values() -> None:
 
 
 def test_row_ranges_are_the_tensor_range_and_each_rows_extremes() -> None:
-    """One pass gives the finite range of the whole tensor (as tensor_range) and each row's
+    """One pass gives the finite range of the whole tensor (as finite_range) and each row's
     plain min and max, NaN and Inf included (they flag a row for the clipped-STE search)."""
-    from precsim.qat.observers import row_ranges, tensor_range
+    from precsim.formats.integer import finite_range
+    from precsim.qat.observers import row_ranges
 
     x = torch.randn(8, 50)
     x[1, 3], x[2, 7], x[5, :] = float("nan"), -float("inf"), float("nan")
     lo, hi, row_min, row_max = row_ranges(x)
-    want_lo, want_hi = tensor_range(x, None)
+    want_lo, want_hi = finite_range(x, None)
     assert torch.equal(lo, want_lo) and torch.equal(hi, want_hi) and torch.isfinite(lo) and torch.isfinite(hi)
     torch.testing.assert_close(row_min, x.amin(dim=1), rtol=0, atol=0, equal_nan=True)
     assert row_min[1].isnan() and row_min[2] == -float("inf") and row_max[5].isnan()
     assert torch.equal(row_max[[0, 3, 4, 6, 7]], x[[0, 3, 4, 6, 7]].amax(dim=1))
     all_nan = torch.full((2, 4), float("nan"))
-    assert [float(v) for v in row_ranges(all_nan)[:2]] == [0.0, 0.0]
+    assert [float(v) for v in row_ranges(all_nan)[:2]] == [INF, -INF]  # empty: the observer keeps its range
 
 
 def test_quantizer_observers_follow_reference_in_training_only() -> None:
@@ -201,3 +202,68 @@ def test_delayed_observer_rejected_where_it_does_not_apply(role) -> None:
 
     with pytest.raises(ValueError, match="delayed"):
         parse_role("activation", role)
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("kind", ["minmax", "running_minmax", "moving_average", "percentile"])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_a_tensor_with_no_finite_value_leaves_the_range(kind: str, axis) -> None:
+    """The documented policy: an observer measures the finite values; a tensor (or channel)
+    with none leaves the stored range as it was ([0, 0] and not initialized before any)."""
+    first = Observer(kind, axis=axis)
+    first.update(torch.full((6, 3, 4), NAN))
+    assert not bool(first.initialized) and not first.min_val.any() and not first.max_val.any()
+    x = torch.randn(6, 3, 4)
+    first.update(x)  # the first finite tensor starts the range, as if nothing came before
+    obs = Observer(kind, axis=axis)
+    obs.update(x)
+    assert torch.equal(first.min_val, obs.min_val) and torch.equal(first.max_val, obs.max_val)
+    for bad in (torch.full((6, 3, 4), NAN), torch.tensor([INF, -INF, NAN]).repeat(6, 3, 1)[..., [0, 1, 2, 0]]):
+        before = obs.min_val.clone(), obs.max_val.clone()
+        obs.update(bad)
+        assert torch.equal(obs.min_val, before[0]) and torch.equal(obs.max_val, before[1])
+    if axis is not None:  # channel 0 without a finite value keeps its range, the others move on
+        y = torch.randn(6, 3, 4) * 5
+        y[:, 0] = NAN
+        before = obs.min_val.clone()
+        obs.update(y)
+        assert obs.min_val[0] == before[0] and (kind == "running_minmax" or obs.min_val[1] != before[1])
+
+
+def test_percentile_observer_measures_finite_values_only() -> None:
+    """One NaN used to make the percentile range NaN, and every output with it."""
+    x = torch.randn(1000)
+    dirty = x.clone()
+    dirty[::100], dirty[1::100], dirty[2::100] = NAN, INF, -INF
+    ref, obs = Observer("percentile", percentile=99.0), Observer("percentile", percentile=99.0)
+    ref.update(x[torch.isfinite(dirty)])
+    obs.update(dirty)
+    assert torch.equal(obs.min_val, ref.min_val) and torch.equal(obs.max_val, ref.max_val)
+
+
+@pytest.mark.parametrize("compile_kernels, delayed", [(False, False), (True, False), (True, True)])
+def test_prepared_point_rounds_non_finite_tensors_on_its_stored_range(compile_kernels: bool, delayed: bool,
+                                                                      request) -> None:
+    """In a prepared model: an all-Inf/NaN tensor saturates to the ends of the grid of the range
+    observed so far (±qmax S, NaN stays NaN) and leaves the range; before any finite value, the
+    range is [0, 0] and S = 1 (±Inf become qmin, qmax), as for precsim.quantize."""
+    if compile_kernels:
+        request.getfixturevalue("compiled")
+    model = precsim.prepare(nn.Linear(64, 64), {"activation": {"format": "int8", "delayed": delayed}}).train()
+    point, obs = model.precsim_activation, model.precsim_activation.observer
+    bad = torch.tensor([INF, -INF, NAN, INF]).repeat(16, 16).requires_grad_()  # 2-D, 1024: the compiled STE path
+    y = point(bad)
+    assert not bool(obs.initialized)
+    torch.testing.assert_close(y, torch.where(bad.isnan(), bad, torch.where(bad > 0, 127.0, -128.0)), rtol=0, atol=0,
+                               equal_nan=True)
+    model(torch.randn(16, 64))
+    lo, hi = obs.min_val.clone(), obs.max_val.clone()
+    for train in (True, False):
+        point.train(train)
+        y = point(bad)
+        scale = float(torch.maximum(-lo, hi)) / 127
+        want = torch.where(bad.isnan(), bad, torch.where(bad > 0, 127 * scale, -128 * scale))
+        torch.testing.assert_close(y, want, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(obs.min_val, lo) and torch.equal(obs.max_val, hi)

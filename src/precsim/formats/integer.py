@@ -31,13 +31,19 @@ def zero_if_infinite(v: Tensor) -> Tensor:
     return torch.where(torch.isfinite(v), v, torch.zeros_like(v))
 
 
-def tensor_range(x: Tensor, dims: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
-    """Min and max of the finite values of ``x`` over ``dims`` (None: all)."""
+def finite_range(x: Tensor, dims: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
+    """Min and max of the finite values of ``x`` over ``dims`` (None: all); +Inf and -Inf (an
+    empty range, lo > hi) where there is none: what an observer must tell from [0, 0]."""
     lo, hi = finite_only(x.detach())
     if dims is None:
-        lo, hi = lo.amin(), hi.amax()
-    else:
-        lo, hi = lo.amin(dim=dims), hi.amax(dim=dims)
+        return lo.amin(), hi.amax()
+    return lo.amin(dim=dims), hi.amax(dim=dims)
+
+
+def tensor_range(x: Tensor, dims: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
+    """Min and max of the finite values of ``x`` over ``dims`` (None: all); [0, 0] where there
+    is none, the range of an all-zero tensor (see :meth:`IntFormat.choose_qparams`)."""
+    lo, hi = finite_range(x, dims)
     return zero_if_infinite(lo), zero_if_infinite(hi)
 
 
@@ -193,7 +199,13 @@ class IntFormat:
         return tuple(d for d in range(x.dim()) if d != axis)
 
     def choose_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Scale and zero point from the tensor itself, shaped to broadcast against ``x``."""
+        """Scale and zero point from the tensor itself, shaped to broadcast against ``x``.
+
+        The range is that of the finite values (per tensor, channel or group). Where there is
+        none (all ±Inf or NaN) it is [0, 0], as for all zeros: scale 1, so ±Inf become the
+        codes' ends (qmin, qmax) and NaN stays NaN. No scale is made up from the Inf, and
+        nothing raises: a diverging run stays visible, not stopped (docs/guide.md, Inf and NaN).
+        """
         finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
         if self.group_size is not None:
             g = self._grouped(finite)

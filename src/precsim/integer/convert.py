@@ -273,8 +273,8 @@ class _Lowering:
             raise ConversionError(f"{where} uses the 'minmax' observer, which takes the range of every batch anew; "
                                   "an integer model needs a fixed range: use moving_average or running_minmax")
         if not bool(obs.initialized):
-            raise ConversionError(f"{where} has not observed any data: train the model, or calibrate it with "
-                                  "precsim.calibrate, before convert()")
+            raise ConversionError(f"{where} has not observed any data (no finite value yet): train the model, "
+                                  "or calibrate it with precsim.calibrate, before convert()")
         scale, zp = fmt.qparams(obs.min_val.cpu(), obs.max_val.cpu())
         return QParams(float(scale), int(zp), fmt.qmin, fmt.qmax)
 

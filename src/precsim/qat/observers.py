@@ -2,6 +2,11 @@
 
 State lives in registered buffers, so ``state_dict()``/``load_state_dict()`` restore it exactly
 (the I-ViT reference keeps ranges in plain attributes and loses them on reload).
+
+Every observer measures the finite values only. A tensor (or a channel) with no finite value
+leaves the stored range as it was, [0, 0] before any: one all-NaN or all-Inf batch says
+nothing about the range, and must not pull a moving average towards zero. The point then
+rounds on that range, so ±Inf saturate to its ends as they do beside finite values.
 """
 
 from __future__ import annotations
@@ -9,22 +14,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from precsim.formats.integer import finite_only, tensor_range, zero_if_infinite
+from precsim.formats.integer import finite_only, finite_range, zero_if_infinite
 
 OBSERVERS: tuple[str, ...] = ("minmax", "running_minmax", "moving_average", "percentile")
 
 
 def row_ranges(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """For a 2-D ``x``: the range of its finite values, as :func:`tensor_range` over all, and each
+    """For a 2-D ``x``: the range of its finite values, as :func:`finite_range` over all, and each
     row's plain min and max (NaN propagating), all from one pass (pure). The rows' extremes
     tell which rows may hold values outside a range decided afterwards."""
     lo, hi = finite_only(x)
     lo, hi = lo.amin(dim=1).amin(), hi.amax(dim=1).amax()  # per row first: one pass with the rows' extremes
-    return zero_if_infinite(lo), zero_if_infinite(hi), x.amin(dim=1), x.amax(dim=1)
+    return lo, hi, x.amin(dim=1), x.amax(dim=1)
 
 
 def percentile_range(x: Tensor, dims: tuple[int, ...] | None, q: float) -> tuple[Tensor, Tensor]:
-    """The (100 - q)-th and q-th percentiles: a range that ignores rare outliers."""
+    """The (100 - q)-th and q-th percentiles of the finite values: a range that ignores rare
+    outliers; +Inf and -Inf where there is no finite value, as :func:`finite_range`."""
     x = x.detach().float()
     if dims is None:
         flat = x.reshape(1, -1)
@@ -33,8 +39,9 @@ def percentile_range(x: Tensor, dims: tuple[int, ...] | None, q: float) -> tuple
         flat = x.permute(*keep, *dims).reshape(x.shape[keep[0]] if keep else 1, -1)
     if flat.shape[1] > 2**16:  # quantile of a strided sample keeps this cheap
         flat = flat[:, :: flat.shape[1] // 2**16 + 1]
-    lo = torch.quantile(flat, 1 - q / 100, dim=1)
-    hi = torch.quantile(flat, q / 100, dim=1)
+    flat = torch.where(torch.isfinite(flat), flat, torch.nan)  # one NaN made the quantile NaN
+    lo = torch.nanquantile(flat, 1 - q / 100, dim=1).nan_to_num(nan=torch.inf)
+    hi = torch.nanquantile(flat, q / 100, dim=1).nan_to_num(nan=-torch.inf)
     if dims is None:
         lo, hi = lo.reshape(()), hi.reshape(())
     return lo, hi
@@ -49,16 +56,23 @@ def reduce_dims(axis: int | None, ndim: int) -> tuple[int, ...] | None:
 
 
 def next_range(lo: Tensor, hi: Tensor, min_val: Tensor, max_val: Tensor, initialized: Tensor,
-               kind: str, momentum: float) -> tuple[Tensor, Tensor]:
-    """The stored range after seeing a tensor whose range is [lo, hi] (pure)."""
-    if kind == "minmax":
-        return lo, hi
+               kind: str, momentum: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The stored range and ``initialized`` after seeing a tensor whose finite values span
+    [lo, hi] (:func:`finite_range`; pure). Where it had none (lo = +Inf, hi = -Inf) the stored
+    range stays, [0, 0] before any, and ``initialized`` waits for a finite value."""
     first = ~initialized
-    if kind == "running_minmax":
-        return (torch.where(first, lo, torch.minimum(min_val, lo)),
-                torch.where(first, hi, torch.maximum(max_val, hi)))
-    return (torch.where(first, lo, min_val + momentum * (lo - min_val)),
-            torch.where(first, hi, max_val + momentum * (hi - max_val)))
+    if kind == "minmax":
+        new_lo, new_hi = lo, hi
+    elif kind == "running_minmax":
+        new_lo = torch.where(first, lo, torch.minimum(min_val, lo))
+        new_hi = torch.where(first, hi, torch.maximum(max_val, hi))
+    else:
+        new_lo = torch.where(first, lo, min_val + momentum * (lo - min_val))
+        new_hi = torch.where(first, hi, max_val + momentum * (hi - max_val))
+    seen = lo <= hi
+    zero = torch.zeros_like(min_val)
+    return (torch.where(seen, new_lo, torch.where(first, zero, min_val)),
+            torch.where(seen, new_hi, torch.where(first, zero, max_val)), initialized | seen.any())
 
 
 def broadcast_range(lo: Tensor, hi: Tensor, axis: int | None, ndim: int) -> tuple[Tensor, Tensor]:
@@ -93,24 +107,30 @@ class Observer(nn.Module):
         self.register_buffer("max_val", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
-    def measure(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _finite_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """This observer's range of ``x`` alone, +Inf and -Inf where it has no finite value."""
         dims = reduce_dims(self.axis, x.dim())
         if self.kind == "percentile":
             return percentile_range(x, dims, self.percentile)
-        return tensor_range(x, dims)
+        return finite_range(x, dims)
+
+    def measure(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """This observer's range of ``x`` alone, [0, 0] where it has no finite value."""
+        lo, hi = self._finite_range(x)
+        return zero_if_infinite(lo), zero_if_infinite(hi)
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
-        lo, hi = self.measure(x)
+        lo, hi = self._finite_range(x)
         if self.min_val.shape != lo.shape:
             self.min_val = torch.zeros_like(lo)
             self.max_val = torch.zeros_like(hi)
             self.initialized.fill_(False)
-        new_lo, new_hi = next_range(lo, hi, self.min_val, self.max_val, self.initialized,
-                                    self.kind, self.momentum)
+        new_lo, new_hi, initialized = next_range(lo, hi, self.min_val, self.max_val, self.initialized,
+                                                 self.kind, self.momentum)
         self.min_val.copy_(new_lo)
         self.max_val.copy_(new_hi)
-        self.initialized.fill_(True)
+        self.initialized.copy_(initialized)
 
     def range_for(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The stored range, shaped to broadcast against ``x``."""

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from precsim.formats.base import Format, ObservedFormat, StatefulFormat
+from precsim.formats.integer import finite_range
 from precsim.formats.rounding import exp2i, exponent_of
-from precsim.qat.observers import broadcast_range, next_range, reduce_dims, row_ranges, tensor_range
+from precsim.qat.observers import broadcast_range, next_range, reduce_dims, row_ranges
 from precsim.runtime.backend import call
 
 GROWTH_INTERVAL = 1000
@@ -191,21 +192,21 @@ def int_point(
     it was recomputed for every element, the division included (int8 rounding then cost 3x
     fp8's).
     """
-    lo, hi = min_val, max_val
+    lo, hi, seen = min_val, max_val, initialized
     row_extremes = None
     if observe_when == "before" and check_outside and x.dim() == 2 and fmt.axis is None:
         x_lo, x_hi, *row_extremes = row_ranges(x)
-        lo, hi = next_range(x_lo, x_hi, min_val, max_val, initialized, kind, momentum)
+        lo, hi, seen = next_range(x_lo, x_hi, min_val, max_val, initialized, kind, momentum)
     elif observe_when == "before":
-        lo, hi = observe(x, min_val, max_val, initialized, fmt.axis, kind, momentum)
+        lo, hi, seen = observe(x, min_val, max_val, initialized, fmt.axis, kind, momentum)
     scale, zp, ste_lo, ste_hi = int_grid(lo, hi, fmt, x.dim())
     q = quantize_on_grid(x, seed, scale, zp, fmt, rounding)
     if observe_when == "after":
-        lo, hi = observe(x, min_val, max_val, initialized, fmt.axis, kind, momentum)
+        lo, hi, seen = observe(x, min_val, max_val, initialized, fmt.axis, kind, momentum)
     if observe_when != "never":
         min_val.copy_(lo)
         max_val.copy_(hi)
-        initialized.fill_(True)
+        initialized.copy_(seen)
     outside = None
     if row_extremes is not None:
         outside = ~((row_extremes[0] >= ste_lo) & (row_extremes[1] <= ste_hi))
@@ -215,9 +216,9 @@ def int_point(
 
 
 def observe(x: Tensor, min_val: Tensor, max_val: Tensor, initialized: Tensor, axis: int | None, kind: str,
-            momentum: float) -> tuple[Tensor, Tensor]:
-    """The observer's next range after seeing ``x`` (pure)."""
-    lo, hi = tensor_range(x, reduce_dims(axis, x.dim()))
+            momentum: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The observer's next range and ``initialized`` after seeing ``x`` (pure)."""
+    lo, hi = finite_range(x, reduce_dims(axis, x.dim()))
     return next_range(lo, hi, min_val, max_val, initialized, kind, momentum)
 
 

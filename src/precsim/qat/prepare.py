@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 from precsim.formats.random import mix_seed
 from precsim.qat.bias import quantize_biases
 from precsim.qat.config import ROLES, QuantConfig, RoleSpec
+from precsim.qat.fingerprint import EXTRA_STATE, checking, decode, mismatch_message
 from precsim.qat.fold import fold_batchnorms
 from precsim.qat.markers import CONTAINERS, WEIGHT_TYPES, QuantPoint
 from precsim.qat.quantizer import Quantizer
@@ -98,6 +99,21 @@ def resolve(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, RoleSp
     return plan
 
 
+def _check_fingerprints(model: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load pre-hook of a prepared model: one error for every saved quantization point prepared
+    with another config (:mod:`precsim.qat.fingerprint`), raised before anything loads."""
+    if not checking():
+        return
+    points = quantizers(model)
+    differing = []
+    for name, q in points:
+        key = f"{prefix}{name}.{EXTRA_STATE}"
+        if key in state_dict and (saved := decode(state_dict[key])) != q.fingerprint:
+            differing.append((prefix + name, saved, q.fingerprint))
+    if differing:
+        raise RuntimeError(mismatch_message(type(model).__name__, differing, len(points)))
+
+
 def prepare(model: nn.Module, config: QuantConfig | dict[str, Any] | str | Path, *, seed: int | None = None) -> nn.Module:
     """Attach quantizers to ``model`` in place and return it.
 
@@ -128,6 +144,7 @@ def prepare(model: nn.Module, config: QuantConfig | dict[str, Any] | str | Path,
     if cfg.fold_bn:  # Conv/Linear+BN chains: the weight quantizer sees the folded weight
         fold_batchnorms(model, freeze_after=cfg.freeze_bn_after)
     quantize_biases(model, cfg)  # bias: int32 -- after folding, which decides where the bias is added
+    model.register_load_state_dict_pre_hook(_check_fingerprints)
     return model
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from precsim.formats.base import Format, MeasuredState, rounding_options
 from precsim.formats.random import mix_seed
 from precsim.qat.config import RoleSpec
+from precsim.qat.fingerprint import EXTRA_STATE, checking, decode, encode, fingerprint, mismatch_message
 from precsim.qat.observers import Observer
 from precsim.qat.point_fns import (
     GROWTH_INTERVAL,
@@ -120,6 +122,7 @@ class Quantizer(nn.Module):
         super().__init__()
         baseline()  # measured once, outside any backward pass (see ownership.owns_gradient)
         self.role, self.spec, self.grad_spec = role, spec, grad_spec
+        self.fingerprint = fingerprint(role, spec, grad_spec)
         self.register_buffer("seed", torch.tensor([mix_seed(seed, 1), mix_seed(seed, 2)], dtype=torch.int32))
         self.register_buffer("step", torch.zeros((), dtype=torch.int32))
         self.observer: Observer | None = None
@@ -148,6 +151,29 @@ class Quantizer(nn.Module):
         assert state is not None
         getattr(self, prefix + state.buffers[0]).copy_(measured)
         getattr(self, prefix + state.buffers[1]).fill_(True)
+
+    # --- state_dict: the config fingerprint (precsim.qat.fingerprint) ------------------------
+    def get_extra_state(self) -> Tensor:
+        """The config fingerprint: a saved state carries what its buffers mean."""
+        return encode(self.fingerprint)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Nothing to restore: :meth:`_load_from_state_dict` compared the fingerprint."""
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        key = prefix + EXTRA_STATE
+        if key in state_dict and checking():  # a prepared model's load pre-hook raised already if it held us
+            saved = decode(state_dict[key])
+            if saved != self.fingerprint:
+                path = prefix[:-1] or "the quantizer"
+                error_msgs.append(mismatch_message(type(self).__name__, [(path, saved, self.fingerprint)], 1))
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key not in state_dict and key in missing_keys:  # saved before fingerprints: nothing is missing
+            missing_keys.remove(key)
 
     # --- forward ----------------------------------------------------------------------------
     def _seeds(self, training: bool) -> tuple[Tensor | None, Tensor | None]:
