@@ -15,7 +15,7 @@ from torch import Tensor
 
 from precsim.formats.base import FormatRow, MeasuredState
 from precsim.formats.float import FloatFormat
-from precsim.formats.options import need_int, take
+from precsim.formats.options import exponent_mantissa, take
 from precsim.formats.random import bits_for
 from precsim.formats.rounding import Rounding, exp2i, exponent_of, round_float
 
@@ -207,8 +207,6 @@ def parse_dse(name: str, spec: str, opts: dict[str, object]) -> DSEFormat | None
     if name != "dse":
         return None
     kw = take(spec, opts, {"e": "e", "m": "m", "specials": "specials", "overflow": "overflow", "delayed": "delayed"})
-    if "e" not in kw or "m" not in kw:
-        raise ValueError(f"format {spec!r}: dse needs e= and m= (and optionally specials=, delayed=)")
-    e, m = need_int(spec, "e", kw.pop("e")), need_int(spec, "m", kw.pop("m"))
+    e, m = exponent_mantissa(spec, "dse", kw, "specials=, delayed=")
     delayed = kw.pop("delayed", False)
     return DSEFormat(FloatFormat(e, m, 0, **kw), delayed=delayed)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from precsim.formats.base import FormatRow
-from precsim.formats.options import need_int, take
+from precsim.formats.options import exponent_mantissa, need_int, take
 from precsim.formats.random import bits_for
 from precsim.formats.rounding import Rounding, round_float
 
@@ -235,8 +235,6 @@ def parse_float(name: str, spec: str, opts: dict[str, object]) -> FloatFormat | 
     if name != "flexfp":
         return None
     kw = take(spec, opts, {"e": "e", "m": "m", "b": "b", "specials": "specials", "overflow": "overflow"})
-    if "e" not in kw or "m" not in kw:
-        raise ValueError(f"format {spec!r}: flexfp needs e= and m= (and optionally b=, specials=, overflow=)")
-    e, m = need_int(spec, "e", kw.pop("e")), need_int(spec, "m", kw.pop("m"))
+    e, m = exponent_mantissa(spec, "flexfp", kw, "b=, specials=, overflow=")
     b = need_int(spec, "b", kw.pop("b", 0))
     return FloatFormat(e, m, b, **kw)  # type: ignore[arg-type]

@@ -43,3 +43,10 @@ def need_int(spec: str, key: str, v: object) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         raise ValueError(f"format {spec!r}: {key}={v!r} must be an integer")
     return v
+
+
+def exponent_mantissa(spec: str, family: str, kw: dict[str, object], optional: str) -> tuple[int, int]:
+    """The ``e=`` and ``m=`` a float-like family requires, as integers (taken out of ``kw``)."""
+    if "e" not in kw or "m" not in kw:
+        raise ValueError(f"format {spec!r}: {family} needs e= and m= (and optionally {optional})")
+    return need_int(spec, "e", kw.pop("e")), need_int(spec, "m", kw.pop("m"))
