@@ -12,15 +12,17 @@ import pytest
 import torch
 
 from precsim.experiments.checkpoint import (
+    CorruptFileError,
     atomic_write_json,
     atomic_write_text,
     capture_rng,
     load_checkpoint,
+    read_checkpoint,
     restore_rng,
     save_checkpoint,
 )
 from precsim.experiments.report import format_table, markdown_table, write_report
-from precsim.experiments.results import RESULT_COLUMNS, ResultStore, with_time_ratios
+from precsim.experiments.results import RESULT_COLUMNS, ResultStore, row_problem, with_time_ratios
 from precsim.experiments.spec import load_spec
 from precsim.experiments.train import epoch_order, lr_at
 
@@ -128,3 +130,70 @@ def test_data_order_and_lr_are_functions_of_seed_and_step() -> None:
     assert torch.equal(epoch_order(spec, 100, 3), epoch_order(spec, 100, 3))
     assert not torch.equal(epoch_order(spec, 100, 0), epoch_order(spec, 100, 1))
     assert lr_at(spec, 0, 10) == spec.lr and math.isclose(lr_at(spec, 5, 10), spec.lr / 2)
+
+
+def _save(path: Path, **extra) -> None:  # type: ignore[no-untyped-def]
+    model = torch.nn.Linear(3, 2)
+    save_checkpoint(path, scheme=path.stem, scheme_fingerprint="a", spec_fingerprint="b", epoch=2, model=model,
+                    optimizer=torch.optim.SGD(model.parameters(), lr=0.1), curves=_curves(path.stem),
+                    progress={"stopped": False}, **extra)
+
+
+def test_checkpoint_checksum_catches_damage_and_names_the_way_out(tmp_path: Path) -> None:
+    path = tmp_path / "s.pt"
+    _save(path)
+    assert torch.load(path, weights_only=True)["epoch"] == 2  # still a plain torch file
+    data = path.read_bytes()
+    damages = {"empty": b"", "truncated": data[:5000], "garbage": os.urandom(3000),
+               "flipped": data[:700] + bytes([data[700] ^ 1]) + data[701:]}
+    for how, bad in damages.items():
+        path.write_bytes(bad)
+        with pytest.raises(CorruptFileError) as err:
+            read_checkpoint(path)
+        assert str(path) in str(err.value), how
+        with pytest.raises(ValueError, match="delete it to train scheme 's' again") as err:
+            load_checkpoint(path, scheme_fingerprint="a", spec_fingerprint="b")
+        assert f"checkpoint {str(path)!r} is corrupt: " in str(err.value)
+    assert "SHA-256 does not match" in str(err.value)
+
+
+def test_store_merges_rows_from_csv_and_checkpoints(tmp_path: Path) -> None:
+    rows = {n: _row(n, 1.0 + i) | {"steps": 4, "diverged": False, "scheme_fingerprint": "a"}
+            for i, n in enumerate(("x", "y", "z"))}
+    store = ResultStore(tmp_path)
+    for n in ("x", "y"):
+        store.add(rows[n], _curves(n))
+    (tmp_path / "checkpoints").mkdir()
+    _save(tmp_path / "checkpoints" / "z.pt", row=rows["z"])  # finished, but its results were never written
+    _save(tmp_path / "checkpoints" / "w.pt")  # unfinished: no row inside
+    (tmp_path / "results.json").write_text('[{"scheme": "x", "accuracy": "high"')  # damaged
+    again = ResultStore(tmp_path, known={"x": "a", "y": "a", "z": "a"}, spec_fingerprint="b")
+    assert again.recovered == {"x": "results.csv", "y": "results.csv", "z": "checkpoints/z.pt"}
+    assert again.needs_write and again.damaged == ["results.json"] and "is not valid JSON" in again.problems[0]
+    assert again.ordered_curves(["x", "y", "z"]) == _curves("x") + _curves("y") + _curves("z")
+    for n in ("x", "y", "z"):
+        assert {k: again.rows[n][k] for k in rows[n]} == rows[n]  # typed back from the CSV exactly
+    assert again.repair(["x", "y", "z"]) == ["results.json.corrupt"]
+    final = ResultStore(tmp_path, known={"x": "a", "y": "a", "z": "a"}, spec_fingerprint="b")
+    assert not final.needs_write and not final.problems and list(final.rows) == ["x", "y", "z"]
+    # A row of another config of a scheme (its fingerprint differs from spec.json's) is not taken.
+    assert "another config" in ResultStore(tmp_path, known={"x": "other"}).problems[0]
+
+
+@pytest.mark.parametrize("row,problem", [
+    ({"scheme": "x", "accuracy": 0.5, "loss": 1.0}, "lacks epochs"),
+    ({"scheme": "x", "accuracy": "0.5", "loss": 1.0, "epochs": 2}, "bad values in accuracy"),
+    ({"scheme": "x", "accuracy": 0.5, "loss": 1.0, "epochs": True}, "bad values in epochs"),
+    (["x"], "a list where a row should be"),
+])
+def test_row_problems(row, problem: str) -> None:
+    assert problem in row_problem(row)
+
+
+def test_cut_csv_line_is_dropped(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    store.add(_row("x", 1.0), _curves("x"))
+    text = (tmp_path / "curves.csv").read_text()
+    (tmp_path / "curves.csv").write_text(text[:-3])  # the last value cut short: no newline at the end
+    again = ResultStore(tmp_path)
+    assert "is cut short" in again.problems[0] and "x" not in again.curves and again.has("x")

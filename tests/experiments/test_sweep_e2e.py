@@ -100,12 +100,15 @@ def test_diverged_scheme_stops_early(tmp_path: Path, capsys) -> None:
         assert r["diverged"] and r["stopped_early"] and r["epochs"] == 1 and r["steps"] < 6, r
         assert r["accuracy"] is not None
     assert "weights became Inf/NaN in epoch 1" in capsys.readouterr().err
-    # Its checkpoint remembers the stop: a rerun that lost the results rebuilds the row, no training.
+    # Its checkpoint remembers the stop and the row: a rerun that lost the results rebuilds it, no training.
     (tmp_path / "out" / "results.json").unlink()
+    (tmp_path / "out" / "results.csv").unlink()
     again = run_sweep(spec, progress=False)
     assert [(r["steps"], r["epochs"], r["time_s"]) for r in again] == [(r["steps"], r["epochs"], r["time_s"])
                                                                        for r in rows]
-    assert "resuming after epoch 1/3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "rows rebuilt: fp32 from checkpoints/fp32.pt, fp32_again from checkpoints/fp32_again.pt" in err
+    assert "fp32_again: finished earlier, skipped" in err
 
 
 def test_sweep_with_compiled_kernels_matches_eager(tmp_path: Path) -> None:

@@ -10,10 +10,17 @@ stochastic rounding, gradient scales), optimizer state, the number of finished e
 curves so far, the time and steps spent so far, and the RNG states. The data order of epoch ``k`` is a
 function of (seed, k) (see :mod:`precsim.experiments.train`), so a resumed run continues
 bit for bit.
+
+A checkpoint file is ``torch.save``'s bytes followed by a one-line trailer holding their
+SHA-256 (``torch.load`` ignores bytes after the archive, so the file still loads with it).
+Writes are atomic, so a torn write cannot happen here; the checksum catches files damaged or
+truncated afterwards (a full disk under a copy, a bad sync), and every such file gives an
+error naming it, what is wrong, and the way out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -26,6 +33,20 @@ import numpy as np
 import torch
 
 CHECKPOINT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+_TRAILER_TAG = b"\nprecsim-checkpoint sha256="
+_TRAILER_LEN = len(_TRAILER_TAG) + 64 + 1
+_STATE_KEYS = {"version": int, "scheme": str, "scheme_fingerprint": str, "spec_fingerprint": str, "epoch": int,
+               "model": dict, "optimizer": dict, "curves": list, "progress": dict, "rng": dict}
+
+
+class CorruptFileError(ValueError):
+    """A file precsim reads back is damaged; ``problem`` says how (the message adds the way out)."""
+
+    def __init__(self, message: str, path: str | Path, problem: str) -> None:
+        super().__init__(message)
+        self.path = Path(path)
+        self.problem = problem
 
 
 def _file_mode() -> int:
@@ -50,11 +71,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and err.filename is None:  # fsync/write errors name no file
+            raise OSError(err.errno, f"{err.strerror} (writing {str(path)!r})") from err
         raise
 
 
@@ -77,10 +100,55 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
+def checksummed_torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` bytes plus the trailer with their SHA-256."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    data = buffer.getvalue()
+    return data + _TRAILER_TAG + hashlib.sha256(data).hexdigest().encode("ascii") + b"\n"
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    atomic_write_bytes(path, checksummed_torch_bytes(obj))
+
+
+def torch_payload(data: bytes) -> tuple[bytes, str | None]:
+    """(the ``torch.save`` bytes, what is wrong with the file or None).
+
+    A file without the trailer (written before precsim checksummed checkpoints, or cut
+    short) is returned whole: whether torch can read it decides."""
+    if not data:
+        return data, "it is empty (0 bytes)"
+    tail = data[-_TRAILER_LEN:]
+    if len(data) > _TRAILER_LEN and tail.startswith(_TRAILER_TAG) and tail.endswith(b"\n"):
+        payload, digest = data[:-_TRAILER_LEN], tail[len(_TRAILER_TAG):-1].decode("ascii", "replace")
+        if hashlib.sha256(payload).hexdigest() != digest:
+            return payload, "its SHA-256 does not match the one written with it (the file was damaged)"
+        return payload, None
+    return data, None
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """``torch.load`` of a file written by :func:`atomic_torch_save`, checked against its checksum.
+
+    Raises CorruptFileError (naming the file and what is wrong, without the way out, which the
+    caller knows) for a damaged file; FileNotFoundError if there is none."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise CorruptFileError(f"{str(path)!r} cannot be read: {err.strerror}", path,
+                               f"it cannot be read ({err.strerror})") from None
+    payload, problem = torch_payload(data)
+    if problem is None:
+        try:
+            return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises RuntimeError, UnpicklingError, OSError, EOFError, ...
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            problem = f"torch cannot read it, it is truncated or damaged ({len(data)} bytes; {first[:160]})"
+    raise CorruptFileError(f"{str(path)!r} is corrupt: {problem}", path, problem)
 
 
 # ---------------------------------------------------------------------------- RNG state
@@ -115,11 +183,15 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: str | Path, *, scheme: str, scheme_fingerprint: str, spec_fingerprint: str,
                     epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    curves: list[dict[str, Any]], progress: dict[str, Any]) -> None:
+                    curves: list[dict[str, Any]], progress: dict[str, Any],
+                    row: dict[str, Any] | None = None) -> None:
     """Write the state after ``epoch`` finished epochs (atomically).
 
     ``progress``: plain numbers and flags of the run so far (times, steps, early stop).
+    ``row``: the results row, once the scheme has finished: the checkpoint then holds all
+    its results, so that a lost or damaged results file loses no row.
     """
+    extra = {} if row is None else {"row": row}
     atomic_torch_save({
         "version": CHECKPOINT_VERSION,
         "scheme": scheme,
@@ -131,19 +203,45 @@ def save_checkpoint(path: str | Path, *, scheme: str, scheme_fingerprint: str, s
         "curves": curves,
         "progress": dict(progress),
         "rng": capture_rng(),
+        **extra,
     }, path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's state, checked: checksum, readable by torch, the keys and types it must have.
+
+    Raises CorruptFileError (without the way out) or FileNotFoundError."""
+    path = Path(path)
+    state = read_torch_file(path)
+    if not isinstance(state, dict):
+        problem = f"it holds a {type(state).__name__}, not a precsim checkpoint"
+        raise CorruptFileError(f"{str(path)!r} is corrupt: {problem}", path, problem)
+    bad = [k for k, t in _STATE_KEYS.items() if not isinstance(state.get(k), t)]
+    if bad:
+        problem = f"it is not a precsim checkpoint (missing or wrong: {', '.join(bad)})"
+        raise CorruptFileError(f"{str(path)!r} is corrupt: {problem}", path, problem)
+    return state
+
+
+def checkpoint_way_out(path: Path) -> str:
+    return (f"delete it to train scheme {path.stem!r} again from its first epoch (the other schemes' results "
+            "are kept), or use --fresh to start the whole folder over")
 
 
 def load_checkpoint(path: str | Path, *, scheme_fingerprint: str, spec_fingerprint: str) -> dict[str, Any] | None:
     """The checkpoint at ``path``, or None if there is none.
 
-    A checkpoint written for another scheme config or spec raises ValueError: resuming it
-    would silently mix two experiments.
+    A damaged checkpoint, or one written for another scheme config or spec, raises ValueError
+    naming the file and the way out: resuming it would crash or silently mix two experiments.
     """
     path = Path(path)
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = read_checkpoint(path)
+    except CorruptFileError as err:
+        message = f"checkpoint {str(path)!r} is corrupt: {err.problem}; {checkpoint_way_out(path)}"
+        raise CorruptFileError(message, path, err.problem) from None
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"checkpoint {str(path)!r} has version {state.get('version')!r}, "
                          f"expected {CHECKPOINT_VERSION}; rerun with --fresh")
@@ -153,5 +251,6 @@ def load_checkpoint(path: str | Path, *, scheme_fingerprint: str, spec_fingerpri
     return state
 
 
-__all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "capture_rng",
-           "load_checkpoint", "restore_rng", "save_checkpoint"]
+__all__ = ["CHECKPOINT_DIR", "CorruptFileError", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json",
+           "atomic_write_text", "capture_rng", "checkpoint_way_out", "checksummed_torch_bytes", "load_checkpoint",
+           "read_checkpoint", "read_torch_file", "restore_rng", "save_checkpoint", "torch_payload"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -122,10 +123,16 @@ def _run_sweep(spec: Any, args: argparse.Namespace) -> int:
     rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     where = f" (rank {rank})" if rank is not None else ""
     try:
-        run_sweep(spec, fresh=args.fresh, progress=not args.no_progress)
+        run_sweep(spec, fresh=args.fresh, progress=not args.no_progress,
+                  command=shlex.join(["precsim", "sweep", *relaunch_args(args)]))
     except ValueError as err:
         print(f"precsim sweep{where}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a read-only folder, ...: nothing written so far is lost
+        print(f"precsim sweep{where}: error: {err}. Finished schemes and epochs are saved in {spec.out}; "
+              "fix the cause (free disk space, permissions) and run the same command again to continue.",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\nprecsim sweep{where}: interrupted. Finished schemes and epochs are saved in {spec.out}; "
               "run the same command again to resume.", file=sys.stderr)

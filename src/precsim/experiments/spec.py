@@ -265,7 +265,8 @@ def parse_scheme(raw: Any, index: int, base: Path | None = None) -> SchemeSpec:
             path = Path(_resolve_path(config, base))
             if not path.is_file():
                 raise ValueError(f"{where}: config file {str(path)!r} does not exist")
-            config = yaml.safe_load(path.read_text())
+            config = read_yaml(path, f"{where}: config file", "write {} in it for a scheme that quantizes nothing")
+            where = f"{where} (config file {str(path)!r})"
         if config is None:
             config = {}
         if not isinstance(config, dict):
@@ -322,6 +323,25 @@ def model_kwargs_for(spec: SweepSpec) -> dict[str, Any]:
     return kwargs
 
 
+def read_yaml(path: Path, what: str, if_empty: str) -> Any:
+    """A YAML file's content; ValueError naming the file and what is wrong with it.
+
+    An empty file (0 bytes or only blanks: a truncated copy, most likely) is an error, not
+    "all defaults": ``if_empty`` says what to write instead. A file of comments is kept."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text ({err}); is it the right file?") from None
+    except OSError as err:
+        raise ValueError(f"{what} {str(path)!r} cannot be read: {err.strerror}") from None
+    if not text.strip():
+        raise ValueError(f"{what} {str(path)!r} is empty; {if_empty}")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{what} {str(path)!r} is not valid YAML: {err}") from None
+
+
 def load_spec(config: str | Path | dict[str, Any] | None = None, **overrides: Any) -> SweepSpec:
     """Read a YAML path (or a dict, or None for the default sweep), apply overrides, validate.
 
@@ -339,15 +359,20 @@ def load_spec(config: str | Path | dict[str, Any] | None = None, **overrides: An
         path = Path(config)
         if not path.is_file():
             raise ValueError(f"sweep config {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"sweep config {str(path)!r} is not valid YAML: {err}") from None
+        loaded = read_yaml(path, "sweep config", "leave out --config for the default sweep")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ValueError(f"sweep config {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
         raw, base = loaded, path.resolve().parent
+        try:
+            return _build_spec(raw, base, overrides)
+        except ValueError as err:  # say which file: a damaged copy may still be valid YAML
+            raise ValueError(f"{err} (sweep config {str(path)!r})") from None
+    return _build_spec(raw, base, overrides)
+
+
+def _build_spec(raw: dict[str, Any], base: Path | None, overrides: dict[str, Any]) -> SweepSpec:
     _check_keys(raw, _TOP_KEYS, "sweep config")
 
     model, model_kwargs = _parse_model(raw.get("model"))

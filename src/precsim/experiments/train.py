@@ -347,7 +347,12 @@ def train_scheme(spec: SweepSpec, scheme: SchemeSpec, data: Data, ctx: D.DistCon
         from precsim.experiments.checkpoint import atomic_write_text
 
         atomic_write_text(debug_dir / f"{scheme.name}.rank{ctx.rank}.sha256", digest + "\n")
-    return summarize(spec, scheme, curves, progress, ctx, in_sync), curves
+    row = summarize(spec, scheme, curves, progress, ctx, in_sync)
+    if ctx.is_main:  # the finished checkpoint holds the row: a damaged results file then loses nothing
+        save_checkpoint(checkpoint_path, scheme=scheme.name, scheme_fingerprint=scheme.fingerprint,
+                        spec_fingerprint=spec_fingerprint, epoch=len(curves), model=model, optimizer=optimizer,
+                        curves=curves, progress=progress, row=row)
+    return row, curves
 
 
 __all__ = ["CURVE_COLUMNS", "Data", "build_model", "build_optimizer", "epoch_order", "evaluate", "load_data",
