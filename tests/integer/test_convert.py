@@ -362,6 +362,27 @@ def test_save_load_keeps_the_rounding(tmp_path) -> None:  # type: ignore[no-unty
     assert "rounding='single'" in repr(loaded)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "not_a_model"])
+def test_a_damaged_integer_model_file_is_named(tmp_path, damage: str) -> None:  # type: ignore[no-untyped-def]
+    """Truncated, empty or garbage files, or another torch file, give a ValueError naming the
+    file and the way out, not a raw unpickling traceback."""
+    path = tmp_path / "resnet.int.pt"
+    outputs().imodel.save(path)
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "garbage":
+        path.write_bytes(b"\x00garbage" * 100)
+    else:
+        torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match=r"resnet\.int\.pt.*(not a readable|not a precsim|not a valid)") as err:
+        IntegerModel.load(path)
+    assert "IntegerModel.save" in str(err.value) or "format version" in str(err.value)
+    assert list(tmp_path.iterdir()) == [path]  # save left no temporary file behind
+
+
 def test_version_1_files_load_as_gemmlowp() -> None:
     """Files written before the rounding option (format version 1) hold gemmlowp models."""
     o = outputs()

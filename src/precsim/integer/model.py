@@ -12,6 +12,9 @@ and the ONNX export all see one mode.
 
 from __future__ import annotations
 
+import os
+import pickle
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +131,22 @@ class IntegerModel:
         }
 
     def save(self, path: str | Path) -> None:
-        """Save as plain tensors and Python values (loadable with ``torch.load(weights_only=True)``)."""
-        torch.save(self.state(), Path(path))
+        """Save as plain tensors and Python values (loadable with ``torch.load(weights_only=True)``),
+        atomically: a crash mid-write leaves the previous file, never a torn one."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.state(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp's is 0600)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> IntegerModel:
@@ -144,7 +161,23 @@ class IntegerModel:
 
     @classmethod
     def load(cls, path: str | Path) -> IntegerModel:
-        return cls.from_state(torch.load(Path(path), weights_only=True))
+        """The model :meth:`save` wrote to ``path``; a ValueError naming the file if it is not one
+        (truncated, garbage, another kind of file)."""
+        path = Path(path)
+        try:
+            state = torch.load(path, weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            raise ValueError(f"{path}: not a readable precsim integer model ({type(err).__name__}: {err}"[:400]
+                             + "); write it again with IntegerModel.save (precsim.convert makes the model)") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: not a precsim integer model (it holds a {type(state).__name__})")
+        try:
+            return cls.from_state(state)
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise ValueError(f"{path}: not a valid precsim integer model: {type(err).__name__}: {err}; "
+                             "write it again with IntegerModel.save") from None
 
     # --- text ----------------------------------------------------------------------------------
     def describe(self) -> str:

@@ -236,7 +236,9 @@ def quantize_measured(x: Tensor, seed: Tensor | None, stored: Tensor | None, fmt
     state = fmt.measure(x)
     params = fmt.state_params(state if stored is None else stored)
     q = fmt.quantize(x, rounding, seed=seed, **params, **dict(options))  # type: ignore[arg-type]
-    return q, state, tuple(params.values())
+    # the state itself, or the stored one (an input), is no new output: a kernel returning one
+    # tensor twice, or an input, is not called directly (runtime/kernel.py), 10% of a DSE step
+    return q, state, tuple(p for p in params.values() if p is not state and p is not stored)
 
 
 def next_grad_scale(g: Tensor, scale: Tensor, clean: Tensor, limit: float,
