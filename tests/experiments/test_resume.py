@@ -57,8 +57,11 @@ def test_interrupted_sweep_resumes_bit_identically(tmp_path: Path, reference, si
     cfg = _config(tmp_path)
     out = tmp_path / "out"
     args = ["sweep", "--config", str(cfg), "--out", str(out), "--no-progress"]
+    # SIGINT as a terminal delivers it: a shell that starts a job in the background (as a CI
+    # runner may) sets SIGINT to ignored, and the child would inherit that and never see Ctrl-C
     proc = subprocess.Popen([sys.executable, "-m", CLI_MODULE, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cli_env(**{EPOCH_SLEEP_ENV: "1"}))
+                            stderr=subprocess.PIPE, text=True, env=cli_env(**{EPOCH_SLEEP_ENV: "1"}),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = out / "checkpoints" / "q_sr.pt"
     deadline = time.monotonic() + 100
     while not ckpt.exists():  # the second scheme has finished its first epoch

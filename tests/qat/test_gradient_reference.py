@@ -187,7 +187,7 @@ def test_dynamic_gradient_scale_works_for_scaled_formats(fmt: str) -> None:
 def test_delayed_int_gradient_uses_previous_range(compile_kernels: bool) -> None:
     """``delayed: true`` on an integer gradient: the first backward measures its own range;
     each later one rounds on the grid of the previous backward's [min, max], then stores its own."""
-    from precsim.qat.observers import tensor_range
+    from precsim.formats.integer import tensor_range
     from precsim.runtime.backend import compile_enabled, set_compile
 
     fmt = precsim.parse_format("int8")
