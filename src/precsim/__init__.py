@@ -26,9 +26,10 @@ __all__ = [
 
 from precsim.qat.config import QuantConfig, RoleSpec  # noqa: E402
 from precsim.qat.fingerprint import loading_any_config  # noqa: E402
-from precsim.qat.prepare import QuantPoint, prepare, quantizers, summary  # noqa: E402
+from precsim.qat.prepare import QuantPoint, prepare, quantizers, summary, summary_rows  # noqa: E402
 
-__all__ += ["QuantConfig", "QuantPoint", "RoleSpec", "loading_any_config", "prepare", "quantizers", "summary"]
+__all__ += ["QuantConfig", "QuantPoint", "RoleSpec", "loading_any_config", "prepare", "quantizers", "summary",
+            "summary_rows"]
 
 from precsim.qat.optim import QuantizedOptimizer  # noqa: E402
 from precsim.runtime.allocator import tune_allocator  # noqa: E402

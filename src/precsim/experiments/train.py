@@ -87,12 +87,14 @@ def build_model(spec: SweepSpec, scheme: SchemeSpec) -> nn.Module:
     """The zoo model with the spec's seed for its initial weights, prepared for ``scheme``."""
     from precsim.qat.prepare import prepare
     from precsim.zoo import get_model
+    from precsim.zoo.data import SHAPES
 
     torch.manual_seed(spec.seed)
     model = get_model(spec.model, **model_kwargs_for(spec))
     with warnings.catch_warnings():  # said once already, when the spec was checked (check_buildable)
         warnings.filterwarnings("ignore", message="precsim: rule .* matches no module")
-        return prepare(model, scheme.config, seed=spec.seed)
+        # operand points are made by a forward pass: before DDP wraps the model, so it sees them
+        return prepare(model, scheme.config, seed=spec.seed, example_inputs=torch.zeros(2, *SHAPES[spec.dataset]))
 
 
 def build_optimizer(spec: SweepSpec, model: nn.Module) -> torch.optim.Optimizer:

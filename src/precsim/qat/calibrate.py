@@ -9,6 +9,7 @@ Weight quantizers need no data: their observers take the weights' own range.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from precsim.qat.batches import feed
 from precsim.qat.config import QuantConfig
+from precsim.qat.operands import discover, mode_of
 from precsim.qat.prepare import prepare
 from precsim.qat.quantizer import Quantizer
 
@@ -28,47 +31,34 @@ def _update_observer(q: Quantizer, args: tuple[Any, ...]) -> None:
         q.observer.update(args[0].float())
 
 
-def _first_tensor(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    if isinstance(batch, dict) and batch:
-        value = next(iter(batch.values()))
-        if isinstance(value, Tensor):
-            return value
-    raise TypeError(f"calibrate: cannot find the input tensor in a batch of type {type(batch).__name__}; "
-                    "yield tensors or (inputs, labels) tuples")
-
-
 def calibrate(model: nn.Module, loader: Iterable[Any], config: QuantConfig | dict[str, Any] | str | Path | None,
               batches: int = 32) -> nn.Module:
     """Prepare ``model`` with ``config`` (None: it is prepared already) and fill its observers.
 
-    Runs at most ``batches`` batches from ``loader`` (tensors or ``(inputs, labels)`` pairs) in
-    ``eval()`` mode without gradients; BatchNorm statistics and weights do not change. Returns
-    the model (prepared in place), in ``eval()`` mode and ready for :func:`precsim.convert`.
+    Runs at most ``batches`` batches from ``loader`` (tensors, ``(inputs, labels)`` pairs or
+    dicts of keyword inputs) in ``eval()`` mode without gradients; BatchNorm statistics and
+    weights do not change. Returns the model (prepared in place), in ``eval()`` mode and ready
+    for :func:`precsim.convert`.
     """
     if batches < 1:
         raise ValueError(f"batches must be >= 1, got {batches}")
     if config is not None:
         prepare(model, config)
-    elif not any(isinstance(m, Quantizer) for m in model.modules()):
+    elif not any(isinstance(m, Quantizer) for m in model.modules()) and mode_of(model) is None:
         raise ValueError("calibrate: the model is not prepared; pass a config")
+    model.eval()
+    loader = iter(loader)
+    first = next(loader, None)
+    if first is None:
+        raise ValueError("calibrate: the loader yielded no batches")
+    discover(model, lambda: feed(model, first))  # operand points exist from the first forward pass on
     handles = [q.register_forward_pre_hook(_update_observer) for q in model.modules()
                if isinstance(q, Quantizer) and q.role in ("activation", "input") and q.observer is not None]
-    model.eval()
-    seen = 0
     try:
         with torch.no_grad():
-            for batch in loader:
-                if seen >= batches:
-                    break
-                model(_first_tensor(batch))
-                seen += 1
+            for batch in itertools.islice(itertools.chain([first], loader), batches):
+                feed(model, batch)
     finally:
         for h in handles:
             h.remove()
-    if seen == 0:
-        raise ValueError("calibrate: the loader yielded no batches")
     return model

@@ -9,6 +9,9 @@ A config is a dict (or a YAML file holding one)::
       - {type: Linear, weight: int4}
       - {match: "layer4.*", gradient: bf16}
     bias: int32                           # conv/linear bias as int32 codes at S_in*S_w (bias.py)
+
+``points: operands`` puts the points on the operands of every GEMM-like op instead of on module
+outputs (:mod:`precsim.qat.operands`); rules may then select points by ``op`` as well.
 """
 
 from __future__ import annotations
@@ -29,10 +32,17 @@ ROLES: tuple[str, ...] = ("activation", "input", "weight", "gradient", "weight_g
 GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel")
 STES: tuple[str, ...] = ("clipped", "plain")
 BIASES: tuple[str, ...] = ("fp32", "int32")  # fp32: not quantized; int32: codes at S_in*S_w
+POINTS: tuple[str, ...] = ("outputs", "operands")  # module outputs (the paper) or GEMM operands
+BLOCK_AXES: tuple[str, ...] = ("reduction", "last")  # where operand blocks run: the GEMM's K, or as for outputs
+# op kinds of ``points: operands``: GEMMs, whose operands are points, and the non-GEMM ops an
+# integer pipeline rounds, whose outputs are points only where a rule names their op
+GEMM_OPS: tuple[str, ...] = ("linear", "conv", "matmul", "einsum", "attention")
+OUTPUT_OPS: tuple[str, ...] = ("softmax", "gelu", "silu", "layer_norm", "rms_norm", "add")
+OPS: tuple[str, ...] = GEMM_OPS + OUTPUT_OPS
 _ROLE_KEYS = ("format", "rounding", "observer", "momentum", "percentile", "granularity", "axis", "ste", "scale",
               "delayed")
-_TOP_KEYS = (*ROLES, "rules", "seed", "fold_bn", "bias")
-_RULE_KEYS = ("match", "type", *ROLES, "bias")
+_TOP_KEYS = (*ROLES, "rules", "seed", "fold_bn", "bias", "points", "block_axis")
+_RULE_KEYS = ("match", "type", "op", *ROLES, "bias")
 
 
 @dataclass(frozen=True)
@@ -134,17 +144,22 @@ def parse_role(role: str, value: Any, ctx: str = "") -> RoleSpec:
 
 @dataclass(frozen=True)
 class Rule:
-    """Overrides for modules whose name matches ``match`` (a glob) and/or whose type is ``types``."""
+    """Overrides for modules whose name matches ``match`` (a glob) and/or whose type is ``types``,
+    and, with ``points: operands``, for ops of the kinds ``ops``."""
 
     match: str | None
     types: tuple[str, ...]
     roles: dict[str, RoleSpec | None] = field(hash=False)
     text: str = ""
     bias: str | None = None  # one of BIASES; None: this rule leaves the bias setting alone
+    ops: tuple[str, ...] = ()  # op kinds (OPS); empty: every GEMM op of the selected modules
 
-    def selects(self, name: str, module_type: str | tuple[str, ...]) -> bool:
-        """``module_type``: the class name, or the names of its whole MRO (subclasses match)."""
+    def selects(self, name: str, module_type: str | tuple[str, ...], op: str | None = None) -> bool:
+        """``module_type``: the class name, or the names of its whole MRO (subclasses match).
+        ``op``: the op kind of an operand point (None: a module-output point)."""
         if self.match is not None and not fnmatch.fnmatchcase(name, self.match):
+            return False
+        if self.ops and op not in self.ops:
             return False
         names = (module_type,) if isinstance(module_type, str) else module_type
         return not self.types or any(t in self.types for t in names)
@@ -160,6 +175,8 @@ class QuantConfig:
     fold_bn: bool = False  # fold BatchNorm into the preceding conv/linear (Jacob et al. 3.2)
     bias: str = "fp32"  # "int32": conv/linear biases rounded as an integer kernel adds them (bias.py)
     freeze_bn_after: int | None = None  # BN uses frozen running stats after this many training steps
+    points: str = "outputs"  # one of POINTS
+    block_axis: str = "reduction"  # one of BLOCK_AXES (points: operands)
 
     @classmethod
     def from_any(cls, config: QuantConfig | dict[str, Any] | str | Path) -> QuantConfig:
@@ -183,6 +200,8 @@ class QuantConfig:
         if bad:
             raise ValueError(f"unknown config key {bad[0]!r}; allowed: {', '.join(_TOP_KEYS)}")
         roles = {r: _role_or_none(r, d[r]) for r in ROLES if r in d}
+        points = _parse_choice("points", d.get("points", "outputs"), POINTS)
+        block_axis = _parse_choice("block_axis", d.get("block_axis", "reduction"), BLOCK_AXES)
         rules = []
         raw_rules = d.get("rules") or []
         if not isinstance(raw_rules, list):
@@ -193,25 +212,54 @@ class QuantConfig:
             bad = [k for k in raw if k not in _RULE_KEYS]
             if bad:
                 raise ValueError(f"rule {i}: unknown key {bad[0]!r}; allowed: {', '.join(_RULE_KEYS)}")
-            if "match" not in raw and "type" not in raw:
-                raise ValueError(f"rule {i}: needs 'match' (a module-name glob) and/or 'type' (a module class name)")
+            if "match" not in raw and "type" not in raw and "op" not in raw:
+                raise ValueError(f"rule {i}: needs 'match' (a module-name glob), 'type' (a module class name) "
+                                 "and/or 'op' (an op kind, with points: operands)")
             types = raw.get("type", ())
             types = (types,) if isinstance(types, str) else tuple(types)
             ctx = f"rule {i}"
+            ops = _parse_ops(raw["op"], points, ctx) if "op" in raw else ()
             rule_roles = {r: _role_or_none(r, raw[r], ctx) for r in ROLES if r in raw}
             bias = _parse_bias(raw["bias"], ctx) if "bias" in raw else None
-            rules.append(Rule(raw.get("match"), types, rule_roles, text=str(raw), bias=bias))
+            rules.append(Rule(raw.get("match"), types, rule_roles, text=str(raw), bias=bias, ops=ops))
         seed = d.get("seed", 0)
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         fold_bn, freeze_bn_after = _parse_fold_bn(d.get("fold_bn", False))
         bias = _parse_bias(d.get("bias", "fp32"))
-        return cls(roles, tuple(rules), seed, fold_bn=fold_bn, freeze_bn_after=freeze_bn_after, bias=bias)
+        if points == "operands" and ("input" in roles or any("input" in r.roles for r in rules)):
+            raise ValueError("role 'input' is for points: outputs (a module's input); with points: operands every "
+                             "GEMM operand is a point already: use 'activation'")
+        if points == "operands" and (fold_bn or bias != "fp32" or any(r.bias not in (None, "fp32") for r in rules)):
+            raise ValueError("fold_bn and bias: int32 need points: outputs (they act on module outputs and "
+                             "biases); with points: operands, leave them out")
+        return cls(roles, tuple(rules), seed, fold_bn=fold_bn, freeze_bn_after=freeze_bn_after, bias=bias,
+                   points=points, block_axis=block_axis)
 
 
 def _role_or_none(role: str, value: Any, ctx: str = "") -> RoleSpec | None:
     spec = parse_role(role, value, ctx)
     return None if spec.is_identity else spec
+
+
+def _parse_choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{key} {value!r} not allowed; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _parse_ops(value: Any, points: str, ctx: str) -> tuple[str, ...]:
+    """A rule's ``op``: one op kind or a list of them, each one of :data:`OPS`."""
+    ops = (value,) if isinstance(value, str) else value
+    if not isinstance(ops, (list, tuple)) or not ops:
+        raise ValueError(f"op {value!r} (in {ctx}) not allowed; allowed: one of {', '.join(OPS)} or a list of them")
+    for op in ops:
+        if op not in OPS:
+            raise ValueError(f"op {op!r} (in {ctx}) not allowed; allowed: {', '.join(OPS)}")
+    if points != "operands":
+        raise ValueError(f"op (in {ctx}) selects operand points: it needs points: operands (this config has "
+                         f"points: {points})")
+    return tuple(ops)
 
 
 def _parse_bias(value: Any, ctx: str = "") -> str:

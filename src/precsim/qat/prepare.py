@@ -8,9 +8,10 @@
 - Biases, with ``bias: int32``: a parametrization rounds them to int32 codes at ``S_in S_w``
   (:mod:`precsim.qat.bias`).
 
-Default placement follows Tamiya et al.: outputs of Conv, Linear, BatchNorm, ReLU/ReLU6 and
-:class:`QuantPoint`, weights of Conv and Linear. Other modules take part when a rule selects
-them by ``type`` (or names them with ``match``).
+Default placement (``points: outputs``) follows Tamiya et al.: outputs of Conv, Linear,
+BatchNorm, ReLU/ReLU6 and :class:`QuantPoint`, weights of Conv and Linear. Other modules take
+part when a rule selects them by ``type`` (or names them with ``match``). ``points: operands``
+instead puts the points on the operands of every GEMM the model runs (:mod:`precsim.qat.operands`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from precsim.formats.random import mix_seed
+from precsim.qat.batches import feed
 from precsim.qat.bias import quantize_biases
 from precsim.qat.config import ROLES, QuantConfig, RoleSpec
 from precsim.qat.fingerprint import EXTRA_STATE, checking, decode, mismatch_message
 from precsim.qat.fold import fold_batchnorms
 from precsim.qat.markers import CONTAINERS, WEIGHT_TYPES, QuantPoint
+from precsim.qat.operands import CONTAINER, attach, discover, mode_of
 from precsim.qat.quantizer import Quantizer
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
@@ -114,16 +117,26 @@ def _check_fingerprints(model: nn.Module, state_dict: dict[str, Any], prefix: st
         raise RuntimeError(mismatch_message(type(model).__name__, differing, len(points)))
 
 
-def prepare(model: nn.Module, config: QuantConfig | dict[str, Any] | str | Path, *, seed: int | None = None) -> nn.Module:
+def prepare(model: nn.Module, config: QuantConfig | dict[str, Any] | str | Path, *, seed: int | None = None,
+            example_inputs: Any = None) -> nn.Module:
     """Attach quantizers to ``model`` in place and return it.
 
     ``config`` is a dict, a YAML file path or a :class:`QuantConfig`. ``seed`` (default: the
     config's, else 0) makes stochastic rounding reproducible. Calling prepare twice is an error.
+    ``example_inputs`` (a batch: tensor, pair or dict of keyword inputs): with ``points:
+    operands``, one forward pass that creates every operand point now, rounding nothing (do it,
+    or run one batch, before wrapping the model in DDP).
     """
     cfg = QuantConfig.from_any(config)
-    if any(isinstance(m, Quantizer) for m in model.modules()):
+    if any(isinstance(m, Quantizer) for m in model.modules()) or mode_of(model) is not None:
         raise ValueError("this model is already prepared (it holds precsim quantizers)")
     base_seed = cfg.seed if seed is None else seed
+    if cfg.points == "operands":
+        attach(model, cfg, base_seed)
+        model.register_load_state_dict_pre_hook(_check_fingerprints)
+        if example_inputs is not None:
+            discover(model, lambda: feed(model, example_inputs))
+        return model
     plan = resolve(model, cfg)
     modules = dict(model.named_modules())
     for index, (name, roles) in enumerate(plan.items()):
@@ -154,6 +167,10 @@ def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
 
 
 def summary_rows(model: nn.Module) -> list[dict[str, str]]:
+    """One dict per point: ``module``, ``op`` (the op kind of an operand point, else ``output``,
+    ``input`` or ``weight``), ``call`` (which call of that op in the module's forward, from 0;
+    empty for module points), ``operand``, ``role``, ``format``, ``observer``, ``rounding``,
+    ``gradient``."""
     rows = []
     for name, module in model.named_modules():
         if not isinstance(module, Quantizer):
@@ -161,21 +178,31 @@ def summary_rows(model: nn.Module) -> list[dict[str, str]]:
         parts = name.split(".")
         if "parametrizations" in parts:
             i = parts.index("parametrizations")
-            owner, role = ".".join(parts[:i]), parts[i + 1]
+            owner, role, op, operand = ".".join(parts[:i]), parts[i + 1], "weight", parts[i + 1]
+            call = ""
+        elif CONTAINER in parts:
+            i = parts.index(CONTAINER)
+            owner, role = ".".join(parts[:i]), module.role
+            rest, _, operand = parts[i + 1].rpartition("_")
+            op, _, call = rest.rpartition("_")
         else:
-            owner, role = ".".join(parts[:-1]), module.role
+            owner, role, call = ".".join(parts[:-1]), module.role, ""
+            op = operand = "input" if role == "input" else "output"
         fmt, obs, rnd, grad = module.describe()
-        rows.append({"module": owner, "role": role, "format": fmt, "observer": obs,
-                     "rounding": rnd, "gradient": grad})
+        rows.append({"module": owner or "(model)", "op": op, "call": call, "operand": operand, "role": role,
+                     "format": fmt, "observer": obs, "rounding": rnd, "gradient": grad})
     return rows
 
 
 def summary(model: nn.Module) -> str:
-    """A table: module, role (activation/input/weight name), format, observer, rounding, gradient."""
+    """A table: module, op, operand, role (activation/input/weight name), format, observer,
+    rounding, gradient."""
     rows = summary_rows(model)
     if not rows:
+        if mode_of(model) is not None:
+            return "(no quantizers yet: points: operands creates them on the first forward pass)"
         return "(no quantizers)"
-    cols = ["module", "role", "format", "observer", "rounding", "gradient"]
+    cols = ["module", "op", "call", "operand", "role", "format", "observer", "rounding", "gradient"]
     width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
     line = "  ".join(c.ljust(width[c]) for c in cols)
     out = [line, "  ".join("-" * width[c] for c in cols)]
