@@ -55,7 +55,7 @@ def test_calibrate_a_prepared_model_and_errors() -> None:
         precsim.calibrate(model, _loader(1), None, batches=0)
     with pytest.raises(ValueError, match="no batches"):
         precsim.calibrate(model, [], None)
-    with pytest.raises(TypeError, match="cannot find the input"):
+    with pytest.raises(TypeError, match="cannot feed a batch of type str to the model; allowed: a tensor"):
         precsim.calibrate(model, ["text"], None)
 
 

@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from precsim.experiments.schemes import BUILTIN_SCHEMES, DEFAULT_SCHEMES, DESCRIPTIONS
+from precsim.qat.config import CONFIG_KEYS
 from precsim.zoo.data import SHAPES
 
 NUM_CLASSES = 10
@@ -54,7 +55,7 @@ _TOP_KEYS = ("model", "dataset", "optimizer", "epochs", "batch_size", "eval_batc
              "compile")
 _DATASET_KEYS = ("name", "root", "seed", "test_fraction")
 _OPTIMIZER_KEYS = ("name", "lr", "momentum", "weight_decay", "schedule")
-_SCHEME_ROLE_KEYS = ("activation", "input", "weight", "gradient", "weight_gradient", "rules", "seed")
+_SCHEME_ROLE_KEYS = CONFIG_KEYS  # an inline scheme is a prepare() config
 _SCHEME_KEYS = ("name", "description", "builtin", "config", "allreduce", *_SCHEME_ROLE_KEYS)
 # Keys that change no number in the results: left out of the fingerprint.
 _NOT_FINGERPRINTED = ("out", "schemes", "debug_digests", "compile")  # compile: same bits, only faster

@@ -41,7 +41,8 @@ OUTPUT_OPS: tuple[str, ...] = ("softmax", "gelu", "silu", "layer_norm", "rms_nor
 OPS: tuple[str, ...] = GEMM_OPS + OUTPUT_OPS
 _ROLE_KEYS = ("format", "rounding", "observer", "momentum", "percentile", "granularity", "axis", "ste", "scale",
               "delayed")
-_TOP_KEYS = (*ROLES, "rules", "seed", "fold_bn", "bias", "points", "block_axis")
+CONFIG_KEYS = (*ROLES, "rules", "seed", "fold_bn", "bias", "points", "block_axis")  # a config's top-level keys
+_TOP_KEYS = CONFIG_KEYS
 _RULE_KEYS = ("match", "type", "op", *ROLES, "bias")
 
 

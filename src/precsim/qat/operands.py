@@ -374,10 +374,9 @@ def _saved_axis(saved: dict[str, str]) -> int | None:
 
 def discover(model: nn.Module, run: Callable[[], Any]) -> None:
     """Run ``run`` (a forward pass) creating the model's operand points without rounding,
-    observing or stepping anything."""
+    observing or stepping anything (nothing, for a model without operand points)."""
     mode = mode_of(model)
-    if mode is None:
-        run()
+    if mode is None:  # module-output points exist from prepare on: nothing to discover
         return
     mode.discovering = True
     try:
