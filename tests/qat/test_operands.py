@@ -160,16 +160,18 @@ def test_rules_select_points_by_op_module_and_type() -> None:
                      {"type": "Linear", "weight": "int4"},
                      {"op": "softmax", "activation": "int8"},
                      {"op": ["gelu", "layer_norm", "add"], "activation": "int4"},
-                     {"match": "skip", "activation": "fp32", "weight": "fp32"}]}
+                     {"match": "skip", "activation": "fp32", "weight": "fp32"},
+                     {"match": "norm", "activation": "bf16"}]}  # changes the op points it selects
 
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.proj, self.skip = nn.Linear(16, 16), nn.Linear(16, 16)
+            self.proj, self.skip, self.norm = nn.Linear(16, 16), nn.Linear(16, 16), nn.LayerNorm(16)
 
         def forward(self, x):  # noqa: ANN001, ANN201
             h = self.proj(x)
             h = F.layer_norm(F.gelu(h) + x, (16,)) + 1.0  # the scalar add is no residual: no point
+            h = self.norm(h)
             t = h.view(2, 1, 4, 16)
             return torch.softmax(h @ h.transpose(1, 2), -1), F.scaled_dot_product_attention(t, t, t), self.skip(x)
 
@@ -182,6 +184,7 @@ def test_rules_select_points_by_op_module_and_type() -> None:
     assert formats[("(model)", "softmax", "output")] == "int8"  # a non-GEMM op, named by a rule
     assert {formats[("(model)", op, "output")] for op in ("gelu", "layer_norm", "add")} == {"int4"}
     assert sum(r["op"] == "add" for r in precsim.summary_rows(model)) == 1
+    assert formats[("norm", "layer_norm", "output")] == "bf16"
     assert not any(m == "skip" for m, _, _ in formats)
 
 

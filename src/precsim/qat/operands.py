@@ -163,8 +163,8 @@ class OperandPoints(TorchFunctionMode):
 
     # the points
     def spec_for(self, frame_name: str, types: tuple[str, ...], op: str, role: str) -> tuple[RoleSpec | None, ...]:
-        """(spec, gradient spec) of a point: the global roles where ``op`` is a GEMM, then every
-        rule that selects it, in order; an output op takes part only where a rule names it."""
+        """(spec, gradient spec) of a point: the global roles, then every rule that selects it, in
+        order. An output op (softmax, ...) takes part only from a rule that names its op on."""
         cfg = self.config
         grad_role = "weight_gradient" if role == "weight" else "gradient"
         selected = op in GEMM_OPS
@@ -172,8 +172,8 @@ class OperandPoints(TorchFunctionMode):
         for rule in cfg.rules:
             if not rule.selects(frame_name, types, op):
                 continue
-            if not rule.ops and op not in GEMM_OPS:
-                continue  # a rule without op leaves output ops alone
+            if not rule.ops and not selected:
+                continue  # a rule without op changes an output op's point but does not add one
             selected = True
             spec, grad = rule.roles.get(role, spec), rule.roles.get(grad_role, grad)
         return (spec, grad) if selected else (None, None)
