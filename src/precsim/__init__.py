@@ -44,6 +44,7 @@ from precsim.integer.model import IntegerModel, describe  # noqa: E402
 from precsim.integer.onnx_export import export_onnx  # noqa: E402
 from precsim.qat.calibrate import calibrate  # noqa: E402
 from precsim.qat.fold import fold_conv_bn  # noqa: E402
+from precsim.qat.telemetry import collect_stats  # noqa: E402
 
-__all__ += ["ConversionError", "IntegerModel", "calibrate", "convert", "describe", "export_onnx", "fold_conv_bn",
+__all__ += ["ConversionError", "IntegerModel", "calibrate", "collect_stats", "convert", "describe", "export_onnx", "fold_conv_bn",
             "integer_config", "integer_exact", "ivit_config"]

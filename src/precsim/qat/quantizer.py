@@ -49,6 +49,7 @@ from precsim.qat.point_fns import (
     quantize_measured,
     ste_mask,
 )
+from precsim.qat.telemetry import active
 from precsim.runtime.backend import (
     MIN_COMPILED_NUMEL,
     blocked,
@@ -194,16 +195,26 @@ class Quantizer(nn.Module):
             with torch.no_grad():
                 self.step.add_(1)
         fwd_seed, bwd_seed = self._seeds(training)
+        stats = active()
+        if stats is not None and not stats.sample(self):
+            stats = None
         backward_fn = None
         if self.grad_spec is not None:
             def backward_fn(g: Tensor, ste: SteArgs | None, owned: bool) -> Tensor:
-                return self.quantize_gradient(g, bwd_seed, training, ste, owned)
+                if stats is None:
+                    return self.quantize_gradient(g, bwd_seed, training, ste, owned)
+                out = self.quantize_gradient(g, bwd_seed, training, ste, False)  # not in place: g is compared
+                stats.record(self, "backward", g, out)
+                return out
         if self.spec is None:
             return _FakeQuantSTE.apply(x, lambda t, need_ste: (t, None), backward_fn)
 
         def forward_fn(t: Tensor, need_ste: bool) -> tuple[Tensor, SteArgs | None]:
             return self.quantize_values(t, fwd_seed, training, need_ste)
-        return _FakeQuantSTE.apply(x, forward_fn, backward_fn)
+        out = _FakeQuantSTE.apply(x, forward_fn, backward_fn)
+        if stats is not None:
+            stats.record(self, "forward", x, out)
+        return out
 
     @torch.no_grad()
     def quantize_values(self, x: Tensor, seed: Tensor | None, training: bool,

@@ -1,0 +1,207 @@
+"""Telemetry: what each quantization point does to its tensors, sampled so it can stay on.
+
+``with precsim.collect_stats(model, every=50) as stats:`` records, on every 50th call of each
+point (its first call included), forward and backward alike:
+
+- ``qsnr_db``: 10 log10(sum x^2 / sum (x - Q(x))^2) over the finite inputs that stay finite
+  (inf: exact; a call with none is left out of the mean);
+- ``saturated_pct``: finite inputs beyond the largest finite magnitude the point produced
+  (clipped to the grid's edge), or turned into Inf/NaN (overflow);
+- ``underflow_pct``: finite nonzero inputs rounded to zero;
+- ``nonfinite_in_pct`` / ``nonfinite_pct``: NaN/Inf in the input / in the output;
+- ``amax``: the largest finite |x|.
+
+Per point and direction the table shows the mean over sampled calls (``amax``: the maximum).
+``stats.first_nonfinite`` is the first sampled (step, point, role, direction) whose output held
+a NaN or Inf, ``step`` being the point's training-step counter.
+
+A sampled call costs two passes over the tensor, work on at most :data:`SAMPLE` of its
+elements and one device sync; the others cost one context-variable read. The backward of a
+sampled call writes the rounded gradient into a new tensor, not into the gradient it reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["METRICS", "Stats", "active", "collect_stats", "measure"]
+
+METRICS = ("qsnr_db", "saturated_pct", "underflow_pct", "nonfinite_in_pct", "nonfinite_pct", "amax")
+_ACTIVE: ContextVar[Stats | None] = ContextVar("precsim_stats", default=None)
+
+
+def active() -> Stats | None:
+    """The collector of the innermost :func:`collect_stats`, if any."""
+    return _ACTIVE.get()
+
+
+SAMPLE = 65536  # elements of a larger tensor that the percentages and QSNR are estimated from
+
+
+def _sample(n: int, device: torch.device) -> Tensor | None:
+    """:data:`SAMPLE` positions spread over ``n`` by the golden-ratio (Weyl) sequence, None for
+    all of them. A fixed stride would alias with a tensor's own period (every 10th value an
+    outlier, read through a stride of 16, counts 20%); this sequence does not repeat."""
+    if n <= SAMPLE:
+        return None
+    k = torch.arange(SAMPLE, dtype=torch.float64, device=device)
+    return ((k * 0.6180339887498949) % 1.0 * n).long()
+
+
+def _counts(x: Tensor, q: Tensor, top: Tensor) -> list[float]:
+    """[signal, noise, saturated, underflow, nonfinite in, nonfinite out, kept, n] over x, q."""
+    fin, qfin = torch.isfinite(x), torch.isfinite(q)
+    ok = fin & qfin
+    kept = torch.where(ok, x, 0.0)
+    err = torch.where(ok, x - q, 0.0)
+    return torch.stack([
+        torch.dot(kept, kept), torch.dot(err, err), (fin & (~qfin | (x.abs() > top))).sum(),
+        (fin & (x != 0) & (q == 0)).sum(), (~fin).sum(), (~qfin).sum(), ok.sum(), torch.tensor(x.numel()),
+    ]).tolist()
+
+
+@torch.no_grad()
+def measure(x: Tensor, q: Tensor) -> dict[str, float]:
+    """The metrics of one rounding ``x -> q`` (see the module doc).
+
+    Cheap enough to sample while training: two passes over the whole tensor (max |x| and max
+    |q|, which are also the check for NaN/Inf), then the percentages and the QSNR on
+    :data:`SAMPLE` elements spread over it (the whole tensor when it is smaller). Only a
+    tensor holding NaN/Inf is counted in full."""
+    x, q = x.detach().float().reshape(-1), q.detach().float().reshape(-1)
+    if x.numel() == 0:
+        return dict.fromkeys(METRICS, 0.0) | {"qsnr_db": math.nan}
+    inf = float("inf")
+    peak_x, peak_q = torch.linalg.vector_norm(x, inf), torch.linalg.vector_norm(q, inf)
+    pick = _sample(x.numel(), x.device)
+    xs, qs = (x, q) if pick is None else (x[pick], q[pick])
+    counts = _counts(xs, qs, peak_q)
+    amax, top = float(peak_x), float(peak_q)
+    if not (math.isfinite(amax) and math.isfinite(top)):  # NaN/Inf somewhere: count them all
+        fin, qfin = torch.isfinite(x), torch.isfinite(q)
+        amax = float(torch.where(fin, x.abs(), 0.0).max())
+        top_t = torch.where(fin & qfin, q.abs(), 0.0).max()
+        counts = _counts(xs, qs, top_t)
+        counts[4:6] = [float((~fin).sum()) * counts[7] / x.numel(), float((~qfin).sum()) * counts[7] / x.numel()]
+    signal, noise, sat, under, bad_in, bad_out, kept, n = counts
+    if kept == 0:
+        qsnr = math.nan  # nothing finite to compare: left out of the mean
+    else:
+        qsnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    return {"qsnr_db": qsnr, "saturated_pct": 100 * sat / n, "underflow_pct": 100 * under / n,
+            "nonfinite_in_pct": 100 * bad_in / n, "nonfinite_pct": 100 * bad_out / n, "amax": amax}
+
+
+@dataclass
+class _Series:
+    samples: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    amax: float = 0.0
+
+    def add(self, m: dict[str, float]) -> None:
+        self.samples += 1
+        for k in METRICS[:-1]:
+            if not math.isnan(m[k]):
+                self.sums[k] = self.sums.get(k, 0.0) + m[k]
+                self.counts[k] = self.counts.get(k, 0) + 1
+        self.amax = max(self.amax, m["amax"])
+
+    def mean(self, k: str) -> float:
+        return self.sums[k] / self.counts[k] if self.counts.get(k) else math.nan
+
+
+class Stats:
+    """Per-point telemetry of one model (see the module doc)."""
+
+    def __init__(self, model: nn.Module, every: int) -> None:
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"every={every!r} not allowed; allowed: an integer >= 1 (1: every call)")
+        self.model, self.every = model, every
+        self.calls: dict[int, int] = {}
+        self.series: dict[tuple[int, str], _Series] = {}
+        self.first_nonfinite: tuple[int, str, str, str] | None = None
+        self._rows: dict[int, dict[str, str]] = {}
+
+    def sample(self, q: nn.Module) -> bool:
+        """Whether this call of point ``q`` is recorded (every ``every``-th, from the first; never
+        for a point of another model)."""
+        if id(q) not in self._rows:
+            self._describe(q)
+            if id(q) not in self._rows:
+                return False
+        n = self.calls.get(id(q), 0)
+        self.calls[id(q)] = n + 1
+        return n % self.every == 0
+
+    def _describe(self, q: nn.Module) -> dict[str, str] | None:
+        """The point's summary row; None for a point of another model."""
+        if id(q) not in self._rows:  # points may be created while the model runs (points: operands)
+            from precsim.qat.prepare import quantizers, summary_rows
+
+            self._rows = {id(p): r for (_, p), r in zip(quantizers(self.model), summary_rows(self.model), strict=True)}
+        return self._rows.get(id(q))
+
+    def record(self, q: Any, direction: str, x: Tensor, out: Tensor) -> None:
+        m = measure(x, out)
+        self.series.setdefault((id(q), direction), _Series()).add(m)
+        if self.first_nonfinite is None and m["nonfinite_pct"] > 0:
+            r = self._describe(q)
+            assert r is not None
+            point = ".".join(p for p in (r["module"], r["op"], r["call"], r["operand"]) if p)
+            self.first_nonfinite = (int(q.step), point, r["role"], direction)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per point and direction: module, op, call, operand, role, direction,
+        samples, and the metrics (means over samples; amax the maximum)."""
+        from precsim.qat.prepare import quantizers
+
+        out = []
+        for _, q in quantizers(self.model):
+            for direction in ("forward", "backward"):
+                s = self.series.get((id(q), direction))
+                if s is None:
+                    continue
+                r = self._describe(q)
+                assert r is not None
+                row: dict[str, Any] = {k: r[k] for k in ("module", "op", "call", "operand", "role")}
+                row.update(direction=direction, samples=s.samples)
+                row.update({k: s.mean(k) for k in METRICS[:-1]})
+                row["amax"] = s.amax
+                out.append(row)
+        return out
+
+    def table(self) -> str:
+        """The rows as a text table."""
+        rows = self.rows()
+        if not rows:
+            return "(no samples)"
+        cols = ["module", "op", "operand", "role", "direction", "samples", *METRICS]
+        cells = [[_cell(r[c]) for c in cols] for r in rows]
+        width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, width, strict=True))]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(row, width, strict=True)) for row in cells]
+        return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+@contextmanager
+def collect_stats(model: nn.Module, every: int = 50) -> Iterator[Stats]:
+    """Record per-point telemetry of ``model`` while inside (training and evaluation alike)."""
+    stats = Stats(model, every)
+    token = _ACTIVE.set(stats)
+    try:
+        yield stats
+    finally:
+        _ACTIVE.reset(token)

@@ -1,0 +1,111 @@
+"""collect_stats: per-point telemetry, forward and backward, checked against direct computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import precsim
+from precsim.qat.telemetry import measure
+
+
+def _by(stats, direction: str) -> dict[tuple[str, str, str], dict]:  # noqa: ANN001
+    return {(r["module"], r["op"], r["operand"]): r for r in stats.rows() if r["direction"] == direction}
+
+
+def test_measure_counts_saturation_underflow_and_non_finite_values() -> None:
+    x = torch.tensor([1000.0, -500.0, 1.0, 1e-12, 0.0, float("nan"), 3.0, 2.0])
+    q = precsim.quantize(x, "fp8_e4m3")  # saturates at 448; 1e-12 flushes to zero
+    m = measure(x, q)
+    assert m["saturated_pct"] == 100 * 2 / 8
+    assert m["underflow_pct"] == 100 * 1 / 8
+    assert m["nonfinite_in_pct"] == m["nonfinite_pct"] == 100 * 1 / 8
+    assert m["amax"] == 1000.0
+    keep = torch.isfinite(x)
+    err = (x[keep] - q[keep]).pow(2).sum().item()
+    assert m["qsnr_db"] == pytest.approx(10 * math.log10(x[keep].pow(2).sum().item() / err), rel=1e-6)
+    assert measure(torch.ones(4), torch.ones(4))["qsnr_db"] == math.inf
+    inf = measure(torch.tensor([1.0, 20.0]), precsim.quantize(torch.tensor([1.0, 20.0]), "hfp8_fwd"))
+    assert inf["nonfinite_pct"] == 50.0 and inf["saturated_pct"] == 50.0  # overflow to Inf counts as both
+
+
+def test_exactly_ten_percent_above_448_reads_ten_percent_saturated_and_large_tensors_are_estimated() -> None:
+    x = torch.linspace(-1, 1, 1000)
+    x[::10] = 500.0  # 100 of 1000
+    assert measure(x, precsim.quantize(x, "fp8_e4m3"))["saturated_pct"] == 10.0
+    big = torch.randn(1 << 20)
+    big[::10] = 1000.0
+    m = measure(big, precsim.quantize(big, "fp8_e4m3"))  # estimated on 65536 values: no aliasing with the period
+    assert m["saturated_pct"] == pytest.approx(10.0, abs=0.5) and m["amax"] == 1000.0
+    big[12345] = float("inf")  # one non-finite value is always counted, on the whole tensor
+    assert measure(big, precsim.quantize(big, "bf16"))["nonfinite_pct"] == pytest.approx(100 / (1 << 20))
+
+
+def test_forward_and_backward_rows_match_the_points_own_rounding() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    model = precsim.prepare(nn.Sequential(lin), {"points": "operands", "activation": "int8", "weight": "bf16",
+                                                 "gradient": "fp8_e5m2"})
+    x = torch.randn(16, 64, requires_grad=True)
+    dy = torch.randn(16, 32) * 1e-6  # small: some of it flushes to zero in e5m2
+    with precsim.collect_stats(model, every=1) as stats:
+        model(x).backward(dy)
+    fwd, bwd = _by(stats, "forward"), _by(stats, "backward")
+    assert set(fwd) == {("0", "linear", "input"), ("0", "linear", "weight")}
+    point = dict(precsim.quantizers(model))["0.precsim_operands.linear_0_input"]
+    point.eval()  # rounds on the range the recorded call measured (the first call sets it)
+    with torch.no_grad():
+        expected = measure(x, point(x))
+    assert fwd[("0", "linear", "input")]["qsnr_db"] == pytest.approx(expected["qsnr_db"], rel=1e-6)
+    assert fwd[("0", "linear", "weight")]["qsnr_db"] == pytest.approx(
+        measure(lin.weight, precsim.quantize(lin.weight.detach(), "bf16"))["qsnr_db"], rel=1e-6)
+    wq = precsim.quantize(lin.weight.detach(), "bf16")
+    g = dy @ wq  # what reaches the input point in backward, before its rounding
+    assert bwd[("0", "linear", "input")]["underflow_pct"] == pytest.approx(
+        measure(g, precsim.quantize(g, "fp8_e5m2"))["underflow_pct"])
+    assert bwd[("0", "linear", "input")]["underflow_pct"] > 0
+    assert torch.equal(x.grad, precsim.quantize(g, "fp8_e5m2"))  # the recorded copy changed nothing
+    assert stats.first_nonfinite is None
+    assert "qsnr_db" in stats.table() and "backward" in stats.table()
+
+
+def test_sampling_every_n_calls_and_nothing_outside() -> None:
+    model = precsim.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), {"activation": "int8"})
+    x = torch.randn(4, 8)
+    model(x)  # before: not recorded
+    with precsim.collect_stats(model, every=3) as stats:
+        for _ in range(7):
+            model(x)
+    model(x)
+    assert {r["samples"] for r in stats.rows()} == {3}  # calls 1, 4 and 7
+    with pytest.raises(ValueError, match="every=0 not allowed; allowed: an integer >= 1"):
+        with precsim.collect_stats(model, every=0):
+            pass
+
+
+def test_first_nonfinite_names_the_point_role_and_direction_of_an_overflow() -> None:
+    """hfp8_fwd (1-4-3, exponent bias 11) tops out at 15 and overflows to Inf: the FlexFP8 collapse
+    of the default sweep, seen at the point where it starts."""
+    model = precsim.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
+                            {"activation": "hfp8_fwd", "gradient": "hfp8_bwd"})
+    model.train()
+    with precsim.collect_stats(model, every=1) as stats:
+        model(torch.randn(2, 8)).sum().backward()  # small values: all finite
+        assert stats.first_nonfinite is None
+        model(torch.randn(2, 8) * 100).sum().backward()
+    step, point, role, direction = stats.first_nonfinite
+    assert (step, point, role, direction) == (2, "0.output.output", "activation", "forward")
+    row = _by(stats, "forward")[("0", "output", "output")]
+    assert row["nonfinite_pct"] > 0 and row["saturated_pct"] > 0 and row["samples"] == 2
+
+
+def test_points_of_another_model_are_not_recorded() -> None:
+    a = precsim.prepare(nn.Sequential(nn.Linear(4, 4)), {"activation": "int8"})
+    b = precsim.prepare(nn.Sequential(nn.Linear(4, 4)), {"activation": "int8"})
+    with precsim.collect_stats(a, every=1) as stats:
+        b(torch.randn(2, 4))
+        a(torch.randn(2, 4))
+    assert [r["module"] for r in stats.rows()] == ["0"]
