@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import precsim
 from precsim.experiments.schemes import BUILTIN_SCHEMES
+from precsim.qat.quantizer import STATS
 from precsim.zoo import get_model, load_dataset
 
 
@@ -52,11 +53,11 @@ def cost(steps: int) -> None:
                 t = time.perf_counter()
                 step()
                 recorded.append(time.perf_counter() - t)
-                token = precsim.qat.telemetry._ACTIVE.set(None)  # the same step, not recorded
+                token = STATS.set(None)  # the same step, not recorded
                 t = time.perf_counter()
                 step()
                 plain.append(time.perf_counter() - t)
-                precsim.qat.telemetry._ACTIVE.reset(token)
+                STATS.reset(token)
         # mean, not median: 1 step in 50 pays for the sample, and the mean is what training pays
         p, r = statistics.mean(plain) * 1e3, statistics.mean(recorded) * 1e3
         print(f"| {name} | {p:.1f} | {r:.1f} | {r / p:.3f} |", flush=True)

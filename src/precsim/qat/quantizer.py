@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -49,7 +50,6 @@ from precsim.qat.point_fns import (
     quantize_measured,
     ste_mask,
 )
-from precsim.qat.telemetry import active
 from precsim.runtime.backend import (
     MIN_COMPILED_NUMEL,
     blocked,
@@ -62,6 +62,8 @@ from precsim.runtime.backend import (
 from precsim.runtime.ownership import baseline, owns_gradient
 
 _GOLDEN = -1640531527  # 0x9E3779B9 as int32
+# the collector of the innermost precsim.collect_stats (precsim.qat.telemetry.Stats), if any
+STATS: ContextVar[Any] = ContextVar("precsim_stats", default=None)
 _BACKWARD_SALT = 0x5BD1E995
 
 
@@ -195,7 +197,7 @@ class Quantizer(nn.Module):
             with torch.no_grad():
                 self.step.add_(1)
         fwd_seed, bwd_seed = self._seeds(training)
-        stats = active()
+        stats = STATS.get()
         if stats is not None and not stats.sample(self):
             stats = None
         backward_fn = None

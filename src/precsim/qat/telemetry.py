@@ -25,22 +25,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["METRICS", "Stats", "active", "collect_stats", "measure"]
+from precsim.qat.prepare import quantizers, summary_rows
+from precsim.qat.quantizer import STATS
+
+__all__ = ["METRICS", "Stats", "collect_stats", "measure"]
 
 METRICS = ("qsnr_db", "saturated_pct", "underflow_pct", "nonfinite_in_pct", "nonfinite_pct", "amax")
-_ACTIVE: ContextVar[Stats | None] = ContextVar("precsim_stats", default=None)
-
-
-def active() -> Stats | None:
-    """The collector of the innermost :func:`collect_stats`, if any."""
-    return _ACTIVE.get()
 
 
 SAMPLE = 65536  # elements of a larger tensor that the percentages and QSNR are estimated from
@@ -145,8 +141,6 @@ class Stats:
     def _describe(self, q: nn.Module) -> dict[str, str] | None:
         """The point's summary row; None for a point of another model."""
         if id(q) not in self._rows:  # points may be created while the model runs (points: operands)
-            from precsim.qat.prepare import quantizers, summary_rows
-
             self._rows = {id(p): r for (_, p), r in zip(quantizers(self.model), summary_rows(self.model), strict=True)}
         return self._rows.get(id(q))
 
@@ -162,8 +156,6 @@ class Stats:
     def rows(self) -> list[dict[str, Any]]:
         """One dict per point and direction: module, op, call, operand, role, direction,
         samples, and the metrics (means over samples; amax the maximum)."""
-        from precsim.qat.prepare import quantizers
-
         out = []
         for _, q in quantizers(self.model):
             for direction in ("forward", "backward"):
@@ -200,8 +192,8 @@ def _cell(v: Any) -> str:
 def collect_stats(model: nn.Module, every: int = 50) -> Iterator[Stats]:
     """Record per-point telemetry of ``model`` while inside (training and evaluation alike)."""
     stats = Stats(model, every)
-    token = _ACTIVE.set(stats)
+    token = STATS.set(stats)
     try:
         yield stats
     finally:
-        _ACTIVE.reset(token)
+        STATS.reset(token)
