@@ -42,7 +42,6 @@ OPS: tuple[str, ...] = GEMM_OPS + OUTPUT_OPS
 _ROLE_KEYS = ("format", "rounding", "observer", "momentum", "percentile", "granularity", "axis", "ste", "scale",
               "delayed")
 CONFIG_KEYS = (*ROLES, "rules", "seed", "fold_bn", "bias", "points", "block_axis")  # a config's top-level keys
-_TOP_KEYS = CONFIG_KEYS
 _RULE_KEYS = ("match", "type", "op", *ROLES, "bias")
 
 
@@ -153,7 +152,7 @@ class Rule:
     roles: dict[str, RoleSpec | None] = field(hash=False)
     text: str = ""
     bias: str | None = None  # one of BIASES; None: this rule leaves the bias setting alone
-    ops: tuple[str, ...] = ()  # op kinds (OPS); empty: every GEMM op of the selected modules
+    ops: tuple[str, ...] = ()  # op kinds (OPS); empty: every point of the selected modules (adds no output op)
 
     def selects(self, name: str, module_type: str | tuple[str, ...], op: str | None = None) -> bool:
         """``module_type``: the class name, or the names of its whole MRO (subclasses match).
@@ -197,9 +196,9 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
-        bad = [k for k in d if k not in _TOP_KEYS]
+        bad = [k for k in d if k not in CONFIG_KEYS]
         if bad:
-            raise ValueError(f"unknown config key {bad[0]!r}; allowed: {', '.join(_TOP_KEYS)}")
+            raise ValueError(f"unknown config key {bad[0]!r}; allowed: {', '.join(CONFIG_KEYS)}")
         roles = {r: _role_or_none(r, d[r]) for r in ROLES if r in d}
         points = _parse_choice("points", d.get("points", "outputs"), POINTS)
         block_axis = _parse_choice("block_axis", d.get("block_axis", "reduction"), BLOCK_AXES)

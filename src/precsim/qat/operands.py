@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from precsim.formats import parse_format
 from precsim.formats.random import mix_seed
 from precsim.qat.config import GEMM_OPS, QuantConfig, RoleSpec
 from precsim.qat.fingerprint import EXTRA_STATE, decode
@@ -50,7 +51,7 @@ from precsim.qat.quantizer import Quantizer
 from precsim.runtime.backend import blocked
 
 CONTAINER = "precsim_operands"  # the ModuleDict child that holds a module's operand points
-_KEY = re.compile(r"^(?P<op>[a-z_]+?)_(?P<k>\d+)_(?P<operand>[a-z0-9]+)$")
+POINT_KEY = re.compile(r"^(?P<op>[a-z_]+?)_(?P<k>\d+)_(?P<operand>[a-z0-9]+)$")
 
 # A point's quantizer, or None where the config leaves that operand in float32.
 Point = Callable[[str, Tensor, "int | None"], Tensor]
@@ -198,7 +199,7 @@ class OperandPoints(TorchFunctionMode):
     def create(self, module: nn.Module, name: str, key: str, role: str, ndim: int | None, axis: int | None,
                device: torch.device) -> Quantizer | None:
         """The quantizer of point ``key`` of ``module`` (None: fp32 there), added as its child."""
-        op = _KEY.match(key)
+        op = POINT_KEY.match(key)
         assert op is not None, key
         types = tuple(c.__name__ for c in type(module).__mro__)
         spec, grad = self.spec_for(name, types, op["op"], role)
@@ -281,7 +282,7 @@ def along(spec: RoleSpec, axis: int, ndim: int | None) -> RoleSpec:
     """``spec`` with its block format's blocks along ``axis`` (the GEMM's reduction axis); other
     formats, and a block format given its own axis, are kept."""
     fmt = spec.format
-    if not blocked(fmt) or getattr(fmt, "axis", 0) is not None:
+    if not blocked(fmt) or fmt.axis is not None:  # type: ignore[attr-defined]
         return spec
     if ndim is not None and ndim > 0:
         axis %= ndim
@@ -350,7 +351,7 @@ def _materialize(model: nn.Module, state_dict: dict[str, Any], prefix: str, *arg
         if not (full.startswith(prefix) and full.endswith(tail)):
             continue
         owner, sep, key = full[len(prefix):-len(tail)].rpartition(f"{CONTAINER}.")
-        if not sep or _KEY.match(key) is None:
+        if not sep or POINT_KEY.match(key) is None:
             continue
         name = owner[:-1] if owner.endswith(".") else owner
         module = modules.get(name)
@@ -364,11 +365,12 @@ def _materialize(model: nn.Module, state_dict: dict[str, Any], prefix: str, *arg
 
 
 def _saved_axis(saved: dict[str, str]) -> int | None:
-    """The block axis in a saved point's format spec (``axis=N``), so it is re-created alike."""
+    """The block axis of a saved point's format (or gradient format), so it is re-created alike."""
     for key in ("format", "gradient"):
-        found = re.search(r"axis=(-?\d+)", saved.get(key, ""))
-        if found:
-            return int(found.group(1))
+        if key in saved:
+            axis = getattr(parse_format(saved[key]), "axis", None)
+            if axis is not None:
+                return axis
     return None
 
 
@@ -386,5 +388,5 @@ def discover(model: nn.Module, run: Callable[[], Any]) -> None:
         mode.discovering = False
 
 
-__all__ = ["CONTAINER", "GEMMS", "OUTPUTS", "OperandPoints", "along", "attach", "attention", "discover",
+__all__ = ["CONTAINER", "GEMMS", "OUTPUTS", "POINT_KEY", "OperandPoints", "along", "attach", "attention", "discover",
            "einsum_axes", "mode_of"]

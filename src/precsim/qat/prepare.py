@@ -30,7 +30,7 @@ from precsim.qat.config import ROLES, QuantConfig, RoleSpec
 from precsim.qat.fingerprint import EXTRA_STATE, checking, decode, mismatch_message
 from precsim.qat.fold import fold_batchnorms
 from precsim.qat.markers import CONTAINERS, WEIGHT_TYPES, QuantPoint
-from precsim.qat.operands import CONTAINER, attach, discover, mode_of
+from precsim.qat.operands import CONTAINER, POINT_KEY, attach, discover, mode_of
 from precsim.qat.quantizer import Quantizer
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
@@ -183,8 +183,7 @@ def summary_rows(model: nn.Module) -> list[dict[str, str]]:
         elif CONTAINER in parts:
             i = parts.index(CONTAINER)
             owner, role = ".".join(parts[:i]), module.role
-            rest, _, operand = parts[i + 1].rpartition("_")
-            op, _, call = rest.rpartition("_")
+            op, call, operand = POINT_KEY.match(parts[i + 1]).group("op", "k", "operand")  # type: ignore[union-attr]
         else:
             owner, role, call = ".".join(parts[:-1]), module.role, ""
             op = operand = "input" if role == "input" else "output"
