@@ -64,6 +64,12 @@ def random_bits(shape: torch.Size | tuple[int, ...], seed: Tensor, row_stride: i
     return _mix((index ^ seed[0]) + seed[1])
 
 
+def indexed_bits(index: Tensor, seed: Tensor) -> Tensor:
+    """The words :func:`random_bits` gives the elements numbered ``index`` (int32): a part of a
+    tensor gets the same bits as when the whole is drawn at once."""
+    return _mix((index ^ seed[0]) + seed[1])
+
+
 def bits_for(shape: torch.Size | tuple[int, ...], rounding: str, seed: Tensor | None,
              given: Tensor | None, row_stride: int | None = None) -> Tensor | None:
     """The random bits a rounding needs: ``given`` ones, else bits from ``seed`` (see

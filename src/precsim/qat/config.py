@@ -12,12 +12,20 @@ A config is a dict (or a YAML file holding one)::
 
 ``points: operands`` puts the points on the operands of every GEMM-like op instead of on module
 outputs (:mod:`precsim.qat.operands`); rules may then select points by ``op`` as well.
+
+``accumulator`` (and ``gradient_accumulator`` for the backward GEMMs), globally or in rules,
+holds the sums inside GEMMs in a narrow format (docs/accumulators.md)::
+
+    accumulator: {format: fp16, block: 32, promote: 128}
+    rules:
+      - {type: Conv2d, accumulator: {format: int16, overflow: wrap}}
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +33,7 @@ from typing import Any
 import yaml
 
 from precsim.formats import Format, parse_format
+from precsim.formats.float import FloatFormat
 from precsim.formats.rounding import ROUNDINGS
 from precsim.qat.observers import OBSERVERS
 
@@ -39,10 +48,16 @@ BLOCK_AXES: tuple[str, ...] = ("reduction", "last")  # where operand blocks run:
 GEMM_OPS: tuple[str, ...] = ("linear", "conv", "matmul", "einsum", "attention")
 OUTPUT_OPS: tuple[str, ...] = ("softmax", "gelu", "silu", "layer_norm", "rms_norm", "add")
 OPS: tuple[str, ...] = GEMM_OPS + OUTPUT_OPS
+ACCUMULATED_OPS: tuple[str, ...] = ("linear", "conv", "matmul", "attention")  # GEMMs an accumulator can run
 _ROLE_KEYS = ("format", "rounding", "observer", "momentum", "percentile", "granularity", "axis", "ste", "scale",
               "delayed")
-CONFIG_KEYS = (*ROLES, "rules", "seed", "fold_bn", "bias", "points", "block_axis")  # a config's top-level keys
-_RULE_KEYS = ("match", "type", "op", *ROLES, "bias")
+ACCUMULATORS: tuple[str, ...] = ("accumulator", "gradient_accumulator")  # forward GEMMs, backward GEMMs
+CONFIG_KEYS = (*ROLES, *ACCUMULATORS, "rules", "seed", "fold_bn", "bias", "points", "block_axis")  # top-level keys
+_RULE_KEYS = ("match", "type", "op", *ROLES, *ACCUMULATORS, "bias")
+_ACCUMULATOR_KEYS = ("format", "block", "promote", "rounding", "overflow", "bias")
+ACCUMULATOR_OVERFLOWS: tuple[str, ...] = ("wrap", "saturate")  # integer accumulators
+ACCUMULATOR_BIASES: tuple[str, ...] = ("after", "before")  # the bias added to the result, or the accumulator's start
+_INT_ACCUMULATOR = re.compile(r"^\s*int(\d+)\s*$")
 
 
 @dataclass(frozen=True)
@@ -143,6 +158,108 @@ def parse_role(role: str, value: Any, ctx: str = "") -> RoleSpec:
 
 
 @dataclass(frozen=True)
+class AccumulatorSpec:
+    """How the sums inside a GEMM are held (:mod:`precsim.runtime.accumulate`).
+
+    K is cut into blocks of ``block`` elements summed in float32; the block sums are added in
+    order to an accumulator rounded to ``format`` after every add (``rounding``; ``eval()``
+    rounds to nearest) or, for an integer accumulator (``bits`` set, ``format`` None), kept in
+    ``bits`` bits by ``overflow`` (wrap or saturate), on the operands' integer codes.
+    ``promote``: every ``promote`` elements the accumulator moves into a float32 (integers:
+    exact) total. ``bias``: ``after`` (added to the result) or ``before`` (the accumulator's
+    start)."""
+
+    format: Format | None
+    bits: int | None = None
+    block: int = 32
+    promote: int | None = None
+    rounding: str = "nearest"
+    overflow: str = "wrap"
+    bias: str = "after"
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}" if self.format is None else self.format.name
+
+    def describe(self) -> str:
+        """One line for summaries: format, block, promotion, rounding or overflow, bias."""
+        parts = [self.name, f"block {self.block}"]
+        if self.promote is not None:
+            parts.append(f"promote {self.promote}")
+        parts.append(self.overflow if self.format is None else self.rounding)
+        if self.bias != "after":
+            parts.append(f"bias {self.bias}")
+        return ", ".join(parts)
+
+
+def parse_accumulator(key: str, value: Any, ctx: str = "") -> AccumulatorSpec | None:
+    """An ``accumulator`` / ``gradient_accumulator`` value (a format string or a dict) ->
+    AccumulatorSpec; None for fp32 (float32 sums: the plain GEMM)."""
+    if value is None or isinstance(value, AccumulatorSpec):
+        return value
+    if isinstance(value, (str, Format)):
+        value = {"format": value}
+    where = f"{key}{_where(ctx)}"
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a format string or a dict, got {value!r}")
+    bad = [k for k in value if k not in _ACCUMULATOR_KEYS]
+    if bad:
+        raise ValueError(f"{where}: unknown key {bad[0]!r}; allowed: {', '.join(_ACCUMULATOR_KEYS)}")
+    if "format" not in value:
+        raise ValueError(f"{where}: missing 'format'")
+    raw = value["format"]
+    allowed_formats = ("a scalar float format (fp16, bf16, fp8_e5m2, flexfp(e=,m=), ...) or an integer "
+                       "width int8 .. int64")
+    match = _INT_ACCUMULATOR.match(raw) if isinstance(raw, str) else None
+    fmt: Format | None = None
+    bits = None
+    if match is not None:
+        bits = int(match.group(1))
+        if not 8 <= bits <= 64:
+            raise ValueError(f"{where}: integer accumulator width {bits} not allowed; allowed: 8..64")
+        if key == "gradient_accumulator":
+            raise ValueError(f"{where}: format {raw!r} not allowed: gradients have no integer codes; allowed: "
+                             "a scalar float format")
+    else:
+        try:
+            fmt = parse_format(raw)
+        except ValueError:
+            raise ValueError(f"{where}: format {raw!r} not allowed; allowed: {allowed_formats}") from None
+        if not isinstance(fmt, FloatFormat):
+            raise ValueError(f"{where}: format {fmt.name!r} is not an accumulator format (block, scaled and "
+                             f"per-tensor integer formats hold operands, not sums); allowed: {allowed_formats}")
+        if fmt.is_float32:
+            return None
+        if fmt.mantissa_bits > 21 or fmt.min_exponent - fmt.mantissa_bits < -147:
+            raise ValueError(f"{where}: format {fmt.name!r} keeps too few float32 bits below it for one exact "
+                             "rounding of each add; allowed: at most 21 mantissa bits and a smallest subnormal "
+                             ">= 2^-147 (or fp32: float32 sums)")
+    block = value.get("block", 32)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"{where}: block {block!r} not allowed; allowed: an integer >= 1")
+    promote = value.get("promote")
+    if promote is not None and (isinstance(promote, bool) or not isinstance(promote, int) or promote < block
+                                or promote % block):
+        raise ValueError(f"{where}: promote {promote!r} not allowed; allowed: a multiple of block ({block})")
+    rounding = value.get("rounding", "nearest")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"{where}: rounding {rounding!r} not allowed; allowed: {', '.join(ROUNDINGS)}")
+    if bits is not None and "rounding" in value:
+        raise ValueError(f"{where}: rounding is for float accumulators (an integer sum is exact); for "
+                         f"int{bits} set overflow: {' or '.join(ACCUMULATOR_OVERFLOWS)}")
+    overflow = value.get("overflow", "wrap")
+    if fmt is not None and "overflow" in value:
+        raise ValueError(f"{where}: overflow is for integer accumulators; a float accumulator overflows as its "
+                         f"format does ({fmt.name}: {fmt.overflow}, set in the format spec)")
+    if overflow not in ACCUMULATOR_OVERFLOWS:
+        raise ValueError(f"{where}: overflow {overflow!r} not allowed; allowed: {', '.join(ACCUMULATOR_OVERFLOWS)}")
+    bias = value.get("bias", "after")
+    if bias not in ACCUMULATOR_BIASES:
+        raise ValueError(f"{where}: bias {bias!r} not allowed; allowed: {', '.join(ACCUMULATOR_BIASES)}")
+    return AccumulatorSpec(fmt, bits, block, promote, rounding, overflow, bias)
+
+
+@dataclass(frozen=True)
 class Rule:
     """Overrides for modules whose name matches ``match`` (a glob) and/or whose type is ``types``,
     and, with ``points: operands``, for ops of the kinds ``ops``."""
@@ -153,6 +270,7 @@ class Rule:
     text: str = ""
     bias: str | None = None  # one of BIASES; None: this rule leaves the bias setting alone
     ops: tuple[str, ...] = ()  # op kinds (OPS); empty: every point of the selected modules (adds no output op)
+    accumulators: dict[str, AccumulatorSpec | None] = field(default_factory=dict, hash=False)  # keys: ACCUMULATORS
 
     def selects(self, name: str, module_type: str | tuple[str, ...], op: str | None = None) -> bool:
         """``module_type``: the class name, or the names of its whole MRO (subclasses match).
@@ -177,6 +295,13 @@ class QuantConfig:
     freeze_bn_after: int | None = None  # BN uses frozen running stats after this many training steps
     points: str = "outputs"  # one of POINTS
     block_axis: str = "reduction"  # one of BLOCK_AXES (points: operands)
+    accumulators: dict[str, AccumulatorSpec | None] = field(default_factory=dict)  # keys: ACCUMULATORS
+
+    @property
+    def has_accumulators(self) -> bool:
+        """Whether any GEMM may take a simulated accumulator (globally or by a rule)."""
+        specs = [*self.accumulators.values(), *(v for r in self.rules for v in r.accumulators.values())]
+        return any(v is not None for v in specs)
 
     @classmethod
     def from_any(cls, config: QuantConfig | dict[str, Any] | str | Path) -> QuantConfig:
@@ -221,7 +346,12 @@ class QuantConfig:
             ops = _parse_ops(raw["op"], points, ctx) if "op" in raw else ()
             rule_roles = {r: _role_or_none(r, raw[r], ctx) for r in ROLES if r in raw}
             bias = _parse_bias(raw["bias"], ctx) if "bias" in raw else None
-            rules.append(Rule(raw.get("match"), types, rule_roles, text=str(raw), bias=bias, ops=ops))
+            accs = {k: parse_accumulator(k, raw[k], ctx) for k in ACCUMULATORS if k in raw}
+            if ops and any(v is not None for v in accs.values()) and not set(ops) & set(ACCUMULATED_OPS):
+                raise ValueError(f"op {ops[0]!r} (in {ctx}) has no accumulator; allowed with accumulator: "
+                                 f"{', '.join(ACCUMULATED_OPS)}")
+            rules.append(Rule(raw.get("match"), types, rule_roles, text=str(raw), bias=bias, ops=ops,
+                              accumulators=accs))
         seed = d.get("seed", 0)
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -233,8 +363,9 @@ class QuantConfig:
         if points == "operands" and (fold_bn or bias != "fp32" or any(r.bias not in (None, "fp32") for r in rules)):
             raise ValueError("fold_bn and bias: int32 need points: outputs (they act on module outputs and "
                              "biases); with points: operands, leave them out")
+        accumulators = {k: parse_accumulator(k, d[k]) for k in ACCUMULATORS if k in d}
         return cls(roles, tuple(rules), seed, fold_bn=fold_bn, freeze_bn_after=freeze_bn_after, bias=bias,
-                   points=points, block_axis=block_axis)
+                   points=points, block_axis=block_axis, accumulators=accumulators)
 
 
 def _role_or_none(role: str, value: Any, ctx: str = "") -> RoleSpec | None:

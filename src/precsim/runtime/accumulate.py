@@ -1,0 +1,293 @@
+"""Accumulators: a GEMM whose running sum is held, and rounded, in a narrow format (pure).
+
+Hardware does not sum a dot product in float32. Each output element's reduction axis K is cut
+into consecutive blocks of ``block`` elements, in ascending k; a block's products are summed
+in float32 (as inside one MMA instruction); the block sums are then added one by one to an
+accumulator held in format F and rounded after every add::
+
+    k:    0 ........ B-1 | B ....... 2B-1 | 2B ...... 3B-1 | ...  (B = block)
+          \\ sum fp32 /     \\ sum fp32 /     \\ sum fp32 /
+    acc = 0 -> R_F(acc + s0) -> R_F(acc + s1) -> R_F(acc + s2) -> ...
+    promote P (a multiple of B): after every P elements, total += acc (float32), acc = 0;
+    the output is total + acc (acc alone without promote).
+
+``R_F(acc + s)`` rounds the exact sum once: the float32 sum and its exact error (TwoSum) give
+the sum rounded to odd at float32's 24 bits, which F (at most 22 significant bits, smallest
+subnormal >= 2^-147: :func:`check_float_accumulator`) then rounds as if it saw the exact value
+(rounding to odd keeps the information of every discarded bit; Boldo and Melquiond). So an
+fp16 accumulator gives the bits of a sum rounded to fp16 after every add, with no double
+rounding. Stochastic rounding draws block j's bits from ``block_seeds(seed)[j]``, one word per
+output element in flat order.
+
+Integer accumulators (:func:`matmul_int`) take integer codes; block sums are exact (float32
+where every block sum is below 2^24, else float64); the accumulator is an int64 kept in W bits
+after every add, wrapped (two's complement) or saturated, and every add that left the W-bit
+range counts as one overflow event.
+
+Speed: the output is cut into parts (rows, or matrices of a batched GEMM) whose block sums fit
+:data:`BUFFER_BYTES`, so that they stay in cache; for each part, one batched GEMM per chunk of
+:data:`MAX_CHUNK` blocks writes a [blocks, rows, N] buffer (allocated once per call: a fresh
+128 MB buffer cost 3x the GEMM in page faults), then one fused pass per block adds it in place
+(one compiled kernel per format and rounding: the add, the exact error and the rounding). A
+scan of a whole chunk unrolled in one kernel took minutes to compile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from precsim.formats.random import indexed_bits
+from precsim.runtime.backend import call
+
+BUFFER_BYTES = 4 << 20  # the block sums of one part of the output (an L2/L3-sized buffer)
+MAX_CHUNK = 32  # blocks per batched GEMM
+OVERFLOWS: tuple[str, ...] = ("wrap", "saturate")
+_BLOCK_SALT = 0x2545F491  # block j's seed word 1 is seed[1] + j * this (mod 2^32)
+
+
+def block_seeds(seed: Tensor, first: int, n: int) -> Tensor:
+    """The two-word seeds of blocks ``first .. first + n - 1`` of a call seeded ``seed`` ([n, 2] int32)."""
+    j = torch.arange(first, first + n, dtype=torch.int64, device=seed.device)
+    word = (seed[1].to(torch.int64) + j * _BLOCK_SALT) % 2**32
+    word = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    return torch.stack([seed[0].expand(n), word], dim=1)
+
+
+def sum_to_odd(acc: Tensor, x: Tensor) -> Tensor:
+    """``acc + x`` (float32) rounded to odd: the float32 sum, moved one unit toward the exact
+    sum where that is inexact and the sum's last bit is even (TwoSum gives the exact error)."""
+    s = acc + x
+    bb = s - acc
+    err = (acc - (s - bb)) + (x - bb)
+    bits = s.view(torch.int32)
+    move = (err != 0) & ((bits & 1) == 0) & (s.abs() < torch.inf)
+    step = torch.where((err > 0) == (s > 0), 1, -1).to(torch.int32)  # away from or toward zero
+    return torch.where(move, bits + step, bits).view(torch.float32)
+
+
+def _add_float(acc: Tensor, x: Tensor, seed: Tensor | None, base: Tensor, fmt: Any, rounding: str) -> None:
+    """One block add in place: ``acc <- R_F(acc + x)``, the exact sum rounded once (one fused
+    pass). Stochastic bits: element i of this part of the output is element ``base + i`` of
+    the whole."""
+    s = sum_to_odd(acc, x)
+    bits = None
+    if seed is not None:
+        bits = indexed_bits(torch.arange(s.numel(), dtype=torch.int32, device=s.device).view(s.shape) + base, seed)
+    acc.copy_(fmt.quantize(s, rounding, random_bits=bits))
+
+
+def _keep(s: Tensor, count: Tensor, bits: int, overflow: str) -> tuple[Tensor, Tensor]:
+    """``s`` (int64, exact) kept in ``bits`` bits, and ``count`` plus its overflow events."""
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    out = (s < lo) | (s > hi)
+    count = count + out.sum()
+    if overflow == "saturate":
+        return s.clamp(lo, hi), count
+    return ((s - lo) & (2**bits - 1)) + lo, count
+
+
+def _add64(acc: Tensor, x: Tensor, count: Tensor, overflow: str) -> tuple[Tensor, Tensor]:
+    """``acc + x`` in a 64-bit accumulator (int64 arithmetic wraps; an overflow is a sign flip)."""
+    s = acc + x
+    out = ((acc ^ s) & (x ^ s)) < 0
+    count = count + out.sum()
+    if overflow == "saturate":
+        s = torch.where(out, torch.where(x > 0, torch.iinfo(torch.int64).max, torch.iinfo(torch.int64).min), s)
+    return s, count
+
+
+def _add_int(acc: Tensor, x: Tensor, count: Tensor, bits: int, overflow: str) -> None:
+    """One block add of an integer accumulator in place: ``acc + x`` kept in ``bits`` bits;
+    ``count`` plus this add's overflow events."""
+    x = x.to(torch.int64)
+    s, n = _add64(acc, x, count, overflow) if bits == 64 else _keep(acc + x, count, bits, overflow)
+    acc.copy_(s)
+    count.copy_(n)
+
+
+# --- the driver: blocks of K, chunks of blocks and of output rows ----------------------------
+Step = Callable[[Tensor, Tensor, int, int], None]  # (acc, block sums, block index, flat offset)
+
+
+def _normalized(a: Tensor, b: Tensor, block: int) -> tuple[Tensor, Tensor, tuple[int, ...], int]:
+    """(a, b, output shape, blocks): a 2-D b makes a 2-D a ([rows, K]); otherwise both are
+    [P, M, K] and [P, K, N]. K padded by zeros to whole blocks (a zero product changes no sum)."""
+    k = a.shape[-1]
+    if b.dim() < 2 or b.shape[-2] != k:
+        raise ValueError(f"accumulated GEMM: K of a ({k}) and b ({tuple(b.shape)}) differ")
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    shape = (*batch, a.shape[-2] if a.dim() > 1 else 1, b.shape[-1])
+    if b.dim() == 2:
+        a = a.reshape(-1, k)
+    else:
+        a = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+        b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    nb = max(1, math.ceil(k / block))
+    extra = nb * block - k
+    if extra:
+        a = F.pad(a, (0, extra))
+        b = F.pad(b, (0, 0, 0, extra))
+    return a, b, shape, nb
+
+
+def _blocks_per_gemm(nb: int, per_promote: int | None) -> int:
+    """Blocks summed by one batched GEMM: whole promotion groups where a group fits."""
+    cap = min(MAX_CHUNK, nb)
+    if per_promote is None:
+        return cap
+    if per_promote <= cap:
+        return per_promote * (cap // per_promote)
+    return max(d for d in range(1, cap + 1) if per_promote % d == 0)
+
+
+def _run(a: Tensor, b: Tensor, block: int, per_promote: int | None, dtype: torch.dtype, out: Tensor,
+         start: Tensor | None, step: Step) -> None:
+    """Fills ``out`` (flat, the output's size) with the accumulated GEMM of normalized ``a``,
+    ``b``: for each part of the output (rows of a 2-D GEMM, matrices of a batched one) small
+    enough that its block sums fit :data:`BUFFER_BYTES` (so they stay in cache), each chunk of
+    blocks is one batched GEMM, then ``step`` adds its blocks in order."""
+    batched = b.dim() == 3
+    units, unit = (a.shape[0], a.shape[1] * b.shape[2]) if batched else (a.shape[0], b.shape[1])
+    nb = a.shape[-1] // block
+    per_gemm = _blocks_per_gemm(nb, per_promote)
+    per_part = max(1, min(units, BUFFER_BYTES // max(1, per_gemm * unit * torch.finfo(dtype).bits // 8)))
+    store = torch.empty(per_gemm * per_part * unit, dtype=dtype, device=a.device)
+    for u0 in range(0, units, per_part):
+        u1 = min(units, u0 + per_part)
+        part_a, part_b = a[u0:u1], (b[u0:u1] if batched else b)
+        size = (u1 - u0) * unit
+        acc = out[u0 * unit:u0 * unit + size]
+        if start is None:
+            acc.zero_()
+        else:
+            acc.copy_(start[u0 * unit:u0 * unit + size])
+        total = None if per_promote is None else torch.zeros_like(acc)
+        for first in range(0, nb, per_gemm):
+            n = min(per_gemm, nb - first)
+            lo, hi = first * block, (first + n) * block
+            ak = part_a[..., lo:hi].unflatten(-1, (n, block)).movedim(-2, 0)
+            bk = part_b[..., lo:hi, :].unflatten(-2, (n, block)).movedim(-3, 0)
+            buf = store[:n * size].view(n, *ak.shape[1:-1], bk.shape[-1])
+            torch.matmul(ak.to(dtype), bk.to(dtype), out=buf)
+            buf = buf.view(n, size)
+            for j in range(n):
+                step(acc, buf[j], first + j, u0 * unit)
+                if total is not None and (first + j + 1) % per_promote == 0:  # type: ignore[operator]
+                    total += acc
+                    acc.zero_()
+        if total is not None:
+            acc += total
+
+
+def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | None = None,
+                 rounding: str = "nearest", seed: Tensor | None = None, init: Tensor | None = None) -> Tensor:
+    """``a @ b`` ([..., M, K] @ [..., K, N], broadcast) with a float accumulator in ``fmt`` (see
+    the module doc); ``init``: the accumulator's start (a bias added first), rounded to ``fmt``
+    to nearest. float32 result."""
+    if rounding == "stochastic" and seed is None:
+        raise ValueError("stochastic accumulation needs a seed")
+    a, b, shape, nb = _normalized(a.float(), b.float(), block)
+    out = torch.empty(math.prod(shape), dtype=torch.float32, device=a.device)
+    start = None
+    if init is not None:
+        start = fmt.quantize(torch.broadcast_to(init.float(), shape).reshape(-1).contiguous(), "nearest")
+    seeds = block_seeds(seed, 0, nb) if rounding == "stochastic" else None  # type: ignore[arg-type]
+
+    def step(acc: Tensor, sums: Tensor, j: int, base: int) -> None:
+        offset = torch.tensor(base, dtype=torch.int32, device=acc.device)
+        call(_add_float, acc, (sums, None if seeds is None else seeds[j], offset), (fmt, rounding), flat=True)
+
+    if out.numel():
+        _run(a, b, block, None if promote is None else promote // block, torch.float32, out, start, step)
+    return out.view(shape)
+
+
+def exact_dtype(code_max_a: float, code_max_b: float, block: int) -> torch.dtype:
+    """float32 where every block sum of integer codes is exact in it (below 2^24), else float64
+    (exact below 2^53, which 16-bit codes and blocks up to 2^20 stay under)."""
+    bound = code_max_a * code_max_b * block
+    if bound < 2.0**24:
+        return torch.float32
+    if bound < 2.0**53:
+        return torch.float64
+    raise ValueError(f"integer accumulation: block sums reach {bound:.3g}, past float64's exact integers (2^53); "
+                     "allowed: smaller blocks or narrower codes")
+
+
+def matmul_int(a: Tensor, b: Tensor, bits: int, block: int, *, promote: int | None = None, overflow: str = "wrap",
+               init: Tensor | None = None, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """``a @ b`` of integer codes (float tensors holding integers) with a ``bits``-bit integer
+    accumulator (see the module doc); ``init``: integer codes it starts from (kept in ``bits``
+    bits too). Returns the int64 result and the number of overflow events (int64 scalar).
+    ``dtype``: where block sums are computed (:func:`exact_dtype`). Promotion adds to an exact
+    int64 total."""
+    if not 8 <= bits <= 64:
+        raise ValueError(f"integer accumulator width {bits} not allowed; allowed: 8..64")
+    if overflow not in OVERFLOWS:
+        raise ValueError(f"overflow {overflow!r} not allowed; allowed: {', '.join(OVERFLOWS)}")
+    a, b, shape, nb = _normalized(a, b, block)
+    out = torch.empty(math.prod(shape), dtype=torch.int64, device=a.device)
+    count = torch.zeros((), dtype=torch.int64, device=a.device)
+    start = None
+    if init is not None:
+        start = torch.zeros_like(out)
+        _add_int(start, torch.broadcast_to(init, shape).reshape(-1), count, bits, overflow)
+
+    def step(acc: Tensor, sums: Tensor, j: int, base: int) -> None:
+        call(_add_int, acc, (sums, count), (bits, overflow), flat=True)
+
+    if out.numel():
+        _run(a, b, block, None if promote is None else promote // block, dtype, out, start, step)
+    return out.view(shape), count
+
+
+# --- conv as a GEMM ---------------------------------------------------------------------------
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def conv_as_matmul(x: Tensor, weight: Tensor, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
+                   groups: int = 1) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """A conv1d/conv2d as ``a @ b`` with K in the order of ``weight.flatten(1)`` (channel, then
+    kernel row, then kernel column; im2col by ``F.unfold``), and the function that turns the
+    GEMM's result back into the conv's output. groups == 1: a [B*L, K], b [K, C_out];
+    otherwise a [G, B*L, K/G], b [G, K/G, C_out/G]."""
+    if x.dim() == 3:  # conv1d: a conv2d of height 1
+        a, b, back = conv_as_matmul(x.unsqueeze(2), weight.unsqueeze(2), (1, *_tuple(stride, 1)),
+                                    padding if isinstance(padding, str) else (0, *_tuple(padding, 1)),
+                                    (1, *_tuple(dilation, 1)), groups)
+        return a, b, lambda out: back(out).squeeze(2)
+    if x.dim() != 4:
+        raise ValueError(f"accumulators run conv1d and conv2d; got a {x.dim() - 2}-d convolution")
+    kh, kw = weight.shape[-2:]
+    stride, dilation = _tuple(stride, 2), _tuple(dilation, 2)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # "same" (stride 1): torch pads the extra element at the end
+            totals = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
+            x = F.pad(x, (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2))
+            padding = (0, 0)
+    padding = _tuple(padding, 2)
+    bsz = x.shape[0]
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, L]
+    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    length, cout, kg = cols.shape[2], weight.shape[0], cols.shape[1] // groups
+    if groups == 1:
+        a = cols.transpose(1, 2).reshape(bsz * length, kg)
+        return a, weight.flatten(1).t(), lambda out: out.view(bsz, length, cout).transpose(1, 2).reshape(bsz, cout, h, w)
+    a = cols.view(bsz, groups, kg, length).permute(1, 0, 3, 2).reshape(groups, bsz * length, kg)
+    b = weight.reshape(groups, cout // groups, kg).transpose(1, 2)
+    return a, b, lambda out: (out.view(groups, bsz, length, cout // groups).permute(1, 0, 3, 2)
+                              .reshape(bsz, cout, h, w))
+
+
+__all__ = ["BUFFER_BYTES", "MAX_CHUNK", "OVERFLOWS", "block_seeds", "conv_as_matmul", "exact_dtype", "matmul_float",
+           "matmul_int", "sum_to_odd"]
