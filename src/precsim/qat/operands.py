@@ -26,6 +26,13 @@ Block formats (MX, NVFP4) group each operand along the axis its GEMM reduces: th
 the head dimension of q and k, the key axis of P and v; the gradient w.r.t. an operand is
 blocked along the same axis as the operand (``block_axis: last`` keeps the format's own axis,
 as for module outputs).
+
+Accumulators (``accumulator``, :mod:`precsim.qat.accumulator`): the same mode runs each GEMM
+call that has one (linear, conv, matmul-like, attention's two GEMMs) with its simulated
+accumulator, an :class:`Accumulator` point named ``<op>_<k>_acc`` next to the operand points.
+With ``points: outputs`` the mode is installed too, on the Linear/Conv modules an accumulator
+selects only (``OperandPoints(..., operands=False)``): it rounds no operand, and runs their
+GEMM calls with the module's ``precsim_accumulator``.
 """
 
 from __future__ import annotations
@@ -45,12 +52,15 @@ from torch.overrides import TorchFunctionMode
 
 from precsim.formats import parse_format
 from precsim.formats.random import mix_seed
-from precsim.qat.config import GEMM_OPS, QuantConfig, RoleSpec
+from precsim.qat.accumulator import Accumulator, Grid, accumulated_call, attention_matmul
+from precsim.qat.config import ACCUMULATED_OPS, ACCUMULATORS, GEMM_OPS, AccumulatorSpec, QuantConfig, RoleSpec
 from precsim.qat.fingerprint import EXTRA_STATE, decode
 from precsim.qat.quantizer import Quantizer
 from precsim.runtime.backend import blocked
 
 CONTAINER = "precsim_operands"  # the ModuleDict child that holds a module's operand points
+ACCUMULATOR = "precsim_accumulator"  # points: outputs: a Linear/Conv module's Accumulator child
+ACC_OPERAND = "acc"  # points: operands: the key of a GEMM call's Accumulator is <op>_<k>_acc
 POINT_KEY = re.compile(r"^(?P<op>[a-z_]+?)_(?P<k>\d+)_(?P<operand>[a-z0-9]+)$")
 
 # A point's quantizer, or None where the config leaves that operand in float32.
@@ -141,9 +151,10 @@ class _Frame:
 class OperandPoints(TorchFunctionMode):
     """Quantizes the operands of GEMM calls made while a prepared model runs (see module doc)."""
 
-    def __init__(self, config: QuantConfig, seed: int) -> None:
+    def __init__(self, config: QuantConfig, seed: int, operands: bool = True) -> None:
         super().__init__()
         self.config, self.seed = config, seed
+        self.operands = operands  # False: points: outputs, only accumulators (module precsim_accumulator)
         self.stack: list[_Frame] = []
         self.discovering = False  # create points, round nothing (prepare's example_inputs, calibrate)
         self.skipped: set[tuple[str, str]] = set()  # (module, key) the config leaves in float32
@@ -178,6 +189,66 @@ class OperandPoints(TorchFunctionMode):
             selected = True
             spec, grad = rule.roles.get(role, spec), rule.roles.get(grad_role, grad)
         return (spec, grad) if selected else (None, None)
+
+    def accumulator_specs(self, frame_name: str, types: tuple[str, ...], op: str) -> tuple[AccumulatorSpec | None, ...]:
+        """(accumulator, gradient accumulator) of a GEMM call: the global keys, then every rule
+        that selects it, in order."""
+        if op not in ACCUMULATED_OPS:
+            return None, None
+        specs = [self.config.accumulators.get(k) for k in ACCUMULATORS]
+        for rule in self.config.rules:
+            if rule.accumulators and rule.selects(frame_name, types, op):
+                specs = [rule.accumulators.get(k, v) for k, v in zip(ACCUMULATORS, specs, strict=True)]
+        return tuple(specs)
+
+    def accumulator(self, frame: _Frame, op: str, index: int) -> Accumulator | None:
+        """The accumulator of a GEMM call (created on first use; points: operands), or None."""
+        if not self.operands:
+            acc = getattr(frame.module, ACCUMULATOR, None)
+            return acc if isinstance(acc, Accumulator) and acc.spec is not None else None
+        key = f"{op}_{index}_{ACC_OPERAND}"
+        points = getattr(frame.module, CONTAINER, None)
+        acc = points[key] if points is not None and key in points else None
+        if acc is None:
+            if (frame.name, key) in self.skipped:
+                return None
+            acc = self.create_accumulator(frame.module, frame.name, key, _device(frame.module))
+            if acc is None:
+                self.skipped.add((frame.name, key))
+                return None
+        return acc if acc.spec is not None else None  # type: ignore[return-value]
+
+    def create_accumulator(self, module: nn.Module, name: str, key: str, device: torch.device) -> Accumulator | None:
+        """The Accumulator of point ``key`` (``<op>_<k>_acc``) of ``module`` (None: the config gives it none)."""
+        op = POINT_KEY.match(key)
+        assert op is not None, key
+        types = tuple(c.__name__ for c in type(module).__mro__)
+        spec, grad = self.accumulator_specs(name, types, op["op"])
+        if spec is None and grad is None:
+            return None
+        qualified = f"{name}.{key}" if name else key
+        acc = Accumulator(spec, grad, seed=mix_seed(self.seed, zlib.crc32(qualified.encode())))
+        acc.train(module.training)
+        if not hasattr(module, CONTAINER):
+            module.add_module(CONTAINER, nn.ModuleDict())
+        getattr(module, CONTAINER)[key] = acc.to(device)
+        return acc
+
+    def grids(self, frame: _Frame, op: str, index: int, operands: tuple[str, ...]) -> tuple[list[Grid | None], tuple[int, int]]:
+        """The integer grids (scale, zero point) the operands of a GEMM call were rounded on, in
+        the call's operand order, and their code widths: the operand points (points: operands),
+        or the module's ``input`` point and weight (points: outputs)."""
+        if self.operands:
+            points = getattr(frame.module, CONTAINER, None)
+            quantizers = [points[k] if points is not None and (k := f"{op}_{index}_{o}") in points else None
+                          for o in operands]
+        else:
+            weight = getattr(getattr(frame.module, "parametrizations", None), "weight", None)
+            quantizers = [getattr(frame.module, "precsim_input", None), weight[0] if weight is not None else None]
+        grids = [q.grid if isinstance(q, Quantizer) and q.observer is not None else None for q in quantizers]
+        bits = tuple(getattr(q.spec.format, "bits", 16) if g is not None else 16  # type: ignore[union-attr]
+                     for q, g in zip(quantizers, grids, strict=True))
+        return grids, bits  # type: ignore[return-value]
 
     def point(self, frame: _Frame, op: str, index: int, operand: str, x: Tensor, axis: int | None) -> Tensor:
         """``x`` rounded at the point (created on first use), or ``x`` where there is none."""
@@ -226,8 +297,12 @@ class OperandPoints(TorchFunctionMode):
         gemm = GEMMS.get(func)
         if gemm is not None:
             return self._gemm(frame, func, gemm, args, kwargs)
+        if not self.operands:
+            return func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
-            return attention(self._pointer(frame, "attention"), *args, **kwargs)
+            acc = self.accumulator(frame, "attention", frame.counts.get("attention", 0))  # the index _pointer takes
+            matmul = torch.matmul if acc is None or self.discovering else attention_matmul(acc)
+            return attention(self._pointer(frame, "attention"), *args, matmul=matmul, **kwargs)
         if func is torch.einsum:
             return self._einsum(frame, args)
         op = OUTPUTS.get(func)
@@ -252,12 +327,19 @@ class OperandPoints(TorchFunctionMode):
         op, operands = gemm
         index = self._next(frame, op)
         args, kwargs = list(args), dict(kwargs)
-        for pos, keyword, operand, axis in operands:
-            if pos < len(args) and _is_float(args[pos]):
-                args[pos] = self.point(frame, op, index, operand, args[pos], axis(args[pos]))
-            elif pos >= len(args) and _is_float(kwargs.get(keyword)):
-                kwargs[keyword] = self.point(frame, op, index, operand, kwargs[keyword], axis(kwargs[keyword]))
-        return func(*args, **kwargs)
+        if self.operands:
+            for pos, keyword, operand, axis in operands:
+                if pos < len(args) and _is_float(args[pos]):
+                    args[pos] = self.point(frame, op, index, operand, args[pos], axis(args[pos]))
+                elif pos >= len(args) and _is_float(kwargs.get(keyword)):
+                    kwargs[keyword] = self.point(frame, op, index, operand, kwargs[keyword], axis(kwargs[keyword]))
+        acc = self.accumulator(frame, op, index)
+        if acc is None or self.discovering or not all(
+                _is_float(args[p] if p < len(args) else kwargs.get(k)) for p, k, _, _ in operands):
+            return func(*args, **kwargs)
+        grids, bits = self.grids(frame, op, index, tuple(o for _, _, o, _ in operands)) if acc.integer else (None,
+                                                                                                             (16, 16))
+        return accumulated_call(acc, op, func, tuple(args), kwargs, grids, bits)
 
     def _einsum(self, frame: _Frame, args: tuple[Any, ...]) -> Any:
         equation, *rest = args
@@ -291,12 +373,12 @@ def along(spec: RoleSpec, axis: int, ndim: int | None) -> RoleSpec:
 
 def attention(point: Point, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-              enable_gqa: bool = False) -> Tensor:
+              enable_gqa: bool = False, matmul: Callable[[Tensor, Tensor], Tensor] = torch.matmul) -> Tensor:
     """``F.scaled_dot_product_attention`` as its two GEMMs with their operands at points.
 
     S = Q(q) Q(k)^T * scale (+ mask) and the softmax in float32; P = softmax(S), dropped out as
     SDPA does; out = Q(P) Q(v). Same math as SDPA's reference, so with no formats it agrees with
-    SDPA to float32 rounding."""
+    SDPA to float32 rounding. ``matmul`` runs the two GEMMs (an accumulator's)."""
     q = point("q", query, -1)
     k = point("k", key, -1)
     if enable_gqa and q.dim() >= 3 and k.size(-3) != q.size(-3):
@@ -304,7 +386,7 @@ def attention(point: Point, query: Tensor, key: Tensor, value: Tensor, attn_mask
         value = value.repeat_interleave(q.size(-3) // value.size(-3), dim=-3)
     length, source = q.size(-2), k.size(-2)
     factor = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-2, -1)).float() * factor
+    scores = matmul(q, k.transpose(-2, -1)).float() * factor
     if is_causal:
         causal = torch.ones(length, source, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
@@ -318,21 +400,37 @@ def attention(point: Point, query: Tensor, key: Tensor, value: Tensor, attn_mask
         p = F.dropout(p, dropout_p)
     p = point("p", p, -1)
     v = point("v", value, -2)
-    return torch.matmul(p, v)
+    return matmul(p, v)
 
 
 # --- attaching to a model --------------------------------------------------------------------
-def attach(model: nn.Module, config: QuantConfig, seed: int) -> OperandPoints:
-    """Hooks on every module of ``model`` that keep the mode active while it runs."""
-    mode = OperandPoints(config, seed)
+def attach(model: nn.Module, config: QuantConfig, seed: int,
+           accumulators: dict[str, tuple[AccumulatorSpec | None, AccumulatorSpec | None]] | None = None) -> OperandPoints:
+    """Hooks on every module of ``model`` that keep the mode active while it runs.
+
+    ``accumulators`` (points: outputs): module name -> (accumulator, gradient accumulator);
+    only those modules are hooked, each gets its :class:`Accumulator` as ``precsim_accumulator``,
+    and the mode rounds no operand."""
+    mode = OperandPoints(config, seed, operands=accumulators is None)
     for name, module in model.named_modules():
-        if isinstance(module, Quantizer):
+        if isinstance(module, (Quantizer, Accumulator)):
             continue
+        if accumulators is not None:
+            if name not in accumulators:
+                continue
+            spec, grad = accumulators[name]
+            acc = Accumulator(spec, grad, seed=mix_seed(seed, zlib.crc32(f"{name}.{ACCUMULATOR}".encode())))
+            module.add_module(ACCUMULATOR, acc.to(_device(module)))
         module.register_forward_pre_hook(functools.partial(mode.enter, name))
         module.register_forward_hook(mode.leave, always_call=True)
     model.precsim_mode = mode  # type: ignore[assignment]  # plain attribute: not a module, not state
-    model.register_load_state_dict_pre_hook(_materialize)
+    if accumulators is None:
+        model.register_load_state_dict_pre_hook(_materialize)
     return mode
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
 
 
 def mode_of(model: nn.Module) -> OperandPoints | None:
@@ -359,7 +457,10 @@ def _materialize(model: nn.Module, state_dict: dict[str, Any], prefix: str, *arg
             continue
         saved = decode(state_dict[full]) or {}
         role = saved.get("role", "activation")
-        device = next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
+        device = _device(module)
+        if role == "accumulator":
+            mode.create_accumulator(module, name, key, device)
+            continue
         axis = _saved_axis(saved)
         mode.create(module, name, key, role if role in ("weight", "activation") else "activation", None, axis, device)
 
@@ -378,7 +479,7 @@ def discover(model: nn.Module, run: Callable[[], Any]) -> None:
     """Run ``run`` (a forward pass) creating the model's operand points without rounding,
     observing or stepping anything (nothing, for a model without operand points)."""
     mode = mode_of(model)
-    if mode is None:  # module-output points exist from prepare on: nothing to discover
+    if mode is None or not mode.operands:  # module-output points exist from prepare on: nothing to discover
         return
     mode.discovering = True
     try:
@@ -388,5 +489,5 @@ def discover(model: nn.Module, run: Callable[[], Any]) -> None:
         mode.discovering = False
 
 
-__all__ = ["CONTAINER", "GEMMS", "OUTPUTS", "POINT_KEY", "OperandPoints", "along", "attach", "attention", "discover",
+__all__ = ["ACCUMULATOR", "CONTAINER", "GEMMS", "OUTPUTS", "POINT_KEY", "OperandPoints", "along", "attach", "attention", "discover",
            "einsum_axes", "mode_of"]

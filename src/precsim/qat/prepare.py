@@ -24,19 +24,21 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from precsim.formats.random import mix_seed
+from precsim.qat.accumulator import Accumulator
 from precsim.qat.batches import feed
 from precsim.qat.bias import quantize_biases
-from precsim.qat.config import ROLES, QuantConfig, RoleSpec
+from precsim.qat.config import ACCUMULATORS, ROLES, AccumulatorSpec, QuantConfig, RoleSpec
 from precsim.qat.fingerprint import EXTRA_STATE, checking, decode, mismatch_message
 from precsim.qat.fold import fold_batchnorms
 from precsim.qat.markers import CONTAINERS, WEIGHT_TYPES, QuantPoint
-from precsim.qat.operands import CONTAINER, POINT_KEY, attach, discover, mode_of
+from precsim.qat.operands import ACCUMULATOR, CONTAINER, POINT_KEY, attach, discover, mode_of
 from precsim.qat.quantizer import Quantizer
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6,
 )
+GEMM_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)  # take an accumulator (points: outputs)
 
 
 def _is_float(x: Any) -> bool:
@@ -85,8 +87,8 @@ def resolve(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, RoleSp
             if not rule.types and not (default or leaf):
                 continue  # a bare glob reaches leaf modules, not their containers
             used[i] = True
-            if not selected and not rule.roles and rule.bias is not None:
-                continue  # a rule that only sets ``bias`` adds no quantizers
+            if not selected and not rule.roles and (rule.bias is not None or rule.accumulators):
+                continue  # a rule that only sets ``bias`` or an accumulator adds no quantizers
             if not selected:
                 selected = True
                 roles = {r: config.roles.get(r) for r in ("activation", "gradient", "input")}
@@ -99,6 +101,23 @@ def resolve(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, RoleSp
     for rule, hit in zip(config.rules, used, strict=True):
         if not hit:
             warnings.warn(f"precsim: rule {rule.text} matches no module", stacklevel=3)
+    return plan
+
+
+def resolve_accumulators(model: nn.Module, config: QuantConfig) -> dict[str, tuple[AccumulatorSpec | None, ...]]:
+    """points: outputs: module name -> (accumulator, gradient accumulator) for every Linear and
+    Conv1d/2d module that has one (the global keys, then every rule that selects it)."""
+    plan: dict[str, tuple[AccumulatorSpec | None, ...]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, GEMM_TYPES) or name.split(".")[-1].startswith("precsim_"):
+            continue
+        types = tuple(c.__name__ for c in type(module).__mro__)
+        specs = [config.accumulators.get(k) for k in ACCUMULATORS]
+        for rule in config.rules:
+            if rule.accumulators and rule.selects(name, types):
+                specs = [rule.accumulators.get(k, v) for k, v in zip(ACCUMULATORS, specs, strict=True)]
+        if any(v is not None for v in specs):
+            plan[name] = tuple(specs)
     return plan
 
 
@@ -157,6 +176,9 @@ def prepare(model: nn.Module, config: QuantConfig | dict[str, Any] | str | Path,
     if cfg.fold_bn:  # Conv/Linear+BN chains: the weight quantizer sees the folded weight
         fold_batchnorms(model, freeze_after=cfg.freeze_bn_after)
     quantize_biases(model, cfg)  # bias: int32 -- after folding, which decides where the bias is added
+    accumulators = resolve_accumulators(model, cfg) if cfg.has_accumulators else {}
+    if accumulators:  # their GEMM calls run through the operand mode, which rounds no operand here
+        attach(model, cfg, base_seed, accumulators=accumulators)  # type: ignore[arg-type]
     model.register_load_state_dict_pre_hook(_check_fingerprints)
     return model
 
@@ -173,6 +195,9 @@ def summary_rows(model: nn.Module) -> list[dict[str, str]]:
     ``gradient``."""
     rows = []
     for name, module in model.named_modules():
+        if isinstance(module, Accumulator):
+            rows.append(_accumulator_row(name, module))
+            continue
         if not isinstance(module, Quantizer):
             continue
         parts = name.split(".")
@@ -193,12 +218,31 @@ def summary_rows(model: nn.Module) -> list[dict[str, str]]:
     return rows
 
 
+def _accumulator_row(name: str, acc: Accumulator) -> dict[str, str]:
+    """An accumulator point's summary row: role ``accumulator``; its format column says the
+    format, block and promotion; rounding, or overflow and the overflow events counted so far."""
+    parts = name.split(".")
+    if CONTAINER in parts:
+        i = parts.index(CONTAINER)
+        owner = ".".join(parts[:i])
+        op, call = POINT_KEY.match(parts[i + 1]).group("op", "k")  # type: ignore[union-attr]
+    else:
+        owner, op, call = ".".join(p for p in parts if p != ACCUMULATOR), "gemm", ""
+    spec, grad = acc.spec, acc.grad_spec
+    fmt = "fp32" if spec is None else f"{spec.name} (block {spec.block}" + (
+        f", promote {spec.promote})" if spec.promote else ")")
+    rnd = "-" if spec is None else (f"{spec.overflow}, {int(acc.overflows)} overflows" if acc.integer
+                                    else spec.rounding)
+    return {"module": owner or "(model)", "op": op, "call": call, "operand": "accumulator", "role": "accumulator",
+            "format": fmt, "observer": "-", "rounding": rnd, "gradient": "-" if grad is None else grad.describe()}
+
+
 def summary(model: nn.Module) -> str:
     """A table: module, op, operand, role (activation/input/weight name), format, observer,
     rounding, gradient."""
     rows = summary_rows(model)
     if not rows:
-        if mode_of(model) is not None:
+        if (mode := mode_of(model)) is not None and mode.operands:
             return "(no quantizers yet: points: operands creates them on the first forward pass)"
         return "(no quantizers)"
     cols = ["module", "op", "call", "operand", "role", "format", "observer", "rounding", "gradient"]

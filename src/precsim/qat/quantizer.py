@@ -129,6 +129,7 @@ class Quantizer(nn.Module):
         self.register_buffer("seed", torch.tensor([mix_seed(seed, 1), mix_seed(seed, 2)], dtype=torch.int32))
         self.register_buffer("step", torch.zeros((), dtype=torch.int32))
         self.observer: Observer | None = None
+        self.grid: tuple[Tensor, Tensor] | None = None  # (scale, zero point) of the last forward (integer formats)
         if spec is not None and spec.format.observed:
             self.observer = Observer(spec.observer, spec.format.axis, spec.momentum, spec.percentile)  # type: ignore[attr-defined]
         self._delayed = {"": delayed_state(spec, False), "grad_": delayed_state(grad_spec, True)}
@@ -269,11 +270,12 @@ class Quantizer(nn.Module):
         clipped = spec.ste == "clipped" and need_ste
         # reading the answer is free on the CPU only (a sync on a GPU); eager is the reference
         check = clipped and compile_enabled() and x.device.type == "cpu" and x.numel() >= MIN_COMPILED_NUMEL
-        q, _, _, ste_lo, ste_hi, outside = call(
+        q, scale, zero_point, ste_lo, ste_hi, outside = call(
             int_point, x32, (seed, obs.min_val, obs.max_val, obs.initialized),
             (fmt, obs.kind, obs.momentum, rounding, when, check), inline=inline_kernel(fmt, rounding),
             flat=axis is None,
             rows=count_rows(x32.numel()) if check and when == "before" and axis is None else None)
+        self.grid = (scale, zero_point)  # the grid of this call: an integer accumulator reads codes on it
         # new tensors: a later update cannot change them
         return q, clipped_ste(x, x32, ste_lo, ste_hi, outside) if clipped else None
 

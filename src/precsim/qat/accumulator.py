@@ -1,0 +1,303 @@
+"""Accumulator points: GEMM calls of a prepared model run with a simulated accumulator.
+
+The arithmetic is :mod:`precsim.runtime.accumulate` (pure); here is what a model needs around
+it: an :class:`Accumulator` module per point (its seed and step for stochastic rounding, its
+count of integer overflow events, and a fingerprint in its ``state_dict``), the one autograd
+Function every GEMM kind goes through (:class:`_AccumulatedMatmul`: straight-through, i.e. the
+plain GEMM's gradients, or the backward GEMMs accumulated by ``gradient_accumulator``), and
+:func:`accumulated_call`, which turns an intercepted ``F.linear``, ``conv1d/2d`` or matmul-like
+call into that GEMM. The calls are intercepted by the TorchFunctionMode of
+:mod:`precsim.qat.operands`, which both ``points: operands`` and ``points: outputs`` install
+when a config has an accumulator: nothing in torch is replaced and no layer has a forward of
+its own here.
+
+Integer accumulators work on the operands' integer codes: an operand rounded by an integer
+point with scale S and zero point Z holds S (q - Z), so ``round(x / S)`` is the code q - Z;
+the accumulated code sum is rescaled by S_a S_b. The scales come from the points that rounded
+the operands (the ``grids``): with ``points: outputs``, the module's ``input`` role and its
+weight; with ``points: operands``, the operand points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from precsim.formats.random import mix_seed
+from precsim.qat.config import AccumulatorSpec
+from precsim.qat.fingerprint import EXTRA_STATE, checking, decode, encode, mismatch_message
+from precsim.runtime.accumulate import conv_as_matmul, exact_dtype, matmul_float, matmul_int
+
+_GOLDEN = -1640531527  # 0x9E3779B9 as int32: the step's offset of the seed (as Quantizer)
+_BACKWARD_SALTS = (0x1B873593, 0x5BD1E995)  # grad_input, grad_weight
+Grid = tuple[Tensor, Tensor]  # (scale, zero point) of an integer point, shaped to broadcast on its tensor
+Matmul = Callable[[Tensor, Tensor], Tensor]
+
+
+def accumulator_fingerprint(spec: AccumulatorSpec | None, grad_spec: AccumulatorSpec | None) -> dict[str, str]:
+    """What an accumulator point was made with (its overflow count means something only then)."""
+    fp = {"role": "accumulator", "format": "fp32" if spec is None else spec.describe()}
+    if grad_spec is not None:
+        fp["gradient"] = grad_spec.describe()
+    return fp
+
+
+class _AccumulatedMatmul(torch.autograd.Function):
+    """``forward_fn(a, b)`` forward (a @ b with a simulated accumulator); backward: the plain
+    GEMM's gradients, g b^T and a^T g, through ``backward_fn`` (the backward GEMMs with their
+    own accumulator) where given, else ``torch.matmul`` (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, forward_fn: Matmul,  # type: ignore[override]
+                backward_fn: Callable[[Tensor, Tensor, int], Tensor] | None) -> Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.backward_fn = backward_fn
+        return forward_fn(a.detach(), b.detach())
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        fn = ctx.backward_fn
+        grad_a = grad_b = None
+        g = g.to(a.dtype)
+        if ctx.needs_input_grad[0]:
+            bt = b.transpose(-1, -2)
+            grad_a = _sum_to(torch.matmul(g, bt) if fn is None else fn(g, bt, 0), a.shape)
+        if ctx.needs_input_grad[1]:
+            at = a.transpose(-1, -2)
+            grad_b = _sum_to(torch.matmul(at, g) if fn is None else fn(at, g, 1), b.shape)
+        return grad_a, grad_b, None, None
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """A gradient of a broadcast operand summed back to its shape."""
+    return t if t.shape == shape else t.sum_to_size(shape)
+
+
+class Accumulator(nn.Module):
+    """One accumulator point: how a GEMM's sums are held (``spec``), and its backward GEMMs'
+    (``grad_spec``). Buffers: the seed and step of stochastic rounding (as a Quantizer's) and
+    ``overflows``, the integer overflow events counted so far (every block add that left the
+    W-bit range, over every call; reset it with ``overflows.zero_()``)."""
+
+    def __init__(self, spec: AccumulatorSpec | None, grad_spec: AccumulatorSpec | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.spec, self.grad_spec = spec, grad_spec
+        self.fingerprint = accumulator_fingerprint(spec, grad_spec)
+        self.register_buffer("seed", torch.tensor([mix_seed(seed, 1), mix_seed(seed, 2)], dtype=torch.int32))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int32))
+        self.register_buffer("overflows", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def integer(self) -> bool:
+        return self.spec is not None and self.spec.bits is not None
+
+    # --- state_dict: the fingerprint (as Quantizer) ------------------------------------------
+    def get_extra_state(self) -> Tensor:
+        return encode(self.fingerprint)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Nothing to restore: :meth:`_load_from_state_dict` compared the fingerprint."""
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        key = prefix + EXTRA_STATE
+        if key in state_dict and checking():
+            saved = decode(state_dict[key])
+            if saved != self.fingerprint:
+                error_msgs.append(mismatch_message(type(self).__name__, [(prefix[:-1], saved, self.fingerprint)], 1))
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # --- the GEMM ---------------------------------------------------------------------------
+    def _call_seed(self, salt: int = 0) -> Tensor:
+        offset = torch.stack([torch.zeros_like(self.step), self.step * _GOLDEN])
+        return (self.seed ^ salt) + offset
+
+    def matmul(self, a: Tensor, b: Tensor, init: Tensor | None = None,
+               scales: tuple[Tensor, Tensor, float, float] | None = None) -> Tensor:
+        """``a @ b`` (torch.matmul's shapes) with this point's accumulator; ``init``: a bias added
+        first (the result's shape); ``scales`` (integer accumulators): S_a, S_b (shaped for ``a``
+        and ``b``) and the largest code magnitudes of a and b."""
+        squeeze = []
+        if a.dim() == 1:
+            a, squeeze = a.unsqueeze(0), [*squeeze, -2]
+        if b.dim() == 1:
+            b, squeeze = b.unsqueeze(-1), [*squeeze, -1]
+        lead = a.shape[:-1]
+        if b.dim() == 2 and a.dim() > 2:  # one GEMM over every row: the weight gradient sums them all
+            a = a.reshape(-1, a.shape[-1])
+        training = self.training
+        if training:
+            with torch.no_grad():
+                self.step.add_(1)
+        spec = self.spec
+        assert spec is not None
+        rounding = spec.rounding if training else "nearest"
+        seed = self._call_seed() if rounding == "stochastic" else None
+        if init is not None and b.dim() == 2:
+            init = init.reshape(-1, init.shape[-1]) if init.dim() > 1 else init
+
+        def forward(x: Tensor, y: Tensor) -> Tensor:
+            if spec.bits is None:
+                return matmul_float(x, y, spec.format, spec.block, promote=spec.promote, rounding=rounding, seed=seed,
+                                    init=init)
+            assert scales is not None
+            sa, sb, max_a, max_b = scales
+            ca, cb = torch.round(x / sa), torch.round(y / sb)
+            scale = (sa * sb).to(torch.float64)
+            start = None if init is None else torch.round(init.double() / scale)
+            out, events = matmul_int(ca, cb, spec.bits, spec.block, promote=spec.promote, overflow=spec.overflow,
+                                     init=start, dtype=exact_dtype(max_a, max_b, spec.block))
+            self.overflows.add_(events)
+            return (out.double() * scale).float()
+
+        out = _AccumulatedMatmul.apply(a, b, forward, self._backward(training))
+        if len(lead) + 1 != out.dim() and b.dim() == 2:
+            out = out.reshape(*lead, out.shape[-1])
+        for dim in squeeze:
+            out = out.squeeze(dim)
+        return out
+
+    def _backward(self, training: bool) -> Callable[[Tensor, Tensor, int], Tensor] | None:
+        """The backward GEMMs with ``grad_spec`` (None: straight-through)."""
+        g = self.grad_spec
+        if g is None:
+            return None
+        rounding = g.rounding if training else "nearest"
+        seeds = [self._call_seed(s) if rounding == "stochastic" else None for s in _BACKWARD_SALTS]
+
+        def run(x: Tensor, y: Tensor, which: int) -> Tensor:
+            if y.dim() == 2 and x.dim() > 2:
+                return run(x.reshape(-1, x.shape[-1]), y, which).reshape(*x.shape[:-1], y.shape[-1])
+            return matmul_float(x, y, g.format, g.block, promote=g.promote, rounding=rounding, seed=seeds[which])
+        return run
+
+    def extra_repr(self) -> str:
+        grad = "-" if self.grad_spec is None else self.grad_spec.describe()
+        return f"accumulator={'fp32' if self.spec is None else self.spec.describe()}, gradient={grad}"
+
+
+# --- an intercepted GEMM call as a matmul -------------------------------------------------------
+def _bind(args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...],
+          defaults: tuple[Any, ...]) -> list[Any]:
+    values = list(args) + [None] * (len(names) - len(args))
+    for i, name in enumerate(names):
+        if i >= len(args):
+            values[i] = kwargs.get(name, defaults[i])
+    return values
+
+
+_LINEAR = ("input", "weight", "bias")
+_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = (None, None, None, 1, 0, 1, 1)
+
+
+def _scales(grids: list[Grid | None] | None, names: tuple[str, str]) -> list[Tensor]:
+    """The operands' scales, checked: an integer accumulator needs both operands integer-rounded."""
+    if grids is None or any(g is None for g in grids):
+        missing = [n for n, g in zip(names, grids or [None, None], strict=True) if g is None]
+        raise ValueError(f"an integer accumulator sums integer codes: operand {missing[0]!r} is not rounded by an "
+                         "integer point; give it an integer format (points: outputs: the module's 'input' role and "
+                         "'weight'; points: operands: 'activation' and 'weight')")
+    return [g[0] for g in grids]  # type: ignore[index]
+
+
+def _per_tensor(scale: Tensor, name: str) -> Tensor:
+    if scale.numel() != 1:
+        raise ValueError(f"an integer accumulator needs one scale for operand {name!r} across the reduction axis; "
+                         f"got {scale.numel()} scales (per_channel there); allowed: granularity per_tensor")
+    return scale.reshape(())
+
+
+def accumulated_call(acc: Accumulator, op: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     grids: list[Grid | None] | None = None, bits: tuple[int, int] = (16, 16)) -> Any:
+    """``func(*args, **kwargs)`` (an ``F.linear``, ``conv1d/2d`` or matmul-like call, operands
+    already rounded) with ``acc``'s accumulator. ``grids``: the (scale, zero point) of each
+    operand's integer point, in the call's operand order (integer accumulators); ``bits``:
+    their code widths."""
+    spec = acc.spec
+    assert spec is not None
+    integer = spec.bits is not None
+    code_max = (2.0 ** bits[0], 2.0 ** bits[1])
+    if op == "linear":
+        x, w, bias = _bind(args, kwargs, _LINEAR, (None, None, None))
+        scales = None
+        if integer:
+            sx, sw = _scales(grids, ("input", "weight"))
+            sw = torch.broadcast_to(sw, w.shape)[:, :1].t() if sw.numel() > 1 else sw.reshape(())
+            scales = (_per_tensor(sx, "input"), sw, *code_max)
+        init = bias if bias is not None and spec.bias == "before" else None
+        if init is not None:
+            init = torch.broadcast_to(init, (*x.shape[:-1], w.shape[0]))
+        out = acc.matmul(x, w.t(), init=init, scales=scales)
+        return out + bias if bias is not None and init is None else out
+    if op == "conv":
+        x, w, bias, stride, padding, dilation, groups = _bind(args, kwargs, _CONV, _CONV_DEFAULTS)
+        a, b, back = conv_as_matmul(x, w, stride, padding, dilation, groups)
+        scales = None
+        if integer:
+            sx, sw = _scales(grids, ("input", "weight"))
+            if sw.numel() > 1:  # per output channel: the columns of b
+                cout = w.shape[0]
+                sw = torch.broadcast_to(sw, w.shape).reshape(cout, -1)[:, 0]
+                sw = sw.view(1, cout) if groups == 1 else sw.view(groups, 1, cout // groups)
+            else:
+                sw = sw.reshape(())
+            scales = (_per_tensor(sx, "input"), sw, *code_max)
+        init = None
+        if bias is not None and spec.bias == "before":
+            init = torch.broadcast_to(bias if groups == 1 else bias.view(groups, 1, -1),
+                                      (a.shape[0], w.shape[0]) if groups == 1 else (*a.shape[:-1], b.shape[-1]))
+        out = back(acc.matmul(a, b, init=init, scales=scales))
+        if bias is not None and init is None:
+            out = out + bias.view(1, -1, *([1] * (out.dim() - 2)))
+        return out
+    # matmul-like: matmul / @ / mm / bmm, and addmm / baddbmm (beta * input + alpha * product)
+    return _matmul_like(acc, func, args, kwargs, grids, code_max)
+
+
+def _matmul_like(acc: Accumulator, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 grids: list[Grid | None] | None, code_max: tuple[float, float]) -> Any:
+    names = getattr(func, "__name__", "")
+    fused = names in ("addmm", "baddbmm")
+    if fused:
+        inp, m1, m2 = _bind(args, kwargs, ("input", "mat1" if names == "addmm" else "batch1",
+                                           "mat2" if names == "addmm" else "batch2"), (None,) * 3)
+        beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    elif names == "__rmatmul__":
+        m2, m1 = args[0], args[1]
+    else:
+        m1 = args[0] if args else kwargs.get("input")
+        m2 = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+    scales = None
+    if acc.integer:
+        sa, sb = _scales(grids, ("a", "b"))
+        scales = (_per_tensor(sa, "a"), _per_tensor(sb, "b"), *code_max)
+    out = acc.matmul(m1, m2, scales=scales)
+    if fused:
+        out = beta * inp + alpha * out if (beta != 1 or alpha != 1) else inp + out
+    return out
+
+
+def attention_matmul(acc: Accumulator) -> Matmul:
+    """The matmul of :func:`precsim.qat.operands.attention`'s two GEMMs with ``acc``'s
+    accumulator (float accumulators: attention's operands carry no integer grid here)."""
+    if acc.integer:
+        raise ValueError("an integer accumulator on attention is not supported (its operands q, k, P, v have no "
+                         "integer codes here); allowed: a float accumulator, or a rule that leaves op attention out")
+    return acc.matmul
+
+
+def overflows(model: nn.Module) -> dict[str, int]:
+    """Integer overflow events counted by each accumulator point of ``model`` (its name -> count)."""
+    return {name: int(m.overflows) for name, m in model.named_modules() if isinstance(m, Accumulator)}
+
+
+__all__ = ["Accumulator", "accumulated_call", "accumulator_fingerprint", "attention_matmul", "overflows"]
+
