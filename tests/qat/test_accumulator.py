@@ -1,0 +1,254 @@
+"""Accumulators in prepared models: config keys, points: outputs and operands, integer codes,
+gradients, errors, checkpoints (the arithmetic itself: tests/runtime/test_accumulate.py)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import precsim
+from precsim.qat.accumulator import overflows
+from precsim.qat.config import QuantConfig
+
+
+def exact_values(shape: tuple[int, ...], seed: int, ints: int = 7, spread: int = 2) -> torch.Tensor:
+    """Small integers times powers of two: every in-block float32 sum is exact."""
+    g = torch.Generator().manual_seed(seed)
+    mant = torch.randint(-ints, ints + 1, shape, generator=g).float()
+    return mant * 2.0 ** torch.randint(-spread, spread + 1, shape, generator=g).float()
+
+
+def reference(a: torch.Tensor, b: torch.Tensor, fmt: str, block: int, init: torch.Tensor | None = None) -> torch.Tensor:
+    """for each block of K: acc = R(acc + block sum), in float64 rounded by precsim.quantize."""
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    shape = (a64.shape[0], b64.shape[1])
+    acc = np.zeros(shape) if init is None else precsim.quantize(
+        torch.broadcast_to(init.double(), shape).contiguous(), fmt).double().numpy()
+    for j in range(math.ceil(a64.shape[1] / block)):
+        s = a64[:, j * block:(j + 1) * block] @ b64[j * block:(j + 1) * block]
+        acc = precsim.quantize(torch.from_numpy(acc + s), fmt).double().numpy()
+    return torch.from_numpy(acc.astype(np.float32))
+
+
+def linear(k: int = 40, n: int = 6, bias: bool = True) -> nn.Linear:
+    m = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        m.weight.copy_(exact_values((n, k), 1))
+        if bias:
+            m.bias.copy_(exact_values((n,), 2) * 16)
+    return m
+
+
+@pytest.mark.parametrize("points", ["outputs", "operands"])
+def test_linear_equals_reference(points: str) -> None:
+    m, x = linear(), exact_values((5, 40), 3)
+    p = precsim.prepare(copy.deepcopy(m), {"points": points, "accumulator": {"format": "fp8_e5m2", "block": 6}})
+    want = reference(x, m.weight.detach().t(), "fp8_e5m2", 6) + m.bias.detach()
+    assert torch.equal(p(x), want)
+    assert not torch.equal(want, m(x))  # the accumulator changed the result
+    before = precsim.prepare(copy.deepcopy(m), {"points": points,
+                                                "accumulator": {"format": "fp8_e5m2", "block": 6, "bias": "before"}})
+    assert torch.equal(before(x), reference(x, m.weight.detach().t(), "fp8_e5m2", 6, init=m.bias.detach()))
+
+
+def test_batched_input_through_linear() -> None:
+    m, x = linear(), exact_values((2, 3, 40), 4)
+    p = precsim.prepare(copy.deepcopy(m), {"accumulator": {"format": "bf16", "block": 8}})
+    want = reference(x.reshape(6, 40), m.weight.detach().t(), "bf16", 8).view(2, 3, 6) + m.bias.detach()
+    assert torch.equal(p(x), want)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.fc = nn.Linear(4 * 25, 3)
+        with torch.no_grad():
+            self.conv.weight.copy_(exact_values(tuple(self.conv.weight.shape), 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_conv_rule_by_type() -> None:
+    net, x = ConvNet(), exact_values((2, 3, 5, 5), 6)
+    p = precsim.prepare(copy.deepcopy(net), {"rules": [{"type": "Conv2d", "accumulator": {"format": "fp8_e5m2",
+                                                                                          "block": 4}}]})
+    assert [r["module"] for r in precsim.summary_rows(p)] == ["conv"]  # fc keeps float32 sums
+    cols = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 27)  # K in the order of weight.flatten(1)
+    conv = reference(cols, net.conv.weight.detach().flatten(1).t(), "fp8_e5m2", 4)
+    conv = conv.view(2, 25, 4).transpose(1, 2).reshape(2, 4, 5, 5)
+    assert torch.equal(p.conv(x), conv)
+    assert torch.allclose(p(x), net.fc(conv.flatten(1)))
+
+
+class MatmulNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(exact_values((24, 5), 7))
+        self.fc = linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x @ self.w)
+
+
+def test_rule_with_op_matmul_under_points_operands() -> None:
+    net, x = MatmulNet(), exact_values((4, 24), 8)
+    cfg = {"points": "operands", "rules": [{"op": "matmul", "accumulator": {"format": "flexfp(e=5,m=3)", "block": 4}}]}
+    p = precsim.prepare(copy.deepcopy(net), cfg)
+    h = reference(x, net.w.detach(), "flexfp(e=5,m=3)", 4)
+    assert torch.equal(p(x), net.fc(h))
+    ops = {(r["op"], r["role"]) for r in precsim.summary_rows(p)}
+    assert ops == {("matmul", "accumulator")}
+
+
+def test_fp32_accumulator_is_the_plain_gemm() -> None:
+    net, x = ConvNet(), exact_values((2, 3, 5, 5), 9)
+    for cfg in ({"accumulator": "fp32"}, {"accumulator": {"format": "fp32", "block": 4}}, {}):
+        p = precsim.prepare(copy.deepcopy(net), cfg)
+        assert precsim.summary(p) == "(no quantizers)"
+        assert torch.equal(p(x), net(x))
+
+
+def test_integer_accumulator_on_codes_with_overflow_counts() -> None:
+    """int8 input and weight (scales 2^-3 and 2^-4 by construction): the int16 accumulator sums
+    their codes, wraps or saturates, and counts the adds that left the range."""
+    k, n = 64, 4
+    m = nn.Linear(k, n, bias=False)
+    g = torch.Generator().manual_seed(10)
+    codes_w = torch.randint(-127, 128, (n, k), generator=g).float()
+    codes_w[:, 0] = 127
+    codes_x = torch.randint(-127, 128, (3, k), generator=g).float()
+    codes_x[:, 0] = 127
+    with torch.no_grad():
+        m.weight.copy_(codes_w / 16)
+    x = codes_x / 8
+    want_exact = (codes_x.double() @ codes_w.double().t()).float() / 128
+    for overflow in ("wrap", "saturate"):
+        cfg = {"input": {"format": "int8", "observer": "minmax"}, "weight": "int8",
+               "accumulator": {"format": "int16", "block": 4, "overflow": overflow}}
+        p = precsim.prepare(copy.deepcopy(m), cfg)
+        got = p(x)
+        acc = np.zeros((3, n), np.int64)
+        events = 0
+        for j in range(0, k, 4):
+            s = acc + (codes_x[:, j:j + 4].double() @ codes_w[:, j:j + 4].double().t()).long().numpy()
+            events += int(((s < -2**15) | (s > 2**15 - 1)).sum())
+            acc = np.clip(s, -2**15, 2**15 - 1) if overflow == "saturate" else (s + 2**15) % 2**16 - 2**15
+        assert torch.equal(got, torch.from_numpy(acc).float() / 128)
+        assert events > 0 and overflows(p) == {"precsim_accumulator": events}
+        assert f"{overflow}, {events} overflows" in precsim.summary(p)
+        assert not torch.equal(got, want_exact)
+    wide = precsim.prepare(copy.deepcopy(m), {**cfg, "accumulator": "int32"})
+    assert torch.equal(wide(x), want_exact) and overflows(wide) == {"precsim_accumulator": 0}
+
+
+def test_integer_accumulator_needs_integer_operands() -> None:
+    p = precsim.prepare(linear(), {"weight": "int8", "accumulator": "int16"})
+    with pytest.raises(ValueError, match="operand 'input' is not rounded by an integer point.*'input' role"):
+        p(torch.randn(2, 40))
+
+
+def test_straight_through_gradients_are_the_plain_gemms() -> None:
+    m, x = linear(), exact_values((5, 40), 11)
+    p = precsim.prepare(copy.deepcopy(m), {"accumulator": {"format": "fp8_e5m2", "block": 4}})
+    g = exact_values((5, 6), 12)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (p(xa) * g).sum().backward()
+    (m(xb) * g).sum().backward()
+    assert torch.equal(xa.grad, xb.grad)
+    assert torch.equal(p.weight.grad, m.weight.grad) and torch.equal(p.bias.grad, m.bias.grad)
+
+
+def test_gradient_accumulator_runs_the_backward_gemms() -> None:
+    m, x = linear(), exact_values((5, 40), 13)
+    cfg = {"accumulator": {"format": "fp16"}, "gradient_accumulator": {"format": "fp8_e5m2", "block": 2}}
+    p = precsim.prepare(copy.deepcopy(m), cfg)
+    g = exact_values((5, 6), 14)
+    xa = x.clone().requires_grad_()
+    (p(xa) * g).sum().backward()
+    assert torch.equal(xa.grad, reference(g, m.weight.detach(), "fp8_e5m2", 2))  # g W: K = out_features
+    assert torch.equal(p.weight.grad, reference(g.t(), x, "fp8_e5m2", 2))  # (x^T g)^T = g^T x: K = rows
+    assert not torch.equal(xa.grad, g @ m.weight.detach())
+
+
+def test_stochastic_rounding_in_train_nearest_in_eval() -> None:
+    m, x = linear(), torch.randn(8, 40)
+    cfg = {"accumulator": {"format": "flexfp(e=5,m=3)", "block": 4, "rounding": "stochastic"}}
+    p = precsim.prepare(copy.deepcopy(m), cfg, seed=1)
+    first, second = p(x), p(x)
+    assert not torch.equal(first, second)  # the step advances the seed
+    again = precsim.prepare(copy.deepcopy(m), cfg, seed=1)
+    assert torch.equal(again(x), first)  # reproducible
+    p.eval()
+    near = precsim.prepare(copy.deepcopy(m), {"accumulator": {"format": "flexfp(e=5,m=3)", "block": 4}}).eval()
+    assert torch.equal(p(x), near(x))
+
+
+@pytest.mark.parametrize("points", ["outputs", "operands"])
+def test_state_dict_round_trip(points: str) -> None:
+    net, x = ConvNet(), torch.randn(2, 3, 5, 5)
+    cfg = {"points": points, "activation": "int8", "weight": "int8", **({"input": "int8"} if points == "outputs" else {}),
+           "accumulator": {"format": "int16", "block": 2, "overflow": "saturate"}}
+    p = precsim.prepare(copy.deepcopy(net), cfg)
+    out = p(x * 50)
+    state = p.state_dict()
+    assert any(k.endswith("overflows") for k in state)
+    q = precsim.prepare(copy.deepcopy(net), cfg)
+    q.load_state_dict(state)  # points: operands: before q ever ran
+    assert overflows(q) == overflows(p)
+    q.eval(), p.eval()
+    assert torch.equal(q(x), p(x))
+    assert out.shape == (2, 3)
+    other = precsim.prepare(copy.deepcopy(net), {**cfg, "accumulator": "int24"})
+    other(x)
+    with pytest.raises(RuntimeError, match="int24"):
+        other.load_state_dict(state)
+
+
+def test_resnet_from_the_zoo_trains_with_accumulators() -> None:
+    from precsim.zoo import get_model
+
+    model = get_model("resnet")
+    p = precsim.prepare(model, {"accumulator": {"format": "fp16", "block": 32, "promote": 128}})
+    x, y = torch.randn(2, 1, 28, 28), torch.tensor([1, 2])
+    F.cross_entropy(p(x), y).backward()
+    rows = precsim.summary_rows(p)
+    assert len(rows) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    assert all(prm.grad is not None for prm in p.parameters())
+
+
+BAD = [
+    ({"accumulator": {"format": "mxfp8_e4m3"}}, ["'mxfp8_e4m3'", "allowed: a scalar float format"]),
+    ({"accumulator": {"format": "int8(axis=0)"}}, ["'int8(axis=0)'", "allowed: a scalar float format"]),
+    ({"accumulator": {"format": "fp16", "block": 0}}, ["block 0", "allowed: an integer >= 1"]),
+    ({"accumulator": {"format": "fp16", "block": 32, "promote": 48}}, ["promote 48", "multiple of block (32)"]),
+    ({"accumulator": {"format": "int4"}}, ["width 4", "allowed: 8..64"]),
+    ({"accumulator": {"format": "int72"}}, ["width 72", "allowed: 8..64"]),
+    ({"accumulator": {"format": "int16", "overflow": "clip"}}, ["overflow 'clip'", "allowed: wrap, saturate"]),
+    ({"accumulator": {"format": "fp16", "overflow": "wrap"}}, ["overflow is for integer accumulators"]),
+    ({"accumulator": {"format": "int16", "rounding": "stochastic"}}, ["rounding is for float accumulators"]),
+    ({"accumulator": {"format": "fp16", "rounding": "up"}}, ["rounding 'up'", "allowed: nearest, stochastic"]),
+    ({"accumulator": {"format": "fp16", "bias": "first"}}, ["bias 'first'", "allowed: after, before"]),
+    ({"accumulator": {"format": "fp16", "size": 4}}, ["unknown key 'size'", "allowed: format, block"]),
+    ({"accumulator": {"block": 4}}, ["missing 'format'"]),
+    ({"accumulator": "flexfp(e=8,m=22)"}, ["'flexfp(e=8,m=22,b=0)'", "at most 21 mantissa bits"]),
+    ({"gradient_accumulator": "int16"}, ["gradient_accumulator", "allowed: a scalar float format"]),
+    ({"rules": [{"type": "Linear", "accumulator": {"format": "fp16", "block": -1}}]}, ["(in rule 0)", "block -1"]),
+    ({"points": "operands", "rules": [{"op": "einsum", "accumulator": "fp16"}]},
+     ["op 'einsum'", "allowed with accumulator: linear, conv, matmul, attention"]),
+]
+
+
+@pytest.mark.parametrize(("cfg", "parts"), BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_configs_name_the_value_and_what_is_allowed(cfg: dict, parts: list[str]) -> None:
+    with pytest.raises(ValueError) as err:
+        QuantConfig.from_dict(cfg)
+    for part in parts:
+        assert part in str(err.value), str(err.value)
