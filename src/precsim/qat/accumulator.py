@@ -65,10 +65,17 @@ class _AccumulatedMatmul(torch.autograd.Function):
         g = g.to(a.dtype)
         if ctx.needs_input_grad[0]:
             bt = b.transpose(-1, -2)
-            grad_a = _sum_to(torch.matmul(g, bt) if fn is None else fn(g, bt, 0), a.shape)
+            if fn is not None and a.dim() == 2 and g.dim() == 3:  # a shared by every matrix (a conv's
+                # weight): one GEMM whose K runs over all of them, as for a Linear's weight
+                grad_a = fn(g.transpose(0, 1).reshape(g.shape[1], -1), bt.reshape(-1, bt.shape[-1]), 0)
+            else:
+                grad_a = _sum_to(torch.matmul(g, bt) if fn is None else fn(g, bt, 0), a.shape)
         if ctx.needs_input_grad[1]:
             at = a.transpose(-1, -2)
-            grad_b = _sum_to(torch.matmul(at, g) if fn is None else fn(at, g, 1), b.shape)
+            if a.dim() == 2 and g.dim() == 3:  # bmm reads a shared a in place (matmul copies g and the result)
+                at = at.expand(g.shape[0], *at.shape)
+            grad_b = _sum_to(torch.bmm(at, g) if fn is None and at.dim() == 3 == g.dim() else (
+                torch.matmul(at, g) if fn is None else fn(at, g, 1)), b.shape)
         return grad_a, grad_b, None, None
 
 
@@ -239,21 +246,17 @@ def accumulated_call(acc: Accumulator, op: str, func: Any, args: tuple[Any, ...]
         return out + bias if bias is not None and init is None else out
     if op == "conv":
         x, w, bias, stride, padding, dilation, groups = _bind(args, kwargs, _CONV, _CONV_DEFAULTS)
-        a, b, back = conv_as_matmul(x, w, stride, padding, dilation, groups)
+        a, b, back = conv_as_matmul(x, w, stride, padding, dilation, groups)  # a: the weight, b: the input's columns
+        rows = (w.shape[0], 1) if groups == 1 else (groups, w.shape[0] // groups, 1)  # per output channel
         scales = None
         if integer:
             sx, sw = _scales(grids, ("input", "weight"))
-            if sw.numel() > 1:  # per output channel: the columns of b
-                cout = w.shape[0]
-                sw = torch.broadcast_to(sw, w.shape).reshape(cout, -1)[:, 0]
-                sw = sw.view(1, cout) if groups == 1 else sw.view(groups, 1, cout // groups)
-            else:
-                sw = sw.reshape(())
-            scales = (_per_tensor(sx, "input"), sw, *code_max)
+            sw = torch.broadcast_to(sw, w.shape).reshape(w.shape[0], -1)[:, 0].reshape(rows) if sw.numel() > 1 else (
+                sw.reshape(()))
+            scales = (sw, _per_tensor(sx, "input"), code_max[1], code_max[0])
         init = None
         if bias is not None and spec.bias == "before":
-            init = torch.broadcast_to(bias if groups == 1 else bias.view(groups, 1, -1),
-                                      (a.shape[0], w.shape[0]) if groups == 1 else (*a.shape[:-1], b.shape[-1]))
+            init = torch.broadcast_to(bias.reshape(rows), (*b.shape[:-2], *a.shape[-2:-1], b.shape[-1]))
         out = back(acc.matmul(a, b, init=init, scales=scales))
         if bias is not None and init is None:
             out = out + bias.view(1, -1, *([1] * (out.dim() - 2)))

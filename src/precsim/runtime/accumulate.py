@@ -114,25 +114,22 @@ def _add_int(pair: Tensor, count: Tensor, bits: int, overflow: str) -> tuple[Ten
 Step = Callable[[Tensor, int, int], Tensor]  # ([acc, block sums], block index, flat offset) -> new acc
 
 
-def _normalized(a: Tensor, b: Tensor, block: int) -> tuple[Tensor, Tensor, tuple[int, ...], int]:
-    """(a, b, output shape, blocks): a 2-D b makes a 2-D a ([rows, K]); otherwise both are
-    [P, M, K] and [P, K, N]. K padded by zeros to whole blocks (a zero product changes no sum)."""
+def _normalized(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """(a, b, output shape): a 2-D b makes a 2-D a ([rows, K]); otherwise b is [P, K, N] and a
+    is [M, K] (one matrix for every P: a conv's weight) or [P, M, K]."""
     k = a.shape[-1]
     if b.dim() < 2 or b.shape[-2] != k:
         raise ValueError(f"accumulated GEMM: K of a ({k}) and b ({tuple(b.shape)}) differ")
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     shape = (*batch, a.shape[-2] if a.dim() > 1 else 1, b.shape[-1])
     if b.dim() == 2:
-        a = a.reshape(-1, k)
-    else:
+        return a.reshape(-1, k), b, shape
+    b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    if a.dim() > 2 and math.prod(a.shape[:-2]) > 1:
         a = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
-        b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-    nb = max(1, math.ceil(k / block))
-    extra = nb * block - k
-    if extra:
-        a = F.pad(a, (0, extra))
-        b = F.pad(b, (0, 0, 0, extra))
-    return a, b, shape, nb
+    else:
+        a = a.reshape(a.shape[-2], k)
+    return a, b, shape
 
 
 def _blocks_per_gemm(nb: int, per_promote: int | None) -> int:
@@ -151,19 +148,26 @@ def _run(a: Tensor, b: Tensor, block: int, per_promote: int | None, dtype: torch
     ``a``, ``b``: for each part of the output (rows of a 2-D GEMM, matrices of a batched one)
     small enough that its block sums fit :data:`BUFFER_BYTES` (so they stay in cache), each
     chunk of blocks is one batched GEMM (in ``dtype``) into rows 1.. of a buffer whose row 0
-    holds the accumulator; ``step`` adds row j + 1 to row j and the result becomes row j + 1."""
+    holds the accumulator; ``step`` adds row j + 1 to row j and the result becomes row j + 1.
+    A last block shorter than ``block`` is a GEMM of its own (no padding: a copy of b)."""
     batched = b.dim() == 3
-    units, unit = (a.shape[0], a.shape[1] * b.shape[2]) if batched else (a.shape[0], b.shape[1])
-    nb = a.shape[-1] // block
-    # block-major copies: each block's GEMM reads contiguous operands (strided ones cost 10-40% more)
-    a = a.unflatten(-1, (nb, block)).movedim(-2, 0).to(dtype).contiguous()  # [nb, (P,) rows, block]
-    b = b.unflatten(-2, (nb, block)).movedim(-3, 0).to(dtype).contiguous()  # [nb, (P,) block, N]
+    shared = batched and a.dim() == 2  # one a for every matrix of b (a conv's weight)
+    units, unit = (b.shape[0], a.shape[-2] * b.shape[2]) if batched else (a.shape[0], b.shape[1])
+    k = a.shape[-1]
+    full, rest = divmod(k, block)
+    nb = full + (rest > 0)
     per_gemm = _blocks_per_gemm(nb, per_promote)
     per_part = max(1, min(units, BUFFER_BYTES // max(1, per_gemm * unit * out.element_size())))
+    # block-major copy of a: each block's GEMM reads a contiguous matrix (the K-slices of b are)
+    a_blocks = a[..., :full * block].unflatten(-1, (full, block)).movedim(-2, 0).to(dtype).contiguous()
+    a_rest = a[..., full * block:].to(dtype)
+    b = b.to(dtype)
     store = torch.empty((per_gemm + 1) * per_part * unit, dtype=out.dtype, device=a.device)
     for u0 in range(0, units, per_part):
         u1 = min(units, u0 + per_part)
-        part_a, part_b = a[:, u0:u1], (b[:, u0:u1] if batched else b)
+        part_a = a_blocks if shared else a_blocks[:, u0:u1]
+        part_rest = a_rest if shared else a_rest[u0:u1]
+        part_b = b[u0:u1] if batched else b
         size = (u1 - u0) * unit
         rows = store[:(per_gemm + 1) * size].view(per_gemm + 1, size)
         if start is None:
@@ -173,21 +177,37 @@ def _run(a: Tensor, b: Tensor, block: int, per_promote: int | None, dtype: torch
         total = None if per_promote is None else torch.zeros_like(rows[0])
         for first in range(0, nb, per_gemm):
             n = min(per_gemm, nb - first)
-            ak, bk = part_a[first:first + n], part_b[first:first + n]
-            sums = rows[1:n + 1].view(n, *ak.shape[1:-1], bk.shape[-1])
-            if dtype == out.dtype:
-                torch.matmul(ak, bk, out=sums)
-            else:  # integer codes: exact sums in float, held in int64
-                sums.copy_(torch.matmul(ak, bk))
+            whole = min(n, full - first)  # full blocks in this chunk (the last chunk may end with the rest)
+            out_shape = (u1 - u0, a.shape[-2], b.shape[-1]) if batched else (u1 - u0, b.shape[-1])
+            if whole > 0:
+                ak = part_a[first:first + whole]
+                bk = part_b[..., first * block:(first + whole) * block, :].unflatten(-2, (whole, block)).movedim(-3, 0)
+                sums = rows[1:whole + 1].view(whole, *out_shape)
+                if shared:  # a batch of one a: torch.matmul would copy it and its result; bmm reads it in place
+                    for j in range(whole):
+                        _gemm_into(ak[j].expand(u1 - u0, *ak.shape[1:]), bk[j], sums[j])
+                else:
+                    _gemm_into(ak, bk, sums)
+            if whole < n:
+                rest_a = part_rest.expand(u1 - u0, *part_rest.shape) if shared else part_rest
+                _gemm_into(rest_a, part_b[..., full * block:, :], rows[n].view(out_shape))
             for j in range(n):
                 rows[j + 1].copy_(step(rows[j:j + 2], first + j, u0 * unit))
                 if total is not None and (first + j + 1) % per_promote == 0:  # type: ignore[operator]
                     total += rows[j + 1]
                     rows[j + 1].zero_()
-            if n:
-                rows[0].copy_(rows[n])
+            rows[0].copy_(rows[n])
         acc = rows[0] if total is None else rows[0] + total
         out[u0 * unit:u0 * unit + size].copy_(acc)
+
+
+def _gemm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """``a @ b`` written into ``out`` (float block sums; integer codes: exact sums in float,
+    held in int64)."""
+    if out.dtype == a.dtype:
+        (torch.bmm if a.dim() == 3 and b.dim() == 3 else torch.matmul)(a, b, out=out)
+    else:
+        out.copy_(torch.matmul(a, b))
 
 
 def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | None = None,
@@ -197,7 +217,8 @@ def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | N
     to nearest. float32 result."""
     if rounding == "stochastic" and seed is None:
         raise ValueError("stochastic accumulation needs a seed")
-    a, b, shape, nb = _normalized(a.float(), b.float(), block)
+    a, b, shape = _normalized(a.float(), b.float())
+    nb = math.ceil(a.shape[-1] / block)
     out = torch.empty(math.prod(shape), dtype=torch.float32, device=a.device)
     start = None
     if init is not None:
@@ -238,7 +259,7 @@ def matmul_int(a: Tensor, b: Tensor, bits: int, block: int, *, promote: int | No
         raise ValueError(f"integer accumulator width {bits} not allowed; allowed: 8..64")
     if overflow not in OVERFLOWS:
         raise ValueError(f"overflow {overflow!r} not allowed; allowed: {', '.join(OVERFLOWS)}")
-    a, b, shape, nb = _normalized(a, b, block)
+    a, b, shape = _normalized(a, b)
     out = torch.empty(math.prod(shape), dtype=torch.int64, device=a.device)
     count = torch.zeros((), dtype=torch.int64, device=a.device)
     start = None
@@ -266,8 +287,9 @@ def conv_as_matmul(x: Tensor, weight: Tensor, stride: Any = 1, padding: Any = 0,
                    groups: int = 1) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
     """A conv1d/conv2d as ``a @ b`` with K in the order of ``weight.flatten(1)`` (channel, then
     kernel row, then kernel column; im2col by ``F.unfold``), and the function that turns the
-    GEMM's result back into the conv's output. groups == 1: a [B*L, K], b [K, C_out];
-    otherwise a [G, B*L, K/G], b [G, K/G, C_out/G]."""
+    GEMM's result into the conv's output. a is the weight ([C_out, K], or [G, C_out/G, K/G]),
+    b the input's columns ([B, K, L], or [B, G, K/G, L]): the result is already in the conv's
+    layout (no transposes of the large operand)."""
     if x.dim() == 3:  # conv1d: a conv2d of height 1
         a, b, back = conv_as_matmul(x.unsqueeze(2), weight.unsqueeze(2), (1, *_tuple(stride, 1)),
                                     padding if isinstance(padding, str) else (0, *_tuple(padding, 1)),
@@ -289,14 +311,12 @@ def conv_as_matmul(x: Tensor, weight: Tensor, stride: Any = 1, padding: Any = 0,
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, L]
     h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    length, cout, kg = cols.shape[2], weight.shape[0], cols.shape[1] // groups
+    cout = weight.shape[0]
     if groups == 1:
-        a = cols.transpose(1, 2).reshape(bsz * length, kg)
-        return a, weight.flatten(1).t(), lambda out: out.view(bsz, length, cout).transpose(1, 2).reshape(bsz, cout, h, w)
-    a = cols.view(bsz, groups, kg, length).permute(1, 0, 3, 2).reshape(groups, bsz * length, kg)
-    b = weight.reshape(groups, cout // groups, kg).transpose(1, 2)
-    return a, b, lambda out: (out.view(groups, bsz, length, cout // groups).permute(1, 0, 3, 2)
-                              .reshape(bsz, cout, h, w))
+        return weight.flatten(1), cols, lambda out: out.reshape(bsz, cout, h, w)
+    kg = cols.shape[1] // groups
+    a = weight.reshape(groups, cout // groups, kg)
+    return a, cols.view(bsz, groups, kg, cols.shape[2]), lambda out: out.reshape(bsz, cout, h, w)
 
 
 __all__ = ["BUFFER_BYTES", "MAX_CHUNK", "OVERFLOWS", "block_seeds", "conv_as_matmul", "exact_dtype", "matmul_float",

@@ -1,0 +1,181 @@
+"""Accumulators: what simulating the sums inside every GEMM costs, and what it does to accuracy.
+
+1. ``gemm``: a 1024x1024x1024 float32 GEMM with an fp16 accumulator (blocks 128, 32, 16, 8)
+   against the plain GEMM, called alternately in one process; ratio = median / median.
+2. ``step``: a training step of the zoo ResNet (batch 128, MNIST-shaped) with an fp16 block-32
+   accumulator on every conv, against the FP32 step, interleaved step by step.
+3. ``accuracy``: PTQ of a float zoo ResNet trained on MNIST-5k (the small widths of
+   ``ptq_vs_qat.py``), test accuracy with an accumulator on every conv and Linear: float
+   accumulators of shrinking precision (fp32 operands: only the sums are rounded), with and
+   without promotion every 128 elements; integer accumulators on int8 codes (weights per
+   channel, Conv/Linear inputs uint8), wrap and saturate, with their overflow events.
+
+    python benchmarks/accumulator.py [--only gemm|step|accuracy] [--threads 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import precsim
+from precsim.formats import parse_format
+from precsim.qat.accumulator import overflows
+from precsim.runtime.accumulate import matmul_float
+from precsim.runtime.backend import compile_seconds
+from precsim.zoo import get_model, load_dataset, train_steps
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median ms of each function, called in turn ``rounds`` times (after one warm-up each), so
+    that drifting machine load hits them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def gemm(rounds: int, size: int) -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    fp16 = parse_format("fp16")
+    print(f"\n### GEMM {size}x{size}x{size} float32, fp16 accumulator ({torch.get_num_threads()} threads)\n")
+    print("| block | plain (ms) | accumulated (ms) | ratio |")
+    print("|---:|---:|---:|---:|")
+    for block in (128, 32, 16, 8):
+        t = interleaved({"plain": lambda: a @ b, "acc": lambda: matmul_float(a, b, fp16, block)}, rounds)
+        print(f"| {block} | {t['plain']:.1f} | {t['acc']:.1f} | {t['acc'] / t['plain']:.2f} |", flush=True)
+    small = 256
+    a2, b2 = a[:small, :small].contiguous(), b[:small, :small].contiguous()
+    t = interleaved({"plain": lambda: a2 @ b2, "acc": lambda: matmul_float(a2, b2, fp16, 1)}, rounds)
+    print(f"| 1 ({small}^3) | {t['plain']:.2f} | {t['acc']:.1f} | {t['acc'] / t['plain']:.0f} |")
+
+
+def step(rounds: int) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    steps = {}
+    for name, cfg in (("fp32", None),
+                      ("fp16 block 32 on every conv", {"rules": [{"type": "Conv2d", "accumulator":
+                                                                  {"format": "fp16", "block": 32}}]}),
+                      ("fp16 block 32 promote 128, every conv and Linear",
+                       {"accumulator": {"format": "fp16", "block": 32, "promote": 128}})):
+        model = get_model("resnet")
+        if cfg is not None:
+            precsim.prepare(model, cfg)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def run(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        steps[name] = run
+    before = compile_seconds()
+    t = interleaved(steps, rounds)
+    print(f"\n### Training step, zoo ResNet, batch 128 ({torch.get_num_threads()} threads; compiling: "
+          f"{compile_seconds() - before:.0f} s, not timed)\n")
+    print("| scheme | step (ms) | x FP32 |")
+    print("|---|---:|---:|")
+    for name, ms in t.items():
+        print(f"| {name} | {ms:.0f} | {ms / t['fp32']:.2f} |")
+
+
+FLOATS: list[tuple[str, dict[str, Any] | None]] = [
+    ("fp32 (plain GEMM)", None),
+    ("fp16 (e5m10), block 32", {"format": "fp16", "block": 32}),
+    ("bf16 (e8m7), block 32", {"format": "bf16", "block": 32}),
+    ("e5m8, block 32", {"format": "flexfp(e=5,m=8)", "block": 32}),
+    ("e5m6, block 32", {"format": "flexfp(e=5,m=6)", "block": 32}),
+    ("e5m4, block 32", {"format": "flexfp(e=5,m=4)", "block": 32}),
+    ("e5m3, block 32", {"format": "flexfp(e=5,m=3)", "block": 32}),
+    ("e5m2 (fp8_e5m2), block 32", {"format": "fp8_e5m2", "block": 32}),
+    ("e4m3 (fp8_e4m3, max 448), block 32", {"format": "fp8_e4m3", "block": 32}),
+    ("e5m3, block 1 (every product rounded)", {"format": "flexfp(e=5,m=3)", "block": 1}),
+]
+INTS = ["int32", "int24", "int20", "int18", "int16", "int14"]
+
+
+@torch.no_grad()
+def accuracy_of(model: nn.Module, data: TensorDataset) -> float:
+    x, y = data.tensors
+    return (model(x).argmax(1) == y).float().mean().item() * 100
+
+
+def accuracy(float_steps: int, calib: int, widths: tuple[int, ...]) -> None:
+    train_set, test_set = load_dataset("mnist5k")
+    torch.manual_seed(0)
+    base = get_model("resnet", in_channels=1, num_classes=10, widths=widths)
+    train_steps(base, train_set, float_steps, 5e-3, seed=0)
+    base.eval()
+    loader = DataLoader(train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    print(f"\n### PTQ accuracy on MNIST-5k test (1000 digits), ResNet widths {widths}, accumulator on every "
+          "conv and Linear\n")
+    print("| float accumulator (fp32 operands) | no promotion | promote every 128 |")
+    print("|---|---:|---:|")
+    for name, acc in FLOATS:
+        cells = []
+        for promote in (None, 128):
+            if acc is None and promote is not None:
+                cells.append("")
+                continue
+            cfg = {} if acc is None else {"accumulator": {**acc, **({"promote": promote} if promote else {})}}
+            model = precsim.prepare(copy.deepcopy(base), cfg).eval()
+            cells.append(f"{accuracy_of(model, test_set):.1f}")
+        print(f"| {name} | {cells[0]} | {cells[1]} |", flush=True)
+    print("\n| integer accumulator (int8 codes) | wrap | overflow events | saturate | overflow events |")
+    print("|---|---:|---:|---:|---:|")
+    operands = {"weight": {"format": "int8", "granularity": "per_channel"},
+                "rules": [{"type": ["Conv2d", "Linear"], "input": "uint8"}]}
+    ref = precsim.calibrate(copy.deepcopy(base), loader, operands, batches=calib)
+    print(f"| none (int8 operands, float32 sums) | {accuracy_of(ref, test_set):.1f} | | | |")
+    for width in INTS:
+        cells = []
+        for overflow in ("wrap", "saturate"):
+            cfg = {**operands, "accumulator": {"format": width, "block": 32, "overflow": overflow}}
+            model = precsim.calibrate(copy.deepcopy(base), loader, cfg, batches=calib)
+            for m in model.modules():
+                if hasattr(m, "overflows"):
+                    m.overflows.zero_()
+            cells += [f"{accuracy_of(model, test_set):.1f}", str(sum(overflows(model).values()))]
+        print(f"| {width} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\n(accuracy part: {time.perf_counter() - start:.0f} s)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=("gemm", "step", "accuracy"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--float-steps", type=int, default=120)
+    p.add_argument("--quick", action="store_true", help="a smoke run")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{datetime.date.today()}, {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
+          f"{args.threads} threads")
+    if args.only in (None, "gemm"):
+        gemm(2 if args.quick else args.rounds, 256 if args.quick else 1024)
+    if args.only in (None, "step"):
+        step(2 if args.quick else args.rounds)
+    if args.only in (None, "accuracy"):
+        accuracy(10 if args.quick else args.float_steps, 1 if args.quick else 4, (4, 8) if args.quick else (8, 16, 32))
+
+
+if __name__ == "__main__":
+    main()
