@@ -59,7 +59,7 @@ def gemm(rounds: int, size: int) -> None:
     print("| block | plain (ms) | accumulated (ms) | ratio |")
     print("|---:|---:|---:|---:|")
     for block in (128, 32, 16, 8):
-        t = interleaved({"plain": lambda: a @ b, "acc": lambda: matmul_float(a, b, fp16, block)}, rounds)
+        t = interleaved({"plain": lambda: a @ b, "acc": lambda b_=block: matmul_float(a, b, fp16, b_)}, rounds)
         print(f"| {block} | {t['plain']:.1f} | {t['acc']:.1f} | {t['acc'] / t['plain']:.2f} |", flush=True)
     small = 256
     a2, b2 = a[:small, :small].contiguous(), b[:small, :small].contiguous()
@@ -123,7 +123,8 @@ def accuracy(float_steps: int, calib: int, widths: tuple[int, ...]) -> None:
     base = get_model("resnet", in_channels=1, num_classes=10, widths=widths)
     train_steps(base, train_set, float_steps, 5e-3, seed=0)
     base.eval()
-    loader = DataLoader(train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(1))
+    def loader() -> DataLoader:  # the same calibration batches for every setting
+        return DataLoader(train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()
     print(f"\n### PTQ accuracy on MNIST-5k test (1000 digits), ResNet widths {widths}, accumulator on every "
           "conv and Linear\n")
@@ -143,13 +144,13 @@ def accuracy(float_steps: int, calib: int, widths: tuple[int, ...]) -> None:
     print("|---|---:|---:|---:|---:|")
     operands = {"weight": {"format": "int8", "granularity": "per_channel"},
                 "rules": [{"type": ["Conv2d", "Linear"], "input": "uint8"}]}
-    ref = precsim.calibrate(copy.deepcopy(base), loader, operands, batches=calib)
+    ref = precsim.calibrate(copy.deepcopy(base), loader(), operands, batches=calib)
     print(f"| none (int8 operands, float32 sums) | {accuracy_of(ref, test_set):.1f} | | | |")
     for width in INTS:
         cells = []
         for overflow in ("wrap", "saturate"):
             cfg = {**operands, "accumulator": {"format": width, "block": 32, "overflow": overflow}}
-            model = precsim.calibrate(copy.deepcopy(base), loader, cfg, batches=calib)
+            model = precsim.calibrate(copy.deepcopy(base), loader(), cfg, batches=calib)
             for m in model.modules():
                 if hasattr(m, "overflows"):
                     m.overflows.zero_()

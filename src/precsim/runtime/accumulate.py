@@ -82,14 +82,15 @@ def _add_float(pair: Tensor, seed: Tensor | None, base: Tensor | None, fmt: Any,
     return fmt.quantize(s, rounding, random_bits=bits)
 
 
-def _keep(s: Tensor, count: Tensor, bits: int, overflow: str) -> tuple[Tensor, Tensor]:
-    """``s`` (int64, exact) kept in ``bits`` bits, and ``count`` plus its overflow events."""
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+def _keep(s: Tensor, count: Tensor, lo: Tensor, overflow: str) -> tuple[Tensor, Tensor]:
+    """``s`` (int64, exact) kept in W bits (``lo`` = -2^(W-1), a 0-d int64 tensor, so that one
+    kernel serves every width), and ``count`` plus its overflow events."""
+    hi = -lo - 1
     out = (s < lo) | (s > hi)
     count = count + out.sum()
     if overflow == "saturate":
-        return s.clamp(lo, hi), count
-    return ((s - lo) & (2**bits - 1)) + lo, count
+        return torch.minimum(torch.maximum(s, lo), hi), count
+    return ((s - lo) & (-2 * lo - 1)) + lo, count
 
 
 def _add64(acc: Tensor, x: Tensor, count: Tensor, overflow: str) -> tuple[Tensor, Tensor]:
@@ -102,12 +103,12 @@ def _add64(acc: Tensor, x: Tensor, count: Tensor, overflow: str) -> tuple[Tensor
     return s, count
 
 
-def _add_int(pair: Tensor, count: Tensor, bits: int, overflow: str) -> tuple[Tensor, Tensor]:
+def _add_int(pair: Tensor, count: Tensor, lo: Tensor | None, overflow: str) -> tuple[Tensor, Tensor]:
     """One block add of an integer accumulator, ``pair = [acc, x]`` (int64): ``acc + x`` kept
-    in ``bits`` bits, and ``count`` plus this add's overflow events."""
-    if bits == 64:
+    in W bits (``lo`` = -2^(W-1); None: 64 bits), and ``count`` plus this add's overflow events."""
+    if lo is None:
         return _add64(pair[0], pair[1], count, overflow)
-    return _keep(pair[0] + pair[1], count, bits, overflow)
+    return _keep(pair[0] + pair[1], count, lo, overflow)
 
 
 # --- the driver: blocks of K, chunks of blocks and of output rows ----------------------------
@@ -262,14 +263,15 @@ def matmul_int(a: Tensor, b: Tensor, bits: int, block: int, *, promote: int | No
     a, b, shape = _normalized(a, b)
     out = torch.empty(math.prod(shape), dtype=torch.int64, device=a.device)
     count = torch.zeros((), dtype=torch.int64, device=a.device)
+    lo = None if bits == 64 else torch.tensor(-(2 ** (bits - 1)), dtype=torch.int64, device=a.device)
     start = None
     if init is not None:
         pair = torch.stack([torch.zeros_like(out), torch.broadcast_to(init, shape).reshape(-1).to(torch.int64)])
-        start, events = _add_int(pair, count, bits, overflow)
+        start, events = _add_int(pair, count, lo, overflow)
         count.copy_(events)
 
     def step(pair: Tensor, j: int, base: int) -> Tensor:
-        acc, events = call(_add_int, pair, (count,), (bits, overflow), dynamic=(1,))
+        acc, events = call(_add_int, pair, (count, lo), (overflow,), dynamic=(1,))
         count.copy_(events)
         return acc  # type: ignore[no-any-return]
 
