@@ -252,3 +252,22 @@ def test_bad_configs_name_the_value_and_what_is_allowed(cfg: dict, parts: list[s
         QuantConfig.from_dict(cfg)
     for part in parts:
         assert part in str(err.value), str(err.value)
+
+
+class Attention(nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_attention_gemms_under_points_operands() -> None:
+    from precsim.qat.operands import attention
+    from precsim.runtime.accumulate import matmul_float
+
+    q, k, v = (exact_values((2, 2, 5, 8), s) for s in (20, 21, 22))
+    fmt = "flexfp(e=5,m=3)"
+    p = precsim.prepare(Attention(), {"points": "operands", "rules": [{"op": "attention",
+                                                                        "accumulator": {"format": fmt, "block": 4}}]})
+    want = attention(lambda name, x, axis: x, q, k, v,
+                     matmul=lambda x, y: matmul_float(x, y, precsim.parse_format(fmt), 4))
+    assert torch.equal(p(q, k, v), want)
+    assert not torch.equal(want, F.scaled_dot_product_attention(q, k, v))
