@@ -271,3 +271,13 @@ def test_attention_gemms_under_points_operands() -> None:
                      matmul=lambda x, y: matmul_float(x, y, precsim.parse_format(fmt), 4))
     assert torch.equal(p(q, k, v), want)
     assert not torch.equal(want, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_low_precision_models_keep_their_dtype() -> None:
+    m = linear().to(torch.bfloat16)
+    p = precsim.prepare(m, {"accumulator": "fp16"})
+    x = exact_values((3, 40), 23).to(torch.bfloat16).requires_grad_()
+    y = p(x)
+    assert y.dtype == torch.bfloat16
+    y.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and p.weight.grad.dtype == torch.bfloat16

@@ -55,7 +55,7 @@ class _AccumulatedMatmul(torch.autograd.Function):
                 backward_fn: Callable[[Tensor, Tensor, int], Tensor] | None) -> Tensor:
         ctx.save_for_backward(a, b)
         ctx.backward_fn = backward_fn
-        return forward_fn(a.detach(), b.detach())
+        return forward_fn(a.detach(), b.detach()).to(torch.promote_types(a.dtype, b.dtype))  # (sums: float32)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
