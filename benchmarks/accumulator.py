@@ -23,6 +23,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,17 @@ def accuracy_of(model: nn.Module, data: TensorDataset) -> float:
     return (model(x).argmax(1) == y).float().mean().item() * 100
 
 
-def accuracy(float_steps: int, calib: int, widths: tuple[int, ...]) -> None:
+QAT_ROWS: list[tuple[str, dict[str, Any]]] = [
+    ("e5m2, block 1", {"accumulator": {"format": "fp8_e5m2", "block": 1}}),
+    ("e5m1, block 1", {"accumulator": {"format": "flexfp(e=5,m=1)", "block": 1}}),
+    ("e5m1, block 32", {"accumulator": {"format": "flexfp(e=5,m=1)", "block": 32}}),
+    ("int16 saturate, block 32 (int8 codes)", {"accumulator": {"format": "int16", "block": 32,
+                                                               "overflow": "saturate"}}),
+]
+
+
+def accuracy(float_steps: int, calib: int, widths: tuple[int, ...], qat_steps: int, ptq: bool = True,
+             qat: bool = True) -> None:
     train_set, test_set = load_dataset("mnist5k")
     torch.manual_seed(0)
     base = get_model("resnet", in_channels=1, num_classes=10, widths=widths)
@@ -123,6 +134,17 @@ def accuracy(float_steps: int, calib: int, widths: tuple[int, ...]) -> None:
     def loader() -> DataLoader:  # the same calibration batches for every setting
         return DataLoader(train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()
+    operands = {"weight": {"format": "int8", "granularity": "per_channel"},
+                "rules": [{"type": ["Conv2d", "Linear"], "input": "uint8"}]}
+    if ptq:
+        ptq_tables(base, test_set, loader, operands, calib, widths, start)
+    if qat:
+        qat_table(base, train_set, test_set, loader, operands, calib, qat_steps)
+    print(f"\n(accuracy part: {time.perf_counter() - start:.0f} s)")
+
+
+def ptq_tables(base: nn.Module, test_set: TensorDataset, loader: Callable[[], DataLoader], operands: dict[str, Any],
+               calib: int, widths: tuple[int, ...], start: float) -> None:
     print(f"\n### PTQ accuracy on MNIST-5k test (1000 digits), ResNet widths {widths}, accumulator on every "
           "conv and Linear\n")
     plain = precsim.prepare(copy.deepcopy(base), {}).eval()
@@ -138,8 +160,6 @@ def accuracy(float_steps: int, calib: int, widths: tuple[int, ...]) -> None:
         print(f"| {name} | " + " | ".join(cells) + f" |  ({time.perf_counter() - start:.0f} s)", flush=True)
     print("\n| integer accumulator (int8 codes) | wrap | overflow events | saturate | overflow events |")
     print("|---|---:|---:|---:|---:|")
-    operands = {"weight": {"format": "int8", "granularity": "per_channel"},
-                "rules": [{"type": ["Conv2d", "Linear"], "input": "uint8"}]}
     ref = precsim.calibrate(copy.deepcopy(base), loader(), operands, batches=calib)
     print(f"| none (int8 operands, float32 sums) | {accuracy_of(ref, test_set):.1f} | | | |")
     for width in INTS:
@@ -152,15 +172,30 @@ def accuracy(float_steps: int, calib: int, widths: tuple[int, ...]) -> None:
                     m.overflows.zero_()
             cells += [f"{accuracy_of(model, test_set):.1f}", str(sum(overflows(model).values()))]
         print(f"| {width} | " + " | ".join(cells) + " |", flush=True)
-    print(f"\n(accuracy part: {time.perf_counter() - start:.0f} s)")
+
+
+def qat_table(base: nn.Module, train_set: TensorDataset, test_set: TensorDataset, loader: Callable[[], DataLoader],
+              operands: dict[str, Any], calib: int, qat_steps: int) -> None:
+    print(f"\n### Short QAT ({qat_steps} steps of fine-tuning from the float model, Adam 5e-4) where PTQ lost "
+          "accuracy\n")
+    print("| setting | PTQ | QAT |")
+    print("|---|---:|---:|")
+    for name, cfg in QAT_ROWS:
+        full = {**(operands if "int" in name else {}), **cfg}
+        ptq = precsim.calibrate(copy.deepcopy(base), loader(), full, batches=calib)
+        qat = precsim.calibrate(copy.deepcopy(base), loader(), full, batches=calib)
+        train_steps(qat, train_set, qat_steps, 5e-4, seed=2)
+        qat.eval()
+        print(f"| {name} | {accuracy_of(ptq, test_set):.1f} | {accuracy_of(qat, test_set):.1f} |", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("gemm", "step", "accuracy"))
+    p.add_argument("--only", choices=("gemm", "step", "accuracy", "ptq", "qat"), help="accuracy: ptq and qat")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--float-steps", type=int, default=120)
+    p.add_argument("--qat-steps", type=int, default=30)
     p.add_argument("--quick", action="store_true", help="a smoke run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -170,8 +205,9 @@ def main() -> None:
         gemm(2 if args.quick else args.rounds, 256 if args.quick else 1024)
     if args.only in (None, "step"):
         step(2 if args.quick else args.rounds)
-    if args.only in (None, "accuracy"):
-        accuracy(10 if args.quick else args.float_steps, 1 if args.quick else 4, (4, 8) if args.quick else (8, 16, 32))
+    if args.only in (None, "accuracy", "ptq", "qat"):
+        accuracy(10 if args.quick else args.float_steps, 1 if args.quick else 4, (4, 8) if args.quick else (8, 16, 32),
+                 2 if args.quick else args.qat_steps, ptq=args.only != "qat", qat=args.only != "ptq")
 
 
 if __name__ == "__main__":
