@@ -155,6 +155,7 @@ class OperandPoints(TorchFunctionMode):
         super().__init__()
         self.config, self.seed = config, seed
         self.operands = operands  # False: points: outputs, only accumulators (module precsim_accumulator)
+        self.accumulating = config.has_accumulators  # no accumulator anywhere: no lookup per GEMM call
         self.stack: list[_Frame] = []
         self.discovering = False  # create points, round nothing (prepare's example_inputs, calibrate)
         self.skipped: set[tuple[str, str]] = set()  # (module, key) the config leaves in float32
@@ -203,6 +204,8 @@ class OperandPoints(TorchFunctionMode):
 
     def accumulator(self, frame: _Frame, op: str, index: int) -> Accumulator | None:
         """The accumulator of a GEMM call (created on first use; points: operands), or None."""
+        if not self.accumulating:
+            return None
         if not self.operands:
             acc = getattr(frame.module, ACCUMULATOR, None)
             return acc if isinstance(acc, Accumulator) and acc.spec is not None else None
