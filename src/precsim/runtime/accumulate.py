@@ -47,6 +47,7 @@ from precsim.runtime.backend import call
 
 BUFFER_BYTES = 16 << 20  # the block sums of one part of the output (half the L3 of the 2-core VM)
 MAX_CHUNK = 32  # blocks per batched GEMM
+STEPS_PER_KERNEL = 4  # block adds fused in one kernel call (each count of them compiles once per format)
 OVERFLOWS: tuple[str, ...] = ("wrap", "saturate")
 _BLOCK_SALT = 0x2545F491  # block j's seed word 1 is seed[1] + j * this (mod 2^32)
 
@@ -71,15 +72,17 @@ def sum_to_odd(acc: Tensor, x: Tensor) -> Tensor:
     return (bits + torch.where(move, away, 0)).view(torch.float32)  # (sign bits: 2x faster than comparisons)
 
 
-def _add_float(pair: Tensor, seed: Tensor | None, base: Tensor | None, fmt: Any, rounding: str) -> Tensor:
-    """One block add, ``R_F(acc + x)`` of ``pair = [acc, x]``: the exact sum rounded once (one
-    fused pass). Stochastic bits: element i of this part of the output is element ``base + i``
-    of the whole. (acc and x come as one tensor so that the compiled kernel sees one size.)"""
-    s = sum_to_odd(pair[0], pair[1])
-    bits = None
-    if seed is not None:
-        bits = indexed_bits(torch.arange(s.shape[0], dtype=torch.int32, device=s.device) + base, seed)
-    return fmt.quantize(s, rounding, random_bits=bits)
+def _add_float(rows: Tensor, seeds: Tensor | None, base: Tensor | None, fmt: Any, rounding: str) -> Tensor:
+    """Block adds, ``acc <- R_F(acc + x)`` for ``rows = [acc, x_1, ..., x_r]`` in order: each
+    exact sum rounded once, in one fused pass. Stochastic bits: block j draws from
+    ``seeds[j]``, and element i of this part of the output is element ``base + i`` of the whole.
+    (acc and the block sums come as one tensor so that the compiled kernel sees one size.)"""
+    acc = rows[0]
+    index = None if seeds is None else torch.arange(acc.shape[0], dtype=torch.int32, device=acc.device) + base
+    for j in range(1, rows.shape[0]):
+        bits = None if seeds is None else indexed_bits(index, seeds[j - 1])  # type: ignore[arg-type]
+        acc = fmt.quantize(sum_to_odd(acc, rows[j]), rounding, random_bits=bits)
+    return acc
 
 
 def _keep(s: Tensor, count: Tensor, lo: Tensor, overflow: str) -> tuple[Tensor, Tensor]:
@@ -103,16 +106,18 @@ def _add64(acc: Tensor, x: Tensor, count: Tensor, overflow: str) -> tuple[Tensor
     return s, count
 
 
-def _add_int(pair: Tensor, count: Tensor, lo: Tensor | None, overflow: str) -> tuple[Tensor, Tensor]:
-    """One block add of an integer accumulator, ``pair = [acc, x]`` (int64): ``acc + x`` kept
-    in W bits (``lo`` = -2^(W-1); None: 64 bits), and ``count`` plus this add's overflow events."""
-    if lo is None:
-        return _add64(pair[0], pair[1], count, overflow)
-    return _keep(pair[0] + pair[1], count, lo, overflow)
+def _add_int(rows: Tensor, count: Tensor, lo: Tensor | None, overflow: str) -> tuple[Tensor, Tensor]:
+    """Block adds of an integer accumulator, ``rows = [acc, x_1, ..., x_r]`` (int64): each
+    ``acc + x`` kept in W bits (``lo`` = -2^(W-1); None: 64 bits), and ``count`` plus the
+    adds' overflow events."""
+    acc = rows[0]
+    for j in range(1, rows.shape[0]):
+        acc, count = _add64(acc, rows[j], count, overflow) if lo is None else _keep(acc + rows[j], count, lo, overflow)
+    return acc, count
 
 
 # --- the driver: blocks of K, chunks of blocks and of output rows ----------------------------
-Step = Callable[[Tensor, int, int], Tensor]  # ([acc, block sums], block index, flat offset) -> new acc
+Step = Callable[[Tensor, int, int], Tensor]  # ([acc, r block sums], first block's index, flat offset) -> new acc
 
 
 def _normalized(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
@@ -192,11 +197,16 @@ def _run(a: Tensor, b: Tensor, block: int, per_promote: int | None, dtype: torch
             if whole < n:
                 rest_a = part_rest.expand(u1 - u0, *part_rest.shape) if shared else part_rest
                 _gemm_into(rest_a, part_b[..., full * block:, :], rows[n].view(out_shape))
-            for j in range(n):
-                rows[j + 1].copy_(step(rows[j:j + 2], first + j, u0 * unit))
-                if total is not None and (first + j + 1) % per_promote == 0:  # type: ignore[operator]
-                    total += rows[j + 1]
-                    rows[j + 1].zero_()
+            j = 0
+            while j < n:  # spans of up to STEPS_PER_KERNEL blocks, none across a promotion
+                r = min(STEPS_PER_KERNEL, n - j)
+                if per_promote is not None:
+                    r = min(r, per_promote - (first + j) % per_promote)
+                rows[j + r].copy_(step(rows[j:j + r + 1], first + j, u0 * unit))
+                j += r
+                if total is not None and (first + j) % per_promote == 0:  # type: ignore[operator]
+                    total += rows[j]
+                    rows[j].zero_()
             rows[0].copy_(rows[n])
         acc = rows[0] if total is None else rows[0] + total
         out[u0 * unit:u0 * unit + size].copy_(acc)
@@ -226,11 +236,12 @@ def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | N
         start = fmt.quantize(torch.broadcast_to(init.float(), shape).reshape(-1).contiguous(), "nearest")
     seeds = block_seeds(seed, 0, nb) if rounding == "stochastic" else None  # type: ignore[arg-type]
 
-    def step(pair: Tensor, j: int, base: int) -> Tensor:
+    def step(span: Tensor, j: int, base: int) -> Tensor:
         if seeds is None:
-            return call(_add_float, pair, (None, None), (fmt, rounding), dynamic=(1,))  # type: ignore[no-any-return]
-        offset = torch.tensor(base, dtype=torch.int32, device=pair.device)
-        return call(_add_float, pair, (seeds[j], offset), (fmt, rounding), dynamic=(1,))  # type: ignore[no-any-return]
+            return call(_add_float, span, (None, None), (fmt, rounding), dynamic=(1,))  # type: ignore[no-any-return]
+        offset = torch.tensor(base, dtype=torch.int32, device=span.device)
+        return call(_add_float, span, (seeds[j:j + span.shape[0] - 1], offset), (fmt, rounding),  # type: ignore[no-any-return]
+                    dynamic=(1,))
 
     if out.numel():
         _run(a, b, block, None if promote is None else promote // block, torch.float32, out, start, step)
@@ -270,8 +281,8 @@ def matmul_int(a: Tensor, b: Tensor, bits: int, block: int, *, promote: int | No
         start, events = _add_int(pair, count, lo, overflow)
         count.copy_(events)
 
-    def step(pair: Tensor, j: int, base: int) -> Tensor:
-        acc, events = call(_add_int, pair, (count, lo), (overflow,), dynamic=(1,))
+    def step(span: Tensor, j: int, base: int) -> Tensor:
+        acc, events = call(_add_int, span, (count, lo), (overflow,), dynamic=(1,))
         count.copy_(events)
         return acc  # type: ignore[no-any-return]
 
