@@ -222,12 +222,65 @@ def _per_tensor(scale: Tensor, name: str) -> Tensor:
     return scale.reshape(())
 
 
+class _StraightThrough(torch.autograd.Function):
+    """``simulated(*tensors)`` forward; backward: the gradients of ``plain(*tensors)`` (the
+    op as torch runs it, recomputed), i.e. the straight-through estimator for any GEMM kind,
+    with torch's own backward kernels (a conv's: no im2col columns kept, no col2im)."""
+
+    @staticmethod
+    def forward(ctx, simulated: Callable[..., Tensor], plain: Callable[..., Tensor],  # type: ignore[override]
+                *tensors: Tensor) -> Tensor:
+        ctx.plain = plain
+        ctx.save_for_backward(*tensors)
+        return simulated(*tensors)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        needs = ctx.needs_input_grad[2:]
+        with torch.enable_grad():
+            xs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs, strict=True)]
+            out = ctx.plain(*xs)
+            wanted = [x for x, need in zip(xs, needs, strict=True) if need]
+            grads = iter(torch.autograd.grad(out, wanted, g) if wanted else ())
+        return (None, None, *(next(grads) if need else None for need in needs))
+
+
 def accumulated_call(acc: Accumulator, op: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                      grids: list[Grid | None] | None = None, bits: tuple[int, int] = (16, 16)) -> Any:
     """``func(*args, **kwargs)`` (an ``F.linear``, ``conv1d/2d`` or matmul-like call, operands
     already rounded) with ``acc``'s accumulator. ``grids``: the (scale, zero point) of each
     operand's integer point, in the call's operand order (integer accumulators); ``bits``:
-    their code widths."""
+    their code widths.
+
+    Without a gradient accumulator, the whole call is one :class:`_StraightThrough` (the
+    gradient is the plain op's); with one, its GEMM form runs through :class:`_AccumulatedMatmul`,
+    whose backward GEMMs are accumulated."""
+    if acc.grad_spec is not None or not torch.is_grad_enabled():
+        return _accumulated(acc, op, func, args, kwargs, grids, bits)
+    keys = list(kwargs)
+    slots = [i for i, v in enumerate([*args, *kwargs.values()]) if isinstance(v, Tensor)]
+
+    def rebuild(tensors: tuple[Tensor, ...]) -> tuple[list[Any], dict[str, Any]]:
+        values = [*args, *kwargs.values()]
+        for i, t in zip(slots, tensors, strict=True):
+            values[i] = t
+        return values[:len(args)], dict(zip(keys, values[len(args):], strict=True))
+
+    def simulated(*tensors: Tensor) -> Tensor:
+        a, k = rebuild(tensors)
+        return _accumulated(acc, op, func, tuple(a), k, grids, bits)  # type: ignore[no-any-return]
+
+    def plain(*tensors: Tensor) -> Tensor:
+        a, k = rebuild(tensors)
+        return func(*a, **k)  # type: ignore[no-any-return]
+
+    values = [*args, *kwargs.values()]
+    return _StraightThrough.apply(simulated, plain, *(values[i] for i in slots))
+
+
+def _accumulated(acc: Accumulator, op: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 grids: list[Grid | None] | None, bits: tuple[int, int]) -> Any:
+    """:func:`accumulated_call`'s simulated op (through :meth:`Accumulator.matmul`)."""
     spec = acc.spec
     assert spec is not None
     integer = spec.bits is not None
