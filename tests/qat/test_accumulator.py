@@ -281,3 +281,17 @@ def test_low_precision_models_keep_their_dtype() -> None:
     assert y.dtype == torch.bfloat16
     y.sum().backward()
     assert x.grad.dtype == torch.bfloat16 and p.weight.grad.dtype == torch.bfloat16
+
+
+def test_gradient_accumulator_on_a_conv_sums_the_weight_gradient_over_every_position() -> None:
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(exact_values((3, 2, 3, 3), 24))
+    p = precsim.prepare(copy.deepcopy(conv), {"accumulator": "fp16",
+                                              "gradient_accumulator": {"format": "fp8_e5m2", "block": 8}})
+    x, g = exact_values((2, 2, 4, 4), 25), exact_values((2, 3, 4, 4), 26)
+    (p(x) * g).sum().backward()
+    cols = F.unfold(x, 3, padding=1)  # [B, K, L]
+    g2 = g.flatten(2).transpose(0, 1).reshape(3, -1)  # [C_out, B*L]
+    want = reference(g2, cols.transpose(1, 2).reshape(-1, 18), "fp8_e5m2", 8)  # K of this GEMM: B*L = 32
+    assert torch.equal(p.weight.grad, want.view(3, 2, 3, 3))
