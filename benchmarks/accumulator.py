@@ -10,8 +10,10 @@
    and of 1 (every product rounded), with and without promotion; integer accumulators on int8
    codes (weights per channel, Conv/Linear inputs uint8), wrap and saturate, with their
    overflow events.
+4. ``transformer``: the real all-MiniLM-L6-v2 with an accumulator on every GEMM (``points:
+   operands``), its sentence embeddings against FP32's.
 
-    python benchmarks/accumulator.py [--only gemm|step|accuracy] [--threads 2] [--quick]
+    python benchmarks/accumulator.py [--only gemm|step|accuracy|ptq|qat|transformer] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -189,9 +191,54 @@ def qat_table(base: nn.Module, train_set: TensorDataset, test_set: TensorDataset
         print(f"| {name} | {accuracy_of(ptq, test_set):.1f} | {accuracy_of(qat, test_set):.1f} |", flush=True)
 
 
+TRANSFORMER: list[tuple[str, dict[str, Any] | None]] = [
+    ("fp32 (plain GEMMs)", None),
+    ("fp16, block 32", {"format": "fp16", "block": 32}),
+    ("bf16, block 32", {"format": "bf16", "block": 32}),
+    ("e5m3, block 32", {"format": "flexfp(e=5,m=3)", "block": 32}),
+    ("e5m3, block 32, promote 128", {"format": "flexfp(e=5,m=3)", "block": 32, "promote": 128}),
+    ("e5m2, block 32", {"format": "fp8_e5m2", "block": 32}),
+    ("e5m2, block 32, promote 128", {"format": "fp8_e5m2", "block": 32, "promote": 128}),
+    ("e5m2, block 4", {"format": "fp8_e5m2", "block": 4}),
+    ("e5m2, block 4, promote 128", {"format": "fp8_e5m2", "block": 4, "promote": 128}),
+]
+
+
+def transformer(count: int, length: int) -> None:
+    """The real all-MiniLM-L6-v2 (``points: operands``: every Linear, matmul and attention GEMM;
+    K = 384, 1536 in the FFN's second Linear, 32 and 64 in attention): sentence embeddings
+    against FP32's, as in ``transformer_ptq.py``."""
+    from precsim.zoo.text import embed, load_minilm, sentences, tokenize
+
+    base, tokenizer = load_minilm()
+    texts = [s for _, s in sentences()]
+    texts = texts[::max(1, len(texts) // count)][:count]
+    batches = [tokenize(tokenizer, texts[i:i + 32], length) for i in range(0, len(texts), 32)]
+    with torch.no_grad():
+        ref = torch.cat([embed(base, b) for b in batches])
+    print(f"\n### all-MiniLM-L6-v2, {len(texts)} sentences, {length} tokens: accumulator on every GEMM "
+          "(points: operands), fp32 operands\n")
+    print("| accumulator | mean cos to FP32 | min cos | NN agreement |")
+    print("|---|---:|---:|---:|")
+    for name, acc in TRANSFORMER:
+        model = precsim.prepare(copy.deepcopy(base), {"points": "operands", **({"accumulator": acc} if acc else {})})
+        with torch.no_grad():
+            emb = torch.cat([embed(model, b) for b in batches])
+        cos = (emb * ref).sum(-1)
+        same = (_nearest(emb) == _nearest(ref)).float().mean()
+        print(f"| {name} | {cos.mean():.4f} | {cos.min():.4f} | {same:.3f} |", flush=True)
+
+
+def _nearest(e: torch.Tensor) -> torch.Tensor:
+    sim = e @ e.t()
+    sim.fill_diagonal_(-2.0)
+    return sim.argmax(1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("gemm", "step", "accuracy", "ptq", "qat"), help="accuracy: ptq and qat")
+    p.add_argument("--only", choices=("gemm", "step", "accuracy", "ptq", "qat", "transformer"),
+                   help="accuracy: ptq and qat")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--float-steps", type=int, default=120)
@@ -208,6 +255,10 @@ def main() -> None:
     if args.only in (None, "accuracy", "ptq", "qat"):
         accuracy(10 if args.quick else args.float_steps, 1 if args.quick else 4, (4, 8) if args.quick else (8, 16, 32),
                  2 if args.quick else args.qat_steps, ptq=args.only != "qat", qat=args.only != "ptq")
+
+
+    if args.only in (None, "transformer"):
+        transformer(32 if args.quick else 64, 64)
 
 
 if __name__ == "__main__":
