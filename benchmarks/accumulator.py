@@ -243,6 +243,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--float-steps", type=int, default=120)
     p.add_argument("--qat-steps", type=int, default=30)
+    p.add_argument("--sentences", type=int, default=32, help="transformer part (64: 6 min on 2 threads)")
     p.add_argument("--quick", action="store_true", help="a smoke run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -258,7 +259,7 @@ def main() -> None:
 
 
     if args.only in (None, "transformer"):
-        transformer(32 if args.quick else 64, 64)
+        transformer(8 if args.quick else args.sentences, 64)
 
 
 if __name__ == "__main__":
