@@ -93,6 +93,7 @@ class Accumulator(nn.Module):
     def __init__(self, spec: AccumulatorSpec | None, grad_spec: AccumulatorSpec | None = None, seed: int = 0) -> None:
         super().__init__()
         self.spec, self.grad_spec = spec, grad_spec
+        self.owner_kind = ""  # points: outputs: "Linear" or "Conv" (the summary's op)
         self.fingerprint = accumulator_fingerprint(spec, grad_spec)
         self.register_buffer("seed", torch.tensor([mix_seed(seed, 1), mix_seed(seed, 2)], dtype=torch.int32))
         self.register_buffer("step", torch.zeros((), dtype=torch.int32))

@@ -423,6 +423,7 @@ def attach(model: nn.Module, config: QuantConfig, seed: int,
                 continue
             spec, grad = accumulators[name]
             acc = Accumulator(spec, grad, seed=mix_seed(seed, zlib.crc32(f"{name}.{ACCUMULATOR}".encode())))
+            acc.owner_kind = "Linear" if isinstance(module, nn.Linear) else "Conv"
             module.add_module(ACCUMULATOR, acc.to(_device(module)))
         module.register_forward_pre_hook(functools.partial(mode.enter, name))
         module.register_forward_hook(mode.leave, always_call=True)

@@ -226,8 +226,9 @@ def _accumulator_row(name: str, acc: Accumulator) -> dict[str, str]:
         i = parts.index(CONTAINER)
         owner = ".".join(parts[:i])
         op, call = POINT_KEY.match(parts[i + 1]).group("op", "k")  # type: ignore[union-attr]
-    else:
-        owner, op, call = ".".join(p for p in parts if p != ACCUMULATOR), "gemm", ""
+    else:  # points: outputs: the GEMM of a Linear or Conv module
+        owner, call = ".".join(p for p in parts if p != ACCUMULATOR), ""
+        op = "linear" if acc.owner_kind == "Linear" else "conv"
     spec, grad = acc.spec, acc.grad_spec
     fmt = "fp32" if spec is None else f"{spec.name} (block {spec.block}" + (
         f", promote {spec.promote})" if spec.promote else ")")
