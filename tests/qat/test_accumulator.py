@@ -295,3 +295,12 @@ def test_gradient_accumulator_on_a_conv_sums_the_weight_gradient_over_every_posi
     g2 = g.flatten(2).transpose(0, 1).reshape(3, -1)  # [C_out, B*L]
     want = reference(g2, cols.transpose(1, 2).reshape(-1, 18), "fp8_e5m2", 8)  # K of this GEMM: B*L = 32
     assert torch.equal(p.weight.grad, want.view(3, 2, 3, 3))
+
+
+def test_a_later_rule_turns_the_accumulator_off() -> None:
+    net, x = ConvNet(), exact_values((2, 3, 5, 5), 27)
+    p = precsim.prepare(copy.deepcopy(net), {"accumulator": "fp8_e5m2", "rules": [{"match": "fc", "accumulator": None}]})
+    assert [r["module"] for r in precsim.summary_rows(p)] == ["conv"]
+    q = precsim.prepare(copy.deepcopy(net), {"accumulator": "fp8_e5m2", "rules": [{"type": "Linear",
+                                                                                   "accumulator": "fp32"}]})
+    assert torch.equal(p(x), q(x))
