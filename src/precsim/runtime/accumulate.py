@@ -13,7 +13,7 @@ accumulator held in format F and rounded after every add::
 
 ``R_F(acc + s)`` rounds the exact sum once: the float32 sum and its exact error (TwoSum) give
 the sum rounded to odd at float32's 24 bits, which F (at most 22 significant bits, smallest
-subnormal >= 2^-147: :func:`check_float_accumulator`) then rounds as if it saw the exact value
+subnormal >= 2^-147: the config refuses other formats) then rounds as if it saw the exact value
 (rounding to odd keeps the information of every discarded bit; Boldo and Melquiond). So an
 fp16 accumulator gives the bits of a sum rounded to fp16 after every add, with no double
 rounding. Stochastic rounding draws block j's bits from ``block_seeds(seed)[j]``, one word per
@@ -27,9 +27,10 @@ range counts as one overflow event.
 Speed: the output is cut into parts (rows, or matrices of a batched GEMM) whose block sums fit
 :data:`BUFFER_BYTES`, so that they stay in cache; for each part, one batched GEMM per chunk of
 :data:`MAX_CHUNK` blocks writes a [blocks, rows, N] buffer (allocated once per call: a fresh
-128 MB buffer cost 3x the GEMM in page faults), then one fused pass per block adds it in place
-(one compiled kernel per format and rounding: the add, the exact error and the rounding). A
-scan of a whole chunk unrolled in one kernel took minutes to compile.
+128 MB buffer cost 3x the GEMM in page faults) whose row 0 is the accumulator, then fused
+passes of up to :data:`STEPS_PER_KERNEL` block adds run over it (one compiled kernel per
+format, rounding and number of adds: the add, its exact error and the rounding). A scan of a
+whole chunk unrolled in one kernel took minutes to compile; 8 adds per kernel ran slower than 4.
 """
 
 from __future__ import annotations
