@@ -97,7 +97,7 @@ def test_first_nonfinite_names_the_point_role_and_direction_of_an_overflow() -> 
         assert stats.first_nonfinite is None
         model(torch.randn(2, 8) * 100).sum().backward()
     step, point, role, direction = stats.first_nonfinite
-    assert (step, point, role, direction) == (2, "0.output.output", "activation", "forward")
+    assert (step, point, role, direction) == (2, "0.output", "activation", "forward")
     row = _by(stats, "forward")[("0", "output", "output")]
     assert row["nonfinite_pct"] > 0 and row["saturated_pct"] > 0 and row["samples"] == 2
 

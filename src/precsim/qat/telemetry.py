@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from precsim.qat.prepare import quantizers, summary_rows
 from precsim.qat.quantizer import STATS
 
-__all__ = ["METRICS", "Stats", "collect_stats", "measure"]
+__all__ = ["METRICS", "Stats", "collect_stats", "measure", "point_name"]
 
 METRICS = ("qsnr_db", "saturated_pct", "underflow_pct", "nonfinite_in_pct", "nonfinite_pct", "amax")
 
@@ -116,60 +116,86 @@ class _Series:
 
 
 class Stats:
-    """Per-point telemetry of one model (see the module doc)."""
+    """Per-point telemetry of one model (see the module doc).
+
+    Kept by point name, not by object, so that it can be saved with a checkpoint
+    (:meth:`state_dict`) and continued in a new process on a rebuilt model."""
 
     def __init__(self, model: nn.Module, every: int) -> None:
         if not (isinstance(every, int) and every >= 1):
             raise ValueError(f"every={every!r} not allowed; allowed: an integer >= 1 (1: every call)")
         self.model, self.every = model, every
-        self.calls: dict[int, int] = {}
-        self.series: dict[tuple[int, str], _Series] = {}
+        self.calls: dict[str, int] = {}
+        self.series: dict[tuple[str, str], _Series] = {}
         self.first_nonfinite: tuple[int, str, str, str] | None = None
-        self._rows: dict[int, dict[str, str]] = {}
+        self.first_metrics: dict[str, Any] | None = None  # that call's numbers, and the point's format
+        self._names: dict[int, str] = {}  # id(point) -> its name, for the points of this model
+        self._rows: dict[str, dict[str, str]] = {}
 
     def sample(self, q: nn.Module) -> bool:
         """Whether this call of point ``q`` is recorded (every ``every``-th, from the first; never
         for a point of another model)."""
-        if id(q) not in self._rows:
-            self._describe(q)
-            if id(q) not in self._rows:
-                return False
-        n = self.calls.get(id(q), 0)
-        self.calls[id(q)] = n + 1
+        name = self._name(q)
+        if name is None:
+            return False
+        n = self.calls.get(name, 0)
+        self.calls[name] = n + 1
         return n % self.every == 0
 
-    def _describe(self, q: nn.Module) -> dict[str, str] | None:
-        """The point's summary row; None for a point of another model."""
-        if id(q) not in self._rows:  # points may be created while the model runs (points: operands)
-            self._rows = {id(p): r for (_, p), r in zip(quantizers(self.model), summary_rows(self.model), strict=True)}
-        return self._rows.get(id(q))
+    def _name(self, q: nn.Module) -> str | None:
+        """The point's name in the model (module.op.call.operand); None for another model's."""
+        if id(q) not in self._names:  # points may be created while the model runs (points: operands)
+            for (_, p), r in zip(quantizers(self.model), summary_rows(self.model), strict=True):
+                name = point_name(r)
+                self._names[id(p)], self._rows[name] = name, r
+        return self._names.get(id(q))
 
     def record(self, q: Any, direction: str, x: Tensor, out: Tensor) -> None:
+        name = self._name(q)
+        assert name is not None
         m = measure(x, out)
-        self.series.setdefault((id(q), direction), _Series()).add(m)
+        self.series.setdefault((name, direction), _Series()).add(m)
         if self.first_nonfinite is None and m["nonfinite_pct"] > 0:
-            r = self._describe(q)
-            assert r is not None
-            point = ".".join(p for p in (r["module"], r["op"], r["call"], r["operand"]) if p)
-            self.first_nonfinite = (int(q.step), point, r["role"], direction)
+            r = self._rows[name]
+            self.first_nonfinite = (int(q.step), name, r["role"], direction)
+            fmt = (r["gradient"] if direction == "backward" else r["format"]).split(" (")[0]
+            self.first_metrics = {**m, "format": fmt, "max": _largest(fmt)}
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per point and direction: module, op, call, operand, role, direction,
         samples, and the metrics (means over samples; amax the maximum)."""
+        self._name(nn.Identity())  # names of points created since the last call
         out = []
-        for _, q in quantizers(self.model):
+        for name, r in self._rows.items():
             for direction in ("forward", "backward"):
-                s = self.series.get((id(q), direction))
+                s = self.series.get((name, direction))
                 if s is None:
                     continue
-                r = self._describe(q)
-                assert r is not None
                 row: dict[str, Any] = {k: r[k] for k in ("module", "op", "call", "operand", "role")}
                 row.update(direction=direction, samples=s.samples)
                 row.update({k: s.mean(k) for k in METRICS[:-1]})
                 row["amax"] = s.amax
                 out.append(row)
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (str, int, float, lists, dicts): what a checkpoint keeps to continue."""
+        return {"every": self.every, "calls": dict(self.calls),
+                "series": [[name, d, s.samples, dict(s.sums), dict(s.counts), s.amax]
+                           for (name, d), s in self.series.items()],
+                "first_nonfinite": list(self.first_nonfinite) if self.first_nonfinite else None,
+                "first_metrics": dict(self.first_metrics) if self.first_metrics else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("every") != self.every:
+            raise ValueError(f"telemetry saved with every={state.get('every')!r} cannot continue with "
+                             f"every={self.every!r}: the sampled calls would differ")
+        self.calls = {str(k): int(v) for k, v in state["calls"].items()}
+        self.series = {(name, d): _Series(int(n), dict(sums), dict(counts), float(amax))
+                       for name, d, n, sums, counts, amax in state["series"]}
+        first = state.get("first_nonfinite")
+        self.first_nonfinite = (int(first[0]), first[1], first[2], first[3]) if first else None
+        self.first_metrics = state.get("first_metrics")
 
     def table(self) -> str:
         """The rows as a text table."""
@@ -182,6 +208,27 @@ class Stats:
         lines = ["  ".join(c.ljust(w) for c, w in zip(cols, width, strict=True))]
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, width, strict=True)) for row in cells]
         return "\n".join(lines)
+
+
+def point_name(row: dict[str, str]) -> str:
+    """``stem.conv.output``, ``stem.conv.weight``, ``encoder.layer.0.attention.self.attention.0.q``:
+    a summary row's module, op, call and operand, without repeats."""
+    parts = [row["module"], row["op"], row["call"]]
+    if row["operand"] != row["op"]:
+        parts.append(row["operand"])
+    return ".".join(p for p in parts if p)
+
+
+def _largest(spec: str) -> float | None:
+    """The largest finite value of a format spec (None where it has none: fp32, or a scale that
+    follows the data)."""
+    from precsim.formats import parse_format
+
+    try:
+        value = getattr(parse_format(spec), "max", None)
+    except ValueError:
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _cell(v: Any) -> str:
