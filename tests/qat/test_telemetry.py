@@ -109,3 +109,42 @@ def test_points_of_another_model_are_not_recorded() -> None:
         b(torch.randn(2, 4))
         a(torch.randn(2, 4))
     assert [r["module"] for r in stats.rows()] == ["0"]
+
+
+def test_stats_continue_from_a_saved_state_on_a_rebuilt_model() -> None:
+    """A checkpoint keeps the stats by point name: a rebuilt model continues them exactly as one
+    uninterrupted run would (the same calls sampled, the same means)."""
+    cfg = {"activation": "int8", "gradient": "fp8_e5m2"}
+    xs = [torch.randn(4, 8) for _ in range(7)]
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return precsim.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), cfg)
+
+    whole = build()
+    with precsim.collect_stats(whole, every=3) as ref:
+        for x in xs:
+            whole(x).sum().backward()
+    first = build()
+    with precsim.collect_stats(first, every=3) as part:
+        for x in xs[:4]:
+            first(x).sum().backward()
+    state = part.state_dict()
+    second = build()
+    second.load_state_dict(first.state_dict())
+    with precsim.collect_stats(second, every=3) as rest:
+        rest.load_state_dict(state)
+        for x in xs[4:]:
+            second(x).sum().backward()
+    assert rest.rows() == ref.rows() and [r["samples"] for r in ref.rows()] == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="every=3 cannot continue with every=5"):
+        precsim.qat.telemetry.Stats(second, 5).load_state_dict(state)
+
+
+def test_the_first_nonfinite_call_keeps_its_numbers_and_the_formats_limit() -> None:
+    model = precsim.prepare(nn.Sequential(nn.Linear(4, 4)), {"activation": "hfp8_fwd"})
+    with precsim.collect_stats(model, every=1) as stats:
+        model(torch.full((1, 4), 100.0))
+    assert stats.first_nonfinite == (1, "0.output", "activation", "forward")
+    m = stats.first_metrics
+    assert m["format"] == "hfp8_fwd" and m["max"] == 15.0 and m["amax"] > 15 and m["nonfinite_pct"] > 0

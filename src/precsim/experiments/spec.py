@@ -325,13 +325,18 @@ def _parse_model(raw: Any) -> tuple[str, dict[str, Any]]:
 
 def model_kwargs_for(spec: SweepSpec) -> dict[str, Any]:
     """The model's kwargs with the dataset's shape and class count filled in where not given."""
+    return zoo_kwargs(spec.model, spec.dataset, spec.model_kwargs)
+
+
+def zoo_kwargs(model: str, dataset: str, given: dict[str, Any]) -> dict[str, Any]:
+    """A zoo model's kwargs: ``given``, and the dataset's shape and class count where not given."""
     from precsim.zoo import MODELS
 
-    c, h, w = SHAPES[spec.dataset]
-    accepted = inspect.signature(MODELS[spec.model].__init__).parameters
+    c, h, w = SHAPES[dataset]
+    accepted = inspect.signature(MODELS[model].__init__).parameters
     fill = {"in_channels": c, "num_classes": NUM_CLASSES, "image_size": h, "in_shape": [c, h, w]}
     kwargs = {k: v for k, v in fill.items() if k in accepted}
-    kwargs.update(spec.model_kwargs)
+    kwargs.update(given)
     return kwargs
 
 
@@ -576,4 +581,4 @@ def check_buildable(spec: SweepSpec) -> None:
 
 
 __all__ = ["SchemeSpec", "SweepSpec", "check_buildable", "load_spec", "model_kwargs_for",
-           "parse_scheme"]
+           "parse_scheme", "read_yaml", "zoo_kwargs"]

@@ -68,14 +68,19 @@ def describe_first(stats: Stats) -> str | None:
     m = stats.first_metrics or {}
     where = f"step {step}, {point} ({role}, {direction})"
     fmt, top, amax = m.get("format", "?"), m.get("max"), m.get("amax", math.nan)
-    out_pct = f"{m.get('nonfinite_pct', math.nan):.2f}% of the output Inf/NaN"
+    out_pct = f"{_pct(m.get('nonfinite_pct', math.nan))} of the output Inf/NaN"
     if m.get("nonfinite_in_pct", 0) > 0:
-        return (f"{where}: its input already held NaN/Inf ({m['nonfinite_in_pct']:.2f}%), made by an "
+        return (f"{where}: its input already held NaN/Inf ({_pct(m['nonfinite_in_pct'])}), made by an "
                 f"unquantized op before it; {out_pct}")
     if top is not None and amax > top:
         return (f"{where}: overflow: {fmt} tops out at {top:g}, inputs up to {amax:.4g} "
-                f"({m.get('saturated_pct', math.nan):.2f}% beyond it); {out_pct}")
+                f"({_pct(m.get('saturated_pct', math.nan))} beyond it); {out_pct}")
     return f"{where}: {fmt}, inputs up to {amax:.4g}; {out_pct}"
+
+
+def _pct(x: float) -> str:
+    """A percentage readable at any size: one value in a million is 0.0001%, not 0.00%."""
+    return f"{x:.2f}%" if x >= 0.01 or x == 0 else f"{x:.2g}%"
 
 
 def write_stats(folder: Path, scheme: str, stats: Stats) -> None:

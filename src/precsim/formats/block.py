@@ -77,6 +77,10 @@ class BlockFormat:
             object.__setattr__(self, "name", f"block({self.element.name},{self.block_size},{self.scale})")
 
     @property
+    def storage_bits(self) -> float:
+        return self.element.bits + 8 / self.block_size  # the E8M0 or E4M3 block scale: 8 bits
+
+    @property
     def element_max_exponent(self) -> int:
         """emax of the element: 0 for MXINT (codes are k * 2^-(bits-2))."""
         if isinstance(self.element, IntFormat):
