@@ -66,7 +66,8 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def test_search_writes_configs_that_prepare_loads_at_the_cost_it_reports(searched: tuple[Path, str]) -> None:
     out, stdout = searched
-    for name in ("pareto.csv", "pareto.png", "report.md", "sensitivity.csv", "sensitivity.png", "measurements.json"):
+    for name in ("pareto.csv", "pareto.png", "report.md", "sensitivity.csv", "sensitivity.png", "sensitivity.md",
+                 "measurements.json"):
         assert (out / name).is_file(), name
     study = load_study(TINY)
     for budget in (5.0, 6.0):

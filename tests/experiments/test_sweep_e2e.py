@@ -113,6 +113,24 @@ def test_diverged_scheme_stops_early(tmp_path: Path, capsys) -> None:
     assert "fp32_again: finished earlier, skipped" in err
 
 
+def test_evaluations_within_an_epoch_change_no_weight(tmp_path: Path) -> None:
+    """Evaluating 1 or 4 times per epoch (and recording telemetry or not) trains the same weights:
+    evaluation rounds to nearest and leaves observers, BatchNorm and random streams alone."""
+    from precsim.experiments.spec import load_spec
+    from precsim.experiments.sweep import run_sweep
+
+    scheme = {"name": "q", "activation": "int8", "gradient": {"format": "bf16", "rounding": "stochastic"}}
+    digests = []
+    for k, (evals, telemetry) in enumerate(((1, 0), (4, 1))):
+        out = tmp_path / f"out{k}"
+        spec = load_spec(tiny_config(epochs=2, max_steps=4, evals_per_epoch=evals, telemetry=telemetry,
+                                     debug_digests=True, schemes=[scheme]), out=str(out))
+        (row,) = run_sweep(spec, progress=False)
+        digests.append((out / "debug" / "q.rank0.sha256").read_text())
+        assert row["steps"] == 8 and len(_csv(out / "curves.csv")) == 2 * evals
+    assert digests[0] == digests[1]
+
+
 def test_a_diverged_scheme_is_replayed_to_name_its_first_nonfinite_point(tmp_path: Path) -> None:
     """hfp8_fwd (1-4-3, bias 11) tops out at 15. With a large learning rate the activations pass it
     after the first update; the report names that point, direction and its numbers, found by an

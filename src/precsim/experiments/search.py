@@ -21,7 +21,7 @@ a cost budget, found on measured sensitivities and then validated.
    uniform one of equal or lower cost there.
 
 Outputs: ``budget-<B>.yaml`` (a ``prepare()`` config per budget), ``pareto.csv``, ``pareto.png``,
-``report.md``, with ``sensitivity.csv`` and ``measurements.json`` as ``precsim analyze`` writes.
+``report.md``, with what ``precsim analyze`` writes (``sensitivity.*``, ``measurements.json``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ sensitivity. Each measurement is kept in ``measurements.json`` as it is made, so
 run restarts where it stopped; the folder is locked against a second run.
 
 Outputs: ``sensitivity.csv`` (every group x candidate), ``sensitivity.png`` (groups ranked by
-their score change, one bar per candidate) and ``report.md``.
+their score change, one bar per candidate) and ``sensitivity.md`` (the most sensitive groups).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from precsim.qat.prepare import prepare, quantizers, summary_rows
 MEASUREMENTS = "measurements.json"
 SENSITIVITY_CSV = "sensitivity.csv"
 SENSITIVITY_PNG = "sensitivity.png"
+SENSITIVITY_MD = "sensitivity.md"
 # the point rows that carry each studied role: a gradient flows back through an activation point
 _ROW_ROLE = {"activation": "activation", "gradient": "activation", "weight": "weight", "weight_gradient": "weight"}
 
@@ -99,10 +100,12 @@ def _glob(name: str) -> str:
 
 
 def config_for(study: StudySpec, assignment: Assignment) -> dict[str, Any]:
-    """The ``prepare()`` config of an assignment: one rule per quantized group, in a stable order."""
-    rules = [{"match": _glob(m), role: study.candidates[label]} for (m, role), label in sorted(assignment.items())
-             if label != FP32]
-    return {"points": study.points, "rules": rules}
+    """The ``prepare()`` config of an assignment: one rule per module with a quantized group."""
+    by_module: dict[str, dict[str, Any]] = {}
+    for (m, role), label in sorted(assignment.items()):
+        if label != FP32:
+            by_module.setdefault(m, {"match": _glob(m)})[role] = study.candidates[label]
+    return {"points": study.points, "rules": list(by_module.values())}
 
 
 class Measurements:
@@ -198,7 +201,7 @@ def rank(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def write_analysis(out: Path, study: StudySpec, base: tuple[float, float], rows: list[dict[str, Any]]) -> None:
-    """sensitivity.csv, sensitivity.png and report.md."""
+    """sensitivity.csv, sensitivity.png and sensitivity.md."""
     import csv
 
     order = {k: i for i, k in enumerate(rank(rows))}
@@ -226,7 +229,7 @@ def write_analysis(out: Path, study: StudySpec, base: tuple[float, float], rows:
         lines.append(f"| {m} | {role} | " + " | ".join(f"{v['delta_metric']:+.3g} / {v['delta_score']:+.3g}"
                                                       for v in vals) + " |")
     lines += ["", f"All groups: `{SENSITIVITY_CSV}`.", "", f"![sensitivity]({SENSITIVITY_PNG})", ""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
+    atomic_write_text(out / SENSITIVITY_MD, "\n".join(lines))
 
 
 def _chart(rows: list[dict[str, Any]], study: StudySpec) -> bytes:
@@ -274,11 +277,11 @@ def run_analyze(study: StudySpec, out: Path, *, fresh: bool = False, progress: b
             f"{len(store.results)} measurements from an earlier run reused")
         base, rows = sensitivities(task, study, groups, store, progress)
         write_analysis(out, study, base, rows)
-        log(f"precsim analyze: wrote {SENSITIVITY_CSV}, {SENSITIVITY_PNG} and report.md in {out}")
+        log(f"precsim analyze: wrote {SENSITIVITY_CSV}, {SENSITIVITY_PNG} and {SENSITIVITY_MD} in {out}")
         return rows
     finally:
         lock.release()
 
 
-__all__ = ["MEASUREMENTS", "SENSITIVITY_CSV", "SENSITIVITY_PNG", "Assignment", "Group", "Measurements", "config_for", "evaluate", "point_groups", "rank", "run_analyze",
+__all__ = ["MEASUREMENTS", "SENSITIVITY_CSV", "SENSITIVITY_MD", "SENSITIVITY_PNG", "Assignment", "Group", "Measurements", "config_for", "evaluate", "point_groups", "rank", "run_analyze",
            "sensitivities", "write_analysis"]
