@@ -116,7 +116,7 @@ def test_a_second_run_reuses_every_measurement(searched: tuple[Path, str], tmp_p
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(TINY))
     proc = run_cli(["search", "--config", str(tmp_path / "study.yaml"), "--out", str(out), "--no-progress"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"{len(before['results'])} measurements reused" in proc.stderr
+    assert f"{len(before['results'])} measurements from an earlier run reused" in proc.stderr
     assert "training the FP32" not in proc.stderr  # its weights are kept too
     assert json.loads((out / "measurements.json").read_text()) == before and proc.stdout == stdout
 
@@ -172,3 +172,18 @@ def test_analyze_ranks_the_real_transformers_weights_by_embedding_cosine(tmp_pat
     assert all(0.5 < float(r["metric"]) < 1.0 for r in rows)  # a cosine, below FP32's 1
     changes = [float(r["delta_score"]) for r in rows]
     assert changes == sorted(changes, reverse=True) and changes[0] > 5 * changes[-1] > 0  # ranked, and they differ
+
+
+def test_gradient_roles_and_the_rounding_mode_are_measured_by_short_training(tmp_path: Path) -> None:
+    """With qat_steps, each evaluation fine-tunes first: the gradient through a point, in fp8 with
+    nearest or stochastic rounding, then changes the weights, and so the score."""
+    from precsim.experiments.sensitivity import run_analyze
+
+    study = load_study({**TINY, "roles": ["gradient"], "modules": "layer3.0.conv*", "qat_steps": 3,
+                        "candidates": ["fp8_e5m2", {"format": "fp8_e5m2", "rounding": "stochastic"}]}, search=False)
+    rows = run_analyze(study, tmp_path, progress=False, log=lambda m: None)
+    assert {(r["module"], r["candidate"]) for r in rows} == {
+        (m, c) for m in ("layer3.0.conv1", "layer3.0.conv2") for c in ("fp8_e5m2", "fp8_e5m2/stochastic")}
+    assert all(r["role"] == "gradient" and math.isfinite(r["score"]) for r in rows)
+    scores = {(r["module"], r["candidate"]): r["score"] for r in rows}
+    assert scores[("layer3.0.conv1", "fp8_e5m2")] != scores[("layer3.0.conv1", "fp8_e5m2/stochastic")]

@@ -38,16 +38,7 @@ import numpy as np
 import yaml
 
 from precsim.experiments.checkpoint import atomic_write_bytes, atomic_write_text
-from precsim.experiments.sensitivity import (
-    Assignment,
-    Group,
-    Measurements,
-    config_for,
-    evaluate,
-    point_groups,
-    sensitivities,
-    write_analysis,
-)
+from precsim.experiments.sensitivity import Assignment, Group, config_for, evaluate, measured
 from precsim.experiments.study import FP32, StudySpec, costs_per_element
 from precsim.experiments.task import Task
 
@@ -132,22 +123,11 @@ def run_search(study: StudySpec, out: Path, *, fresh: bool = False, progress: bo
     """The whole of ``precsim search`` (see the module doc); one summary row per budget."""
     from tqdm import tqdm
 
-    from precsim.experiments.lock import acquire
-    from precsim.experiments.task import build_task
-
-    lock = acquire(out, command="precsim search", log=log)
-    try:
-        task = build_task(study.task, out, log)
-        store = Measurements(out, study.fingerprint(), fresh)
-        groups = point_groups(task, study)
-        log(f"precsim search: {len(groups)} groups x {len(study.candidates)} candidates on {study.task.model}, "
-            f"budgets {', '.join(f'{b:g}' for b in study.budgets)}; {len(store.results)} measurements reused")
-        base, rows = sensitivities(task, study, groups, store, progress)
-        write_analysis(out, study, base, rows)
+    with measured(study, out, "search", fresh, progress, log) as done:
+        task, store, groups, base, rows = done.task, done.store, done.groups, done.base, done.rows
         costs = costs_per_element(study.candidates, study.cost)
         labels = list(study.candidates)
-        deltas = {((r["module"] if r["module"] != "(model)" else "", r["role"]), r["candidate"]): r["delta_score"]
-                  for r in rows}
+        deltas = {(r["key"], r["candidate"]): r["delta_score"] for r in rows}
         front = pareto_front(groups, deltas, costs, labels)
         uniforms = uniform(groups, labels, costs, deltas)
         plan = []
@@ -178,8 +158,6 @@ def run_search(study: StudySpec, out: Path, *, fresh: bool = False, progress: bo
         log(f"precsim search: wrote {', '.join(f'budget-{b:g}.yaml' for b in study.budgets)}, {PARETO_CSV}, "
             f"{PARETO_PNG} and report.md in {out}")
         return summary
-    finally:
-        lock.release()
 
 
 def _summarize(budget: float, chosen: Choice, held: tuple[float, float],

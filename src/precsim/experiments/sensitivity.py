@@ -14,13 +14,14 @@ their score change, one bar per candidate) and ``sensitivity.md`` (the most sens
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import io
 import itertools
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,7 @@ def sensitivities(task: Task, study: StudySpec, groups: list[Group], store: Meas
     with tqdm(total=len(jobs), desc="sensitivity", unit="eval", disable=not progress, dynamic_ncols=True) as bar:
         for g, label in jobs:
             metric, score = evaluate(task, study, {g.key: label}, "search", store)
-            rows.append({"module": g.module or "(model)", "role": g.role, "elements": g.elements,
+            rows.append({"key": g.key, "module": g.module or "(model)", "role": g.role, "elements": g.elements,
                          "candidate": label, "cost": costs[label], "metric": metric, "delta_metric": metric - base[0],
                          "score": score, "delta_score": score - base[1]})
             bar.update(1)
@@ -208,7 +209,7 @@ def write_analysis(out: Path, study: StudySpec, base: tuple[float, float], rows:
     rows = sorted(rows, key=lambda r: (order[(r["module"], r["role"])], r["candidate"]))
     buf = io.StringIO()
     cols = ["module", "role", "elements", "candidate", "cost", "metric", "delta_metric", "score", "delta_score"]
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()})
@@ -262,26 +263,46 @@ def _chart(rows: list[dict[str, Any]], study: StudySpec) -> bytes:
     return buf.getvalue()
 
 
-def run_analyze(study: StudySpec, out: Path, *, fresh: bool = False, progress: bool = True,
-                log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """The whole of ``precsim analyze``: lock ``out``, measure (resuming), write the outputs."""
+@dataclass
+class Study:
+    """What a study measured: the task, its groups, the FP32 (metric, score), the rows."""
+
+    task: Task
+    store: Measurements
+    groups: list[Group]
+    base: tuple[float, float]
+    rows: list[dict[str, Any]]
+
+
+@contextlib.contextmanager
+def measured(study: StudySpec, out: Path, name: str, fresh: bool, progress: bool,
+             log: Callable[[str], None]) -> Iterator[Study]:
+    """Lock ``out``, build the task, measure every group (resuming), write the analysis; the
+    folder stays locked inside (``precsim search`` goes on measuring)."""
     from precsim.experiments.lock import acquire
     from precsim.experiments.task import build_task
 
-    lock = acquire(out, command="precsim analyze", log=log)
+    lock = acquire(out, command=f"precsim {name}", log=log)
     try:
         task = build_task(study.task, out, log)
         store = Measurements(out, study.fingerprint(), fresh)
         groups = point_groups(task, study)
-        log(f"precsim analyze: {len(groups)} groups x {len(study.candidates)} candidates on {study.task.model}; "
+        log(f"precsim {name}: {len(groups)} groups x {len(study.candidates)} candidates on {study.task.model}; "
             f"{len(store.results)} measurements from an earlier run reused")
         base, rows = sensitivities(task, study, groups, store, progress)
         write_analysis(out, study, base, rows)
-        log(f"precsim analyze: wrote {SENSITIVITY_CSV}, {SENSITIVITY_PNG} and {SENSITIVITY_MD} in {out}")
-        return rows
+        yield Study(task, store, groups, base, rows)
     finally:
         lock.release()
 
 
-__all__ = ["MEASUREMENTS", "SENSITIVITY_CSV", "SENSITIVITY_MD", "SENSITIVITY_PNG", "Assignment", "Group", "Measurements", "config_for", "evaluate", "point_groups", "rank", "run_analyze",
+def run_analyze(study: StudySpec, out: Path, *, fresh: bool = False, progress: bool = True,
+                log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The whole of ``precsim analyze``: lock ``out``, measure (resuming), write the outputs."""
+    with measured(study, out, "analyze", fresh, progress, log) as done:
+        log(f"precsim analyze: wrote {SENSITIVITY_CSV}, {SENSITIVITY_PNG} and {SENSITIVITY_MD} in {out}")
+        return done.rows
+
+
+__all__ = ["MEASUREMENTS", "SENSITIVITY_CSV", "SENSITIVITY_MD", "SENSITIVITY_PNG", "Assignment", "Group", "Measurements", "Study", "config_for", "evaluate", "measured", "point_groups", "rank", "run_analyze",
            "sensitivities", "write_analysis"]

@@ -101,9 +101,11 @@ def _number(value: Any, what: str) -> float:
     return float(value)
 
 
-def load_study(config: str | Path | dict[str, Any] | None = None, budget: float | None = None) -> StudySpec:
+def load_study(config: str | Path | dict[str, Any] | None = None, budget: float | None = None,
+               search: bool = True) -> StudySpec:
     """Read a YAML path (or a dict, or None for the default study) and validate it; ``budget``
-    replaces the budgets. Raises ValueError naming the bad key or value."""
+    replaces the budgets; ``search`` False (analyze) leaves them unchecked. Raises ValueError
+    naming the bad key or value."""
     if config is None:
         raw: dict[str, Any] = {}
     elif isinstance(config, dict):
@@ -169,7 +171,7 @@ def load_study(config: str | Path | dict[str, Any] | None = None, budget: float 
     budgets = tuple(sorted(_number(b, "budget") for b in budgets_raw))
     cost = _parse_cost(raw.get("cost", "bits"), candidates)
     cheapest = min(costs_per_element(candidates, cost).values())
-    if budgets[0] < cheapest:
+    if search and budgets[0] < cheapest:
         raise ValueError(f"budget {budgets[0]:g} is below the cheapest candidate ({cheapest:g} per element); "
                          f"allowed: budgets >= {cheapest:g}")
     modules = raw.get("modules", "*")

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
-        study = load_study(args.config, budget=getattr(args, "budget", None))
+        study = load_study(args.config, budget=getattr(args, "budget", None), search=name == "search")
         if name == "analyze":
             from precsim.experiments.sensitivity import run_analyze
 
