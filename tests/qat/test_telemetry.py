@@ -148,3 +148,22 @@ def test_the_first_nonfinite_call_keeps_its_numbers_and_the_formats_limit() -> N
     assert stats.first_nonfinite == (1, "0.output", "activation", "forward")
     m = stats.first_metrics
     assert m["format"] == "hfp8_fwd" and m["max"] == 15.0 and m["amax"] > 15 and m["nonfinite_pct"] > 0
+
+
+def test_mx_block_scales_report_their_exponent_range_and_the_blocks_at_the_e8m0_limits() -> None:
+    """One block of 32 asks for a scale below 2^-127 (values ~1e-40, float32 subnormals): 1 of 4
+    blocks at the limit; the others' exponents are floor(log2 amax) - 8 (E4M3's emax)."""
+    x = torch.ones(4, 32)
+    x[0] = 1e-40
+    x[1] *= 2.0**20
+    x[2, 0] = 0.0  # a block with a zero still has a nonzero max
+    model = precsim.prepare(nn.Sequential(nn.Identity()), {"rules": [{"type": "Identity", "activation": "mxfp8_e4m3"}]})
+    with precsim.collect_stats(model, every=1) as stats:
+        model(x)
+    (row,) = stats.rows()
+    assert row["scale_limit_pct"] == 25.0
+    assert row["scale_exp_min"] == math.floor(math.log2(1e-40)) - 8 and row["scale_exp_max"] == 20 - 8
+    plain = precsim.prepare(nn.Sequential(nn.Identity()), {"rules": [{"type": "Identity", "activation": "int8"}]})
+    with precsim.collect_stats(plain, every=1) as stats:
+        plain(x)
+    assert math.isnan(stats.rows()[0]["scale_limit_pct"])  # not a block format: nothing to say

@@ -31,7 +31,7 @@ from precsim.qat.telemetry import METRICS, Stats
 
 STATS_DIR = "stats"
 STATS_COLUMNS = ("module", "op", "call", "operand", "role", "direction", "samples", *METRICS)
-HEATMAP_METRICS = ("qsnr_db", "saturated_pct", "underflow_pct", "nonfinite_pct")
+HEATMAP_METRICS = ("qsnr_db", "saturated_pct", "underflow_pct", "nonfinite_pct", "scale_limit_pct")
 
 
 def telemetry_for(every: int, quantizes: bool, model: nn.Module, saved: dict[str, Any] | None) -> Stats | None:
@@ -120,13 +120,14 @@ def heatmap(rows: list[dict[str, Any]], title: str) -> bytes:
             shade[:, j] = 1 - (col - lo) / (hi - lo or 1.0)
         else:
             shade[:, j] = np.clip(col / 100.0, 0, 1) ** 0.35  # a few percent already shows
-    shade = np.nan_to_num(shade, nan=1.0)
-    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.22 * len(rows)))
+    shade = np.nan_to_num(shade, nan=0.0)  # nothing measured (not a block format, no finite value)
+    fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.22 * len(rows)))
     ax.imshow(shade, cmap="Reds", vmin=0, vmax=1, aspect="auto")
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             v = values[i, j]
-            ax.text(j, i, "inf" if v == math.inf else f"{v:.3g}", ha="center", va="center", fontsize=7)
+            text = "inf" if v == math.inf else "-" if math.isnan(v) else f"{v:.3g}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(HEATMAP_METRICS)), HEATMAP_METRICS, fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.xaxis.tick_top()

@@ -9,9 +9,14 @@ point (its first call included), forward and backward alike:
   (clipped to the grid's edge), or turned into Inf/NaN (overflow);
 - ``underflow_pct``: finite nonzero inputs rounded to zero;
 - ``nonfinite_in_pct`` / ``nonfinite_pct``: NaN/Inf in the input / in the output;
-- ``amax``: the largest finite |x|.
+- ``amax``: the largest finite |x|;
+- block formats with an E8M0 scale (MX): ``scale_exp_min`` / ``scale_exp_max``, the range of
+  the exponents the blocks' scales ask for (before the clamp to [-127, 127]), and
+  ``scale_limit_pct``, the blocks whose scale sits at a limit (clamped), where the elements then
+  saturate or flush to zero (empty for other formats).
 
-Per point and direction the table shows the mean over sampled calls (``amax``: the maximum).
+Per point and direction the table shows the mean over sampled calls (``amax`` and
+``scale_exp_max``: the maximum, ``scale_exp_min``: the minimum).
 ``stats.first_nonfinite`` is the first sampled (step, point, role, direction) whose output held
 a NaN or Inf, ``step`` being the point's training-step counter.
 
@@ -36,7 +41,9 @@ from precsim.qat.quantizer import STATS
 
 __all__ = ["METRICS", "Stats", "collect_stats", "measure", "point_name"]
 
-METRICS = ("qsnr_db", "saturated_pct", "underflow_pct", "nonfinite_in_pct", "nonfinite_pct", "amax")
+METRICS = ("qsnr_db", "saturated_pct", "underflow_pct", "nonfinite_in_pct", "nonfinite_pct", "amax",
+           "scale_exp_min", "scale_exp_max", "scale_limit_pct")
+_EXTREMES = {"amax": max, "scale_exp_min": min, "scale_exp_max": max}  # the others are means
 
 
 SAMPLE = 65536  # elements of a larger tensor that the percentages and QSNR are estimated from
@@ -74,7 +81,7 @@ def measure(x: Tensor, q: Tensor) -> dict[str, float]:
     tensor holding NaN/Inf is counted in full."""
     x, q = x.detach().float().reshape(-1), q.detach().float().reshape(-1)
     if x.numel() == 0:
-        return dict.fromkeys(METRICS, 0.0) | {"qsnr_db": math.nan}
+        return dict.fromkeys(METRICS[:6], 0.0) | {"qsnr_db": math.nan}
     inf = float("inf")
     peak_x, peak_q = torch.linalg.vector_norm(x, inf), torch.linalg.vector_norm(q, inf)
     pick = _sample(x.numel(), x.device)
@@ -101,18 +108,33 @@ class _Series:
     samples: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
-    amax: float = 0.0
 
     def add(self, m: dict[str, float]) -> None:
         self.samples += 1
-        for k in METRICS[:-1]:
-            if not math.isnan(m[k]):
-                self.sums[k] = self.sums.get(k, 0.0) + m[k]
-                self.counts[k] = self.counts.get(k, 0) + 1
-        self.amax = max(self.amax, m["amax"])
+        for k, v in m.items():
+            if math.isnan(v):
+                continue  # nothing to say this call (no finite value, or not a block format)
+            if k in _EXTREMES:
+                self.sums[k] = _EXTREMES[k](self.sums.get(k, v), v)
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
 
-    def mean(self, k: str) -> float:
-        return self.sums[k] / self.counts[k] if self.counts.get(k) else math.nan
+    def value(self, k: str) -> float:
+        """The mean over the samples that had it (amax, scale exponents: the extreme)."""
+        if not self.counts.get(k):
+            return 0.0 if k == "amax" else math.nan
+        return self.sums[k] if k in _EXTREMES else self.sums[k] / self.counts[k]
+
+
+def block_scales(fmt: Any, x: Tensor) -> dict[str, float]:
+    """The scale metrics of one call (NaN where ``fmt`` has no E8M0 block scales)."""
+    exps = fmt.scale_exponents(x) if hasattr(fmt, "scale_exponents") else None
+    if exps is None or exps.numel() == 0:
+        return {"scale_exp_min": math.nan, "scale_exp_max": math.nan, "scale_limit_pct": math.nan}
+    at_limit = ((exps <= -127) | (exps >= 127)).float().mean()
+    return {"scale_exp_min": float(exps.min()), "scale_exp_max": float(exps.max()),
+            "scale_limit_pct": 100 * float(at_limit)}
 
 
 class Stats:
@@ -154,6 +176,8 @@ class Stats:
         name = self._name(q)
         assert name is not None
         m = measure(x, out)
+        spec = q.grad_spec if direction == "backward" else q.spec
+        m.update(block_scales(spec.format if spec is not None else None, x))
         self.series.setdefault((name, direction), _Series()).add(m)
         if self.first_nonfinite is None and m["nonfinite_pct"] > 0:
             r = self._rows[name]
@@ -173,15 +197,14 @@ class Stats:
                     continue
                 row: dict[str, Any] = {k: r[k] for k in ("module", "op", "call", "operand", "role")}
                 row.update(direction=direction, samples=s.samples)
-                row.update({k: s.mean(k) for k in METRICS[:-1]})
-                row["amax"] = s.amax
+                row.update({k: s.value(k) for k in METRICS})
                 out.append(row)
         return out
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data (str, int, float, lists, dicts): what a checkpoint keeps to continue."""
         return {"every": self.every, "calls": dict(self.calls),
-                "series": [[name, d, s.samples, dict(s.sums), dict(s.counts), s.amax]
+                "series": [[name, d, s.samples, dict(s.sums), dict(s.counts)]
                            for (name, d), s in self.series.items()],
                 "first_nonfinite": list(self.first_nonfinite) if self.first_nonfinite else None,
                 "first_metrics": dict(self.first_metrics) if self.first_metrics else None}
@@ -191,8 +214,8 @@ class Stats:
             raise ValueError(f"telemetry saved with every={state.get('every')!r} cannot continue with "
                              f"every={self.every!r}: the sampled calls would differ")
         self.calls = {str(k): int(v) for k, v in state["calls"].items()}
-        self.series = {(name, d): _Series(int(n), dict(sums), dict(counts), float(amax))
-                       for name, d, n, sums, counts, amax in state["series"]}
+        self.series = {(name, d): _Series(int(n), dict(sums), dict(counts))
+                       for name, d, n, sums, counts in state["series"]}
         first = state.get("first_nonfinite")
         self.first_nonfinite = (int(first[0]), first[1], first[2], first[3]) if first else None
         self.first_metrics = state.get("first_metrics")
