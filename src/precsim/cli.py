@@ -86,7 +86,23 @@ def run_sweep(args: argparse.Namespace) -> int:
     return command.run(args)
 
 
+def _study(name: str) -> tuple[Callable[..., argparse.ArgumentParser], Callable[[argparse.Namespace], int]]:
+    def add(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+        from precsim.experiments import study_command
+
+        return study_command.add_parser(subparsers, name)
+
+    def run(args: argparse.Namespace) -> int:
+        from precsim.experiments import study_command
+
+        return study_command.run(args)
+
+    return add, run
+
+
 register("sweep", add_sweep_parser, run_sweep)
+register("analyze", *_study("analyze"))
+register("search", *_study("search"))
 register("formats", add_formats_parser, run_formats)
 
 

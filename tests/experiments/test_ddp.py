@@ -34,7 +34,7 @@ def test_two_process_gloo_sweep(tmp_path: Path, write_config, capsys) -> None:
         # Global batch 32 = 2 ranks x 16; 2 steps per epoch as in one process.
         assert r["steps"] == 4
     lines = (out / "curves.csv").read_text().splitlines()
-    assert len(lines) == 1 + 4 * 2 and len(set(lines)) == len(lines)
+    assert len(lines) == 1 + 4 * 2 * 2 and len(set(lines)) == len(lines)  # 4 schemes, 2 epochs, 2 evaluations each
 
     # Each rank's own parameter checksum (debug mode): identical across ranks, per scheme.
     digests = {}

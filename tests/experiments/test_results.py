@@ -35,8 +35,9 @@ def _row(name: str, time_s: float, baseline: bool = False, acc: float = 0.9) -> 
 
 
 def _curves(name: str) -> list[dict]:
-    return [{"scheme": name, "epoch": e, "train_loss": 1.0 / e, "train_accuracy": 0.5, "test_loss": 1.1 / e,
-             "test_accuracy": 0.4 + 0.1 * e, "lr": 0.1, "epoch_time_s": 1.0, "time_s": float(e)} for e in (1, 2)]
+    return [{"scheme": name, "epoch": e, "step": 4 * e, "train_loss": 1.0 / e, "train_accuracy": 0.5,
+             "test_loss": 1.1 / e, "test_accuracy": 0.4 + 0.1 * e, "lr": 0.1, "interval_s": 1.0, "time_s": float(e)}
+            for e in (1, 2)]
 
 
 def test_atomic_write_leaves_no_temp_files_and_normal_permissions(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ from precsim.experiments.sweep import EPOCH_SLEEP_ENV
 
 from ._helpers import CLI_MODULE, cli_env, single_thread, tiny_config
 
-EXACT = ("accuracy", "loss", "best_accuracy", "train_loss", "train_accuracy", "epochs", "steps", "diverged")
-CURVE_EXACT = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr")
+EXACT = ("accuracy", "auc", "loss", "best_accuracy", "train_loss", "train_accuracy", "epochs", "steps", "diverged")
+CURVE_EXACT = ("epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr")
 
 
 def _config(directory: Path) -> Path:
@@ -37,12 +37,13 @@ def _config(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict], str]:
     """The same sweep, uninterrupted."""
     d = tmp_path_factory.mktemp("reference")
     with single_thread():  # module fixtures start before the autouse one
         assert command.main(["sweep", "--config", str(_config(d)), "--out", str(d / "out"), "--no-progress"]) == 0
-    return json.loads((d / "out" / "results.json").read_text()), _curves(d / "out")
+    return (json.loads((d / "out" / "results.json").read_text()), _curves(d / "out"),
+            (d / "out" / "stats" / "q_sr.csv").read_text())
 
 
 def _curves(out: Path) -> list[dict]:
@@ -88,8 +89,12 @@ def test_interrupted_sweep_resumes_bit_identically(tmp_path: Path, reference, si
     rows = json.loads((out / "results.json").read_text())
     curves = _curves(out)
     assert [r["scheme"] for r in rows] == ["fp32", "q_sr"]  # no lost or duplicated rows
-    assert [(c["scheme"], c["epoch"]) for c in curves] == [(s, str(e)) for s in ("fp32", "q_sr") for e in (1, 2, 3)]
-    ref_rows, ref_curves = reference
+    assert [(c["scheme"], c["epoch"], c["step"]) for c in curves] == [  # two evaluations per epoch, none lost
+        (s, str(e), str(k)) for s in ("fp32", "q_sr") for e in (1, 2, 3) for k in (2 * e - 1, 2 * e)]
+    ref_rows, ref_curves, ref_stats = reference
+    # the telemetry continued from the checkpoint: the same calls sampled, the same numbers
+    assert (out / "stats" / "q_sr.csv").read_text() == ref_stats
+    assert not (out / "stats" / "fp32.csv").exists()  # nothing quantized, nothing recorded
     for row, ref in zip(rows, ref_rows, strict=True):
         assert {k: row[k] for k in EXACT} == {k: ref[k] for k in EXACT}, row["scheme"]
     for c, ref in zip(curves, ref_curves, strict=True):

@@ -46,13 +46,15 @@ def test_tiny_sweep_through_cli(tmp_path: Path, write_config, capsys) -> None:
 
     curves = _csv(out / "curves.csv")
     assert tuple(curves[0]) == CURVE_COLUMNS
-    assert [(c["scheme"], c["epoch"]) for c in curves] == [("fp32", "1"), ("fp32", "2"), ("qint8", "1"),
-                                                            ("qint8", "2")]
+    # 2 steps per epoch: the default 4 evaluations per epoch fall after steps 1 and 2 of each
+    assert [(c["scheme"], c["epoch"], c["step"]) for c in curves] == [
+        (s, str(e), str(k)) for s in ("fp32", "qint8") for e, k in ((1, 1), (1, 2), (2, 3), (2, 4))]
+    assert data[1]["auc"] == sum(float(c["test_accuracy"]) for c in curves[4:]) / 4
     assert float(curves[-1]["test_accuracy"]) == data[1]["accuracy"]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
     assert "![accuracy and loss per epoch](curves.png)" in report
-    assert "| scheme | acc % | loss | time s | x fp32 | compile s | epochs |" in report and "| qint8 |" in report
+    assert "| scheme | acc % | auc % | loss | time s | x fp32 | compile s | epochs |" in report and "| qint8 |" in report
     assert not list(out.rglob("*.tmp"))
 
     # A rerun skips both finished schemes and leaves the results as they were.
@@ -109,6 +111,47 @@ def test_diverged_scheme_stops_early(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "rows rebuilt: fp32 from checkpoints/fp32.pt, fp32_again from checkpoints/fp32_again.pt" in err
     assert "fp32_again: finished earlier, skipped" in err
+
+
+def test_evaluations_within_an_epoch_change_no_weight(tmp_path: Path) -> None:
+    """Evaluating 1 or 4 times per epoch (and recording telemetry or not) trains the same weights:
+    evaluation rounds to nearest and leaves observers, BatchNorm and random streams alone."""
+    from precsim.experiments.spec import load_spec
+    from precsim.experiments.sweep import run_sweep
+
+    scheme = {"name": "q", "activation": "int8", "gradient": {"format": "bf16", "rounding": "stochastic"}}
+    digests = []
+    for k, (evals, telemetry) in enumerate(((1, 0), (4, 1))):
+        out = tmp_path / f"out{k}"
+        spec = load_spec(tiny_config(epochs=2, max_steps=4, evals_per_epoch=evals, telemetry=telemetry,
+                                     debug_digests=True, schemes=[scheme]), out=str(out))
+        (row,) = run_sweep(spec, progress=False)
+        digests.append((out / "debug" / "q.rank0.sha256").read_text())
+        assert row["steps"] == 8 and len(_csv(out / "curves.csv")) == 2 * evals
+    assert digests[0] == digests[1]
+
+
+def test_a_diverged_scheme_is_replayed_to_name_its_first_nonfinite_point(tmp_path: Path) -> None:
+    """hfp8_fwd (1-4-3, bias 11) tops out at 15. With a large learning rate the activations pass it
+    after the first update; the report names that point, direction and its numbers, found by an
+    exact replay of the run with every call recorded (sampling every 50th call missed it)."""
+    from precsim.experiments.spec import load_spec
+    from precsim.experiments.sweep import run_sweep
+
+    spec = load_spec(tiny_config(epochs=2, optimizer={"name": "sgd", "lr": 50.0},
+                                 schemes=[{"name": "hfp8", "activation": "hfp8_fwd"}]), out=str(tmp_path / "out"))
+    (row,) = run_sweep(spec, progress=False)
+    assert row["diverged"] and row["stopped_early"]
+    first = row["first_nonfinite"]
+    assert first is not None and first.startswith("step 2, ") and "(activation, forward): overflow: hfp8_fwd " \
+        "tops out at 15, inputs up to " in first, first
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Diverged schemes" in report and f"`hfp8`: first NaN/Inf at {first}." in report
+    stats = (tmp_path / "out" / "stats" / "hfp8.csv").read_text().splitlines()
+    assert stats[0].startswith("module,op,call,operand,role,direction,samples,qsnr_db") and len(stats) > 1
+    assert (tmp_path / "out" / "stats" / "hfp8.png").read_bytes()[:4] == b"\x89PNG"
+    replay = (tmp_path / "out" / "stats" / "hfp8.replay.csv").read_text()  # every call up to the break
+    assert "stem.conv,output,,output,activation,forward,2," in replay  # steps 1 and 2
 
 
 def test_sweep_with_compiled_kernels_matches_eager(tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ def test_first_nonfinite_names_the_point_role_and_direction_of_an_overflow() -> 
         assert stats.first_nonfinite is None
         model(torch.randn(2, 8) * 100).sum().backward()
     step, point, role, direction = stats.first_nonfinite
-    assert (step, point, role, direction) == (2, "0.output.output", "activation", "forward")
+    assert (step, point, role, direction) == (2, "0.output", "activation", "forward")
     row = _by(stats, "forward")[("0", "output", "output")]
     assert row["nonfinite_pct"] > 0 and row["saturated_pct"] > 0 and row["samples"] == 2
 
@@ -109,3 +109,61 @@ def test_points_of_another_model_are_not_recorded() -> None:
         b(torch.randn(2, 4))
         a(torch.randn(2, 4))
     assert [r["module"] for r in stats.rows()] == ["0"]
+
+
+def test_stats_continue_from_a_saved_state_on_a_rebuilt_model() -> None:
+    """A checkpoint keeps the stats by point name: a rebuilt model continues them exactly as one
+    uninterrupted run would (the same calls sampled, the same means)."""
+    cfg = {"activation": "int8", "gradient": "fp8_e5m2"}
+    xs = [torch.randn(4, 8) for _ in range(7)]
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return precsim.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), cfg)
+
+    whole = build()
+    with precsim.collect_stats(whole, every=3) as ref:
+        for x in xs:
+            whole(x).sum().backward()
+    first = build()
+    with precsim.collect_stats(first, every=3) as part:
+        for x in xs[:4]:
+            first(x).sum().backward()
+    state = part.state_dict()
+    second = build()
+    second.load_state_dict(first.state_dict())
+    with precsim.collect_stats(second, every=3) as rest:
+        rest.load_state_dict(state)
+        for x in xs[4:]:
+            second(x).sum().backward()
+    assert rest.rows() == ref.rows() and [r["samples"] for r in ref.rows()] == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="every=3 cannot continue with every=5"):
+        precsim.qat.telemetry.Stats(second, 5).load_state_dict(state)
+
+
+def test_the_first_nonfinite_call_keeps_its_numbers_and_the_formats_limit() -> None:
+    model = precsim.prepare(nn.Sequential(nn.Linear(4, 4)), {"activation": "hfp8_fwd"})
+    with precsim.collect_stats(model, every=1) as stats:
+        model(torch.full((1, 4), 100.0))
+    assert stats.first_nonfinite == (1, "0.output", "activation", "forward")
+    m = stats.first_metrics
+    assert m["format"] == "hfp8_fwd" and m["max"] == 15.0 and m["amax"] > 15 and m["nonfinite_pct"] > 0
+
+
+def test_mx_block_scales_report_their_exponent_range_and_the_blocks_at_the_e8m0_limits() -> None:
+    """One block of 32 asks for a scale below 2^-127 (values ~1e-40, float32 subnormals): 1 of 4
+    blocks at the limit; the others' exponents are floor(log2 amax) - 8 (E4M3's emax)."""
+    x = torch.ones(4, 32)
+    x[0] = 1e-40
+    x[1] *= 2.0**20
+    x[2, 0] = 0.0  # a block with a zero still has a nonzero max
+    model = precsim.prepare(nn.Sequential(nn.Identity()), {"rules": [{"type": "Identity", "activation": "mxfp8_e4m3"}]})
+    with precsim.collect_stats(model, every=1) as stats:
+        model(x)
+    (row,) = stats.rows()
+    assert row["scale_limit_pct"] == 25.0
+    assert row["scale_exp_min"] == math.floor(math.log2(1e-40)) - 8 and row["scale_exp_max"] == 20 - 8
+    plain = precsim.prepare(nn.Sequential(nn.Identity()), {"rules": [{"type": "Identity", "activation": "int8"}]})
+    with precsim.collect_stats(plain, every=1) as stats:
+        plain(x)
+    assert math.isnan(stats.rows()[0]["scale_limit_pct"])  # not a block format: nothing to say

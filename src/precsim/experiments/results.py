@@ -23,9 +23,9 @@ from precsim.experiments.checkpoint import CorruptFileError, atomic_write_json, 
 from precsim.experiments.train import CURVE_COLUMNS
 
 RESULT_COLUMNS: tuple[str, ...] = (
-    "scheme", "accuracy", "loss", "time_s", "time_ratio", "compile_s", "epochs", "best_accuracy", "train_loss",
-    "train_accuracy", "train_time_s", "cpu_time_s", "steps", "diverged", "stopped_early", "formats", "description", "world_size", "device",
-    "allreduce", "replicas_in_sync", "baseline", "scheme_fingerprint",
+    "scheme", "accuracy", "auc", "loss", "time_s", "time_ratio", "compile_s", "epochs", "best_accuracy", "train_loss",
+    "train_accuracy", "train_time_s", "cpu_time_s", "steps", "diverged", "stopped_early", "first_nonfinite", "formats",
+    "description", "world_size", "device", "allreduce", "replicas_in_sync", "baseline", "scheme_fingerprint",
 )
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -77,14 +77,14 @@ _FLOAT, _INT, _BOOL, _STR = "float", "int", "bool", "str"
 _OPT_BOOL, _OPT_STR = "bool|None", "str|None"
 # The type of each column, to check rows read back (floats may be None: NaN is written as null).
 COLUMN_TYPES: dict[str, str] = {
-    "scheme": _STR, "accuracy": _FLOAT, "loss": _FLOAT, "time_s": _FLOAT, "time_ratio": _FLOAT,
+    "scheme": _STR, "accuracy": _FLOAT, "auc": _FLOAT, "first_nonfinite": _OPT_STR, "loss": _FLOAT, "time_s": _FLOAT, "time_ratio": _FLOAT,
     "compile_s": _FLOAT, "epochs": _INT, "best_accuracy": _FLOAT, "train_loss": _FLOAT, "train_accuracy": _FLOAT,
     "train_time_s": _FLOAT, "cpu_time_s": _FLOAT, "steps": _INT, "diverged": _BOOL, "stopped_early": _BOOL,
     "formats": _STR, "description": _STR, "world_size": _INT, "device": _STR, "allreduce": _OPT_STR,
     "replicas_in_sync": _OPT_BOOL, "baseline": _BOOL, "scheme_fingerprint": _STR,
 }
 REQUIRED_COLUMNS = ("scheme", "accuracy", "loss", "epochs")
-CURVE_TYPES: dict[str, str] = {"scheme": _STR, "epoch": _INT, **{c: _FLOAT for c in CURVE_COLUMNS[2:]}}
+CURVE_TYPES: dict[str, str] = {"scheme": _STR, "epoch": _INT, "step": _INT, **{c: _FLOAT for c in CURVE_COLUMNS[3:]}}
 _BAD, _MISSING = object(), object()
 
 
@@ -204,10 +204,14 @@ def _short(err: BaseException) -> str:
 
 
 def curves_problem(curves: list[dict[str, Any]], row: dict[str, Any]) -> str | None:
-    """Whether a scheme's curves are whole: epochs 1..n, n the row's ``epochs``."""
+    """Whether a scheme's curves are whole: evaluations in step order through epochs 1..n (each
+    epoch at least once), n the row's ``epochs``."""
     epochs = [c["epoch"] for c in curves]
-    if epochs != list(range(1, len(epochs) + 1)) or len(epochs) != row.get("epochs"):
-        return f"curves of {row['scheme']!r} have epochs {epochs}, expected 1..{row.get('epochs')}"
+    steps = [c.get("step") for c in curves]
+    whole = sorted(set(epochs)) == list(range(1, row.get("epochs", 0) + 1)) and epochs == sorted(epochs)
+    if not whole or any(s is None for s in steps) or steps != sorted(set(steps)):
+        return (f"curves of {row['scheme']!r} have epochs {sorted(set(epochs))} at steps {steps}, expected epochs "
+                f"1..{row.get('epochs')} in step order")
     return None
 
 

@@ -15,6 +15,8 @@ a second instead of the first scheme's minutes. The YAML layout (every key optio
     train_subset: null      # first N training images only (tests, smoke runs)
     test_subset: null
     max_steps: null         # at most N optimizer steps per epoch
+    evals_per_epoch: 4      # test-set evaluations per epoch (the curves; auc is their mean)
+    telemetry: 50           # per-point stats on every 50th call of each point (0: off); stats/
     stop_on_divergence: true  # stop a scheme once its weights are Inf/NaN (they stay so)
     out: precsim-out        # relative to the current directory
     schemes:                # default: every built-in scheme
@@ -52,18 +54,23 @@ DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
 
 _TOP_KEYS = ("model", "dataset", "optimizer", "epochs", "batch_size", "eval_batch_size", "seed", "device",
              "train_subset", "test_subset", "max_steps", "stop_on_divergence", "out", "schemes", "debug_digests",
-             "compile")
+             "compile", "evals_per_epoch", "telemetry")
 _DATASET_KEYS = ("name", "root", "seed", "test_fraction")
 _OPTIMIZER_KEYS = ("name", "lr", "momentum", "weight_decay", "schedule")
 _SCHEME_ROLE_KEYS = CONFIG_KEYS  # an inline scheme is a prepare() config
 _SCHEME_KEYS = ("name", "description", "builtin", "config", "allreduce", *_SCHEME_ROLE_KEYS)
 # Keys that change no number in the results: left out of the fingerprint.
-_NOT_FINGERPRINTED = ("out", "schemes", "debug_digests", "compile")  # compile: same bits, only faster
+# compile: same bits, only faster; telemetry: reads tensors, changes none
+_NOT_FINGERPRINTED = ("out", "schemes", "debug_digests", "compile", "telemetry")
 
 # The default sweep: sized to take about 5-8 minutes on a 2-core CPU (see docs/sweep.md).
 DEFAULT_MODEL_KWARGS: dict[str, Any] = {"widths": [8, 16, 32]}
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 64
+# Four evaluations per epoch: 3 epochs saturate MNIST-5k, so the final accuracies of the schemes
+# that train at all end within a point; the early curve (and its mean, auc) is where they differ.
+DEFAULT_EVALS_PER_EPOCH = 4
+DEFAULT_TELEMETRY = 50
 DEFAULT_OUT = "precsim-out"
 
 
@@ -126,6 +133,8 @@ class SweepSpec:
     out: str = DEFAULT_OUT
     debug_digests: bool = False
     compile: bool = True
+    evals_per_epoch: int = DEFAULT_EVALS_PER_EPOCH
+    telemetry: int = DEFAULT_TELEMETRY  # sample every N-th call of each point; 0: no telemetry
     schemes: tuple[SchemeSpec, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,6 +157,8 @@ class SweepSpec:
             "out": self.out,
             "debug_digests": self.debug_digests,
             "compile": self.compile,
+            "evals_per_epoch": self.evals_per_epoch,
+            "telemetry": self.telemetry,
             "schemes": [s.to_dict() for s in self.schemes],
         }
 
@@ -314,13 +325,18 @@ def _parse_model(raw: Any) -> tuple[str, dict[str, Any]]:
 
 def model_kwargs_for(spec: SweepSpec) -> dict[str, Any]:
     """The model's kwargs with the dataset's shape and class count filled in where not given."""
+    return zoo_kwargs(spec.model, spec.dataset, spec.model_kwargs)
+
+
+def zoo_kwargs(model: str, dataset: str, given: dict[str, Any]) -> dict[str, Any]:
+    """A zoo model's kwargs: ``given``, and the dataset's shape and class count where not given."""
     from precsim.zoo import MODELS
 
-    c, h, w = SHAPES[spec.dataset]
-    accepted = inspect.signature(MODELS[spec.model].__init__).parameters
+    c, h, w = SHAPES[dataset]
+    accepted = inspect.signature(MODELS[model].__init__).parameters
     fill = {"in_channels": c, "num_classes": NUM_CLASSES, "image_size": h, "in_shape": [c, h, w]}
     kwargs = {k: v for k, v in fill.items() if k in accepted}
-    kwargs.update(spec.model_kwargs)
+    kwargs.update(given)
     return kwargs
 
 
@@ -474,6 +490,8 @@ def _build_spec(raw: dict[str, Any], base: Path | None, overrides: dict[str, Any
         out=out,
         debug_digests=debug_digests,
         compile=compile_kernels,
+        evals_per_epoch=_int(raw.get("evals_per_epoch", DEFAULT_EVALS_PER_EPOCH), "evals_per_epoch"),  # type: ignore[arg-type]
+        telemetry=_int(raw.get("telemetry", DEFAULT_TELEMETRY), "telemetry", minimum=0),  # type: ignore[arg-type]
         schemes=tuple(schemes),
     )
     check_buildable(spec)
@@ -563,4 +581,4 @@ def check_buildable(spec: SweepSpec) -> None:
 
 
 __all__ = ["SchemeSpec", "SweepSpec", "check_buildable", "load_spec", "model_kwargs_for",
-           "parse_scheme"]
+           "parse_scheme", "read_yaml", "zoo_kwargs"]

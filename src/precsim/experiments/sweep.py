@@ -40,6 +40,7 @@ from precsim.experiments.lock import LOCK_NAME, FolderBusyError, FolderLock, acq
 from precsim.experiments.report import CURVES_PNG, REPORT_MD, format_table, write_report
 from precsim.experiments.results import CORRUPT_SUFFIX, CURVES_CSV, RESULTS_CSV, RESULTS_JSON, ResultStore
 from precsim.experiments.spec import SweepSpec
+from precsim.experiments.telemetry import STATS_DIR
 from precsim.experiments.train import load_data, train_scheme, warm_up
 from precsim.runtime.backend import compiling
 
@@ -60,7 +61,7 @@ def clear_outputs(out: Path) -> None:
     for name in OWNED_FILES:
         (out / name).unlink(missing_ok=True)
         (out / f"{name}{CORRUPT_SUFFIX}").unlink(missing_ok=True)
-    for sub in (CHECKPOINT_DIR, DEBUG_DIR):
+    for sub in (CHECKPOINT_DIR, DEBUG_DIR, STATS_DIR):
         if (out / sub).is_dir():
             shutil.rmtree(out / sub)
 
@@ -243,14 +244,17 @@ def _run_sweep(spec: SweepSpec, start: float, fresh: bool, progress: bool,
             row, curves = train_scheme(
                 spec, scheme, data, ctx, checkpoint_path=ckpt, spec_fingerprint=spec_fp,
                 label=f"[{k}/{n}] {scheme.name}", show_progress=progress, debug_dir=debug_dir,
-                after_epoch=(lambda e: time.sleep(sleep)) if sleep > 0 else None, log=say)
+                after_epoch=(lambda e: time.sleep(sleep)) if sleep > 0 else None, log=say,
+                stats_dir=out / STATS_DIR)
             if ctx.is_main:
                 store.add(row, curves, order)
                 rows = store.ordered(order)
                 write_report(out, rows, store.ordered_curves(order), spec.to_dict(), ctx.world_size,
                              sum(r["time_s"] for r in rows if r.get("time_s")))
-                say(f"[{k}/{n}] {scheme.name}: accuracy {100 * row['accuracy']:.2f}%  loss {row['loss']:.4f}  "
-                    f"{row['time_s']:.1f} s")
+                say(f"[{k}/{n}] {scheme.name}: accuracy {100 * row['accuracy']:.2f}%  auc {100 * row['auc']:.2f}%  "
+                    f"loss {row['loss']:.4f}  {row['time_s']:.1f} s")
+                if row.get("first_nonfinite"):
+                    say(f"[{k}/{n}] {scheme.name}: first NaN/Inf at {row['first_nonfinite']}")
             D.barrier(ctx)
         rows = store.ordered(order) if ctx.is_main else []
         if ctx.is_main:

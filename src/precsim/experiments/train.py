@@ -27,11 +27,21 @@ from torch import Tensor, nn
 from precsim.experiments import distributed as D
 from precsim.experiments.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from precsim.experiments.spec import SchemeSpec, SweepSpec, model_kwargs_for
+from precsim.experiments.telemetry import (
+    describe_first,
+    recording,
+    replay_until_first_nonfinite,
+    telemetry_for,
+    write_stats,
+)
 from precsim.formats.random import mix_seed
 from precsim.runtime.backend import compile_seconds
 
-CURVE_COLUMNS: tuple[str, ...] = ("scheme", "epoch", "train_loss", "train_accuracy", "test_loss",
-                                  "test_accuracy", "lr", "epoch_time_s", "time_s")
+# One row per evaluation: ``epoch`` is the epoch it fell in (1-based), ``step`` the optimizer steps
+# done by then, ``train_*`` the means over the steps since the previous evaluation, ``interval_s``
+# the wall time since it (training and this evaluation), ``time_s`` the scheme's total so far.
+CURVE_COLUMNS: tuple[str, ...] = ("scheme", "epoch", "step", "train_loss", "train_accuracy", "test_loss",
+                                  "test_accuracy", "lr", "interval_s", "time_s")
 
 
 @dataclass(frozen=True)
@@ -197,6 +207,7 @@ def summarize(spec: SweepSpec, scheme: SchemeSpec, curves: list[dict[str, Any]],
         "formats": formats_summary(scheme),
         "accuracy": last["test_accuracy"],
         "loss": last["test_loss"],
+        "auc": auc(curves),
         "best_accuracy": max(accs) if accs else float("nan"),
         "train_loss": last["train_loss"],
         "train_accuracy": last["train_accuracy"],
@@ -205,10 +216,11 @@ def summarize(spec: SweepSpec, scheme: SchemeSpec, curves: list[dict[str, Any]],
         "cpu_time_s": progress["cpu_time_s"],
         "time_ratio": None,
         "compile_s": progress.get("compile_s", 0.0),
-        "epochs": len(curves),
+        "epochs": completed_epochs(curves),
         "steps": progress["steps"],
         "diverged": not math.isfinite(last["test_loss"]) or not math.isfinite(last["train_loss"]),
         "stopped_early": bool(progress["stopped"]),
+        "first_nonfinite": None,  # where a diverged scheme first met a NaN/Inf (telemetry)
         "world_size": ctx.world_size,
         "device": ctx.device.type,
         "allreduce": scheme.allreduce,
@@ -216,6 +228,62 @@ def summarize(spec: SweepSpec, scheme: SchemeSpec, curves: list[dict[str, Any]],
         "baseline": scheme.is_baseline,
         "scheme_fingerprint": scheme.fingerprint,
     }
+
+
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, xb: Tensor, yb: Tensor,
+               lr: float) -> tuple[Tensor, float]:
+    """One optimizer step at learning rate ``lr``: (the outputs, the loss)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    out = net(xb)
+    loss = F.cross_entropy(out, yb)
+    loss.backward()
+    optimizer.step()
+    return out, loss.item()
+
+
+def replay_training(spec: SweepSpec, scheme: SchemeSpec, data: Data, ctx: D.DistContext, until: int) -> Any:
+    """The scheme's first ``until`` steps again, from its initial weights, with every call of every
+    point recorded, up to the first NaN/Inf (:mod:`precsim.experiments.telemetry`). Training is a
+    function of the seed, so these are the run's steps; leaves every RNG as it was."""
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+        model = build_model(spec, scheme).to(ctx.device)
+        optimizer = build_optimizer(spec, model)
+        net = D.wrap_model(ctx, model, scheme.allreduce)
+        net.train()
+        n_train = len(data.train_x)
+        steps = steps_per_epoch(spec, n_train)
+        per_rank = spec.batch_size // ctx.world_size
+        lo, hi = ctx.rank * per_rank, (ctx.rank + 1) * per_rank
+
+        def run() -> Any:
+            for k in range(until):
+                epoch, i = divmod(k, steps)
+                batch = epoch_order(spec, n_train, epoch)[i * spec.batch_size:(i + 1) * spec.batch_size][lo:hi]
+                train_step(net, optimizer, data.train_x[batch].to(ctx.device), data.train_y[batch].to(ctx.device),
+                           lr_at(spec, k, steps * spec.epochs))
+                yield k
+
+        return replay_until_first_nonfinite(model, run())
+
+
+def eval_points(steps: int, per_epoch: int) -> set[int]:
+    """The steps of an epoch after which the test split is evaluated: ``per_epoch`` points spread
+    evenly, the epoch's last step always among them (fewer when the epoch has fewer steps)."""
+    return {max(1, round(steps * k / per_epoch)) for k in range(1, per_epoch + 1)} | {steps}
+
+
+def completed_epochs(curves: list[dict[str, Any]]) -> int:
+    """The epochs a scheme's curves reach (the last one possibly cut short by divergence)."""
+    return int(curves[-1]["epoch"]) if curves else 0
+
+
+def auc(curves: list[dict[str, Any]]) -> float:
+    """The area under the test-accuracy curve, as the mean over its evaluations: where the final
+    accuracies of schemes meet (a small task saturates), how fast each got there still differs."""
+    accs = [c["test_accuracy"] for c in curves]
+    return sum(accs) / len(accs) if accs else float("nan")
 
 
 def parameters_finite(model: nn.Module) -> bool:
@@ -249,7 +317,8 @@ def formats_summary(scheme: SchemeSpec) -> str:
 def train_scheme(spec: SweepSpec, scheme: SchemeSpec, data: Data, ctx: D.DistContext, *,
                  checkpoint_path: Path, spec_fingerprint: str, label: str = "", show_progress: bool = True,
                  debug_dir: Path | None = None, after_epoch: Callable[[int], None] | None = None,
-                 log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 log: Callable[[str], None] | None = None,
+                 stats_dir: Path | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train ``scheme`` for ``spec.epochs`` epochs, resuming from ``checkpoint_path`` if present.
 
     Returns (results row, per-epoch curves). Only rank 0 writes the checkpoint. ``after_epoch``
@@ -283,63 +352,71 @@ def train_scheme(spec: SweepSpec, scheme: SchemeSpec, data: Data, ctx: D.DistCon
     n_train = len(data.train_x)
     steps = steps_per_epoch(spec, n_train)
     total = steps * spec.epochs
+    checks = eval_points(steps, spec.evals_per_epoch)
     per_rank = spec.batch_size // ctx.world_size
     lo, hi = ctx.rank * per_rank, (ctx.rank + 1) * per_rank
+    stats = telemetry_for(spec.telemetry, not scheme.is_baseline, model,
+                          (state or {}).get("progress", {}).get("stats"))
     bar = _Bar(show_progress and ctx.is_main, total, start_epoch * steps, label or scheme.name)
     try:
-        for epoch in range(start_epoch, spec.epochs if not progress["stopped"] else start_epoch):
-            t0, c0, k0 = time.perf_counter(), time.process_time(), compile_seconds()
-            order = epoch_order(spec, n_train, epoch)
-            net.train()
-            loss_sum = correct = count = 0.0
-            lr = spec.lr
-            for i in range(steps):
-                batch = order[i * spec.batch_size:(i + 1) * spec.batch_size][lo:hi]
-                xb, yb = data.train_x[batch].to(ctx.device), data.train_y[batch].to(ctx.device)
-                lr = lr_at(spec, epoch * steps + i, total)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                out = net(xb)
-                loss = F.cross_entropy(out, yb)
-                loss.backward()
-                optimizer.step()
-                loss_value = loss.item()
-                loss_sum += loss_value * len(yb)
-                correct += (out.argmax(1) == yb).sum().item()
-                count += len(yb)
-                progress["steps"] += 1
-                bar.update(epoch=f"{epoch + 1}/{spec.epochs}", loss=f"{loss_value:.3f}")
-                if spec.stop_on_divergence and not parameters_finite(model):
-                    progress["stopped"] = True  # a NaN model stays NaN: stop paying for it
+        with recording(stats):
+            for epoch in range(start_epoch, spec.epochs if not progress["stopped"] else start_epoch):
+                t0, c0, k0 = time.perf_counter(), time.process_time(), compile_seconds()
+                order = epoch_order(spec, n_train, epoch)
+                net.train()
+                loss_sum = correct = count = 0.0
+                lr, t_eval = spec.lr, 0.0
+                for i in range(steps):
+                    batch = order[i * spec.batch_size:(i + 1) * spec.batch_size][lo:hi]
+                    xb, yb = data.train_x[batch].to(ctx.device), data.train_y[batch].to(ctx.device)
+                    lr = lr_at(spec, epoch * steps + i, total)
+                    out, loss_value = train_step(net, optimizer, xb, yb, lr)
+                    loss_sum += loss_value * len(yb)
+                    correct += (out.argmax(1) == yb).sum().item()
+                    count += len(yb)
+                    progress["steps"] += 1
+                    bar.update(epoch=f"{epoch + 1}/{spec.epochs}", loss=f"{loss_value:.3f}")
+                    if spec.stop_on_divergence and not parameters_finite(model):
+                        progress["stopped"] = True  # a NaN model stays NaN: stop paying for it
+                    if i + 1 in checks or progress["stopped"]:
+                        t1 = time.perf_counter()
+                        loss_sum, correct, count = D.all_sum(ctx, [loss_sum, correct, count])
+                        D.sync_buffers(ctx, model)
+                        test_loss, test_acc = evaluate(ctx, model, data.test_x, data.test_y, spec.eval_batch_size)
+                        net.train()
+                        t_eval += time.perf_counter() - t1
+                        done = time.perf_counter() - t0 - (compile_seconds() - k0)  # this epoch so far
+                        interval = done - sum(c["interval_s"] for c in curves if c["epoch"] == epoch + 1)
+                        curves.append({"scheme": scheme.name, "epoch": epoch + 1, "step": progress["steps"],
+                                       "train_loss": loss_sum / count, "train_accuracy": correct / count,
+                                       "test_loss": test_loss, "test_accuracy": test_acc, "lr": lr,
+                                       "interval_s": interval, "time_s": progress["elapsed_s"] + done})
+                        loss_sum = correct = count = 0.0
+                        if bar.bar is not None:
+                            bar.bar.set_postfix(epoch=f"{epoch + 1}/{spec.epochs}", test_acc=f"{test_acc:.4f}",
+                                                refresh=True)
+                    if progress["stopped"]:
+                        break
+                # a kernel that compiles only now (say, the first time values clip) is compile time too
+                late_compile = compile_seconds() - k0
+                epoch_time = time.perf_counter() - t0 - late_compile
+                progress["compile_s"] += late_compile
+                progress["cpu_time_s"] += time.process_time() - c0
+                progress["train_time_s"] += epoch_time - t_eval
+                progress["elapsed_s"] += epoch_time
+                if stats is not None:
+                    progress["stats"] = stats.state_dict()
+                if ctx.is_main:
+                    save_checkpoint(checkpoint_path, scheme=scheme.name, scheme_fingerprint=scheme.fingerprint,
+                                    spec_fingerprint=spec_fingerprint, epoch=epoch + 1, model=model,
+                                    optimizer=optimizer, curves=curves, progress=progress)
+                if after_epoch is not None:
+                    after_epoch(epoch + 1)
+                if progress["stopped"]:
+                    if log is not None:
+                        log(f"{label or scheme.name}: weights became Inf/NaN in epoch {epoch + 1} (after "
+                            f"{progress['steps']} steps); stopped training this scheme")
                     break
-            # a kernel that compiles only now (say, the first time values clip) is compile time too
-            t_train = time.perf_counter() - t0 - (compile_seconds() - k0)
-            loss_sum, correct, count = D.all_sum(ctx, [loss_sum, correct, count])
-            D.sync_buffers(ctx, model)
-            test_loss, test_acc = evaluate(ctx, model, data.test_x, data.test_y, spec.eval_batch_size)
-            late_compile = compile_seconds() - k0
-            epoch_time = time.perf_counter() - t0 - late_compile
-            progress["compile_s"] += late_compile
-            progress["cpu_time_s"] += time.process_time() - c0
-            progress["train_time_s"] += t_train
-            progress["elapsed_s"] += epoch_time
-            curves.append({"scheme": scheme.name, "epoch": epoch + 1, "train_loss": loss_sum / count,
-                           "train_accuracy": correct / count, "test_loss": test_loss, "test_accuracy": test_acc,
-                           "lr": lr, "epoch_time_s": epoch_time, "time_s": progress["elapsed_s"]})
-            if bar.bar is not None:
-                bar.bar.set_postfix(epoch=f"{epoch + 1}/{spec.epochs}", test_acc=f"{test_acc:.4f}", refresh=True)
-            if ctx.is_main:
-                save_checkpoint(checkpoint_path, scheme=scheme.name, scheme_fingerprint=scheme.fingerprint,
-                                spec_fingerprint=spec_fingerprint, epoch=epoch + 1, model=model,
-                                optimizer=optimizer, curves=curves, progress=progress)
-            if after_epoch is not None:
-                after_epoch(epoch + 1)
-            if progress["stopped"]:
-                if log is not None:
-                    log(f"{label or scheme.name}: weights became Inf/NaN in epoch {epoch + 1} (after "
-                        f"{progress['steps']} steps); stopped training this scheme")
-                break
     finally:
         bar.close()
     digest = D.parameter_digest(model)
@@ -350,9 +427,17 @@ def train_scheme(spec: SweepSpec, scheme: SchemeSpec, data: Data, ctx: D.DistCon
 
         atomic_write_text(debug_dir / f"{scheme.name}.rank{ctx.rank}.sha256", digest + "\n")
     row = summarize(spec, scheme, curves, progress, ctx, in_sync)
+    if stats is not None:
+        if row["diverged"] or progress["stopped"]:  # name where it broke, from an exact replay
+            first = replay_training(spec, scheme, data, ctx, progress["steps"])
+            row["first_nonfinite"] = describe_first(first) or describe_first(stats)
+            if ctx.is_main and stats_dir is not None:
+                write_stats(stats_dir, f"{scheme.name}.replay", first)
+        if ctx.is_main and stats_dir is not None:
+            write_stats(stats_dir, scheme.name, stats)
     if ctx.is_main:  # the finished checkpoint holds the row: a damaged results file then loses nothing
         save_checkpoint(checkpoint_path, scheme=scheme.name, scheme_fingerprint=scheme.fingerprint,
-                        spec_fingerprint=spec_fingerprint, epoch=len(curves), model=model, optimizer=optimizer,
+                        spec_fingerprint=spec_fingerprint, epoch=completed_epochs(curves), model=model, optimizer=optimizer,
                         curves=curves, progress=progress, row=row)
     return row, curves
 

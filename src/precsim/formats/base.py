@@ -82,6 +82,13 @@ class Format(Protocol):
         ...
 
     @property
+    def storage_bits(self) -> float:
+        """Bits per element in memory, shared scales included (MXFP8: 8 + 8/32 = 8.25): the
+        default cost of a format in ``precsim search``. A scale per tensor or per channel counts
+        as nothing."""
+        ...
+
+    @property
     def observed(self) -> bool:
         """Whether the scale comes from an observer's range (see the module docstring); such a
         format also has ``axis``, ``qmin``, ``qmax`` and ``qparams(lo, hi)``."""

@@ -77,6 +77,25 @@ class BlockFormat:
             object.__setattr__(self, "name", f"block({self.element.name},{self.block_size},{self.scale})")
 
     @property
+    def storage_bits(self) -> float:
+        return self.bits_per_element
+
+    def scale_exponents(self, x: Tensor) -> Tensor | None:
+        """The E8M0 exponent each block of ``x`` asks for, before the clamp to [-127, 127], for
+        the blocks that hold a nonzero finite value (telemetry: how many scales sit at the
+        limits, where elements then saturate or flush); None for an E4M3-scaled format."""
+        if self.scale != "e8m0":
+            return None
+        axis = self.block_axis(x.dim())
+        rows = x.detach().float().movedim(axis, -1) if x.dim() else x.detach().float().reshape(1)
+        pad = (-rows.shape[-1]) % self.block_size
+        if pad:
+            rows = torch.nn.functional.pad(rows, (0, pad))
+        amax = rows.reshape(-1, self.block_size).abs().amax(dim=1)
+        amax = amax[(amax > 0) & torch.isfinite(amax)]
+        return torch.floor(torch.log2(amax)).to(torch.int32) - self.element_max_exponent
+
+    @property
     def element_max_exponent(self) -> int:
         """emax of the element: 0 for MXINT (codes are k * 2^-(bits-2))."""
         if isinstance(self.element, IntFormat):

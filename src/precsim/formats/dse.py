@@ -56,6 +56,10 @@ class DSEFormat:
         return self.element.bits
 
     @property
+    def storage_bits(self) -> float:
+        return float(self.element.bits)  # the shift is one number per tensor
+
+    @property
     def shift_range(self) -> tuple[int, int]:
         """Shifts that keep the scaled format inside float32."""
         e = self.element

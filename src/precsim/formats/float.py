@@ -114,6 +114,10 @@ class FloatFormat:
         return 1 + self.exponent_bits + self.mantissa_bits
 
     @property
+    def storage_bits(self) -> float:
+        return float(self.bits)
+
+    @property
     def exponent_bias(self) -> int:
         """The encoding's exponent bias (IEEE-style bias minus the FlexFP shift ``b``)."""
         return _default_bias(self.exponent_bits, self.specials) - self.bias

@@ -101,6 +101,14 @@ class IntFormat:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
     @property
+    def storage_bits(self) -> float:
+        """A group's float32 scale (and its zero point, if affine) spread over its elements."""
+        if self.group_size is None:
+            return float(self.bits)
+        per_group = 32 if self.symmetric else 32 + self.bits
+        return self.bits + per_group / self.group_size
+
+    @property
     def granularity(self) -> str:
         if self.group_size is not None:
             return f"per_group(axis={self.axis}, size={self.group_size})"

@@ -9,9 +9,14 @@ point (its first call included), forward and backward alike:
   (clipped to the grid's edge), or turned into Inf/NaN (overflow);
 - ``underflow_pct``: finite nonzero inputs rounded to zero;
 - ``nonfinite_in_pct`` / ``nonfinite_pct``: NaN/Inf in the input / in the output;
-- ``amax``: the largest finite |x|.
+- ``amax``: the largest finite |x|;
+- block formats with an E8M0 scale (MX): ``scale_exp_min`` / ``scale_exp_max``, the range of
+  the exponents the blocks' scales ask for (before the clamp to [-127, 127]), and
+  ``scale_limit_pct``, the blocks whose scale sits at a limit (clamped), where the elements then
+  saturate or flush to zero (empty for other formats).
 
-Per point and direction the table shows the mean over sampled calls (``amax``: the maximum).
+Per point and direction the table shows the mean over sampled calls (``amax`` and
+``scale_exp_max``: the maximum, ``scale_exp_min``: the minimum).
 ``stats.first_nonfinite`` is the first sampled (step, point, role, direction) whose output held
 a NaN or Inf, ``step`` being the point's training-step counter.
 
@@ -34,9 +39,11 @@ from torch import Tensor, nn
 from precsim.qat.prepare import quantizers, summary_rows
 from precsim.qat.quantizer import STATS
 
-__all__ = ["METRICS", "Stats", "collect_stats", "measure"]
+__all__ = ["METRICS", "Stats", "collect_stats", "measure", "point_name"]
 
-METRICS = ("qsnr_db", "saturated_pct", "underflow_pct", "nonfinite_in_pct", "nonfinite_pct", "amax")
+METRICS = ("qsnr_db", "saturated_pct", "underflow_pct", "nonfinite_in_pct", "nonfinite_pct", "amax",
+           "scale_exp_min", "scale_exp_max", "scale_limit_pct")
+_EXTREMES = {"amax": max, "scale_exp_min": min, "scale_exp_max": max}  # the others are means
 
 
 SAMPLE = 65536  # elements of a larger tensor that the percentages and QSNR are estimated from
@@ -74,7 +81,7 @@ def measure(x: Tensor, q: Tensor) -> dict[str, float]:
     tensor holding NaN/Inf is counted in full."""
     x, q = x.detach().float().reshape(-1), q.detach().float().reshape(-1)
     if x.numel() == 0:
-        return dict.fromkeys(METRICS, 0.0) | {"qsnr_db": math.nan}
+        return dict.fromkeys(METRICS[:6], 0.0) | {"qsnr_db": math.nan}
     inf = float("inf")
     peak_x, peak_q = torch.linalg.vector_norm(x, inf), torch.linalg.vector_norm(q, inf)
     pick = _sample(x.numel(), x.device)
@@ -101,75 +108,117 @@ class _Series:
     samples: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
-    amax: float = 0.0
 
     def add(self, m: dict[str, float]) -> None:
         self.samples += 1
-        for k in METRICS[:-1]:
-            if not math.isnan(m[k]):
-                self.sums[k] = self.sums.get(k, 0.0) + m[k]
-                self.counts[k] = self.counts.get(k, 0) + 1
-        self.amax = max(self.amax, m["amax"])
+        for k, v in m.items():
+            if math.isnan(v):
+                continue  # nothing to say this call (no finite value, or not a block format)
+            if k in _EXTREMES:
+                self.sums[k] = _EXTREMES[k](self.sums.get(k, v), v)
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
 
-    def mean(self, k: str) -> float:
-        return self.sums[k] / self.counts[k] if self.counts.get(k) else math.nan
+    def value(self, k: str) -> float:
+        """The mean over the samples that had it (amax, scale exponents: the extreme)."""
+        if not self.counts.get(k):
+            return 0.0 if k == "amax" else math.nan
+        return self.sums[k] if k in _EXTREMES else self.sums[k] / self.counts[k]
+
+
+def block_scales(fmt: Any, x: Tensor) -> dict[str, float]:
+    """The scale metrics of one call (NaN where ``fmt`` has no E8M0 block scales)."""
+    exps = fmt.scale_exponents(x) if hasattr(fmt, "scale_exponents") else None
+    if exps is None or exps.numel() == 0:
+        return {"scale_exp_min": math.nan, "scale_exp_max": math.nan, "scale_limit_pct": math.nan}
+    at_limit = ((exps <= -127) | (exps >= 127)).float().mean()
+    return {"scale_exp_min": float(exps.min()), "scale_exp_max": float(exps.max()),
+            "scale_limit_pct": 100 * float(at_limit)}
 
 
 class Stats:
-    """Per-point telemetry of one model (see the module doc)."""
+    """Per-point telemetry of one model (see the module doc).
+
+    Kept by point name, not by object, so that it can be saved with a checkpoint
+    (:meth:`state_dict`) and continued in a new process on a rebuilt model."""
 
     def __init__(self, model: nn.Module, every: int) -> None:
         if not (isinstance(every, int) and every >= 1):
             raise ValueError(f"every={every!r} not allowed; allowed: an integer >= 1 (1: every call)")
         self.model, self.every = model, every
-        self.calls: dict[int, int] = {}
-        self.series: dict[tuple[int, str], _Series] = {}
+        self.calls: dict[str, int] = {}
+        self.series: dict[tuple[str, str], _Series] = {}
         self.first_nonfinite: tuple[int, str, str, str] | None = None
-        self._rows: dict[int, dict[str, str]] = {}
+        self.first_metrics: dict[str, Any] | None = None  # that call's numbers, and the point's format
+        self._names: dict[int, str] = {}  # id(point) -> its name, for the points of this model
+        self._rows: dict[str, dict[str, str]] = {}
 
     def sample(self, q: nn.Module) -> bool:
         """Whether this call of point ``q`` is recorded (every ``every``-th, from the first; never
         for a point of another model)."""
-        if id(q) not in self._rows:
-            self._describe(q)
-            if id(q) not in self._rows:
-                return False
-        n = self.calls.get(id(q), 0)
-        self.calls[id(q)] = n + 1
+        name = self._name(q)
+        if name is None:
+            return False
+        n = self.calls.get(name, 0)
+        self.calls[name] = n + 1
         return n % self.every == 0
 
-    def _describe(self, q: nn.Module) -> dict[str, str] | None:
-        """The point's summary row; None for a point of another model."""
-        if id(q) not in self._rows:  # points may be created while the model runs (points: operands)
-            self._rows = {id(p): r for (_, p), r in zip(quantizers(self.model), summary_rows(self.model), strict=True)}
-        return self._rows.get(id(q))
+    def _name(self, q: nn.Module) -> str | None:
+        """The point's name in the model (module.op.call.operand); None for another model's."""
+        if id(q) not in self._names:  # points may be created while the model runs (points: operands)
+            for (_, p), r in zip(quantizers(self.model), summary_rows(self.model), strict=True):
+                name = point_name(r)
+                self._names[id(p)], self._rows[name] = name, r
+        return self._names.get(id(q))
 
     def record(self, q: Any, direction: str, x: Tensor, out: Tensor) -> None:
+        name = self._name(q)
+        assert name is not None
         m = measure(x, out)
-        self.series.setdefault((id(q), direction), _Series()).add(m)
+        spec = q.grad_spec if direction == "backward" else q.spec
+        m.update(block_scales(spec.format if spec is not None else None, x))
+        self.series.setdefault((name, direction), _Series()).add(m)
         if self.first_nonfinite is None and m["nonfinite_pct"] > 0:
-            r = self._describe(q)
-            assert r is not None
-            point = ".".join(p for p in (r["module"], r["op"], r["call"], r["operand"]) if p)
-            self.first_nonfinite = (int(q.step), point, r["role"], direction)
+            r = self._rows[name]
+            self.first_nonfinite = (int(q.step), name, r["role"], direction)
+            fmt = (r["gradient"] if direction == "backward" else r["format"]).split(" (")[0]
+            self.first_metrics = {**m, "format": fmt, "max": _largest(fmt)}
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per point and direction: module, op, call, operand, role, direction,
         samples, and the metrics (means over samples; amax the maximum)."""
+        self._name(nn.Identity())  # names of points created since the last call
         out = []
-        for _, q in quantizers(self.model):
+        for name, r in self._rows.items():
             for direction in ("forward", "backward"):
-                s = self.series.get((id(q), direction))
+                s = self.series.get((name, direction))
                 if s is None:
                     continue
-                r = self._describe(q)
-                assert r is not None
                 row: dict[str, Any] = {k: r[k] for k in ("module", "op", "call", "operand", "role")}
                 row.update(direction=direction, samples=s.samples)
-                row.update({k: s.mean(k) for k in METRICS[:-1]})
-                row["amax"] = s.amax
+                row.update({k: s.value(k) for k in METRICS})
                 out.append(row)
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (str, int, float, lists, dicts): what a checkpoint keeps to continue."""
+        return {"every": self.every, "calls": dict(self.calls),
+                "series": [[name, d, s.samples, dict(s.sums), dict(s.counts)]
+                           for (name, d), s in self.series.items()],
+                "first_nonfinite": list(self.first_nonfinite) if self.first_nonfinite else None,
+                "first_metrics": dict(self.first_metrics) if self.first_metrics else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("every") != self.every:
+            raise ValueError(f"telemetry saved with every={state.get('every')!r} cannot continue with "
+                             f"every={self.every!r}: the sampled calls would differ")
+        self.calls = {str(k): int(v) for k, v in state["calls"].items()}
+        self.series = {(name, d): _Series(int(n), dict(sums), dict(counts))
+                       for name, d, n, sums, counts in state["series"]}
+        first = state.get("first_nonfinite")
+        self.first_nonfinite = (int(first[0]), first[1], first[2], first[3]) if first else None
+        self.first_metrics = state.get("first_metrics")
 
     def table(self) -> str:
         """The rows as a text table."""
@@ -182,6 +231,27 @@ class Stats:
         lines = ["  ".join(c.ljust(w) for c, w in zip(cols, width, strict=True))]
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, width, strict=True)) for row in cells]
         return "\n".join(lines)
+
+
+def point_name(row: dict[str, str]) -> str:
+    """``stem.conv.output``, ``stem.conv.weight``, ``encoder.layer.0.attention.self.attention.0.q``:
+    a summary row's module, op, call and operand, without repeats."""
+    parts = [row["module"], row["op"], row["call"]]
+    if row["operand"] != row["op"]:
+        parts.append(row["operand"])
+    return ".".join(p for p in parts if p)
+
+
+def _largest(spec: str) -> float | None:
+    """The largest finite value of a format spec (None where it has none: fp32, or a scale that
+    follows the data)."""
+    from precsim.formats import parse_format
+
+    try:
+        value = getattr(parse_format(spec), "max", None)
+    except ValueError:
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _cell(v: Any) -> str:
