@@ -167,3 +167,22 @@ def test_mx_block_scales_report_their_exponent_range_and_the_blocks_at_the_e8m0_
     with precsim.collect_stats(plain, every=1) as stats:
         plain(x)
     assert math.isnan(stats.rows()[0]["scale_limit_pct"])  # not a block format: nothing to say
+
+
+def test_integer_accumulator_overflow_events_are_counted_while_collecting() -> None:
+    torch.manual_seed(0)
+    model = precsim.prepare(nn.Sequential(nn.Linear(256, 8)), {
+        "points": "operands", "activation": "int8", "weight": "int8",
+        "accumulator": {"format": "int12", "overflow": "wrap"}})
+    x = torch.randn(16, 256) * 4
+    model(x)  # before: not counted
+    with precsim.collect_stats(model, every=1) as stats:
+        model(x)
+        model(x)
+    events = stats.overflows()
+    (name,) = events
+    from precsim.qat.accumulator import overflows
+
+    total = overflows(model)[name]
+    assert events[name] > 0 and total == events[name] * 3 // 2  # three calls in all, two inside
+    assert "overflow events" in stats.table()

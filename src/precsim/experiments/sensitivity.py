@@ -35,7 +35,7 @@ from precsim.experiments.study import FP32, StudySpec, costs_per_element
 from precsim.experiments.task import Task
 from precsim.qat.batches import feed
 from precsim.qat.calibrate import calibrate
-from precsim.qat.prepare import prepare, quantizers, summary_rows
+from precsim.qat.prepare import point_rows, prepare, quantizers
 
 MEASUREMENTS = "measurements.json"
 SENSITIVITY_CSV = "sensitivity.csv"
@@ -80,7 +80,7 @@ def point_groups(task: Task, study: StudySpec) -> list[Group]:
         for h in handles:
             h.remove()
     elements: dict[tuple[str, str], int] = {}
-    for (_, q), row in zip(quantizers(probe), summary_rows(probe), strict=True):
+    for _, q, row in point_rows(probe):
         module = "" if row["module"] == "(model)" else row["module"]
         if not fnmatch.fnmatchcase(module, study.modules):
             continue

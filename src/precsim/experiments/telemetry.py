@@ -3,8 +3,8 @@
 Every scheme that quantizes something trains inside :func:`precsim.collect_stats` (every
 ``telemetry``-th call of each point, 50 by default: a few percent of a step). Its stats travel in
 the checkpoint, so a resumed run continues them, and are written when the scheme ends:
-``stats/<scheme>.csv`` (one row per point and direction) and ``stats/<scheme>.png`` (a heatmap of
-points x metric).
+``stats/<scheme>.csv`` (one row per point and direction), ``stats/<scheme>.png`` (a heatmap of
+points x metric) and, with integer accumulators, ``stats/<scheme>.overflows.csv``.
 
 A scheme that diverged usually broke between two sampled calls. It is then replayed from its
 first step with every call recorded, up to the step where it stopped: training is a function of
@@ -94,6 +94,10 @@ def write_stats(folder: Path, scheme: str, stats: Stats) -> None:
     for r in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     atomic_write_text(folder / f"{scheme}.csv", buf.getvalue())
+    events = stats.overflows()
+    if events:  # integer accumulators: overflow events over the whole run
+        atomic_write_text(folder / f"{scheme}.overflows.csv",
+                          "accumulator,overflow_events\n" + "".join(f"{k},{v}\n" for k, v in events.items()))
     if rows:
         every = "every call" if stats.every == 1 else f"every {stats.every}th call"
         atomic_write_bytes(folder / f"{scheme}.png", heatmap(rows, f"{scheme}: per-point telemetry ({every})"))

@@ -218,6 +218,13 @@ def summary_rows(model: nn.Module) -> list[dict[str, str]]:
     return rows
 
 
+def point_rows(model: nn.Module) -> list[tuple[str, Quantizer, dict[str, str]]]:
+    """(name, quantizer, summary row) of every quantization point, in model order (accumulator
+    points, which have rows but are not quantizers, left out)."""
+    rows = [r for r in summary_rows(model) if r["role"] != "accumulator"]
+    return [(n, q, r) for (n, q), r in zip(quantizers(model), rows, strict=True)]
+
+
 def _accumulator_row(name: str, acc: Accumulator) -> dict[str, str]:
     """An accumulator point's summary row: role ``accumulator``; its format column says the
     format, block and promotion; rounding, or overflow and the overflow events counted so far."""

@@ -17,7 +17,8 @@ point (its first call included), forward and backward alike:
 
 Per point and direction the table shows the mean over sampled calls (``amax`` and
 ``scale_exp_max``: the maximum, ``scale_exp_min``: the minimum).
-``stats.first_nonfinite`` is the first sampled (step, point, role, direction) whose output held
+``stats.overflows()`` gives the overflow events of integer accumulators (every call) since
+collection began. ``stats.first_nonfinite`` is the first sampled (step, point, role, direction) whose output held
 a NaN or Inf, ``step`` being the point's training-step counter.
 
 A sampled call costs two passes over the tensor, work on at most :data:`SAMPLE` of its
@@ -36,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from precsim.qat.prepare import quantizers, summary_rows
+from precsim.qat.accumulator import overflows
+from precsim.qat.prepare import point_rows
 from precsim.qat.quantizer import STATS
 
 __all__ = ["METRICS", "Stats", "collect_stats", "measure", "point_name"]
@@ -152,6 +154,7 @@ class Stats:
         self.first_nonfinite: tuple[int, str, str, str] | None = None
         self.first_metrics: dict[str, Any] | None = None  # that call's numbers, and the point's format
         self._names: dict[int, str] = {}  # id(point) -> its name, for the points of this model
+        self._overflows_before = overflows(model)  # integer accumulators' counts when collection began
         self._rows: dict[str, dict[str, str]] = {}
 
     def sample(self, q: nn.Module) -> bool:
@@ -167,7 +170,7 @@ class Stats:
     def _name(self, q: nn.Module) -> str | None:
         """The point's name in the model (module.op.call.operand); None for another model's."""
         if id(q) not in self._names:  # points may be created while the model runs (points: operands)
-            for (_, p), r in zip(quantizers(self.model), summary_rows(self.model), strict=True):
+            for _, p, r in point_rows(self.model):
                 name = point_name(r)
                 self._names[id(p)], self._rows[name] = name, r
         return self._names.get(id(q))
@@ -201,13 +204,20 @@ class Stats:
                 out.append(row)
         return out
 
+    def overflows(self) -> dict[str, int]:
+        """Integer-accumulator overflow events since collection began, per accumulator point
+        (every call counts, not only sampled ones: the accumulator counts them itself)."""
+        now = overflows(self.model)
+        return {name: n - self._overflows_before.get(name, 0) for name, n in now.items()}
+
     def state_dict(self) -> dict[str, Any]:
         """Plain data (str, int, float, lists, dicts): what a checkpoint keeps to continue."""
         return {"every": self.every, "calls": dict(self.calls),
                 "series": [[name, d, s.samples, dict(s.sums), dict(s.counts)]
                            for (name, d), s in self.series.items()],
                 "first_nonfinite": list(self.first_nonfinite) if self.first_nonfinite else None,
-                "first_metrics": dict(self.first_metrics) if self.first_metrics else None}
+                "first_metrics": dict(self.first_metrics) if self.first_metrics else None,
+                "overflows_before": dict(self._overflows_before)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("every") != self.every:
@@ -219,6 +229,7 @@ class Stats:
         first = state.get("first_nonfinite")
         self.first_nonfinite = (int(first[0]), first[1], first[2], first[3]) if first else None
         self.first_metrics = state.get("first_metrics")
+        self._overflows_before = {str(k): int(v) for k, v in state.get("overflows_before", {}).items()}
 
     def table(self) -> str:
         """The rows as a text table."""
@@ -230,6 +241,10 @@ class Stats:
         width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(cols, width, strict=True))]
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, width, strict=True)) for row in cells]
+        events = self.overflows()
+        if events:
+            lines += ["", "integer accumulator overflow events:"]
+            lines += [f"  {name}: {n}" for name, n in events.items()]
         return "\n".join(lines)
 
 
