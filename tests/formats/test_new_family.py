@@ -47,6 +47,10 @@ class Pow2Format:
         return f"pow2(e={self.exponent_bits})"
 
     @property
+    def storage_bits(self) -> float:
+        return 1.0 + self.exponent_bits  # sign + exponent (and a code for zero)
+
+    @property
     def kmin(self) -> int:
         return -(2 ** (self.exponent_bits - 1))
 
