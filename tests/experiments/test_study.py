@@ -147,10 +147,16 @@ def test_an_interrupted_analysis_keeps_what_it_measured(tmp_path: Path) -> None:
     ({"cost": {"int8": 1.0}}, "cost table lacks mxfp4, fp32"),
     ({"model": "resnet", "dataset": "sentences"}, "dataset 'sentences' not allowed for model 'resnet'"),
 ])
-def test_bad_study_configs_are_refused_before_anything_is_written(tmp_path: Path, change: dict, message: str) -> None:
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump({**TINY, **change}))
+def test_bad_study_configs_are_refused_with_the_value_and_what_is_allowed(change: dict, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        load_study({**TINY, **change})
+    assert message in str(err.value)
+
+
+def test_a_bad_config_stops_the_command_before_anything_is_written(tmp_path: Path) -> None:
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({**TINY, "candidates": ["int8", "fp9_e4m3"]}))
     proc = run_cli(["search", "--config", str(tmp_path / "study.yaml"), "--out", str(tmp_path / "out")], tmp_path)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "precsim search: error: " in proc.stderr and "fp9_e4m3" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
