@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from precsim.formats.random import mix_seed
 from precsim.qat.config import AccumulatorSpec
-from precsim.qat.fingerprint import EXTRA_STATE, checking, decode, encode, mismatch_message
+from precsim.qat.fingerprint import Fingerprinted
 from precsim.runtime.accumulate import conv_as_matmul, exact_dtype, matmul_float, matmul_int
 
 _GOLDEN = -1640531527  # 0x9E3779B9 as int32: the step's offset of the seed (as Quantizer)
@@ -84,7 +84,7 @@ def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     return t if t.shape == shape else t.sum_to_size(shape)
 
 
-class Accumulator(nn.Module):
+class Accumulator(Fingerprinted):
     """One accumulator point: how a GEMM's sums are held (``spec``), and its backward GEMMs'
     (``grad_spec``). Buffers: the seed and step of stochastic rounding (as a Quantizer's) and
     ``overflows``, the integer overflow events counted so far (every block add that left the
@@ -102,25 +102,6 @@ class Accumulator(nn.Module):
     @property
     def integer(self) -> bool:
         return self.spec is not None and self.spec.bits is not None
-
-    # --- state_dict: the fingerprint (as Quantizer) ------------------------------------------
-    def get_extra_state(self) -> Tensor:
-        return encode(self.fingerprint)
-
-    def set_extra_state(self, state: Any) -> None:
-        """Nothing to restore: :meth:`_load_from_state_dict` compared the fingerprint."""
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
-                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
-        key = prefix + EXTRA_STATE
-        if key in state_dict and checking():
-            saved = decode(state_dict[key])
-            if saved != self.fingerprint:
-                error_msgs.append(mismatch_message(type(self).__name__, [(prefix[:-1], saved, self.fingerprint)], 1))
-                return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     # --- the GEMM ---------------------------------------------------------------------------
     def _call_seed(self, salt: int = 0) -> Tensor:

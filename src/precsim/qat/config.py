@@ -95,19 +95,25 @@ def _where(ctx: str) -> str:
     return f" (in {ctx})" if ctx else ""
 
 
+def _keyed(value: Any, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A format string (or Format) or a dict of ``keys`` with a ``format``, as a dict."""
+    if isinstance(value, (str, Format)):
+        value = {"format": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a format string or a dict, got {value!r}")
+    bad = [k for k in value if k not in keys]
+    if bad:
+        raise ValueError(f"{where}: unknown key {bad[0]!r}; allowed: {', '.join(keys)}")
+    if "format" not in value:
+        raise ValueError(f"{where}: missing 'format'")
+    return value
+
+
 def parse_role(role: str, value: Any, ctx: str = "") -> RoleSpec:
     """A role value (spec string or dict) -> RoleSpec, with errors naming the bad key/value."""
     if isinstance(value, RoleSpec):
         return value
-    if isinstance(value, (str, Format)):
-        value = {"format": value}
-    if not isinstance(value, dict):
-        raise ValueError(f"role {role!r}{_where(ctx)}: expected a format string or a dict, got {value!r}")
-    bad = [k for k in value if k not in _ROLE_KEYS]
-    if bad:
-        raise ValueError(f"role {role!r}{_where(ctx)}: unknown key {bad[0]!r}; allowed: {', '.join(_ROLE_KEYS)}")
-    if "format" not in value:
-        raise ValueError(f"role {role!r}{_where(ctx)}: missing 'format'")
+    value = _keyed(value, f"role {role!r}{_where(ctx)}", _ROLE_KEYS)
     try:
         fmt = parse_format(value["format"])
     except ValueError as err:
@@ -197,16 +203,8 @@ def parse_accumulator(key: str, value: Any, ctx: str = "") -> AccumulatorSpec | 
     AccumulatorSpec; None for fp32 (float32 sums: the plain GEMM)."""
     if value is None or isinstance(value, AccumulatorSpec):
         return value
-    if isinstance(value, (str, Format)):
-        value = {"format": value}
     where = f"{key}{_where(ctx)}"
-    if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected a format string or a dict, got {value!r}")
-    bad = [k for k in value if k not in _ACCUMULATOR_KEYS]
-    if bad:
-        raise ValueError(f"{where}: unknown key {bad[0]!r}; allowed: {', '.join(_ACCUMULATOR_KEYS)}")
-    if "format" not in value:
-        raise ValueError(f"{where}: missing 'format'")
+    value = _keyed(value, where, _ACCUMULATOR_KEYS)
     raw = value["format"]
     allowed_formats = ("a scalar float format (fp16, bf16, fp8_e5m2, flexfp(e=,m=), ...) or an integer "
                        "width int8 .. int64")

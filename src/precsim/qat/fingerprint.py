@@ -108,3 +108,33 @@ def mismatch_message(owner: str, differing: list[tuple[str, dict[str, str] | Non
 
 
 __all__ = ["EXTRA_STATE", "checking", "decode", "encode", "fingerprint", "loading_any_config", "mismatch_message"]
+
+
+class Fingerprinted(torch.nn.Module):
+    """A point whose ``state_dict`` carries its config fingerprint (``self.fingerprint``), and
+    whose load refuses a state saved under another config (see the module doc)."""
+
+    fingerprint: dict[str, str]
+
+    def get_extra_state(self) -> Tensor:
+        """The config fingerprint: a saved state carries what its buffers mean."""
+        return encode(self.fingerprint)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Nothing to restore: :meth:`_load_from_state_dict` compared the fingerprint."""
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        key = prefix + EXTRA_STATE
+        if key in state_dict and checking():  # a prepared model's load pre-hook raised already if it held us
+            saved = decode(state_dict[key])
+            if saved != self.fingerprint:
+                path = prefix[:-1] or f"the {type(self).__name__.lower()}"
+                error_msgs.append(mismatch_message(type(self).__name__, [(path, saved, self.fingerprint)], 1))
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key not in state_dict and key in missing_keys:  # saved before fingerprints: nothing is missing
+            missing_keys.remove(key)
+

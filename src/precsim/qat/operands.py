@@ -210,16 +210,20 @@ class OperandPoints(TorchFunctionMode):
             acc = getattr(frame.module, ACCUMULATOR, None)
             return acc if isinstance(acc, Accumulator) and acc.spec is not None else None
         key = f"{op}_{index}_{ACC_OPERAND}"
+        acc = self._made(frame, key, lambda: self.create_accumulator(frame.module, frame.name, key,
+                                                                     _device(frame.module)))
+        return acc if acc is not None and acc.spec is not None else None  # type: ignore[return-value]
+
+    def _made(self, frame: _Frame, key: str, make: Callable[[], nn.Module | None]) -> Any:
+        """Point ``key`` of the frame's module: the one it holds, or ``make()``'s (None, and not
+        asked again, where the config leaves it in float32)."""
         points = getattr(frame.module, CONTAINER, None)
-        acc = points[key] if points is not None and key in points else None
-        if acc is None:
-            if (frame.name, key) in self.skipped:
-                return None
-            acc = self.create_accumulator(frame.module, frame.name, key, _device(frame.module))
-            if acc is None:
+        found = points[key] if points is not None and key in points else None
+        if found is None and (frame.name, key) not in self.skipped:
+            found = make()
+            if found is None:
                 self.skipped.add((frame.name, key))
-                return None
-        return acc if acc.spec is not None else None  # type: ignore[return-value]
+        return found
 
     def create_accumulator(self, module: nn.Module, name: str, key: str, device: torch.device) -> Accumulator | None:
         """The Accumulator of point ``key`` (``<op>_<k>_acc``) of ``module`` (None: the config gives it none)."""
@@ -256,19 +260,9 @@ class OperandPoints(TorchFunctionMode):
     def point(self, frame: _Frame, op: str, index: int, operand: str, x: Tensor, axis: int | None) -> Tensor:
         """``x`` rounded at the point (created on first use), or ``x`` where there is none."""
         key = f"{op}_{index}_{operand}"
-        points = getattr(frame.module, CONTAINER, None)
-        q = points[key] if points is not None and key in points else None
-        if q is None:
-            if (frame.name, key) in self.skipped:
-                return x
-            role = "weight" if _is_weight(x) else "activation"
-            q = self.create(frame.module, frame.name, key, role, x.dim(), axis, x.device)
-            if q is None:
-                self.skipped.add((frame.name, key))
-                return x
-        if self.discovering:
-            return x
-        return q(x)
+        role = "weight" if _is_weight(x) else "activation"
+        q = self._made(frame, key, lambda: self.create(frame.module, frame.name, key, role, x.dim(), axis, x.device))
+        return x if q is None or self.discovering else q(x)
 
     def create(self, module: nn.Module, name: str, key: str, role: str, ndim: int | None, axis: int | None,
                device: torch.device) -> Quantizer | None:

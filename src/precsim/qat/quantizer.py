@@ -28,12 +28,12 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from precsim.formats.base import Format, MeasuredState, rounding_options
 from precsim.formats.random import mix_seed
 from precsim.qat.config import RoleSpec
-from precsim.qat.fingerprint import EXTRA_STATE, checking, decode, encode, fingerprint, mismatch_message
+from precsim.qat.fingerprint import Fingerprinted, fingerprint
 from precsim.qat.observers import Observer
 from precsim.qat.point_fns import (
     GROWTH_INTERVAL,
@@ -118,7 +118,7 @@ class _FakeQuantSTE(torch.autograd.Function):
         return (grad if ste is None else masked_gradient(grad, ste, owned)), None, None
 
 
-class Quantizer(nn.Module):
+class Quantizer(Fingerprinted):
     """Quantizes a tensor in the forward pass (``spec``) and its gradient (``grad_spec``)."""
 
     def __init__(self, role: str, spec: RoleSpec | None, grad_spec: RoleSpec | None = None, seed: int = 0) -> None:
@@ -155,29 +155,6 @@ class Quantizer(nn.Module):
         assert state is not None
         getattr(self, prefix + state.buffers[0]).copy_(measured)
         getattr(self, prefix + state.buffers[1]).fill_(True)
-
-    # --- state_dict: the config fingerprint (precsim.qat.fingerprint) ------------------------
-    def get_extra_state(self) -> Tensor:
-        """The config fingerprint: a saved state carries what its buffers mean."""
-        return encode(self.fingerprint)
-
-    def set_extra_state(self, state: Any) -> None:
-        """Nothing to restore: :meth:`_load_from_state_dict` compared the fingerprint."""
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
-                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
-        key = prefix + EXTRA_STATE
-        if key in state_dict and checking():  # a prepared model's load pre-hook raised already if it held us
-            saved = decode(state_dict[key])
-            if saved != self.fingerprint:
-                path = prefix[:-1] or "the quantizer"
-                error_msgs.append(mismatch_message(type(self).__name__, [(path, saved, self.fingerprint)], 1))
-                return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if key not in state_dict and key in missing_keys:  # saved before fingerprints: nothing is missing
-            missing_keys.remove(key)
 
     # --- forward ----------------------------------------------------------------------------
     def _seeds(self, training: bool) -> tuple[Tensor | None, Tensor | None]:
