@@ -55,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FolderBusyError) as err:
         print(f"precsim {name}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a read-only folder: what was measured is kept
+        print(f"precsim {name}: error: {err}. The measurements made are kept in {args.out}; fix the cause (free "
+              "disk space, permissions) and run the same command again to continue.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\nprecsim {name}: interrupted; the measurements made are kept in {args.out}: run the same command "
               "again to continue.", file=sys.stderr)
