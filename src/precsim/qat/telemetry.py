@@ -79,8 +79,8 @@ def measure(x: Tensor, q: Tensor) -> dict[str, float]:
 
     Cheap enough to sample while training: two passes over the whole tensor (max |x| and max
     |q|, which are also the check for NaN/Inf), then the percentages and the QSNR on
-    :data:`SAMPLE` elements spread over it (the whole tensor when it is smaller). Only a
-    tensor holding NaN/Inf is counted in full."""
+    :data:`SAMPLE` elements spread over it (the whole tensor when it is smaller). A tensor
+    holding NaN/Inf (rare, and the call one wants exact numbers of) is counted in full."""
     x, q = x.detach().float().reshape(-1), q.detach().float().reshape(-1)
     if x.numel() == 0:
         return dict.fromkeys(METRICS[:6], 0.0) | {"qsnr_db": math.nan}
@@ -90,12 +90,10 @@ def measure(x: Tensor, q: Tensor) -> dict[str, float]:
     xs, qs = (x, q) if pick is None else (x[pick], q[pick])
     counts = _counts(xs, qs, peak_q)
     amax, top = float(peak_x), float(peak_q)
-    if not (math.isfinite(amax) and math.isfinite(top)):  # NaN/Inf somewhere: count them all
+    if not (math.isfinite(amax) and math.isfinite(top)):  # NaN/Inf somewhere: count everything, in full
         fin, qfin = torch.isfinite(x), torch.isfinite(q)
         amax = float(torch.where(fin, x.abs(), 0.0).max())
-        top_t = torch.where(fin & qfin, q.abs(), 0.0).max()
-        counts = _counts(xs, qs, top_t)
-        counts[4:6] = [float((~fin).sum()) * counts[7] / x.numel(), float((~qfin).sum()) * counts[7] / x.numel()]
+        counts = _counts(x, q, torch.where(fin & qfin, q.abs(), 0.0).max())
     signal, noise, sat, under, bad_in, bad_out, kept, n = counts
     if kept == 0:
         qsnr = math.nan  # nothing finite to compare: left out of the mean
