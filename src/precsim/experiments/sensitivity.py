@@ -252,7 +252,7 @@ def _chart(rows: list[dict[str, Any]], study: StudySpec) -> bytes:
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel(f"score change vs FP32 ({'cross-entropy' if study.task.metric == 'accuracy' else '1 - cosine'}),"
-                  " one group quantized alone")
+                  " one group quantized alone; <= 0 drawn at 1e-6")
     ax.set_title(f"precsim analyze: {study.task.model} on {study.task.dataset}, most sensitive first", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(True, axis="x", alpha=0.3)
