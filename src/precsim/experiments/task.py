@@ -18,7 +18,6 @@ real sentences of the Python Language Reference; it needs no training.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -179,8 +178,4 @@ def _minilm_task(spec: TaskSpec) -> Task:
     return Task(spec, model, [], calib, {"search": split(start), "held_out": split(start + n)}, example)
 
 
-def copy_model(task: Task) -> nn.Module:
-    return copy.deepcopy(task.model)
-
-
-__all__ = ["DATASETS", "FP32_WEIGHTS", "METRICS", "MODELS", "Task", "TaskSpec", "build_task", "copy_model"]
+__all__ = ["DATASETS", "FP32_WEIGHTS", "METRICS", "MODELS", "Task", "TaskSpec", "build_task"]

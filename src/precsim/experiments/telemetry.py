@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from precsim.experiments.checkpoint import atomic_write_bytes, atomic_write_text
@@ -145,9 +144,9 @@ def heatmap(rows: list[dict[str, Any]], title: str) -> bytes:
 
 def replay_until_first_nonfinite(model: nn.Module, steps: Iterator[Any]) -> Stats:
     """Run ``steps`` (each call trains one step of ``model``) with every call recorded, until the
-    first NaN/Inf; the stats of that replay."""
+    first NaN/Inf; the stats of that replay. (The caller keeps the RNGs as they were.)"""
     stats = Stats(model, 1)
-    with recording(stats), torch.random.fork_rng():
+    with recording(stats):
         for _ in steps:
             if stats.first_nonfinite is not None:
                 break

@@ -365,7 +365,7 @@ def train_scheme(spec: SweepSpec, scheme: SchemeSpec, data: Data, ctx: D.DistCon
                 order = epoch_order(spec, n_train, epoch)
                 net.train()
                 loss_sum = correct = count = 0.0
-                lr, t_eval = spec.lr, 0.0
+                lr, t_eval, t_last = spec.lr, 0.0, 0.0
                 for i in range(steps):
                     batch = order[i * spec.batch_size:(i + 1) * spec.batch_size][lo:hi]
                     xb, yb = data.train_x[batch].to(ctx.device), data.train_y[batch].to(ctx.device)
@@ -386,7 +386,7 @@ def train_scheme(spec: SweepSpec, scheme: SchemeSpec, data: Data, ctx: D.DistCon
                         net.train()
                         t_eval += time.perf_counter() - t1
                         done = time.perf_counter() - t0 - (compile_seconds() - k0)  # this epoch so far
-                        interval = done - sum(c["interval_s"] for c in curves if c["epoch"] == epoch + 1)
+                        interval, t_last = done - t_last, done
                         curves.append({"scheme": scheme.name, "epoch": epoch + 1, "step": progress["steps"],
                                        "train_loss": loss_sum / count, "train_accuracy": correct / count,
                                        "test_loss": test_loss, "test_accuracy": test_acc, "lr": lr,

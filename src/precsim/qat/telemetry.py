@@ -151,7 +151,7 @@ class Stats:
         self.series: dict[tuple[str, str], _Series] = {}
         self.first_nonfinite: tuple[int, str, str, str] | None = None
         self.first_metrics: dict[str, Any] | None = None  # that call's numbers, and the point's format
-        self._names: dict[int, str] = {}  # id(point) -> its name, for the points of this model
+        self._names: dict[int, str | None] = {}  # id(point) -> its name (None: another model's point)
         self._overflows_before = overflows(model)  # integer accumulators' counts when collection began
         self._rows: dict[str, dict[str, str]] = {}
 
@@ -171,6 +171,8 @@ class Stats:
             for _, p, r in point_rows(self.model):
                 name = point_name(r)
                 self._names[id(p)], self._rows[name] = name, r
+            # a point exists before its first call: one not found now belongs to another model
+            self._names.setdefault(id(q), None)
         return self._names.get(id(q))
 
     def record(self, q: Any, direction: str, x: Tensor, out: Tensor) -> None:
@@ -189,7 +191,8 @@ class Stats:
     def rows(self) -> list[dict[str, Any]]:
         """One dict per point and direction: module, op, call, operand, role, direction,
         samples, and the metrics (means over samples; amax the maximum)."""
-        self._name(nn.Identity())  # names of points created since the last call
+        for _, p, _ in point_rows(self.model):  # names of points created since the last call
+            self._name(p)
         out = []
         for name, r in self._rows.items():
             for direction in ("forward", "backward"):
