@@ -295,6 +295,17 @@ class QuantConfig:
     block_axis: str = "reduction"  # one of BLOCK_AXES (points: operands)
     accumulators: dict[str, AccumulatorSpec | None] = field(default_factory=dict)  # keys: ACCUMULATORS
 
+    def accumulators_for(self, name: str, types: tuple[str, ...], op: str | None = None
+                         ) -> tuple[AccumulatorSpec | None, ...]:
+        """(accumulator, gradient accumulator) of a GEMM of module ``name`` (class names
+        ``types``; ``op``: the op kind, points: operands): the global keys, then every rule that
+        selects it, in order."""
+        specs = [self.accumulators.get(k) for k in ACCUMULATORS]
+        for rule in self.rules:
+            if rule.accumulators and rule.selects(name, types, op):
+                specs = [rule.accumulators.get(k, v) for k, v in zip(ACCUMULATORS, specs, strict=True)]
+        return tuple(specs)
+
     @property
     def has_accumulators(self) -> bool:
         """Whether any GEMM may take a simulated accumulator (globally or by a rule)."""

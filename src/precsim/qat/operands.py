@@ -53,7 +53,7 @@ from torch.overrides import TorchFunctionMode
 from precsim.formats import parse_format
 from precsim.formats.random import mix_seed
 from precsim.qat.accumulator import Accumulator, Grid, accumulated_call, attention_matmul
-from precsim.qat.config import ACCUMULATED_OPS, ACCUMULATORS, GEMM_OPS, AccumulatorSpec, QuantConfig, RoleSpec
+from precsim.qat.config import ACCUMULATED_OPS, GEMM_OPS, AccumulatorSpec, QuantConfig, RoleSpec
 from precsim.qat.fingerprint import EXTRA_STATE, decode
 from precsim.qat.quantizer import Quantizer
 from precsim.runtime.backend import blocked
@@ -196,11 +196,7 @@ class OperandPoints(TorchFunctionMode):
         that selects it, in order."""
         if op not in ACCUMULATED_OPS:
             return None, None
-        specs = [self.config.accumulators.get(k) for k in ACCUMULATORS]
-        for rule in self.config.rules:
-            if rule.accumulators and rule.selects(frame_name, types, op):
-                specs = [rule.accumulators.get(k, v) for k, v in zip(ACCUMULATORS, specs, strict=True)]
-        return tuple(specs)
+        return self.config.accumulators_for(frame_name, types, op)
 
     def accumulator(self, frame: _Frame, op: str, index: int) -> Accumulator | None:
         """The accumulator of a GEMM call (created on first use; points: operands), or None."""

@@ -27,7 +27,7 @@ from precsim.formats.random import mix_seed
 from precsim.qat.accumulator import Accumulator
 from precsim.qat.batches import feed
 from precsim.qat.bias import quantize_biases
-from precsim.qat.config import ACCUMULATORS, ROLES, AccumulatorSpec, QuantConfig, RoleSpec
+from precsim.qat.config import ROLES, AccumulatorSpec, QuantConfig, RoleSpec
 from precsim.qat.fingerprint import EXTRA_STATE, checking, decode, mismatch_message
 from precsim.qat.fold import fold_batchnorms
 from precsim.qat.markers import CONTAINERS, WEIGHT_TYPES, QuantPoint
@@ -112,10 +112,7 @@ def resolve_accumulators(model: nn.Module, config: QuantConfig) -> dict[str, tup
         if not isinstance(module, GEMM_TYPES) or name.split(".")[-1].startswith("precsim_"):
             continue
         types = tuple(c.__name__ for c in type(module).__mro__)
-        specs = [config.accumulators.get(k) for k in ACCUMULATORS]
-        for rule in config.rules:
-            if rule.accumulators and rule.selects(name, types):
-                specs = [rule.accumulators.get(k, v) for k, v in zip(ACCUMULATORS, specs, strict=True)]
+        specs = config.accumulators_for(name, types)
         if any(v is not None for v in specs):
             plan[name] = tuple(specs)
     return plan
