@@ -14,16 +14,40 @@ gemmlowp's fixed-point rounding. Here each layer is:
   ``2^30 + 2^(n-1) 2^31 - [p < -2^30] 2^31`` (see :class:`precsim.integer.ops.FixedPointMultiplier`);
   for an integer model with ``rounding="single"``, TFLite's single rounding: ``Add`` ``2^(30 + n)``
   and floor-divide by ``2^(31 + n)``,
-* ``Add`` the output zero point, ``Clip`` to the (ReLU-folded) bounds, ``Cast`` to uint8/int8.
+* ``Add`` the output zero point, ``Clip`` to the (ReLU-folded) bounds, ``Cast`` to the code type.
 
 Residual adds, requantizations and pooling sums use the same int64 pieces. The graph takes the
 float image (``QuantizeLinear`` at the boundary) and returns ``output`` (float, through
 ``DequantizeLinear``) and ``output_codes`` (the integer model's codes), so onnxruntime's
 result can be compared with :meth:`IntegerModel.run_integer` code for code.
+
+The vision-transformer ops of :mod:`precsim.integer.vit_ops` are written out the same way, in
+integer ONNX arithmetic only (no float op between the boundary ``QuantizeLinear`` and
+``DequantizeLinear``):
+
+* ``MatMulOp``: ``MatMulInteger`` when both operands are 8-bit and the op's accumulator plan for
+  the exported K is int32, else an int64 ``MatMul`` of the centred codes (exact: the plan's
+  bound keeps the sum far inside int64); then the plan's rounding pre-shift and the
+  requantization above;
+* ``ShiftmaxOp``, ``ShiftGeluOp``, ``ILayerNormOp``: each step of
+  :func:`~precsim.integer.ivit_ops.shiftmax_int`, ``shift_gelu_int`` and ``i_layernorm_int`` in
+  int64. ONNX's integer ``Div`` truncates toward zero and its ``BitShift`` takes unsigned types
+  only, so an arithmetic right shift or floor division of a value that may be negative is a
+  ``Div`` with a sign correction (:meth:`_Graph.floor_div`); a bare ``Div`` only where both
+  operands are provably non-negative; a shift by a data-dependent amount divides by a power of
+  two gathered from a table. The square root is Newton's iteration unrolled a fixed number of
+  times (:meth:`_Graph.isqrt` shows why that count suffices);
+* ``AddConstOp``: the residual-add pieces plus the constant rows (``Expand``, ``Concat``);
+* ``LayoutOp``: ``Transpose``, ``Reshape`` (the sizes it keeps are read with ``Shape`` at run
+  time, so the batch stays dynamic), ``Gather``, ``Slice``, ``Unsqueeze``.
+
+Graph tensors have the logical (channels-first) layout; the integer model's channels-last
+storage is internal to its kernels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from precsim.integer.ivit_ops import ShiftExpConsts
 from precsim.integer.model import IntegerModel
 from precsim.integer.ops import (
     AddOp,
@@ -46,11 +71,26 @@ from precsim.integer.ops import (
     ReshapeOp,
     to_nchw,
 )
+from precsim.integer.vit_ops import (
+    AddConstOp,
+    ILayerNormOp,
+    LayoutOp,
+    MatMulOp,
+    ShiftGeluOp,
+    ShiftmaxOp,
+    decode_index,
+)
 
 __all__ = ["export_onnx"]
 
 OPSET = 21
 IR_VERSION = 10  # onnxruntime 1.18+ reads it
+INT64_MAX = 2**63 - 1
+# Newton steps of _Graph.isqrt: enough for every n in [1, 2^62) (proof in its docstring).
+ISQRT_STEPS = 6
+_ISQRT_LIMIT = 62  # isqrt's inputs are below 2^62
+
+Shapes = dict[str, tuple[int, ...]]
 
 
 class ExportError(ValueError):
@@ -66,8 +106,22 @@ def _import_onnx() -> Any:
     return onnx
 
 
+_CODE_TYPES = {torch.uint8: "UINT8", torch.int8: "INT8", torch.int16: "INT16", torch.int32: "INT32"}
+_EIGHT_BIT = (torch.uint8, torch.int8)
+
+
+def _onnx_type(onnx: Any, dtype: torch.dtype) -> int:
+    if dtype not in _CODE_TYPES:
+        raise ExportError(f"codes of dtype {dtype} have no ONNX type here (8-, 16- or 32-bit integer codes only)")
+    return int(getattr(onnx.TensorProto, _CODE_TYPES[dtype]))
+
+
+def _np_dtype(dtype: torch.dtype) -> Any:
+    return {torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32}[dtype]
+
+
 class _Graph:
-    """Collects ONNX nodes and constants with generated names."""
+    """Collects ONNX nodes and constants with generated names, and the int64 pieces the ops share."""
 
     def __init__(self, onnx: Any, rounding: str = "gemmlowp") -> None:
         self.onnx, self.helper = onnx, onnx.helper
@@ -93,14 +147,78 @@ class _Graph:
         self.nodes.append(self.helper.make_node(op, inputs, [out], **attrs))
         return out
 
+    def name_as(self, x: str, out: str, since: int) -> None:
+        """Call tensor ``x`` ``out``: rename the output of the last node if a node added after
+        index ``since`` made it (no other node reads it yet), else add an ``Identity``."""
+        if len(self.nodes) > since and list(self.nodes[-1].output) == [x]:
+            self.nodes[-1].output[0] = out
+        else:
+            self.nodes.append(self.helper.make_node("Identity", [x], [out]))
+
     # --- integer pieces (int64) ----------------------------------------------------------------
+    def int64(self, x: str) -> str:
+        return self.node("Cast", [x], to=self.onnx.TensorProto.INT64)
+
+    def cast(self, x: str, dtype: torch.dtype) -> str:
+        return self.node("Cast", [x], to=_onnx_type(self.onnx, dtype))
+
+    def mul(self, x: str, c: int) -> str:
+        return self.node("Mul", [x, self.i64(c)]) if c != 1 else x
+
     def floor_div(self, t: str, d: str) -> str:
-        """floor(t / d) for d > 0 from ONNX's truncating integer Div."""
+        """floor(t / d) for d > 0 from ONNX's truncating integer Div (t of either sign)."""
         q = self.node("Div", [t, d])
         r = self.node("Sub", [t, self.node("Mul", [q, d])])
         neg = self.node("Cast", [self.node("Less", [r, self.i64(0)])], to=self.onnx.TensorProto.INT64)
         return self.node("Sub", [q, neg])
 
+    def div_nonneg(self, t: str, d: str) -> str:
+        """floor(t / d) where ``t >= 0`` and ``d > 0`` are proven: truncation is the floor there."""
+        return self.node("Div", [t, d])
+
+    def shr(self, x: str, bits: int) -> str:
+        """Arithmetic right shift (torch.bitwise_right_shift) of signed int64: floor(x / 2^bits)."""
+        return self.floor_div(x, self.i64(1 << bits)) if bits else x
+
+    def dyadic(self, x: str, b: int, c: int) -> str:
+        """:func:`~precsim.integer.fixedpoint.apply_dyadic`: ``floor((x b + 2^(c-1)) / 2^c)``."""
+        p = self.mul(x, b)
+        return self.shr(self.node("Add", [p, self.i64(1 << (c - 1))]), c) if c else p
+
+    def pow2(self, e: str, top: int) -> str:
+        """``2^e`` for int64 exponents in [0, top], gathered from a table (no signed shift in ONNX)."""
+        return self.node("Gather", [self.i64([1 << i for i in range(top + 1)], "pow2"), e])
+
+    def reduce_last(self, op: str, x: str) -> str:
+        return self.node(op, [x, self.i64([-1])], keepdims=1)
+
+    def isqrt(self, n: str) -> str:
+        """``floor(sqrt(n))`` for int64 ``n`` in [1, 2^62), as :func:`~precsim.integer.ivit_ops.isqrt`.
+
+        Newton from the same start, ``x0 = 2^ceil(b/2)`` with ``b`` the bit length of ``n``
+        (counted by comparisons, read from a table), then ``ISQRT_STEPS`` = 6 unrolled steps
+        ``x <- min(x, (x + n // x) // 2)`` (all non-negative: ``Div`` is the floor). Why 6
+        suffice, with ``r = sqrt(n) < 2^31``: a step never goes below ``floor(r)``
+        (``floor((x + n/x) / 2) >= floor(r)`` by AM-GM) and, while ``x > r``, the relative error
+        ``e = x / r - 1`` obeys ``e' <= e^2 / (2 (1 + e))``. ``x0 / r <= 2`` gives ``e0 <= 1``,
+        then ``e1 <= 1/4``, ``e2 <= 1/40``, ``e3 <= 3.1e-4``, ``e4 <= 4.9e-8``, ``e5 <= 1.2e-15``,
+        so ``x5 < r + 2^31 * 1.2e-15 < r + 1``: ``x5`` is ``floor(r)`` or ``floor(r) + 1 > r``,
+        and from ``x > r`` the step gives ``floor((x + n/x) / 2) < x``, i.e. ``floor(r)``. The
+        ``min`` keeps ``floor(r)`` once reached (plain Newton would oscillate to ``floor(r) + 1``
+        for ``n = m^2 - 1``, as the reference's stop-when-not-decreasing test avoids). Measured
+        over adversarial inputs in tests/integer/test_onnx.py.
+        """
+        below = self.i64([(1 << j) - 1 for j in range(_ISQRT_LIMIT)], "pow2m1")  # n > 2^j - 1 <=> b > j
+        over = self.node("Greater", [self.node("Unsqueeze", [n, self.i64([-1])]), below])
+        bits = self.node("ReduceSum", [self.int64(over), self.i64([-1])], keepdims=0)
+        x = self.node("Gather", [self.i64([1 << ((b + 1) // 2) for b in range(_ISQRT_LIMIT + 1)], "x0"), bits])
+        two = self.i64(2)
+        for _ in range(ISQRT_STEPS):
+            y = self.div_nonneg(self.node("Add", [x, self.div_nonneg(n, x)]), two)
+            x = self.node("Min", [x, y])
+        return x
+
+    # --- requantization ------------------------------------------------------------------------
     def mbqm(self, x: str, m0: Any, shift: Any, shape: tuple[int, ...]) -> str:
         """MultiplyByQuantizedMultiplier of int64 ``x`` (int32-range values), per channel via ``shape``."""
         m = np.asarray(m0, dtype=np.int64).reshape(shape)
@@ -138,36 +256,41 @@ class _Graph:
         t = self.node("Sub", [self.node("Add", [x, self.i64(1 << (exponent - 1))]), neg])
         return self.floor_div(t, self.i64(1 << exponent))
 
-    def finish(self, x: str, qp: QParams, lo: int, hi: int, out: str) -> str:
-        """+ Z_out, clamp, cast to the code dtype, named ``out``."""
-        y = self.node("Clip", [self.node("Add", [x, self.i64(qp.zero_point)]), self.i64(lo), self.i64(hi)])
-        self.nodes.append(self.helper.make_node("Cast", [y], [out], to=_onnx_type(self.onnx, qp.dtype)))
-        return out
+    def clip_cast(self, x: str, lo: int, hi: int, dtype: torch.dtype) -> str:
+        return self.cast(self.node("Clip", [x, self.i64(lo), self.i64(hi)]), dtype)
+
+    def finish(self, x: str, qp: QParams, lo: int, hi: int) -> str:
+        """+ Z_out, clamp, cast to the code dtype."""
+        return self.clip_cast(self.node("Add", [x, self.i64(qp.zero_point)]), lo, hi, qp.dtype)
 
     def as_uint8(self, x: str, qp: QParams) -> tuple[str, int]:
-        """Codes as uint8 (int8 codes shifted by +128) and the matching zero point."""
+        """8-bit codes as uint8 (int8 codes shifted by +128) and the matching zero point."""
         if qp.dtype == torch.uint8:
             return x, qp.zero_point
         shifted = self.node("Add", [self.node("Cast", [x], to=self.onnx.TensorProto.INT16), self.const(128, np.int16)])
         return self.node("Cast", [shifted], to=self.onnx.TensorProto.UINT8), qp.zero_point + 128
 
     def centred(self, x: str, zp: int) -> str:
-        return self.node("Sub", [self.node("Cast", [x], to=self.onnx.TensorProto.INT64), self.i64(zp)])
+        return self.node("Sub", [self.int64(x), self.i64(zp)])
+
+    # --- shapes --------------------------------------------------------------------------------
+    def shape_with(self, x: str, rank: int, start: int, end: int, middle: list[int]) -> str:
+        """``x``'s shape (read at run time) with dims ``start..end`` (inclusive) replaced by ``middle``."""
+        parts = []
+        if start > 0:
+            parts.append(self.node("Shape", [x], start=0, end=start))
+        parts.append(self.i64(middle))
+        if end < rank - 1:
+            parts.append(self.node("Shape", [x], start=end + 1))
+        return self.node("Concat", parts, axis=0) if len(parts) > 1 else parts[0]
+
+    def flatten(self, x: str, rank: int, start: int, end: int) -> str:
+        start, end = start % rank, end % rank
+        return self.node("Reshape", [x, self.shape_with(x, rank, start, end, [-1])])
 
 
-def _onnx_type(onnx: Any, dtype: torch.dtype) -> int:
-    table = {torch.uint8: onnx.TensorProto.UINT8, torch.int8: onnx.TensorProto.INT8}
-    if dtype not in table:
-        raise ExportError(f"codes of dtype {dtype} have no ONNX integer kernels; export needs 8-bit (or narrower) codes")
-    return table[dtype]
-
-
-def _np_dtype(dtype: torch.dtype) -> Any:
-    return {torch.uint8: np.uint8, torch.int8: np.int8}[dtype]
-
-
-def _shapes(imodel: IntegerModel, example: Tensor) -> dict[str, tuple[int, ...]]:
-    """NCHW shape of every tensor for one example batch (and resolved pooling multipliers)."""
+def _shapes(imodel: IntegerModel, example: Tensor) -> Shapes:
+    """Logical (NCHW) shape of every tensor for one example batch (and resolved pooling multipliers)."""
     record: list[tuple[str, str, Tensor]] = []
     codes = imodel.quantize_input(example)
     imodel.run_integer(codes, record=record)
@@ -178,83 +301,282 @@ def _shapes(imodel: IntegerModel, example: Tensor) -> dict[str, tuple[int, ...]]
     return shapes
 
 
-def _emit(g: _Graph, op: Op, names: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> None:
-    onnx = g.onnx
-    ins = [names[i] for i in op.inputs]
-    out = names[op.output] = g.fresh(op.output.replace(".", "_").replace(":", "_"))
-    if isinstance(op, ConvOp):
-        if op.acc_dtype != "int32":
-            raise ExportError(f"{op.name}: the accumulator needs int64; ONNX ConvInteger/MatMulInteger accumulate in int32")
-        zw = op.w_zero_point.unique()
-        if zw.numel() != 1:
-            raise ExportError(f"{op.name}: per-channel weight zero points are not supported by ONNX Runtime's "
-                              "integer kernels; use symmetric per-channel weights")
-        # Both operands as uint8 (signed codes + 128, zero point + 128): onnxruntime's u8s8 x86
-        # kernels (without VNNI) saturate pairs of products to int16, u8u8 ones do not.
-        x, x_zp_val = g.as_uint8(ins[0], op.in_qp)
-        w_np = op.weight.to(torch.int32).numpy() + (128 if op.weight.dtype == torch.int8 else 0)
-        w_zp_val = int(zw[0]) + (128 if op.weight.dtype == torch.int8 else 0)
-        x_zp = g.const(x_zp_val, np.uint8, "x_zp")
-        w_zp = g.const(w_zp_val, np.uint8, "w_zp")
-        cout = op.weight.shape[0]
-        if op.op_type == "conv2d":
-            w = g.const(w_np, np.uint8, f"{op.name}.weight")
-            ph, pw = op.padding
-            acc = g.node("ConvInteger", [x, w, x_zp, w_zp], "acc", pads=[ph, pw, ph, pw],
-                         strides=list(op.stride), dilations=list(op.dilation), group=op.groups,
-                         kernel_shape=list(op.weight.shape[2:]))
-            shape: tuple[int, ...] = (1, cout, 1, 1)
-        else:
-            w = g.const(np.ascontiguousarray(w_np.T), np.uint8, f"{op.name}.weight")
-            acc = g.node("MatMulInteger", [x, w, x_zp, w_zp], "acc")
-            shape = (1, cout)
-        acc = g.node("Cast", [acc], to=onnx.TensorProto.INT64)
-        acc = g.node("Add", [acc, g.i64(op.bias.numpy().astype(np.int64).reshape(shape), f"{op.name}.bias")])
-        g.finish(g.mbqm(acc, op.multiplier.numpy(), op.shift.numpy(), shape), op.out_qp, op.lo, op.hi, out)
-    elif isinstance(op, AddOp):
-        one = g.i64(1 << op.left_shift)
-        a = g.mbqm(g.node("Mul", [g.centred(ins[0], op.a_qp.zero_point), one]), op.a_multiplier, op.a_shift, ())
-        b = g.mbqm(g.node("Mul", [g.centred(ins[1], op.b_qp.zero_point), one]), op.b_multiplier, op.b_shift, ())
-        g.finish(g.rdbpot(g.node("Add", [a, b]), op.left_shift), op.out_qp, op.lo, op.hi, out)
-    elif isinstance(op, RequantOp):
-        x = g.mbqm(g.centred(ins[0], op.in_qp.zero_point), op.multiplier, op.shift, ())
-        g.finish(x, op.out_qp, op.lo, op.hi, out)
-    elif isinstance(op, ClampOp):
-        g.finish(g.centred(ins[0], op.qp.zero_point), op.qp, op.lo, op.hi, out)
-    elif isinstance(op, AvgPoolOp):
-        n, c, h, w = shapes[op.inputs[0]]
-        if op.kernel is None:
-            total = g.node("ReduceSum", [g.centred(ins[0], op.in_qp.zero_point), g.i64([2, 3])], keepdims=1)
-            count = h * w
-        else:  # window sums as a depthwise ConvInteger with a kernel of ones
-            kh, kw = op.kernel
-            ones = g.const(np.ones((c, 1, kh, kw)), np.uint8, "ones")
-            x, x_zp_val = g.as_uint8(ins[0], op.in_qp)
-            x_zp = g.const(x_zp_val, np.uint8, "x_zp")
-            total = g.node("ConvInteger", [x, ones, x_zp, g.const(0, np.uint8, "w_zp")], group=c,
-                           kernel_shape=[kh, kw], strides=list(op.stride or op.kernel))
-            total = g.node("Cast", [total], to=onnx.TensorProto.INT64)
-            count = kh * kw
-        m0, shift = op.multiplier_for(count)
-        g.finish(g.mbqm(total, m0, shift, ()), op.out_qp, op.lo, op.hi, out)
-    elif isinstance(op, MaxPoolOp):
+# --------------------------------------------------------------------------------------------
+# One emitter per op kind: (graph, op, input tensor names, shapes) -> the output tensor's name
+# --------------------------------------------------------------------------------------------
+
+
+def _conv(g: _Graph, op: ConvOp, ins: list[str], shapes: Shapes) -> str:
+    """ConvInteger/MatMulInteger on uint8 operands, + bias, requantized per output channel."""
+    if op.acc_dtype != "int32":
+        raise ExportError(f"{op.name}: the accumulator needs int64; "
+                          "ONNX ConvInteger/MatMulInteger accumulate in int32")
+    if op.in_qp.dtype not in _EIGHT_BIT:
+        raise ExportError(f"{op.name}: {op.in_qp.dtype} input codes; ONNX ConvInteger/MatMulInteger take 8-bit codes")
+    zw = op.w_zero_point.unique()
+    if zw.numel() != 1:
+        raise ExportError(f"{op.name}: per-channel weight zero points are not supported by ONNX Runtime's "
+                          "integer kernels; use symmetric per-channel weights")
+    # Both operands as uint8 (signed codes + 128, zero point + 128): onnxruntime's u8s8 x86
+    # kernels (without VNNI) saturate pairs of products to int16, u8u8 ones do not.
+    x, x_zp_val = g.as_uint8(ins[0], op.in_qp)
+    w_np = op.weight.to(torch.int32).numpy() + (128 if op.weight.dtype == torch.int8 else 0)
+    w_zp_val = int(zw[0]) + (128 if op.weight.dtype == torch.int8 else 0)
+    x_zp = g.const(x_zp_val, np.uint8, "x_zp")
+    w_zp = g.const(w_zp_val, np.uint8, "w_zp")
+    cout = op.weight.shape[0]
+    if op.op_type == "conv2d":
+        w = g.const(w_np, np.uint8, f"{op.name}.weight")
         ph, pw = op.padding
-        g.nodes.append(g.helper.make_node("MaxPool", ins, [out], kernel_shape=list(op.kernel),
-                                          strides=list(op.stride), pads=[ph, pw, ph, pw]))
-    elif isinstance(op, FlattenOp):
-        rank = len(shapes[op.inputs[0]])
-        start, end = op.start_dim % rank, op.end_dim % rank
-        if start == 1 and end == rank - 1:
-            g.nodes.append(g.helper.make_node("Flatten", ins, [out], axis=1))
-        else:
-            tail = list(shapes[op.output][start + 1:])
-            g.nodes.append(g.helper.make_node("Reshape", [ins[0], g.i64([0] * start + [-1] + tail)], [out]))
-    elif isinstance(op, ReshapeOp):
-        g.nodes.append(g.helper.make_node("Reshape", [ins[0], g.i64(list(op.shape))], [out]))
-    elif isinstance(op, CatOp):
-        g.nodes.append(g.helper.make_node("Concat", ins, [out], axis=op.dim))
+        acc = g.node("ConvInteger", [x, w, x_zp, w_zp], "acc", pads=[ph, pw, ph, pw],
+                     strides=list(op.stride), dilations=list(op.dilation), group=op.groups,
+                     kernel_shape=list(op.weight.shape[2:]))
+        shape: tuple[int, ...] = (1, cout, 1, 1)
     else:
+        w = g.const(np.ascontiguousarray(w_np.T), np.uint8, f"{op.name}.weight")
+        acc = g.node("MatMulInteger", [x, w, x_zp, w_zp], "acc")
+        shape = (1, cout)
+    acc = g.node("Add", [g.int64(acc), g.i64(op.bias.numpy().astype(np.int64).reshape(shape), f"{op.name}.bias")])
+    return g.finish(g.mbqm(acc, op.multiplier.numpy(), op.shift.numpy(), shape), op.out_qp, op.lo, op.hi)
+
+
+def _add(g: _Graph, op: AddOp, ins: list[str], shapes: Shapes) -> str:
+    """Both inputs rescaled with ``left_shift`` extra bits, summed, one final rounding shift."""
+    one = 1 << op.left_shift
+    a = g.mbqm(g.mul(g.centred(ins[0], op.a_qp.zero_point), one), op.a_multiplier, op.a_shift, ())
+    b = g.mbqm(g.mul(g.centred(ins[1], op.b_qp.zero_point), one), op.b_multiplier, op.b_shift, ())
+    return g.finish(g.rdbpot(g.node("Add", [a, b]), op.left_shift), op.out_qp, op.lo, op.hi)
+
+
+def _requant(g: _Graph, op: RequantOp, ins: list[str], shapes: Shapes) -> str:
+    x = g.mbqm(g.centred(ins[0], op.in_qp.zero_point), op.multiplier, op.shift, ())
+    return g.finish(x, op.out_qp, op.lo, op.hi)
+
+
+def _clamp(g: _Graph, op: ClampOp, ins: list[str], shapes: Shapes) -> str:
+    return g.finish(g.centred(ins[0], op.qp.zero_point), op.qp, op.lo, op.hi)
+
+
+def _avgpool(g: _Graph, op: AvgPoolOp, ins: list[str], shapes: Shapes) -> str:
+    """Window sums (ReduceSum, or a depthwise ConvInteger with a kernel of ones), one requantization."""
+    n, c, h, w = shapes[op.inputs[0]]
+    if op.kernel is None:
+        total = g.node("ReduceSum", [g.centred(ins[0], op.in_qp.zero_point), g.i64([2, 3])], keepdims=1)
+        count = h * w
+    else:
+        kh, kw = op.kernel
+        ones = g.const(np.ones((c, 1, kh, kw)), np.uint8, "ones")
+        x, x_zp_val = g.as_uint8(ins[0], op.in_qp)
+        x_zp = g.const(x_zp_val, np.uint8, "x_zp")
+        total = g.int64(g.node("ConvInteger", [x, ones, x_zp, g.const(0, np.uint8, "w_zp")], group=c,
+                               kernel_shape=[kh, kw], strides=list(op.stride or op.kernel)))
+        count = kh * kw
+    m0, shift = op.multiplier_for(count)
+    return g.finish(g.mbqm(total, m0, shift, ()), op.out_qp, op.lo, op.hi)
+
+
+def _maxpool(g: _Graph, op: MaxPoolOp, ins: list[str], shapes: Shapes) -> str:
+    ph, pw = op.padding
+    return g.node("MaxPool", ins, kernel_shape=list(op.kernel), strides=list(op.stride), pads=[ph, pw, ph, pw])
+
+
+def _flatten(g: _Graph, op: FlattenOp, ins: list[str], shapes: Shapes) -> str:
+    return g.flatten(ins[0], len(shapes[op.inputs[0]]), op.start_dim, op.end_dim)
+
+
+def _reshape(g: _Graph, op: ReshapeOp, ins: list[str], shapes: Shapes) -> str:
+    return g.node("Reshape", [ins[0], g.i64(list(op.shape))])
+
+
+def _cat(g: _Graph, op: CatOp, ins: list[str], shapes: Shapes) -> str:
+    return g.node("Concat", ins, axis=op.dim)
+
+
+def _matmul(g: _Graph, op: MatMulOp, ins: list[str], shapes: Shapes) -> str:
+    """Activation x activation: the op's accumulator plan for this K, then its requantization.
+
+    An int32 plan with 8-bit operands runs on ``MatMulInteger`` (uint8, as for Linear); any
+    other is an int64 ``MatMul`` of the centred codes, which holds the exact sum the int32 or
+    int64 accumulator of the integer model holds. A plan's ``pre_shift`` rounds it first.
+    """
+    acc_t, pre, _ = op.plan(shapes[op.inputs[0]][-1])
+    if acc_t == torch.int32 and op.a_qp.dtype in _EIGHT_BIT and op.b_qp.dtype in _EIGHT_BIT:
+        a, za = g.as_uint8(ins[0], op.a_qp)
+        b, zb = g.as_uint8(ins[1], op.b_qp)
+        acc = g.int64(g.node("MatMulInteger", [a, b, g.const(za, np.uint8, "a_zp"), g.const(zb, np.uint8, "b_zp")],
+                             "acc"))
+    else:
+        acc = g.node("MatMul", [g.centred(ins[0], op.a_qp.zero_point), g.centred(ins[1], op.b_qp.zero_point)], "acc")
+    return g.finish(g.mbqm(g.rdbpot(acc, pre), op.multiplier, op.shift + pre, ()), op.out_qp, op.lo, op.hi)
+
+
+def _shift_exp(g: _Graph, x: str, k: ShiftExpConsts) -> str:
+    """:func:`~precsim.integer.ivit_ops.shift_exp_int` of int64 codes ``x <= 0``: ``~2^K e^(x scale)``.
+
+    ``p <= 0`` (a dyadic multiple of ``t <= 0``, rounded half up), so ``q = -floor(p / 2^F)``
+    is in [0, ...] and clamped to K + 1; the mantissa is positive, so its shift right by ``q``
+    is a plain ``Div`` by ``2^q``.
+    """
+    big = g.mul(g.node("Max", [x, g.i64(k.x_floor)]), 1 << k.guard_bits)
+    t = g.node("Sub", [g.node("Add", [big, g.shr(big, 1)]), g.shr(big, 4)])
+    p = g.dyadic(t, k.mult, k.shift)
+    whole = g.shr(p, k.frac_bits)  # floor(p / 2^F) = -q
+    frac = g.node("Sub", [p, g.mul(whole, 1 << k.frac_bits)])  # p & (2^F - 1)
+    mant = g.mul(g.node("Add", [frac, g.i64(1 << k.frac_bits)]), 1 << (k.exp_bits - k.frac_bits))
+    q = g.node("Clip", [g.node("Neg", [whole]), g.i64(0), g.i64(k.exp_bits + 1)])
+    return g.div_nonneg(mant, g.pow2(q, k.exp_bits + 1))
+
+
+def _shiftmax(g: _Graph, op: ShiftmaxOp, ins: list[str], shapes: Shapes) -> str:
+    """:func:`~precsim.integer.ivit_ops.shiftmax_int` over the last dim (row sum ``s >= 2^K > 0``,
+    so the normalising divisions have non-negative operands)."""
+    k = op._k
+    n, m = shapes[op.inputs[0]][-1], k.out_max
+    if n * (1 << k.exp.exp_bits) * (2 * m + 1) >= 1 << 63:
+        raise ExportError(f"{op.name}: rows of {n} are too long for the int64 normalisation at {k.output_bits} bits")
+    x = g.int64(ins[0])
+    e = _shift_exp(g, g.node("Sub", [x, g.reduce_last("ReduceMax", x)]), k.exp)
+    s = g.reduce_last("ReduceSum", e)
+    two_s = g.mul(s, 2)
+
+    def rounded(c: str) -> str:  # floor((2 c M + s) / (2 s))
+        return g.div_nonneg(g.node("Add", [g.mul(c, 2 * m), s]), two_s)
+
+    if k.sum_preserving:  # R(inclusive cumsum) - R(exclusive cumsum): torch.diff with a 0 prepended
+        last = g.i64(-1)
+        inclusive, exclusive = g.node("CumSum", [e, last]), g.node("CumSum", [e, last], exclusive=1)
+        codes = g.node("Sub", [rounded(inclusive), rounded(exclusive)])
+    else:
+        codes = rounded(e)
+    return g.cast(codes, op.out_qp.dtype)
+
+
+def _shift_gelu(g: _Graph, op: ShiftGeluOp, ins: list[str], shapes: Shapes) -> str:
+    """:func:`~precsim.integer.ivit_ops.shift_gelu_int`, then the op's clamp to its output codes."""
+    k = op._k
+    x = g.node("Clip", [g.int64(ins[0]), g.i64(k.x_lo), g.i64(k.x_hi)])
+    big = g.mul(x, 1 << k.guard_bits)
+    y = g.node("Add", [g.node("Add", [g.node("Add", [big, g.shr(big, 1)]), g.shr(big, 3)]), g.shr(big, 4)])
+    e = _shift_exp(g, g.node("Neg", [g.node("Abs", [y])]), k.exp)
+    one = g.i64(1 << k.exp.exp_bits)
+    num = g.node("Where", [g.node("Less", [y, g.i64(0)]), e, one])
+    den = g.node("Add", [one, e])
+    sig = g.div_nonneg(g.node("Add", [g.mul(num, 1 << (k.sigmoid_bits + 1)), den]), g.mul(den, 2))
+    v = g.node("Clip", [g.dyadic(g.node("Mul", [x, sig]), k.out_mult, k.out_shift), g.i64(k.qmin), g.i64(k.qmax)])
+    return g.clip_cast(v, op.out_qp.qmin, op.out_qp.qmax, op.out_qp.dtype)
+
+
+def _i_layernorm(g: _Graph, op: ILayerNormOp, ins: list[str], shapes: Shapes) -> str:
+    """:func:`~precsim.integer.ivit_ops.i_layernorm_int` over the last dim, then the op's clamp.
+
+    The integer model refuses inputs outside the signed ``in_bits`` range at run time, which a
+    graph cannot; export therefore needs the input codes' whole range inside it.
+    """
+    k = op._k
+    lim = 1 << (k.in_bits - 1)
+    if shapes[op.inputs[0]][-1] != k.n:
+        raise ExportError(f"{op.name}: last dim {shapes[op.inputs[0]][-1]} != n = {k.n}")
+    if op.in_qp.qmin < -lim or op.in_qp.qmax >= lim:
+        raise ExportError(f"{op.name}: input codes {op.in_qp.qmin}..{op.in_qp.qmax} exceed I-LayerNorm's "
+                          f"{k.in_bits}-bit range")
+    n, p = k.n, k.frac_bits
+    x = g.int64(ins[0])
+    mean = g.floor_div(g.node("Add", [g.mul(g.reduce_last("ReduceSum", x), 1 << (p + 1)), g.i64(n)]), g.i64(2 * n))
+    y = g.node("Sub", [g.mul(x, 1 << p), mean])
+    ssq = g.reduce_last("ReduceSum", g.node("Mul", [y, y]))
+    var = g.node("Add", [g.div_nonneg(g.node("Add", [g.mul(ssq, 2), g.i64(n)]), g.i64(2 * n)), g.i64(k.eps_int)])
+    # max(isqrt(var), 1) == isqrt(max(var, 1)): isqrt is monotone and isqrt(0) = 0, isqrt(1) = 1
+    std = g.isqrt(g.node("Max", [var, g.i64(1)]))
+    z = g.floor_div(g.node("Add", [g.mul(y, 1 << (k.norm_bits + 1)), std]), g.mul(std, 2))
+    acc = g.node("Add", [g.node("Mul", [z, g.i64(k.weight_int.numpy(), "ln_weight")]),
+                         g.i64(k.bias_int.numpy(), "ln_bias")])
+    v = g.node("Clip", [g.dyadic(acc, k.out_mult, k.out_shift), g.i64(k.qmin), g.i64(k.qmax)])
+    return g.clip_cast(v, op.out_qp.qmin, op.out_qp.qmax, op.out_qp.dtype)
+
+
+def _add_const(g: _Graph, op: AddConstOp, ins: list[str], shapes: Shapes) -> str:
+    """Tokens rescaled to ``S_out 2^-L`` plus ``offset``, ``prefix`` rows prepended, one rounding shift."""
+    rank = len(shapes[op.inputs[0]])
+    x = g.mul(g.centred(ins[0], op.in_qp.zero_point), 1 << op.left_shift)
+    v = g.mbqm(x, op.multiplier, op.shift, ())
+    if op.offset.numel():
+        v = g.node("Add", [v, g.i64(op.offset.numpy(), "offset")])
+    if op.prefix.numel():
+        d = op.dim % rank
+        target = g.shape_with(v, rank, d, d, [op.prefix.shape[d]])
+        v = g.node("Concat", [g.node("Expand", [g.i64(op.prefix.numpy(), "prefix"), target]), v], axis=d)
+    return g.finish(g.rdbpot(v, op.left_shift), op.out_qp, op.lo, op.hi)
+
+
+def _index(g: _Graph, x: str, key: tuple[Any, ...], rank: int) -> str:
+    """``x[key]`` for ints, slices (step > 0, as torch), ``...`` and None: Slice, Gather, Unsqueeze."""
+    items = list(key)
+    fill = [slice(None)] * (rank - sum(1 for it in items if it is not None and it is not Ellipsis))
+    at = next((i for i, it in enumerate(items) if it is Ellipsis), len(items))
+    items[at:at + 1] = fill
+    starts, ends, steps, axes, picks, new = [], [], [], [], [], []
+    axis = pos = 0
+    for it in items:
+        if it is None:
+            new.append(pos)
+            pos += 1
+            continue
+        if isinstance(it, int):
+            picks.append((axis, it))
+        else:
+            if it != slice(None):
+                starts.append(0 if it.start is None else it.start)
+                ends.append(INT64_MAX if it.stop is None else it.stop)
+                steps.append(1 if it.step is None else it.step)
+                axes.append(axis)
+            pos += 1
+        axis += 1
+    if axes:
+        x = g.node("Slice", [x, g.i64(starts), g.i64(ends), g.i64(axes), g.i64(steps)])
+    for axis, i in reversed(picks):  # the highest axis first, so the lower ones keep their numbers
+        x = g.node("Gather", [x, g.i64(i)], axis=axis)
+    return g.node("Unsqueeze", [x, g.i64(new)]) if new else x
+
+
+def _layout(g: _Graph, op: LayoutOp, ins: list[str], shapes: Shapes) -> str:
+    """permute/transpose/flatten/unflatten/select/getitem on the logical tensor."""
+    x, rank, args = ins[0], len(shapes[op.inputs[0]]), op.args
+    if op.method in ("permute", "transpose"):
+        if op.method == "permute":  # x.permute(2, 0, 1) or x.permute((2, 0, 1))
+            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+            perm = [int(d) % rank for d in dims]
+        else:
+            perm = list(range(rank))
+            a, b = int(args[0]) % rank, int(args[1]) % rank
+            perm[a], perm[b] = perm[b], perm[a]
+        return g.node("Transpose", [x], perm=perm)
+    if op.method == "flatten":
+        start, end = [*args, *[0, -1][len(args):]]  # Tensor.flatten(start_dim=0, end_dim=-1)
+        return g.flatten(x, rank, int(start), int(end))
+    if op.method == "unflatten":
+        d = int(args[0]) % rank
+        return g.node("Reshape", [x, g.shape_with(x, rank, d, d, [int(s) for s in args[1]])])
+    if op.method == "select":
+        return g.node("Gather", [x, g.i64(int(args[1]))], axis=int(args[0]) % rank)
+    return _index(g, x, decode_index(args), rank)
+
+
+_EMITTERS: dict[type[Op], Callable[[_Graph, Any, list[str], Shapes], str]] = {
+    ConvOp: _conv, AddOp: _add, RequantOp: _requant, ClampOp: _clamp, AvgPoolOp: _avgpool, MaxPoolOp: _maxpool,
+    FlattenOp: _flatten, ReshapeOp: _reshape, CatOp: _cat,
+    MatMulOp: _matmul, ShiftmaxOp: _shiftmax, ShiftGeluOp: _shift_gelu, ILayerNormOp: _i_layernorm,
+    AddConstOp: _add_const, LayoutOp: _layout,
+}
+
+
+def _emit(g: _Graph, op: Op, names: dict[str, str], shapes: Shapes) -> None:
+    emitter = _EMITTERS.get(type(op))
+    if emitter is None:
         raise ExportError(f"{op.name}: no ONNX form for integer op {op.kind!r}")
+    since = len(g.nodes)
+    result = emitter(g, op, [names[i] for i in op.inputs], shapes)
+    out = names[op.output] = g.fresh(op.output.replace(".", "_").replace(":", "_"))
+    g.name_as(result, out, since)
 
 
 def export_onnx(imodel: IntegerModel, path: str | Path, example: Tensor) -> Any:
@@ -263,7 +585,8 @@ def export_onnx(imodel: IntegerModel, path: str | Path, example: Tensor) -> Any:
     ``example``: a float input batch (its shape fixes the non-batch dimensions; the batch
     dimension stays dynamic). Graph input ``input`` (float32); outputs ``output`` (float32)
     and ``output_codes`` (the integer codes). Both rounding modes of the integer model are
-    written out exactly (int64 ``Mul``/``Add`` and a flooring division).
+    written out exactly (int64 ``Mul``/``Add`` and a flooring division), the CNN ops and the
+    integer vision-transformer ops alike.
     """
     onnx = _import_onnx()
     helper = onnx.helper
@@ -271,12 +594,13 @@ def export_onnx(imodel: IntegerModel, path: str | Path, example: Tensor) -> Any:
     with torch.no_grad():
         shapes = _shapes(imodel, example)
     iq, oq = imodel.input_qp, imodel.output_qp
-    _onnx_type(onnx, iq.dtype)  # validates the input codes
+    if iq.dtype not in (torch.uint8, torch.int8, torch.int16):
+        raise ExportError(f"input codes of dtype {iq.dtype}: QuantizeLinear makes 8- or 16-bit codes")
     out_type = _onnx_type(onnx, oq.dtype)
     codes = g.node("QuantizeLinear", ["input", g.const(iq.scale, np.float32, "in_scale"),
                                       g.const(iq.zero_point, _np_dtype(iq.dtype), "in_zp")], "codes")
     full = torch.iinfo(iq.dtype)
-    if (iq.qmin, iq.qmax) != (full.min, full.max):  # narrower than 8 bits: saturate to the format
+    if (iq.qmin, iq.qmax) != (full.min, full.max):  # narrower than the storage type: saturate to the format
         codes = g.node("Clip", [codes, g.const(iq.qmin, _np_dtype(iq.dtype), "lo"),
                                 g.const(iq.qmax, _np_dtype(iq.dtype), "hi")])
     names = {imodel.input_name: codes}
