@@ -39,6 +39,7 @@ __all__ += ["QuantizedOptimizer", "set_compile", "tune_allocator"]
 
 from precsim.integer.convert import ConversionError, convert, integer_config  # noqa: E402
 from precsim.integer.exact import integer_exact  # noqa: E402
+from precsim.integer.ibert_config import ibert_config  # noqa: E402
 from precsim.integer.ivit_config import ivit_config  # noqa: E402
 from precsim.integer.model import IntegerModel, describe  # noqa: E402
 from precsim.integer.onnx_export import export_onnx  # noqa: E402
@@ -47,4 +48,4 @@ from precsim.qat.fold import fold_conv_bn  # noqa: E402
 from precsim.qat.telemetry import collect_stats  # noqa: E402
 
 __all__ += ["ConversionError", "IntegerModel", "calibrate", "collect_stats", "convert", "describe", "export_onnx", "fold_conv_bn",
-            "integer_config", "integer_exact", "ivit_config"]
+            "ibert_config", "integer_config", "integer_exact", "ivit_config"]

@@ -125,11 +125,13 @@ def test_fixed_point_mode_predictions_identical(rounding: str) -> None:
 
 
 def test_rounding_modes_give_different_integer_models() -> None:
-    """The mode reaches the kernels: double and single rounding disagree on some logits (ties aside, by 1)."""
+    """The mode reaches the kernels: double and single rounding disagree on some logits, by a few
+    codes (a 1-code difference per layer compounds through the network; how many logits differ
+    depends on the trained weights, so only the size of the differences is asserted)."""
     g, s = outputs("gemmlowp"), outputs("single")
     diff = (g.int_codes - s.int_codes).abs()
-    assert int(diff.max()) >= 1
-    assert (diff == 0).float().mean().item() > 0.5
+    assert 1 <= int(diff.max()) <= 8
+    assert diff.float().mean().item() < 0.05 * g.int_codes.float().std().item()
 
 
 def _agreement(o: Outputs) -> tuple[torch.Tensor, int, int, int]:
@@ -297,9 +299,10 @@ def test_jacob_constants() -> None:
 
 
 def run_integer_dtypes(
-    imodel: IntegerModel, codes: torch.Tensor
+    imodel: IntegerModel, codes: torch.Tensor | None = None, **inputs: torch.Tensor
 ) -> tuple[list[tuple[str, str, torch.Tensor]], list[torch.dtype]]:
-    """``imodel.run_integer(codes)``'s record, and the dtype of every tensor any torch op made on the way."""
+    """``imodel.run_integer(codes)``'s record (or with keyword ``inputs``, a text model's), and the
+    dtype of every tensor any torch op made on the way."""
     record: list[tuple[str, str, torch.Tensor]] = []
     seen: list[torch.dtype] = []
 
@@ -312,7 +315,7 @@ def run_integer_dtypes(
             return out
 
     with Dtypes():
-        imodel.run_integer(codes, record=record)
+        imodel.run_integer(codes, record=record, **inputs)
     return record, seen
 
 

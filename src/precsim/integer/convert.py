@@ -81,6 +81,7 @@ from precsim.qat.graph import (
     trace,
 )
 from precsim.qat.markers import Add, MatMul, QuantPoint
+from precsim.qat.operands import mode_of
 from precsim.qat.quantizer import Quantizer
 
 __all__ = ["ConversionError", "convert", "integer_config"]
@@ -394,67 +395,11 @@ class _Lowering:
         return codes, w_scale, w_zp.round().to(torch.int32), fmt
 
     def conv_op(self, p: _PendingConv, qp: QParams, out: str, lo: int, hi: int) -> ConvOp:
-        m, src = p.module, p.src
-        assert m is not None and src is not None and p.weight is not None and p.w_scale is not None
-        assert p.w_zero_point is not None and p.bias_real is not None
-        if p.await_bn is not None:
-            raise ConversionError(f"{p.origin!r} was prepared with fold_bn but its output reaches {out!r} before "
-                                  f"its BatchNorm {p.await_bn!r}")
-        s_acc = accumulator_scale_of(src.qp.scale, p.w_scale)  # of the accumulator and the int32 bias: S_in S_w
-        m0, shift = quantize_multipliers(s_acc / qp.scale)
-        bias64 = bias_codes(p.bias_real, s_acc)  # the rule the simulation's bias: int32 uses
-        if bool((bias64.abs() > INT32_MAX).any()):
-            raise ConversionError(f"{p.origin!r}: the bias does not fit int32 at scale S_in*S_w "
-                                  f"(max |bias/scale| = {float(bias64.abs().max()):.3g})")
-        bias = bias64.to(torch.int32)
-        # Worst-case accumulator magnitudes: the centred sum and the raw-code matmul of the kernel.
-        cout = p.weight.shape[0]
-        w64 = p.weight.to(torch.int64).reshape(cout, -1)
-        z2 = p.w_zero_point.to(torch.int64)
-        k = w64.shape[1]
-        b64 = bias.to(torch.int64)
-        centred = src.qp.max_abs_centred * (w64 - z2[:, None]).abs().sum(1) + b64.abs()
-        q1max = max(abs(src.qp.qmin), abs(src.qp.qmax))
-        z1 = src.qp.zero_point
-        offset = k * z1 * z2 - z1 * w64.sum(1) + b64
-        raw = q1max * w64.abs().sum(1) + z2.abs() * k * q1max + offset.abs()
-        bound = int(centred.max())
-        worst = max(bound, int(raw.max()))
-        acc_dtype, pre_shift = "int32", 0
-        if worst > INT32_MAX:
-            acc_dtype = "int64"
-            pre_shift = max(0, bound.bit_length() - 30) if bound > INT32_MAX else 0
-            note = (f"{p.origin}: worst-case accumulator {worst} exceeds int32 ({k} products of "
-                    f"{src.qp.bits}-bit x {p.fmt.bits if p.fmt else '?'}-bit codes); accumulating in int64"
-                    + (f", rounding {pre_shift} bits off before requantization" if pre_shift else ""))
-            self.notes.append(note)
-            warnings.warn(f"precsim.convert: {note}", stacklevel=4)
-        shift = shift.to(torch.int64) + pre_shift
-        if bool((shift > 31).any()):
-            raise ConversionError(f"{p.origin!r}: requantization multiplier out of range")
-        common = dict(name=p.origin, inputs=[src.tensor], output=out, weight=p.weight, w_zero_point=p.w_zero_point,
-                      bias=bias, multiplier=m0, shift=shift.to(torch.int32), in_qp=src.qp, out_qp=qp, lo=lo, hi=hi,
-                      in_scale=src.qp.scale, w_scale=p.w_scale, acc_dtype=acc_dtype, acc_bound=bound,
-                      pre_shift=pre_shift, rounding=self.rounding)
-        if isinstance(m, nn.Linear):
-            return ConvOp(op_type="linear", **common)  # type: ignore[arg-type]
-        return ConvOp(op_type="conv2d", stride=tuple(m.stride), padding=tuple(m.padding),  # type: ignore[arg-type]
-                      dilation=tuple(m.dilation), groups=m.groups, **common)
+        return conv_op(p, qp, out, lo, hi, self.rounding, self.notes)
 
     def add_op(self, p: _PendingAdd, qp: QParams, out: str, lo: int, hi: int) -> AddOp:
-        a, b = p.a, p.b
-        assert a is not None and b is not None
-        ra_real, rb_real = a.qp.scale / qp.scale, b.qp.scale / qp.scale
-        (ma, sa), (mb, sb) = quantize_multiplier(ra_real), quantize_multiplier(rb_real)
-        ra, rb = a.qp.max_abs_centred, b.qp.max_abs_centred
-        for left in range(20, -1, -1):
-            one = 1 << left
-            fits = (ra * one << max(sa, 0)) <= INT32_MAX and (rb * one << max(sb, 0)) <= INT32_MAX
-            if fits and ra * one * ra_real + rb * one * rb_real + 4 <= INT32_MAX:
-                break
-        else:
-            raise ConversionError(f"{p.origin!r}: input scales too far apart for an int32 residual add")
-        return AddOp(p.origin, [a.tensor, b.tensor], out, a.qp, b.qp, qp, ma, sa, mb, sb, left, lo, hi, self.rounding)
+        assert p.a is not None and p.b is not None
+        return add_op(p.origin, p.a, p.b, qp, out, lo, hi, self.rounding)
 
     def matmul_op(self, p: _PendingMatMul, qp: QParams, out: str, lo: int, hi: int) -> MatMulOp:
         """Dyadic requantization of an activation product: ``M = S_a S_b factor / S_out``."""
@@ -856,18 +801,100 @@ class _Lowering:
         self.values[node.name] = result
 
 
-def convert(model: nn.Module, example: Tensor | None = None, *, rounding: str = "gemmlowp") -> IntegerModel:
+def conv_op(p: _PendingConv, qp: QParams, out: str, lo: int, hi: int, rounding: str, notes: list[str]) -> ConvOp:
+    """The integer conv/linear of a pending GEMM result, requantized to ``qp`` (clamped to lo..hi)."""
+    m, src = p.module, p.src
+    assert m is not None and src is not None and p.weight is not None and p.w_scale is not None
+    assert p.w_zero_point is not None and p.bias_real is not None
+    if p.await_bn is not None:
+        raise ConversionError(f"{p.origin!r} was prepared with fold_bn but its output reaches {out!r} before "
+                              f"its BatchNorm {p.await_bn!r}")
+    s_acc = accumulator_scale_of(src.qp.scale, p.w_scale)  # of the accumulator and the int32 bias: S_in S_w
+    m0, shift = quantize_multipliers(s_acc / qp.scale)
+    bias64 = bias_codes(p.bias_real, s_acc)  # the rule the simulation's bias: int32 uses
+    if bool((bias64.abs() > INT32_MAX).any()):
+        raise ConversionError(f"{p.origin!r}: the bias does not fit int32 at scale S_in*S_w "
+                              f"(max |bias/scale| = {float(bias64.abs().max()):.3g})")
+    bias = bias64.to(torch.int32)
+    # Worst-case accumulator magnitudes: the centred sum and the raw-code matmul of the kernel.
+    cout = p.weight.shape[0]
+    w64 = p.weight.to(torch.int64).reshape(cout, -1)
+    z2 = p.w_zero_point.to(torch.int64)
+    k = w64.shape[1]
+    b64 = bias.to(torch.int64)
+    centred = src.qp.max_abs_centred * (w64 - z2[:, None]).abs().sum(1) + b64.abs()
+    q1max = max(abs(src.qp.qmin), abs(src.qp.qmax))
+    z1 = src.qp.zero_point
+    offset = k * z1 * z2 - z1 * w64.sum(1) + b64
+    raw = q1max * w64.abs().sum(1) + z2.abs() * k * q1max + offset.abs()
+    bound = int(centred.max())
+    worst = max(bound, int(raw.max()))
+    acc_dtype, pre_shift = "int32", 0
+    if worst > INT32_MAX:
+        acc_dtype = "int64"
+        pre_shift = max(0, bound.bit_length() - 30) if bound > INT32_MAX else 0
+        note = (f"{p.origin}: worst-case accumulator {worst} exceeds int32 ({k} products of "
+                f"{src.qp.bits}-bit x {p.fmt.bits if p.fmt else '?'}-bit codes); accumulating in int64"
+                + (f", rounding {pre_shift} bits off before requantization" if pre_shift else ""))
+        notes.append(note)
+        warnings.warn(f"precsim.convert: {note}", stacklevel=4)
+    shift = shift.to(torch.int64) + pre_shift
+    if bool((shift > 31).any()):
+        raise ConversionError(f"{p.origin!r}: requantization multiplier out of range")
+    common = dict(name=p.origin, inputs=[src.tensor], output=out, weight=p.weight, w_zero_point=p.w_zero_point,
+                  bias=bias, multiplier=m0, shift=shift.to(torch.int32), in_qp=src.qp, out_qp=qp, lo=lo, hi=hi,
+                  in_scale=src.qp.scale, w_scale=p.w_scale, acc_dtype=acc_dtype, acc_bound=bound,
+                  pre_shift=pre_shift, rounding=rounding)
+    if isinstance(m, nn.Linear):
+        return ConvOp(op_type="linear", **common)  # type: ignore[arg-type]
+    return ConvOp(op_type="conv2d", stride=tuple(m.stride), padding=tuple(m.padding),  # type: ignore[arg-type]
+                  dilation=tuple(m.dilation), groups=m.groups, **common)
+
+
+def add_op(origin: str, a: _Codes, b: _Codes, qp: QParams, out: str, lo: int, hi: int, rounding: str) -> AddOp:
+    """The integer residual add of codes ``a`` and ``b`` into ``qp`` (clamped to lo..hi)."""
+    ra_real, rb_real = a.qp.scale / qp.scale, b.qp.scale / qp.scale
+    (ma, sa), (mb, sb) = quantize_multiplier(ra_real), quantize_multiplier(rb_real)
+    ra, rb = a.qp.max_abs_centred, b.qp.max_abs_centred
+    for left in range(20, -1, -1):
+        one = 1 << left
+        fits = (ra * one << max(sa, 0)) <= INT32_MAX and (rb * one << max(sb, 0)) <= INT32_MAX
+        if fits and ra * one * ra_real + rb * one * rb_real + 4 <= INT32_MAX:
+            break
+    else:
+        raise ConversionError(f"{origin!r}: input scales too far apart for an int32 residual add")
+    return AddOp(origin, [a.tensor, b.tensor], out, a.qp, b.qp, qp, ma, sa, mb, sb, left, lo, hi, rounding)
+
+
+def convert(model: nn.Module, example: Tensor | dict[str, Tensor] | None = None, *,
+            rounding: str = "gemmlowp") -> IntegerModel:
     """Lower a prepared (QAT-trained or calibrated) model to an integer-only :class:`IntegerModel`.
 
     The integer model matches the simulated model in ``eval()`` mode: the same weight codes and
-    activation scales, requantization by fixed-point multipliers. ``example`` (optional): one
-    input batch run once so shape-dependent constants (global-pool multipliers) are resolved
-    and shown by :func:`describe`. ``rounding``: how requantization rounds, ``"gemmlowp"``
-    (default: SaturatingRoundingDoublingHighMul then RoundingDivideByPOT, the double rounding of
-    Jacob et al. and gemmlowp) or ``"single"`` (TFLite's ``TFLITE_SINGLE_ROUNDING``: one rounding,
-    which plain fake quantization predicts more closely). Raises :class:`ConversionError` naming
-    the offending module, ValueError for an unknown ``rounding``.
+    activation scales, requantization by fixed-point multipliers. ``rounding``: how requantization
+    rounds, ``"gemmlowp"`` (default: SaturatingRoundingDoublingHighMul then RoundingDivideByPOT,
+    the double rounding of Jacob et al. and gemmlowp) or ``"single"`` (TFLite's
+    ``TFLITE_SINGLE_ROUNDING``: one rounding, which plain fake quantization predicts more closely).
+
+    A model with operand points (``points: operands``, e.g. a Hugging Face encoder prepared with
+    :func:`precsim.ibert_config`) is captured with ``torch.export`` (:mod:`precsim.integer.lower`):
+    ``example`` is then required, a dict of keyword inputs (one batch). A model with module-output
+    points is traced with ``torch.fx``; ``example`` (optional) is one input batch run once so
+    shape-dependent constants (global-pool multipliers) are resolved and shown by :func:`describe`.
+    Raises :class:`ConversionError` naming the offending module, ValueError for an unknown ``rounding``.
     """
+    mode = mode_of(model)
+    if mode is not None and mode.operands:
+        from precsim.integer.lower import lower  # noqa: PLC0415 - lower builds on this module
+
+        if not isinstance(example, dict):
+            raise ConversionError(f"{type(model).__name__} has operand points: convert() captures it with "
+                                  "torch.export and needs example keyword inputs, e.g. convert(model, example="
+                                  "{'input_ids': ..., 'attention_mask': ...})")
+        return lower(model, example, rounding=rounding)
+    if isinstance(example, dict):
+        raise ConversionError("example: a dict of keyword inputs is for models with operand points; this model "
+                              "takes one input tensor")
     imodel = _Lowering(model, rounding).run()
     if example is not None:
         imodel(example[:1])

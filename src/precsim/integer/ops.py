@@ -731,7 +731,7 @@ class CatOp(Op):
 
 OPS: dict[str, type[Op]] = {cls.kind: cls for cls in
                             (ConvOp, AddOp, RequantOp, ClampOp, AvgPoolOp, MaxPoolOp, FlattenOp, ReshapeOp, CatOp)}
-_QP_FIELDS = ("in_qp", "out_qp", "a_qp", "b_qp", "qp")
+_QP_FIELDS = ("in_qp", "out_qp", "a_qp", "b_qp", "qp", "q_qp", "k_qp", "p_qp")
 
 
 def register_op(cls: type[Op]) -> type[Op]:

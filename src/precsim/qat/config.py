@@ -47,7 +47,9 @@ BLOCK_AXES: tuple[str, ...] = ("reduction", "last")  # where operand blocks run:
 # integer pipeline rounds, whose outputs are points only where a rule names their op
 GEMM_OPS: tuple[str, ...] = ("linear", "conv", "matmul", "einsum", "attention")
 OUTPUT_OPS: tuple[str, ...] = ("softmax", "gelu", "silu", "layer_norm", "rms_norm", "add")
-OPS: tuple[str, ...] = GEMM_OPS + OUTPUT_OPS
+# lookups whose table (a weight) is a point where a rule names their op: an integer model stores it in codes
+TABLE_OPS: tuple[str, ...] = ("embedding",)
+OPS: tuple[str, ...] = GEMM_OPS + OUTPUT_OPS + TABLE_OPS
 ACCUMULATED_OPS: tuple[str, ...] = ("linear", "conv", "matmul", "attention")  # GEMMs an accumulator can run
 _ROLE_KEYS = ("format", "rounding", "observer", "momentum", "percentile", "granularity", "axis", "ste", "scale",
               "delayed")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["CONTAINERS", "WEIGHT_TYPES", "Add", "MatMul", "QuantPoint"]
+__all__ = ["CONTAINERS", "WEIGHT_TYPES", "Add", "MatMul", "MeanPool", "QuantPoint"]
 
 # layers whose weight is quantized and that an integer model runs as one GEMM
 WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -53,3 +53,15 @@ class MatMul(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.matmul(a, b)
+
+
+class MeanPool(nn.Module):
+    """The mean of ``hidden`` over the tokens a 0/1 ``mask`` keeps (sentence-transformers' pooling).
+
+    A module so that the integer converter sees one op (an integer sum and one division by the
+    token count) instead of the float ops it is written in.
+    """
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)

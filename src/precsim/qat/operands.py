@@ -7,7 +7,9 @@ of each GEMM-like call executed inside a prepared model is a quantization point:
 ``P v``, the softmax output P an operand). Module parameters (and views of them) take the
 ``weight`` role, every other operand ``activation``; their gradients ``weight_gradient`` and
 ``gradient``. Rules naming a non-GEMM op (softmax, gelu, silu, layer_norm, rms_norm, add of two
-same-shape tensors) add a point on its output.
+float tensors of one shape, or of one broadcast over leading batch axes such as a position
+embedding) add a point on its output; a rule naming ``embedding`` adds a ``weight`` point on
+the table of ``F.embedding`` (what an integer model stores).
 
 How it sees functional code without editing the model: a :class:`torch.overrides.TorchFunctionMode`
 active only while the prepared model (or any of its modules) runs, entered and left by module
@@ -159,10 +161,13 @@ class OperandPoints(TorchFunctionMode):
         self.stack: list[_Frame] = []
         self.discovering = False  # create points, round nothing (prepare's example_inputs, calibrate)
         self.skipped: set[tuple[str, str]] = set()  # (module, key) the config leaves in float32
+        self.suspended = False  # the model runs in plain float32 (graph capture: precsim.integer.capture)
 
     # module hooks: the stack of running modules; the mode is active while it is not empty. The
     # name travels with the hook (a partial), so a deep copy of the model keeps its names.
     def enter(self, name: str, module: nn.Module, args: Any) -> None:
+        if self.suspended:
+            return
         if not self.stack:
             self.__enter__()
         mro = tuple(c.__name__ for c in type(module).__mro__)
@@ -298,8 +303,12 @@ class OperandPoints(TorchFunctionMode):
             return attention(self._pointer(frame, "attention"), *args, matmul=matmul, **kwargs)
         if func is torch.einsum:
             return self._einsum(frame, args)
+        if func is F.embedding and len(args) >= 2 and _is_float(args[1]):
+            index = self._next(frame, "embedding")
+            table = self.point(frame, "embedding", index, "weight", args[1], None)
+            return func(args[0], table, *args[2:], **kwargs)
         op = OUTPUTS.get(func)
-        if op is not None and (op != "add" or _same_shape_floats(args)):
+        if op is not None and (op != "add" or _residual_add(args)):
             index = self._next(frame, op)
             out = func(*args, **kwargs)
             return self.point(frame, op, index, "output", out, None) if _is_float(out) else out
@@ -348,9 +357,17 @@ class OperandPoints(TorchFunctionMode):
         return torch.einsum(equation, *tensors)
 
 
-def _same_shape_floats(args: tuple[Any, ...]) -> bool:
-    """A residual-style add: two float tensors of one shape (not a bias, mask or scalar)."""
-    return len(args) >= 2 and _is_float(args[0]) and _is_float(args[1]) and args[0].shape == args[1].shape
+def _residual_add(args: tuple[Any, ...]) -> bool:
+    """A residual-style add: two float tensors, neither a parameter, of one shape but for size-1
+    leading axes of one of them (a position embedding shared by the batch); not a bias, an
+    additive attention mask (broadcast over heads or queries) or a scalar."""
+    if len(args) < 2 or not (_is_float(args[0]) and _is_float(args[1])) or _is_weight(args[0]) or _is_weight(args[1]):
+        return False
+    a, b = args[0].shape, args[1].shape
+    if len(a) != len(b):
+        return False
+    differ = [i for i in range(len(a)) if a[i] != b[i]]
+    return all(min(a[i], b[i]) == 1 for i in differ) and differ == list(range(len(differ)))
 
 
 def along(spec: RoleSpec, axis: int, ndim: int | None) -> RoleSpec:

@@ -18,7 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["embed", "load_minilm", "mean_pool", "minilm_path", "sentences", "tokenize", "topic_sentences"]
+from precsim.qat.markers import MeanPool
+
+__all__ = ["SentenceEncoder", "embed", "load_minilm", "mean_pool", "minilm_path", "sentences", "tokenize",
+           "topic_sentences"]
 
 
 def minilm_path() -> Path:
@@ -71,8 +74,23 @@ def tokenize(tokenizer: Any, texts: list[str], length: int = 64) -> dict[str, Te
 
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     """Sentence embeddings as sentence-transformers makes them: the mean over real tokens."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    return MeanPool()(hidden, mask)
+
+
+class SentenceEncoder(nn.Module):
+    """A Hugging Face encoder plus mean pooling: keyword inputs in, one (unnormalised) sentence
+    embedding per row out. The whole sentence model as one module, so that
+    :func:`precsim.convert` makes it integer-only end to end, pooling included."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pool = MeanPool()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+        return self.pool(hidden, attention_mask)
 
 
 def embed(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
