@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import time
 from typing import Any
@@ -105,7 +106,7 @@ def main() -> None:
         agree = [(_neighbours(e) == nn_ref).float().mean().item() * 100 for e in (s, out)]
         with torch.no_grad():
             t_fp32 = _median_time(lambda: fp32(**test[0]))
-        t_int = _median_time(lambda: imodel.run_integer(**test[0]))
+        t_int = _median_time(functools.partial(imodel.run_integer, **test[0]))
         mb = imodel.nbytes() / 2**20
         mb32 = sum(p.numel() * p.element_size() for p in fp32.parameters()) / 2**20
         pairs = [(s, ref), (out, ref), (out, s)]
