@@ -59,7 +59,7 @@ def test_minilm_lowers_to_integer_bert_ops() -> None:
     imodel = converted().imodel
     kinds = collections.Counter(type(op).__name__ for op in imodel.ops)
     assert kinds["EmbeddingOp"] == 3 and kinds["AttentionProbsOp"] == 6 and kinds["MatMulOp"] == 6
-    assert kinds["ILayerNormOp"] == 13 and kinds["ShiftGeluOp"] == 6 and kinds["MeanPoolOp"] == 1
+    assert kinds["ILayerNormOp"] == 13 and kinds["IGeluOp"] == 6 and kinds["MeanPoolOp"] == 1
     assert kinds["FineAddOp"] == 12 and kinds["AddOp"] == 2 and kinds["ConvOp"] == 36
     assert imodel.inputs == ["input_ids", "attention_mask", "token_type_ids"]
     assert imodel.input_qp is None
@@ -119,8 +119,8 @@ def test_save_load_and_describe(tmp_path) -> None:  # type: ignore[no-untyped-de
     assert torch.equal(loaded.run_integer(**b), c.imodel.run_integer(**b))
     text = describe(loaded)
     assert text == describe(c.imodel)
-    for word in ("embedding (30522x384)", "attention scores + mask, shiftmax", "i-layernorm", "shiftgelu",
-                 "mean pool", "integer inputs: input_ids, attention_mask, token_type_ids"):
+    for word in ("embedding (30522x384)", "attention scores + mask, shiftmax", "i-layernorm",
+                 "i-gelu", "mean pool", "integer inputs: input_ids, attention_mask, token_type_ids"):
         assert word in text
     fp32_bytes = sum(p.numel() * p.element_size() for p in c.fp32.parameters())
     assert loaded.nbytes() < 0.3 * fp32_bytes

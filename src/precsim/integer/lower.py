@@ -16,7 +16,7 @@ Values while lowering:
   GELU's output point), so each product is rounded once, as in the simulation.
 
 The I-BERT mapping: embeddings are int8 tables summed by integer adds; LayerNorm is
-I-LayerNorm, GELU ShiftGELU on a 2^8 finer grid than its output, softmax Shiftmax on the exact
+I-LayerNorm, GELU I-BERT's i-GELU on a 2^8 finer grid than its output, softmax Shiftmax on the exact
 int32 scores with the mask as an integer additive constant; the residual stream is the int16
 ``add`` points; :class:`~precsim.qat.markers.MeanPool` is an integer mean.
 """
@@ -35,7 +35,8 @@ from precsim.formats.integer import quantize_codes
 from precsim.integer.capture import capture
 from precsim.integer.convert import ConversionError, _Codes, _PendingConv, add_op, conv_op
 from precsim.integer.fixedpoint import INT32_MAX, INT32_MIN, check_requant_rounding, quantize_multiplier
-from precsim.integer.ivit_ops import prepare_i_layernorm, prepare_shift_gelu, prepare_shiftmax
+from precsim.integer.ibert_ops import prepare_i_gelu
+from precsim.integer.ivit_ops import prepare_i_layernorm, prepare_shiftmax
 from precsim.integer.model import IntegerModel
 from precsim.integer.ops import QParams, RequantOp, storage_dtype
 from precsim.integer.text_ops import (
@@ -45,10 +46,11 @@ from precsim.integer.text_ops import (
     ConstOp,
     EmbeddingOp,
     FineAddOp,
+    IGeluOp,
     MeanPoolOp,
     encode_arg,
 )
-from precsim.integer.vit_ops import ILayerNormOp, MatMulOp, ShiftGeluOp, consts_state
+from precsim.integer.vit_ops import ILayerNormOp, MatMulOp, consts_state
 from precsim.qat.markers import MeanPool
 from precsim.qat.operands import CONTAINER, mode_of
 from precsim.qat.quantizer import Quantizer
@@ -438,12 +440,12 @@ class _Lowering:
         v = self.value(node.args[0], node.name)
         x = self.fine(v, qp, f"{node.name}:in", fqn) if isinstance(v, _Pending) else self.codes(v, fqn)
         if x.qp.zero_point != 0 or qp.zero_point != 0:
-            raise ConversionError(f"{fqn}: ShiftGELU needs symmetric codes (zero point 0) in and out")
+            raise ConversionError(f"{fqn}: i-GELU needs symmetric codes (zero point 0) in and out")
         try:
-            k = prepare_shift_gelu(x.qp.scale, qp.scale, qp.qmax.bit_length() + 1)
+            k = prepare_i_gelu(x.qp.scale, qp.scale, qp.qmax.bit_length() + 1)
         except ValueError as err:
-            raise ConversionError(f"cannot convert {fqn!r}: ShiftGELU: {err}") from None
-        self.emit(ShiftGeluOp(fqn, [x.tensor], node.name, x.qp, qp, consts_state(k)))
+            raise ConversionError(f"cannot convert {fqn!r}: i-GELU: {err}") from None
+        self.emit(IGeluOp(fqn, [x.tensor], node.name, x.qp, qp, consts_state(k)))
         return _Codes(node.name, qp, fqn)
 
     def attention(self, node: fx.Node) -> _PendingProduct:

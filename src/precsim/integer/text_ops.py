@@ -7,6 +7,7 @@ I-BERT (Kim et al., ICML 2021) is the text analogue of I-ViT; an encoder capture
 * :class:`AttentionProbsOp`: attention's scores ``(q - Zq)(k - Zk)^T`` kept as the int32
   accumulator (scale ``Sq Sk c``, no rounding), the attention mask as an integer additive
   constant, Shiftmax, and the requantization of the probabilities to the P operand's grid;
+* :class:`IGeluOp`: I-BERT's polynomial GELU (:mod:`precsim.integer.ibert_ops`);
 * :class:`FineAddOp`: a residual add whose first input is a GEMM result already rescaled to a
   ``2^L`` finer grid than the output (int32), so the add rounds once, as the simulation does;
 * :class:`MeanPoolOp`: integer mean pooling over the tokens the attention mask keeps;
@@ -31,6 +32,7 @@ from precsim.integer.fixedpoint import (
     multiply_by_quantized_multiplier,
     shift_right_rounded,
 )
+from precsim.integer.ibert_ops import IGeluConsts, i_gelu_int
 from precsim.integer.ivit_ops import ShiftExpConsts, ShiftmaxConsts, shiftmax_int
 from precsim.integer.ops import (
     FixedPointMultiplier,
@@ -44,7 +46,7 @@ from precsim.integer.ops import (
     to_nhwc,
 )
 
-__all__ = ["ATEN_OPS", "AtenOp", "AttentionProbsOp", "ConstOp", "EmbeddingOp", "FineAddOp", "MeanPoolOp", "decode_arg",
+__all__ = ["ATEN_OPS", "AtenOp", "AttentionProbsOp", "ConstOp", "EmbeddingOp", "IGeluOp", "FineAddOp", "MeanPoolOp", "decode_arg",
            "encode_arg"]
 
 Record = list[tuple[str, str, Tensor]]
@@ -333,4 +335,33 @@ class MeanPoolOp(Op):
 
     def describe_row(self) -> dict[str, str]:
         return {"op": f"mean pool (<<{self.left_shift})", "acc": "int64",
+                **requant_row(self.in_qp, self.out_qp, self.out_qp.qmin, self.out_qp.qmax)}
+
+
+@register_op
+@dataclass
+class IGeluOp(Op):
+    """I-BERT's integer GELU (:func:`~precsim.integer.ibert_ops.i_gelu_int`): symmetric codes in and out."""
+
+    kind: ClassVar[str] = "igelu"
+    name: str
+    inputs: list[str]
+    output: str
+    in_qp: QParams
+    out_qp: QParams
+    consts: dict[str, Any]
+    _k: IGeluConsts = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._k = IGeluConsts(**self.consts)
+
+    def run(self, x: Tensor, record: Record | None = None) -> Tensor:
+        return i_gelu_int(x, self._k).to(self.out_qp.dtype)  # element-wise: any layout
+
+    def reference(self, x: Tensor) -> Tensor:
+        return i_gelu_int(x, self._k).to(torch.int64)
+
+    def describe_row(self) -> dict[str, str]:
+        k = self._k
+        return {"op": f"i-gelu (erf poly, q_b={k.q_b})", "acc": "int64", "M0": str(k.out_mult), "n": f"{k.out_shift} (b/2^c)",
                 **requant_row(self.in_qp, self.out_qp, self.out_qp.qmin, self.out_qp.qmax)}
