@@ -5,8 +5,8 @@ not traced, so their settings are read from the modules). Every value in the gra
 these states while lowering:
 
 * the model input before its quantization point (``_Float``): only shape ops may touch it;
-* integer codes with a per-tensor scale and zero point (``_Codes``);
-* an op whose result is not yet quantized (``_Pending*``): a conv/linear accumulator (a folded
+* integer codes with a per-tensor scale and zero point (``Codes``);
+* an op whose result is not yet quantized (``Pending*``): a conv/linear accumulator (a folded
   BatchNorm and a ReLU/ReLU6 can join it), a residual add, a window sum, an activation product
   (a constant factor such as attention's ``1/sqrt(d)`` joins its multiplier), tokens plus real
   constants (class token, position embedding: ``_Affine``). It becomes integer codes at the
@@ -26,7 +26,6 @@ nobody quantized -- raises :class:`ConversionError` naming the module.
 from __future__ import annotations
 
 import operator
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,9 +39,10 @@ from precsim.integer.fixedpoint import (
     INT32_MAX,
     check_requant_rounding,
     quantize_multiplier,
-    quantize_multipliers,
 )
+from precsim.integer.gemm import Codes, ConversionError, Pending, PendingConv, add_op, conv_op
 from precsim.integer.ivit_ops import prepare_i_layernorm, prepare_shift_gelu, prepare_shiftmax
+from precsim.integer.lower import lower
 from precsim.integer.model import IntegerModel
 from precsim.integer.ops import (
     AddOp,
@@ -68,7 +68,7 @@ from precsim.integer.vit_ops import (
     consts_state,
     encode_index,
 )
-from precsim.qat.bias import accumulator_scale_of, bias_codes, round_half_away
+from precsim.qat.bias import round_half_away
 from precsim.qat.fold import FoldedWeight, fold_conv_bn, folded_weight_input
 from precsim.qat.graph import (
     DIV_FUNCS,
@@ -103,10 +103,6 @@ _ADD_FUNCS = (operator.add, torch.add, operator.iadd)
 _MATMUL_FUNCS = (operator.matmul, torch.matmul)
 
 
-class ConversionError(ValueError):
-    """The prepared model cannot become an integer model; the message names the module and why."""
-
-
 # --------------------------------------------------------------------------------------------
 # Value states while lowering
 # --------------------------------------------------------------------------------------------
@@ -121,70 +117,39 @@ class _Float:
 
 
 @dataclass
-class _Codes:
-    tensor: str
-    qp: QParams
-    origin: str
+class _PendingAdd(Pending):
+    a: Codes | None = None
+    b: Codes | None = None
 
 
 @dataclass
-class _Pending:
-    origin: str  # the module whose result this is
-    lower: float | None = None  # ReLU: 0
-    upper: float | None = None  # ReLU6: 6
-
-    def with_relu(self, upper: float | None) -> _Pending:
-        self.lower = 0.0
-        self.upper = upper if self.upper is None else (self.upper if upper is None else min(self.upper, upper))
-        return self
-
-
-@dataclass
-class _PendingConv(_Pending):
-    module: nn.Module | None = None
-    src: _Codes | None = None
-    weight: Tensor | None = None
-    w_scale: Tensor | None = None
-    w_zero_point: Tensor | None = None
-    fmt: IntFormat | None = None
-    bias_real: Tensor | None = None
-    await_bn: str | None = None
-
-
-@dataclass
-class _PendingAdd(_Pending):
-    a: _Codes | None = None
-    b: _Codes | None = None
-
-
-@dataclass
-class _PendingPool(_Pending):
-    src: _Codes | None = None
+class _PendingPool(Pending):
+    src: Codes | None = None
     kernel: tuple[int, int] | None = None
     stride: tuple[int, int] | None = None
 
 
 @dataclass
-class _PendingCodes(_Pending):
+class _PendingCodes(Pending):
     """Codes with a ReLU applied, waiting for the ReLU's own quantizer (one requantization)."""
 
-    src: _Codes | None = None
+    src: Codes | None = None
 
 
 @dataclass
-class _PendingMatMul(_Pending):
-    a: _Codes | None = None
-    b: _Codes | None = None
+class _PendingMatMul(Pending):
+    a: Codes | None = None
+    b: Codes | None = None
     factor: float = 1.0  # a constant the float model multiplies the product by
 
 
 @dataclass
-class _Affine(_Pending):
+class _Affine(Pending):
     """Token codes ``src`` plus real constants: ``prefix`` rows prepended along ``dim`` (a class
     token, with its share of an added constant), ``offset`` added to the token rows (position
     embedding). Both are float64 real values until the output quantizer fixes the scale."""
 
-    src: _Codes | None = None
+    src: Codes | None = None
     dim: int = 1
     prefix: Tensor | None = None
     offset: Tensor | None = None
@@ -209,12 +174,12 @@ class _Shape:
 class _Unbound:
     """``x.unbind(dim)``: indexing it selects one slice."""
 
-    src: _Codes | _Float
+    src: Codes | _Float
     dim: int
     origin: str
 
 
-Value = _Float | _Codes | _Pending | _Const | _Shape | _Unbound
+Value = _Float | Codes | Pending | _Const | _Shape | _Unbound
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -242,7 +207,7 @@ class _Lowering:
         self.values: dict[str, Value] = {}
         self.input_qp: QParams | None = None
         self.input_tensor: str | None = None
-        self.output: _Codes | None = None
+        self.output: Codes | None = None
         self.notes: list[str] = []
         self.emitted: set[str] = set()
 
@@ -279,8 +244,8 @@ class _Lowering:
         scale, zp = fmt.qparams(obs.min_val.cpu(), obs.max_val.cpu())
         return QParams(float(scale), int(zp), fmt.qmin, fmt.qmax)
 
-    def codes(self, v: Value, user: str) -> _Codes:
-        if isinstance(v, _Codes):
+    def codes(self, v: Value, user: str) -> Codes:
+        if isinstance(v, Codes):
             return v
         if isinstance(v, _Const):
             raise ConversionError(
@@ -304,7 +269,7 @@ class _Lowering:
             "quantizer (a rule selecting it, e.g. {match: ..., activation: uint8}; precsim.integer_config(model) adds them)")
 
     # --- quantization points -------------------------------------------------------------------
-    def quantize(self, v: Value, qp: QParams, out: str, where: str) -> _Codes:
+    def quantize(self, v: Value, qp: QParams, out: str, where: str) -> Codes:
         """The value ``v`` rounded to ``qp`` (an activation or input quantizer), as integer ops."""
         if isinstance(v, (_Const, _Shape, _Unbound)):
             self.codes(v, where)  # raises
@@ -315,13 +280,13 @@ class _Lowering:
             self.input_qp = qp
             for op in v.deferred:
                 self.emit(op)
-            return _Codes(v.tensor, qp, where)
-        if isinstance(v, _Codes):
+            return Codes(v.tensor, qp, where)
+        if isinstance(v, Codes):
             if v.qp == qp:
                 return v
             m0, shift = quantize_multiplier(v.qp.scale / qp.scale)
             self.emit(RequantOp(where, [v.tensor], out, v.qp, qp, m0, shift, qp.qmin, qp.qmax, self.rounding))
-            return _Codes(out, qp, where)
+            return Codes(out, qp, where)
         lo, hi = self.bounds(qp, v.lower, v.upper, where)
         if isinstance(v, _PendingCodes):
             src = v.src
@@ -331,7 +296,7 @@ class _Lowering:
             else:
                 m0, shift = quantize_multiplier(src.qp.scale / qp.scale)
                 self.emit(RequantOp(where, [src.tensor], out, src.qp, qp, m0, shift, lo, hi, self.rounding))
-        elif isinstance(v, _PendingConv):
+        elif isinstance(v, PendingConv):
             self.emit(self.conv_op(v, qp, out, lo, hi))
         elif isinstance(v, _PendingAdd):
             self.emit(self.add_op(v, qp, out, lo, hi))
@@ -345,7 +310,7 @@ class _Lowering:
                                 rounding=self.rounding))
         else:  # pragma: no cover - every state is handled above
             raise AssertionError(type(v))
-        return _Codes(out, qp, where)
+        return Codes(out, qp, where)
 
     @staticmethod
     def bounds(qp: QParams, lower: float | None, upper: float | None, where: str) -> tuple[int, int]:
@@ -394,7 +359,7 @@ class _Lowering:
             w_zp = zp.expand(cout).clone() if zp.dim() == 0 else zp.clone()
         return codes, w_scale, w_zp.round().to(torch.int32), fmt
 
-    def conv_op(self, p: _PendingConv, qp: QParams, out: str, lo: int, hi: int) -> ConvOp:
+    def conv_op(self, p: PendingConv, qp: QParams, out: str, lo: int, hi: int) -> ConvOp:
         return conv_op(p, qp, out, lo, hi, self.rounding, self.notes)
 
     def add_op(self, p: _PendingAdd, qp: QParams, out: str, lo: int, hi: int) -> AddOp:
@@ -457,7 +422,7 @@ class _Lowering:
         v = self.values[arg.name]
         if isinstance(v, _Float):
             raise ConversionError("the model output is never quantized")
-        if not isinstance(v, _Codes):
+        if not isinstance(v, Codes):
             raise ConversionError(f"the model output (from {v.origin!r}) is not quantized: give {v.origin!r} an "
                                   "activation quantizer with an integer format")
         self.output = v
@@ -467,10 +432,10 @@ class _Lowering:
             return _Float(op.output, [*v.deferred, op])
         c = self.codes(v, user)
         self.emit(op)
-        return _Codes(op.output, c.qp, user)
+        return Codes(op.output, c.qp, user)
 
     def _relu(self, v: Value, upper: float | None, name: str, own_quantizer: bool) -> Value:
-        if isinstance(v, _Pending):
+        if isinstance(v, Pending):
             return v.with_relu(upper)
         c = self.codes(v, repr(name))
         if own_quantizer:
@@ -478,7 +443,7 @@ class _Lowering:
         lo, hi = self.bounds(c.qp, 0.0, upper, name)
         out = f"{name}:relu"
         self.emit(ClampOp(name, [c.tensor], out, c.qp, lo, hi))
-        return _Codes(out, c.qp, name)
+        return Codes(out, c.qp, name)
 
     def _node_call_module(self, node: fx.Node) -> None:
         name = str(node.target)
@@ -502,7 +467,7 @@ class _Lowering:
         elif isinstance(m, nn.Linear):
             result = self._conv(m, name, v)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            if not (isinstance(v, _PendingConv) and v.await_bn == name):
+            if not (isinstance(v, PendingConv) and v.await_bn == name):
                 raise ConversionError(
                     f"BatchNorm {user} is not folded into a preceding conv: prepare with fold_bn: true (the conv's "
                     "output must feed only this BatchNorm); an integer model has no separate BatchNorm")
@@ -537,7 +502,7 @@ class _Lowering:
             c = self.codes(v, user)  # type: ignore[arg-type]
             stride = _pair(m.stride) if m.stride is not None else _pair(m.kernel_size)
             self.emit(MaxPoolOp(name, [c.tensor], node.name, c.qp, _pair(m.kernel_size), stride, _pair(m.padding)))
-            result = _Codes(node.name, c.qp, name)
+            result = Codes(node.name, c.qp, name)
         elif isinstance(m, nn.Flatten):
             result = self._shape_op(v, FlattenOp(name, [self._tensor(v)], node.name, m.start_dim, m.end_dim), user)  # type: ignore[arg-type]
         elif isinstance(m, _PASS_MODULES):
@@ -551,11 +516,11 @@ class _Lowering:
         self.values[node.name] = result
 
     def _tensor(self, v: Value) -> str:
-        if isinstance(v, (_Float, _Codes)):
+        if isinstance(v, (_Float, Codes)):
             return v.tensor
         raise ConversionError(f"the output of {v.origin!r} is used before it is quantized")
 
-    def _conv(self, m: nn.Module, name: str, v: Value | None) -> _PendingConv:
+    def _conv(self, m: nn.Module, name: str, v: Value | None) -> PendingConv:
         assert v is not None
         src = self.codes(v, repr(name))
         weight, w_scale, w_zp, fmt = self.weight(m, name)
@@ -567,7 +532,7 @@ class _Lowering:
                 bias = fold_conv_bn(m.parametrizations.weight.original, m.bias, p.bn)[1].detach().float().cpu()
             else:
                 bias = m.bias.detach().float().cpu() if m.bias is not None else torch.zeros(weight.shape[0])
-        return _PendingConv(origin=name, module=m, src=src, weight=weight, w_scale=w_scale, w_zero_point=w_zp,
+        return PendingConv(origin=name, module=m, src=src, weight=weight, w_scale=w_scale, w_zero_point=w_zp,
                             fmt=fmt, bias_real=bias, await_bn=await_bn)
 
     def _add(self, node: fx.Node, name: str) -> _PendingAdd | _Affine:
@@ -620,7 +585,7 @@ class _Lowering:
         return out_qp
 
     def _shiftmax(self, m: nn.Softmax, name: str, out: str, v: Value | None,
-                  out_qp: QParams | None) -> _Codes:
+                  out_qp: QParams | None) -> Codes:
         user = repr(name)
         if m.dim not in (-1,):
             raise ConversionError(f"cannot convert {user}: Softmax over dim={m.dim}; Shiftmax normalises the last "
@@ -635,9 +600,9 @@ class _Lowering:
             raise ConversionError(f"cannot convert {user}: Shiftmax: {err}") from None
         op = ShiftmaxOp.make(name, [c.tensor], f"{out}:shiftmax", c.qp, k)
         self.emit(op)
-        return _Codes(op.output, op.out_qp, name)  # requantized to the quantizer's scale if it differs
+        return Codes(op.output, op.out_qp, name)  # requantized to the quantizer's scale if it differs
 
-    def _shift_gelu(self, name: str, out: str, v: Value | None, out_qp: QParams | None) -> _Codes:
+    def _shift_gelu(self, name: str, out: str, v: Value | None, out_qp: QParams | None) -> Codes:
         user = repr(name)
         c = self.codes(v, user)  # type: ignore[arg-type]
         if c.qp.zero_point != 0:
@@ -650,10 +615,10 @@ class _Lowering:
         except ValueError as err:
             raise ConversionError(f"cannot convert {user}: ShiftGELU: {err}") from None
         self.emit(ShiftGeluOp(name, [c.tensor], out, c.qp, qp, consts_state(k)))
-        return _Codes(out, qp, name)
+        return Codes(out, qp, name)
 
     def _i_layernorm(self, m: nn.LayerNorm, name: str, out: str, v: Value | None,
-                     out_qp: QParams | None) -> _Codes:
+                     out_qp: QParams | None) -> Codes:
         user = repr(name)
         if len(m.normalized_shape) != 1:
             raise ConversionError(f"cannot convert {user}: LayerNorm over {tuple(m.normalized_shape)}; I-LayerNorm "
@@ -670,7 +635,7 @@ class _Lowering:
         except ValueError as err:
             raise ConversionError(f"cannot convert {user}: I-LayerNorm: {err}") from None
         self.emit(ILayerNormOp(name, [c.tensor], out, c.qp, qp, consts_state(k)))
-        return _Codes(out, qp, name)
+        return Codes(out, qp, name)
 
     def _node_call_function(self, node: fx.Node) -> None:
         fn = node.target
@@ -696,7 +661,7 @@ class _Lowering:
                                       f"({', '.join(f'{c.origin}: S={c.qp.scale:.4g}, Z={c.qp.zero_point}' for c in cs)}); "
                                       "an integer concatenation needs them to match")
             self.emit(CatOp(node.name, [c.tensor for c in cs], node.name, cs[0].qp, int(dim)))
-            result = _Codes(node.name, cs[0].qp, node.name)
+            result = Codes(node.name, cs[0].qp, node.name)
         elif fn in RELU_FUNCS:
             result = self._relu(self.value(node.args[0], where), RELU_FUNCS[fn], node.name, False)
         elif fn in _MATMUL_FUNCS:
@@ -737,7 +702,7 @@ class _Lowering:
             return _PendingMatMul(origin=v.origin, lower=v.lower, upper=v.upper, a=v.a, b=v.b, factor=v.factor * factor)
         cv = self.codes(v, where)
         qp = QParams(cv.qp.scale * factor, cv.qp.zero_point, cv.qp.qmin, cv.qp.qmax)
-        return _Codes(cv.tensor, qp, cv.origin)  # the codes are unchanged: only their scale is
+        return Codes(cv.tensor, qp, cv.origin)  # the codes are unchanged: only their scale is
 
     def _getitem(self, node: fx.Node, where: str) -> Value:
         base, index = self.value(node.args[0], where), node.args[1]
@@ -787,7 +752,7 @@ class _Lowering:
                                     where)
         elif method == "unbind" and len(node.args) <= 2 and set(node.kwargs) <= {"dim"}:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if isinstance(v, _Pending) or not isinstance(v, (_Float, _Codes)):
+            if isinstance(v, Pending) or not isinstance(v, (_Float, Codes)):
                 self.codes(v, where)  # raises
             result = _Unbound(v, int(dim), node.name)  # type: ignore[arg-type]
         elif method == "size":
@@ -799,71 +764,6 @@ class _Lowering:
         else:
             raise ConversionError(f"cannot convert {where}: no integer implementation (supported: {SUPPORTED})")
         self.values[node.name] = result
-
-
-def conv_op(p: _PendingConv, qp: QParams, out: str, lo: int, hi: int, rounding: str, notes: list[str]) -> ConvOp:
-    """The integer conv/linear of a pending GEMM result, requantized to ``qp`` (clamped to lo..hi)."""
-    m, src = p.module, p.src
-    assert m is not None and src is not None and p.weight is not None and p.w_scale is not None
-    assert p.w_zero_point is not None and p.bias_real is not None
-    if p.await_bn is not None:
-        raise ConversionError(f"{p.origin!r} was prepared with fold_bn but its output reaches {out!r} before "
-                              f"its BatchNorm {p.await_bn!r}")
-    s_acc = accumulator_scale_of(src.qp.scale, p.w_scale)  # of the accumulator and the int32 bias: S_in S_w
-    m0, shift = quantize_multipliers(s_acc / qp.scale)
-    bias64 = bias_codes(p.bias_real, s_acc)  # the rule the simulation's bias: int32 uses
-    if bool((bias64.abs() > INT32_MAX).any()):
-        raise ConversionError(f"{p.origin!r}: the bias does not fit int32 at scale S_in*S_w "
-                              f"(max |bias/scale| = {float(bias64.abs().max()):.3g})")
-    bias = bias64.to(torch.int32)
-    # Worst-case accumulator magnitudes: the centred sum and the raw-code matmul of the kernel.
-    cout = p.weight.shape[0]
-    w64 = p.weight.to(torch.int64).reshape(cout, -1)
-    z2 = p.w_zero_point.to(torch.int64)
-    k = w64.shape[1]
-    b64 = bias.to(torch.int64)
-    centred = src.qp.max_abs_centred * (w64 - z2[:, None]).abs().sum(1) + b64.abs()
-    q1max = max(abs(src.qp.qmin), abs(src.qp.qmax))
-    z1 = src.qp.zero_point
-    offset = k * z1 * z2 - z1 * w64.sum(1) + b64
-    raw = q1max * w64.abs().sum(1) + z2.abs() * k * q1max + offset.abs()
-    bound = int(centred.max())
-    worst = max(bound, int(raw.max()))
-    acc_dtype, pre_shift = "int32", 0
-    if worst > INT32_MAX:
-        acc_dtype = "int64"
-        pre_shift = max(0, bound.bit_length() - 30) if bound > INT32_MAX else 0
-        note = (f"{p.origin}: worst-case accumulator {worst} exceeds int32 ({k} products of "
-                f"{src.qp.bits}-bit x {p.fmt.bits if p.fmt else '?'}-bit codes); accumulating in int64"
-                + (f", rounding {pre_shift} bits off before requantization" if pre_shift else ""))
-        notes.append(note)
-        warnings.warn(f"precsim.convert: {note}", stacklevel=4)
-    shift = shift.to(torch.int64) + pre_shift
-    if bool((shift > 31).any()):
-        raise ConversionError(f"{p.origin!r}: requantization multiplier out of range")
-    common = dict(name=p.origin, inputs=[src.tensor], output=out, weight=p.weight, w_zero_point=p.w_zero_point,
-                  bias=bias, multiplier=m0, shift=shift.to(torch.int32), in_qp=src.qp, out_qp=qp, lo=lo, hi=hi,
-                  in_scale=src.qp.scale, w_scale=p.w_scale, acc_dtype=acc_dtype, acc_bound=bound,
-                  pre_shift=pre_shift, rounding=rounding)
-    if isinstance(m, nn.Linear):
-        return ConvOp(op_type="linear", **common)  # type: ignore[arg-type]
-    return ConvOp(op_type="conv2d", stride=tuple(m.stride), padding=tuple(m.padding),  # type: ignore[arg-type]
-                  dilation=tuple(m.dilation), groups=m.groups, **common)
-
-
-def add_op(origin: str, a: _Codes, b: _Codes, qp: QParams, out: str, lo: int, hi: int, rounding: str) -> AddOp:
-    """The integer residual add of codes ``a`` and ``b`` into ``qp`` (clamped to lo..hi)."""
-    ra_real, rb_real = a.qp.scale / qp.scale, b.qp.scale / qp.scale
-    (ma, sa), (mb, sb) = quantize_multiplier(ra_real), quantize_multiplier(rb_real)
-    ra, rb = a.qp.max_abs_centred, b.qp.max_abs_centred
-    for left in range(20, -1, -1):
-        one = 1 << left
-        fits = (ra * one << max(sa, 0)) <= INT32_MAX and (rb * one << max(sb, 0)) <= INT32_MAX
-        if fits and ra * one * ra_real + rb * one * rb_real + 4 <= INT32_MAX:
-            break
-    else:
-        raise ConversionError(f"{origin!r}: input scales too far apart for an int32 residual add")
-    return AddOp(origin, [a.tensor, b.tensor], out, a.qp, b.qp, qp, ma, sa, mb, sb, left, lo, hi, rounding)
 
 
 def convert(model: nn.Module, example: Tensor | dict[str, Tensor] | None = None, *,
@@ -885,8 +785,6 @@ def convert(model: nn.Module, example: Tensor | dict[str, Tensor] | None = None,
     """
     mode = mode_of(model)
     if mode is not None and mode.operands:
-        from precsim.integer.lower import lower  # noqa: PLC0415 - lower builds on this module
-
         if not isinstance(example, dict):
             raise ConversionError(f"{type(model).__name__} has operand points: convert() captures it with "
                                   "torch.export and needs example keyword inputs, e.g. convert(model, example="

@@ -1,6 +1,6 @@
 """Lower a model with operand points (``points: operands``) to an integer model, from its ``torch.export`` graph.
 
-Where :mod:`precsim.integer.convert` walks a module-level ``torch.fx`` trace of a model written
+Where :mod:`precsim.integer.convert` (for models with module-output points) walks a module-level ``torch.fx`` trace of a model written
 for it, this walks the ATen graph :func:`~precsim.integer.capture.capture` records from any
 model, Hugging Face encoders included. Every op is charged to the innermost module it ran in,
 and counted per op kind within that module, exactly as the operand points are named
@@ -33,8 +33,8 @@ from torch import Tensor, fx, nn
 from precsim.formats import IntFormat
 from precsim.formats.integer import quantize_codes
 from precsim.integer.capture import capture
-from precsim.integer.convert import ConversionError, _Codes, _PendingConv, add_op, conv_op
 from precsim.integer.fixedpoint import INT32_MAX, INT32_MIN, check_requant_rounding, quantize_multiplier
+from precsim.integer.gemm import Codes, ConversionError, PendingConv, add_op, conv_op
 from precsim.integer.ibert_ops import prepare_i_gelu
 from precsim.integer.ivit_ops import prepare_i_layernorm, prepare_shiftmax
 from precsim.integer.model import IntegerModel
@@ -89,16 +89,16 @@ class _Pending:
 
 @dataclass
 class _PendingLinear(_Pending):
-    conv: _PendingConv | None = None
+    conv: PendingConv | None = None
 
 
 @dataclass
 class _PendingProduct(_Pending):
-    a: _Codes | None = None
-    b: _Codes | None = None
+    a: Codes | None = None
+    b: Codes | None = None
 
 
-Value = _Data | _Param | _Codes | _Pending
+Value = _Data | _Param | Codes | _Pending
 
 
 def _frame(node: fx.Node) -> tuple[str, str]:
@@ -215,40 +215,40 @@ class _Lowering:
         return self.values[arg.name]
 
     # --- from pending results to codes ---------------------------------------------------------
-    def requantized(self, v: Value, qp: QParams, out: str, where: str) -> _Codes:
+    def requantized(self, v: Value, qp: QParams, out: str, where: str) -> Codes:
         """``v`` as codes of ``qp``: a requantization of codes, or the pending GEMM made into an integer op."""
-        if isinstance(v, _Codes):
+        if isinstance(v, Codes):
             if v.qp == qp:
                 return v
             m0, shift = quantize_multiplier(v.qp.scale / qp.scale)
             self.emit(RequantOp(where, [v.tensor], out, v.qp, qp, m0, shift, qp.qmin, qp.qmax, self.rounding))
-            return _Codes(out, qp, where)
+            return Codes(out, qp, where)
         if isinstance(v, _PendingLinear):
             assert v.conv is not None
             self.emit(conv_op(v.conv, qp, f"{out}:gemm", qp.qmin, qp.qmax, self.rounding, self.notes))
-            return self.replay(v, _Codes(f"{out}:gemm", qp, v.origin), out)
+            return self.replay(v, Codes(f"{out}:gemm", qp, v.origin), out)
         if isinstance(v, _PendingProduct):
             assert v.a is not None and v.b is not None
             m0, shift = quantize_multiplier(v.a.qp.scale * v.b.qp.scale / qp.scale)
             self.emit(MatMulOp(v.origin, [v.a.tensor, v.b.tensor], f"{out}:gemm", v.a.qp, v.b.qp, qp, m0, shift,
                                qp.qmin, qp.qmax, rounding=self.rounding))
-            return self.replay(v, _Codes(f"{out}:gemm", qp, v.origin), out)
+            return self.replay(v, Codes(f"{out}:gemm", qp, v.origin), out)
         if isinstance(v, _Param):
             raise ConversionError(f"{where}: the float tensor {v.fqn!r} reaches it; an integer model has no float "
                                   "tensors (only weights of Linear/Embedding/LayerNorm are converted)")
         raise ConversionError(f"{where}: expects codes, got integer data ({v.tensor!r})")
 
-    def replay(self, pending: _Pending, codes: _Codes, out: str) -> _Codes:
+    def replay(self, pending: _Pending, codes: Codes, out: str) -> Codes:
         """The layout ops that waited for a pending result, on its codes."""
         src = codes
         for node in pending.chain:
             name = f"{out}:{node.name}"
             self.emit(self.aten_op(node, {node.args[0].name: src.tensor}, name))  # type: ignore[union-attr]
-            src = _Codes(name, src.qp, src.origin)
+            src = Codes(name, src.qp, src.origin)
         return src
 
-    def codes(self, v: Value, where: str) -> _Codes:
-        if isinstance(v, _Codes):
+    def codes(self, v: Value, where: str) -> Codes:
+        if isinstance(v, Codes):
             return v
         if isinstance(v, _Pending):
             raise ConversionError(f"the result of {v.origin!r} reaches {where} without being quantized: give it a "
@@ -285,7 +285,7 @@ class _Lowering:
         final = self.values[result.name]
         if isinstance(final, _Pending):
             raise ConversionError(f"the model output (from {final.origin!r}) is not quantized: give it a point")
-        if not isinstance(final, _Codes):
+        if not isinstance(final, Codes):
             raise ConversionError("the model output is not a tensor of codes")
         inputs = [n for n in self.user_inputs if n in needed]
         return IntegerModel(self.ops, inputs[0] if inputs else "", final.tensor, None, final.qp,
@@ -331,14 +331,14 @@ class _Lowering:
             return
         args = [self.values[a.name] for a in node.all_input_nodes]
         first = args[0] if args else None
-        if isinstance(first, _Pending) and all(not isinstance(a, (_Codes, _Pending, _Param)) for a in args[1:]):
+        if isinstance(first, _Pending) and all(not isinstance(a, (Codes, _Pending, _Param)) for a in args[1:]):
             self.values[name] = type(first)(**{**first.__dict__, "chain": [*first.chain, node]})
             return
         if any(isinstance(a, (_Pending, _Param)) for a in args):
             raise ConversionError(f"cannot convert {name} (aten.{getattr(target, '__name__', target)}, "
                                   f"{_source(node)}): no integer implementation for it on float values")
         self.emit(self.aten_op(node))
-        self.values[name] = _Codes(name, first.qp, first.origin) if isinstance(first, _Codes) else _Data(name)
+        self.values[name] = Codes(name, first.qp, first.origin) if isinstance(first, Codes) else _Data(name)
 
     def residual(self, node: fx.Node) -> bool:
         """A float add the simulation gives a point (``_residual_add`` in :mod:`precsim.qat.operands`):
@@ -353,7 +353,7 @@ class _Lowering:
         differ = [i for i in range(len(a)) if a[i] != b[i]]
         return all("1" in (a[i], b[i]) for i in differ) and differ == list(range(len(differ)))
 
-    def embedding(self, node: fx.Node) -> _Codes:
+    def embedding(self, node: fx.Node) -> Codes:
         table = self.value(node.args[0], node.name)
         fqn, k = self.index(node, "embedding")
         ids = self.value(node.args[1], node.name)
@@ -364,7 +364,7 @@ class _Lowering:
         fmt = self.point(fqn, f"embedding_{k}_weight").spec.format  # type: ignore[union-attr]
         qp = QParams(float(scale[0]), int(zp[0]), fmt.qmin, fmt.qmax)  # type: ignore[attr-defined]
         self.emit(EmbeddingOp(fqn, [ids.tensor], node.name, codes, qp))
-        return _Codes(node.name, qp, fqn)
+        return Codes(node.name, qp, fqn)
 
     def linear(self, node: fx.Node) -> _PendingLinear:
         fqn, k = self.index(node, "linear")
@@ -379,7 +379,7 @@ class _Lowering:
         codes, w_scale, w_zp, fmt = self.weight_codes(self.point(fqn, f"linear_{k}_weight"), w.value, repr(fqn))
         bias = b.value.detach().double().cpu() if isinstance(b, _Param) else torch.zeros(codes.shape[0],
                                                                                           dtype=torch.float64)
-        conv = _PendingConv(origin=fqn, module=nn.Linear(1, 1), src=src, weight=codes, w_scale=w_scale,
+        conv = PendingConv(origin=fqn, module=nn.Linear(1, 1), src=src, weight=codes, w_scale=w_scale,
                             w_zero_point=w_zp, fmt=fmt, bias_real=bias)
         return _PendingLinear(origin=fqn, conv=conv)
 
@@ -391,12 +391,12 @@ class _Lowering:
                                   f"add a rule {{op: {kind}, activation: ...}} (precsim.ibert_config does)")
         return fqn, self.act_qparams(q, f"{fqn} ({kind} output)")
 
-    def fine(self, v: Value, qp: QParams, out: str, where: str) -> _Codes:
+    def fine(self, v: Value, qp: QParams, out: str, where: str) -> Codes:
         """A pending GEMM result as int32 codes on the grid ``S 2^-FINE_BITS`` of ``qp``."""
         grid = QParams(qp.scale * 2.0**-FINE_BITS, 0, INT32_MIN, INT32_MAX)
         return self.requantized(v, grid, out, where)
 
-    def add(self, node: fx.Node) -> _Codes:
+    def add(self, node: fx.Node) -> Codes:
         fqn, qp = self.output_point(node, "add")
         a, b = (self.value(x, node.name) for x in node.args[:2])
         if isinstance(b, _Pending) and not isinstance(a, _Pending):
@@ -410,9 +410,9 @@ class _Lowering:
         else:
             ca, cb = self.codes(a, fqn), self.codes(b, fqn)
             self.emit(add_op(fqn, ca, cb, qp, node.name, qp.qmin, qp.qmax, self.rounding))
-        return _Codes(node.name, qp, fqn)
+        return Codes(node.name, qp, fqn)
 
-    def layer_norm(self, node: fx.Node) -> _Codes:
+    def layer_norm(self, node: fx.Node) -> Codes:
         fqn, qp = self.output_point(node, "layer_norm")
         x = self.codes(self.value(node.args[0], node.name), fqn)
         shape = node.args[1]
@@ -433,9 +433,9 @@ class _Lowering:
             raise ConversionError(f"{fqn}: I-LayerNorm writes signed symmetric codes: its output point needs zero "
                                   "point 0 (a signed format such as int8)")
         self.emit(ILayerNormOp(fqn, [x.tensor], node.name, x.qp, qp, consts_state(k)))
-        return _Codes(node.name, qp, fqn)
+        return Codes(node.name, qp, fqn)
 
-    def gelu(self, node: fx.Node) -> _Codes:
+    def gelu(self, node: fx.Node) -> Codes:
         fqn, qp = self.output_point(node, "gelu")
         v = self.value(node.args[0], node.name)
         x = self.fine(v, qp, f"{node.name}:in", fqn) if isinstance(v, _Pending) else self.codes(v, fqn)
@@ -446,7 +446,7 @@ class _Lowering:
         except ValueError as err:
             raise ConversionError(f"cannot convert {fqn!r}: i-GELU: {err}") from None
         self.emit(IGeluOp(fqn, [x.tensor], node.name, x.qp, qp, consts_state(k)))
-        return _Codes(node.name, qp, fqn)
+        return Codes(node.name, qp, fqn)
 
     def attention(self, node: fx.Node) -> _PendingProduct:
         fqn, k = self.index(node, "attention")
@@ -482,7 +482,7 @@ class _Lowering:
         m0, shift = quantize_multiplier(consts.out_scale / qps["p"].scale)
         self.emit(AttentionProbsOp(fqn, inputs, f"{node.name}:p", q.qp, kk.qp, qps["p"], factor,
                                    consts_state(consts), penalty, m0, shift, self.rounding))
-        return _PendingProduct(origin=fqn, a=_Codes(f"{node.name}:p", qps["p"], fqn), b=v)
+        return _PendingProduct(origin=fqn, a=Codes(f"{node.name}:p", qps["p"], fqn), b=v)
 
     def mean_pool(self, node: fx.Node, fqn: str) -> None:
         """The nodes of one :class:`MeanPool` call: one integer op at its first node, the rest aliases."""
@@ -503,7 +503,7 @@ class _Lowering:
         out_qp = QParams(x.qp.scale * 2.0**-FINE_BITS, 0, INT32_MIN, INT32_MAX)
         self.emit(MeanPoolOp(fqn, [x.tensor, m.tensor], f"pool:{fqn}", x.qp, out_qp, FINE_BITS))
         self.pools.add(fqn)
-        self.values[f"pool:{fqn}"] = _Codes(f"pool:{fqn}", out_qp, fqn)
+        self.values[f"pool:{fqn}"] = Codes(f"pool:{fqn}", out_qp, fqn)
         self.values[node.name] = self.values[f"pool:{fqn}"]
 
 
