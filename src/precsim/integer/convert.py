@@ -34,13 +34,21 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
 from precsim.formats import IntFormat
-from precsim.formats.integer import quantize_codes
 from precsim.integer.fixedpoint import (
     INT32_MAX,
     check_requant_rounding,
     quantize_multiplier,
 )
-from precsim.integer.gemm import Codes, ConversionError, Pending, PendingConv, add_op, conv_op
+from precsim.integer.gemm import (
+    Codes,
+    ConversionError,
+    Pending,
+    PendingConv,
+    activation_qparams,
+    add_op,
+    conv_op,
+    weight_codes,
+)
 from precsim.integer.ivit_ops import prepare_i_layernorm, prepare_shift_gelu, prepare_shiftmax
 from precsim.integer.lower import lower
 from precsim.integer.model import IntegerModel
@@ -56,7 +64,6 @@ from precsim.integer.ops import (
     QParams,
     RequantOp,
     ReshapeOp,
-    storage_dtype,
 )
 from precsim.integer.vit_ops import (
     AddConstOp,
@@ -224,25 +231,7 @@ class _Lowering:
 
     def act_qparams(self, q: Quantizer, where: str) -> QParams | None:
         """Scale/zero point an activation (or input) quantizer uses in eval mode; None: not quantized."""
-        spec = q.spec
-        if spec is None:
-            return None
-        fmt = spec.format
-        if not isinstance(fmt, IntFormat):
-            raise ConversionError(f"{where} is quantized to {fmt.name}, not an integer format; convert() needs "
-                                  "integer formats (e.g. int8, uint8) for activations and weights")
-        if fmt.axis is not None or fmt.group_size is not None:
-            raise ConversionError(f"{where} uses {fmt.name} ({fmt.granularity}); integer activations must be "
-                                  "quantized per tensor")
-        obs = q.observer
-        if obs is None or obs.kind == "minmax":
-            raise ConversionError(f"{where} uses the 'minmax' observer, which takes the range of every batch anew; "
-                                  "an integer model needs a fixed range: use moving_average or running_minmax")
-        if not bool(obs.initialized):
-            raise ConversionError(f"{where} has not observed any data (no finite value yet): train the model, "
-                                  "or calibrate it with precsim.calibrate, before convert()")
-        scale, zp = fmt.qparams(obs.min_val.cpu(), obs.max_val.cpu())
-        return QParams(float(scale), int(zp), fmt.qmin, fmt.qmax)
+        return activation_qparams(q, where)
 
     def codes(self, v: Value, user: str) -> Codes:
         if isinstance(v, Codes):
@@ -335,29 +324,7 @@ class _Lowering:
         if not isinstance(q, Quantizer) or q.spec is None:
             raise ConversionError(f"the weights of {name!r} ({type(m).__name__}) are not quantized: give the config "
                                   "a weight role with an integer format (e.g. weight: int8)")
-        fmt = q.spec.format
-        if not isinstance(fmt, IntFormat):
-            raise ConversionError(f"the weights of {name!r} are quantized to {fmt.name}, not an integer format")
-        if fmt.group_size is not None or fmt.axis not in (None, 0):
-            raise ConversionError(f"the weights of {name!r} use {fmt.granularity}; convert() supports per-tensor "
-                                  "and per-output-channel (axis 0) weight scales")
-        with torch.no_grad():
-            w = folded_weight_input(m).detach().float().cpu()  # the integer model lives on the CPU
-            obs = q.observer
-            assert obs is not None
-            if obs.kind == "minmax" or not bool(obs.initialized):
-                lo, hi = obs.measure(w)
-            else:
-                lo, hi = obs.min_val.cpu(), obs.max_val.cpu()
-            scale, zp = fmt.qparams(lo, hi)
-            cout = w.shape[0]
-            shape = (-1,) + (1,) * (w.dim() - 1)
-            sb = scale.reshape(shape) if scale.dim() else scale
-            zb = zp.reshape(shape) if zp.dim() else zp
-            codes = quantize_codes(w, sb, zb, fmt.qmin, fmt.qmax).to(storage_dtype(fmt.qmin, fmt.qmax))
-            w_scale = scale.float().expand(cout).clone() if scale.dim() == 0 else scale.float().clone()
-            w_zp = zp.expand(cout).clone() if zp.dim() == 0 else zp.clone()
-        return codes, w_scale, w_zp.round().to(torch.int32), fmt
+        return weight_codes(q, folded_weight_input(m), repr(name))
 
     def conv_op(self, p: PendingConv, qp: QParams, out: str, lo: int, hi: int) -> ConvOp:
         return conv_op(p, qp, out, lo, hi, self.rounding, self.notes)

@@ -15,11 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from precsim.formats import IntFormat
+from precsim.formats.integer import quantize_codes
 from precsim.integer.fixedpoint import INT32_MAX, quantize_multiplier, quantize_multipliers
-from precsim.integer.ops import AddOp, ConvOp, QParams
+from precsim.integer.ops import AddOp, ConvOp, QParams, storage_dtype
 from precsim.qat.bias import accumulator_scale_of, bias_codes
+from precsim.qat.quantizer import Quantizer
 
-__all__ = ["Codes", "ConversionError", "Pending", "PendingConv", "add_op", "conv_op"]
+__all__ = ["Codes", "ConversionError", "Pending", "PendingConv", "activation_qparams", "add_op", "conv_op", "weight_codes"]
 
 
 class ConversionError(ValueError):
@@ -120,3 +122,55 @@ def add_op(origin: str, a: Codes, b: Codes, qp: QParams, out: str, lo: int, hi: 
     else:
         raise ConversionError(f"{origin!r}: input scales too far apart for an int32 residual add")
     return AddOp(origin, [a.tensor, b.tensor], out, a.qp, b.qp, qp, ma, sa, mb, sb, left, lo, hi, rounding)
+
+
+def activation_qparams(q: Quantizer, where: str) -> QParams | None:
+    """Scale/zero point an activation (or input) quantizer uses in eval mode; None: not quantized."""
+    spec = q.spec
+    if spec is None:
+        return None
+    fmt = spec.format
+    if not isinstance(fmt, IntFormat):
+        raise ConversionError(f"{where} is quantized to {fmt.name}, not an integer format; convert() needs "
+                              "integer formats (e.g. int8, uint8) for activations and weights")
+    if fmt.axis is not None or fmt.group_size is not None:
+        raise ConversionError(f"{where} uses {fmt.name} ({fmt.granularity}); integer activations must be "
+                              "quantized per tensor")
+    obs = q.observer
+    if obs is None or obs.kind == "minmax":
+        raise ConversionError(f"{where} uses the 'minmax' observer, which takes the range of every batch anew; "
+                              "an integer model needs a fixed range: use moving_average or running_minmax")
+    if not bool(obs.initialized):
+        raise ConversionError(f"{where} has not observed any data (no finite value yet): train the model, "
+                              "or calibrate it with precsim.calibrate, before convert()")
+    scale, zp = fmt.qparams(obs.min_val.cpu(), obs.max_val.cpu())
+    return QParams(float(scale), int(zp), fmt.qmin, fmt.qmax)
+
+
+def weight_codes(q: Quantizer, w: Tensor, where: str, per_tensor: bool = False) -> tuple[Tensor, Tensor, Tensor, IntFormat]:
+    """Codes, per-row scale (float32) and zero point (int32) of the weight ``w`` as its quantizer
+    ``q`` rounds it (``per_tensor``: refuse per-channel scales, e.g. for an embedding table)."""
+    fmt = q.spec.format if q.spec is not None else None
+    if not isinstance(fmt, IntFormat):
+        raise ConversionError(f"the weights of {where} are quantized to {getattr(fmt, 'name', fmt)}, not an integer format")
+    if fmt.group_size is not None or fmt.axis not in (None, 0) or (per_tensor and fmt.axis is not None):
+        raise ConversionError(f"the weights of {where} use {fmt.granularity}; convert() supports "
+                              + ("per-tensor" if per_tensor else "per-tensor and per-output-channel (axis 0)")
+                              + " weight scales here")
+    with torch.no_grad():
+        w = w.detach().float().cpu()  # the integer model lives on the CPU
+        obs = q.observer
+        assert obs is not None
+        if obs.kind == "minmax" or not bool(obs.initialized):
+            lo, hi = obs.measure(w)
+        else:
+            lo, hi = obs.min_val.cpu(), obs.max_val.cpu()
+        scale, zp = fmt.qparams(lo, hi)
+        rows = w.shape[0]
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        sb = scale.reshape(shape) if scale.dim() else scale
+        zb = zp.reshape(shape) if zp.dim() else zp
+        codes = quantize_codes(w, sb, zb, fmt.qmin, fmt.qmax).to(storage_dtype(fmt.qmin, fmt.qmax))
+        w_scale = scale.float().expand(rows).clone() if scale.dim() == 0 else scale.float().clone()
+        w_zp = zp.expand(rows).clone() if zp.dim() == 0 else zp.clone()
+    return codes, w_scale, w_zp.round().to(torch.int32), fmt

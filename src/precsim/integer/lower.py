@@ -31,14 +31,21 @@ import torch
 from torch import Tensor, fx, nn
 
 from precsim.formats import IntFormat
-from precsim.formats.integer import quantize_codes
 from precsim.integer.capture import capture
 from precsim.integer.fixedpoint import INT32_MAX, INT32_MIN, check_requant_rounding, quantize_multiplier
-from precsim.integer.gemm import Codes, ConversionError, PendingConv, add_op, conv_op
+from precsim.integer.gemm import (
+    Codes,
+    ConversionError,
+    PendingConv,
+    activation_qparams,
+    add_op,
+    conv_op,
+    weight_codes,
+)
 from precsim.integer.ibert_ops import prepare_i_gelu
 from precsim.integer.ivit_ops import prepare_i_layernorm, prepare_shiftmax
 from precsim.integer.model import IntegerModel
-from precsim.integer.ops import QParams, RequantOp, storage_dtype
+from precsim.integer.ops import QParams, RequantOp
 from precsim.integer.text_ops import (
     ATEN_OPS,
     AtenOp,
@@ -168,46 +175,19 @@ class _Lowering:
         q = points[key] if points is not None and key in points else None
         return q if isinstance(q, Quantizer) and q.spec is not None else None
 
-    def act_qparams(self, q: Quantizer, where: str) -> QParams:
-        fmt = q.spec.format if q.spec is not None else None
-        if not isinstance(fmt, IntFormat) or fmt.axis is not None or fmt.group_size is not None:
-            raise ConversionError(f"{where} is quantized to {getattr(fmt, 'name', fmt)}; an integer model needs a "
-                                  "per-tensor integer format (e.g. int8, uint8, int16)")
-        obs = q.observer
-        if obs is None or obs.kind == "minmax":
-            raise ConversionError(f"{where} uses the 'minmax' observer, which takes the range of every batch anew; "
-                                  "an integer model needs a fixed range: use moving_average or running_minmax")
-        if not bool(obs.initialized):
-            raise ConversionError(f"{where} has not observed any data: calibrate the model (precsim.calibrate) "
-                                  "or train it before convert()")
-        scale, zp = fmt.qparams(obs.min_val.cpu(), obs.max_val.cpu())
-        return QParams(float(scale), int(zp), fmt.qmin, fmt.qmax)
+    @staticmethod
+    def act_qparams(q: Quantizer, where: str) -> QParams:
+        qp = activation_qparams(q, where)
+        assert qp is not None  # self.point() returns quantizers with a format only
+        return qp
 
-    def weight_codes(self, q: Quantizer | None, w: Tensor, where: str,
+    @staticmethod
+    def weight_codes(q: Quantizer | None, w: Tensor, where: str,
                      per_tensor: bool = False) -> tuple[Tensor, Tensor, Tensor, IntFormat]:
-        """Codes, per-row scale (float32) and zero point (int32) of a weight as its point rounds it."""
-        fmt = q.spec.format if q is not None and q.spec is not None else None
-        if q is None or not isinstance(fmt, IntFormat):
-            raise ConversionError(f"the weights of {where} are not quantized to an integer format: give the config "
-                                  "a weight role such as int8 (precsim.ibert_config does)")
-        if fmt.group_size is not None or fmt.axis not in (None, 0) or (per_tensor and fmt.axis is not None):
-            raise ConversionError(f"the weights of {where} use {fmt.granularity}; here the integer model needs "
-                                  + ("per-tensor" if per_tensor else "per-tensor or per-output-channel") + " scales")
-        with torch.no_grad():
-            w = w.detach().float().cpu()
-            obs = q.observer
-            assert obs is not None
-            lo, hi = obs.measure(w) if obs.kind == "minmax" or not bool(obs.initialized) else (
-                obs.min_val.cpu(), obs.max_val.cpu())
-            scale, zp = fmt.qparams(lo, hi)
-            shape = (-1,) + (1,) * (w.dim() - 1)
-            sb = scale.reshape(shape) if scale.dim() else scale
-            zb = zp.reshape(shape) if zp.dim() else zp
-            codes = quantize_codes(w, sb, zb, fmt.qmin, fmt.qmax).to(storage_dtype(fmt.qmin, fmt.qmax))
-            rows = w.shape[0]
-            w_scale = scale.float().expand(rows).clone() if scale.dim() == 0 else scale.float().clone()
-            w_zp = zp.expand(rows).clone() if zp.dim() == 0 else zp.clone()
-        return codes, w_scale, w_zp.round().to(torch.int32), fmt
+        if q is None:
+            raise ConversionError(f"the weights of {where} are not quantized: give the config a weight role with an "
+                                  "integer format such as int8 (precsim.ibert_config does)")
+        return weight_codes(q, w, where, per_tensor)
 
     def value(self, arg: Any, where: str) -> Value:
         if not isinstance(arg, fx.Node):
