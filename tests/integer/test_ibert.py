@@ -138,3 +138,25 @@ def test_clear_errors() -> None:
     no_gelu = precsim.calibrate(copy.deepcopy(c.fp32), calib, cfg)
     with pytest.raises(ConversionError, match=r"output of gelu in '.*intermediate.intermediate_act_fn'"):
         precsim.convert(no_gelu, example=calib[0])
+
+
+class _Scaled(torch.nn.Module):
+    """Token ids -> embedding -> LayerNorm -> times 3: a float op on quantized values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.emb(input_ids)) * 3
+
+
+def test_a_float_op_on_codes_is_refused_by_name() -> None:
+    model = _Scaled().eval()
+    batch = {"input_ids": torch.randint(0, 50, (4, 6))}
+    cfg = {"points": "operands", "rules": [{"op": "embedding", "weight": "int8"},
+                                            {"op": "layer_norm", "activation": "int8"}]}
+    precsim.calibrate(model, [batch], cfg)
+    with pytest.raises(ConversionError, match=r"aten\.mul\.Tensor.*only layout ops keep codes"):
+        precsim.convert(model, example=batch)

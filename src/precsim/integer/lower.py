@@ -69,6 +69,9 @@ _SHIFTMAX_BITS = 16
 _aten = torch.ops.aten
 _IDENTITY = {_aten.dropout.default, _aten.contiguous.default, _aten.alias.default, _aten.clone.default}
 _SKIP = {_aten._assert_tensor_metadata.default}
+# ATen ops that only move codes: on quantized values they keep codes and scale
+_LAYOUT = {"view", "reshape", "_unsafe_view", "transpose", "permute", "unsqueeze", "squeeze", "expand", "contiguous",
+           "clone", "slice", "select", "index", "alias", "flatten", "unflatten"}
 
 
 @dataclass
@@ -314,9 +317,17 @@ class _Lowering:
         if isinstance(first, _Pending) and all(not isinstance(a, (Codes, _Pending, _Param)) for a in args[1:]):
             self.values[name] = type(first)(**{**first.__dict__, "chain": [*first.chain, node]})
             return
+        op_name = getattr(target, "__name__", str(target))
         if any(isinstance(a, (_Pending, _Param)) for a in args):
-            raise ConversionError(f"cannot convert {name} (aten.{getattr(target, '__name__', target)}, "
-                                  f"{_source(node)}): no integer implementation for it on float values")
+            raise ConversionError(f"cannot convert {name} (aten.{op_name}, {_source(node)}): no integer "
+                                  "implementation for it on float values")
+        if any(isinstance(a, Codes) for a in args) and (not isinstance(first, Codes) or op_name.split(".")[0] not in
+                                                         _LAYOUT or any(isinstance(a, Codes) for a in args[1:])):
+            raise ConversionError(f"cannot convert {name} (aten.{op_name}, {_source(node)}): on quantized values "
+                                  f"only layout ops keep codes and scale ({', '.join(sorted(_LAYOUT))})")
+        if _is_float_node(node):
+            raise ConversionError(f"cannot convert {name} (aten.{op_name}, {_source(node)}): it makes a float tensor "
+                                  "from integer data")
         self.emit(self.aten_op(node))
         self.values[name] = Codes(name, first.qp, first.origin) if isinstance(first, Codes) else _Data(name)
 
