@@ -48,6 +48,7 @@ storage is internal to its kernels.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ from precsim.integer.ops import (
     ReshapeOp,
     to_nchw,
 )
+from precsim.integer.text_ops import AtenOp, AttentionProbsOp, ConstOp, EmbeddingOp, FineAddOp, MeanPoolOp
 from precsim.integer.vit_ops import (
     AddConstOp,
     ILayerNormOp,
@@ -120,6 +122,18 @@ def _np_dtype(dtype: torch.dtype) -> Any:
     return {torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32}[dtype]
 
 
+# every dtype an integer model's values may have (codes, ids, masks, sizes)
+_ANY_TYPES = {**_CODE_TYPES, torch.int64: "INT64", torch.bool: "BOOL"}
+_NP_ANY = {torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32,
+           torch.int64: np.int64, torch.bool: np.bool_}
+
+
+def _onnx_any_type(onnx: Any, dtype: torch.dtype) -> int:
+    if dtype not in _ANY_TYPES:
+        raise ExportError(f"values of dtype {dtype} have no ONNX type here (integer and bool tensors only)")
+    return int(getattr(onnx.TensorProto, _ANY_TYPES[dtype]))
+
+
 class _Graph:
     """Collects ONNX nodes and constants with generated names, and the int64 pieces the ops share."""
 
@@ -129,6 +143,8 @@ class _Graph:
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self.count = 0
+        self.dtypes: dict[str, torch.dtype | None] = {}  # of the integer model's values (None: a size)
+        self.dynamic = False  # sizes other than the batch are dynamic (a text model's sequence length)
 
     def fresh(self, hint: str) -> str:
         self.count += 1
@@ -161,6 +177,9 @@ class _Graph:
 
     def cast(self, x: str, dtype: torch.dtype) -> str:
         return self.node("Cast", [x], to=_onnx_type(self.onnx, dtype))
+
+    def cast_any(self, x: str, dtype: torch.dtype) -> str:
+        return self.node("Cast", [x], to=_onnx_any_type(self.onnx, dtype))
 
     def mul(self, x: str, c: int) -> str:
         return self.node("Mul", [x, self.i64(c)]) if c != 1 else x
@@ -289,16 +308,40 @@ class _Graph:
         return self.node("Reshape", [x, self.shape_with(x, rank, start, end, [-1])])
 
 
-def _shapes(imodel: IntegerModel, example: Tensor) -> Shapes:
-    """Logical (NCHW) shape of every tensor for one example batch (and resolved pooling multipliers)."""
-    record: list[tuple[str, str, Tensor]] = []
-    codes = imodel.quantize_input(example)
-    imodel.run_integer(codes, record=record)
-    shapes = {imodel.input_name: tuple(codes.shape)}
-    outputs = [t for layer, what, t in record if what == "output"]
-    for op, t in zip(imodel.ops, outputs, strict=True):
-        shapes[op.output] = tuple(to_nchw(t).shape) if t.dim() == 4 else tuple(t.shape)
-    return shapes
+def _trace(imodel: IntegerModel, example: Tensor | dict[str, Tensor]) -> tuple[Shapes, dict[str, torch.dtype | None]]:
+    """Logical (NCHW) shape and dtype of every value for the first sample of the example batch (the
+    graph keeps the batch dynamic; ranks and the other sizes are what the emitters read), and
+    resolved pooling multipliers; a Python int (a size read by ``aten.sym_size``) has shape ``()``
+    and dtype None."""
+    if imodel.inputs is None:
+        if not isinstance(example, Tensor):
+            raise ExportError("this integer model takes one float tensor: pass an example batch as ``example``")
+        env = imodel._bind(imodel.quantize_input(example[:1]), {}, stored=True)
+    else:
+        if not isinstance(example, dict):
+            raise ExportError(f"this integer model takes keyword inputs ({', '.join(imodel.inputs)}): pass a dict "
+                              "of example tensors as ``example``")
+        env = imodel._bind(None, {k: v[:1] for k, v in example.items()}, stored=True)
+    shapes: Shapes = {}
+    dtypes: dict[str, torch.dtype | None] = {}
+
+    def note(name: str, v: Any) -> None:
+        if isinstance(v, Tensor):
+            shapes[name] = tuple(to_nchw(v).shape) if v.dim() == 4 else tuple(v.shape)
+            dtypes[name] = v.dtype
+        else:
+            shapes[name], dtypes[name] = (), None
+
+    for name, v in env.items():
+        note(name, v)
+    for i, op in enumerate(imodel.ops):
+        out = op.run(*(env[n] for n in op.inputs))
+        for n in op.inputs:
+            if imodel._last_use.get(n) == i:
+                env.pop(n, None)
+        env[op.output] = out
+        note(op.output, out)
+    return shapes, dtypes
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,6 +443,9 @@ def _matmul(g: _Graph, op: MatMulOp, ins: list[str], shapes: Shapes) -> str:
     int64 accumulator of the integer model holds. A plan's ``pre_shift`` rounds it first.
     """
     acc_t, pre, _ = op.plan(shapes[op.inputs[0]][-1])
+    if g.dynamic and acc_t != torch.int32:
+        raise ExportError(f"{op.name}: the accumulator plan for K = {shapes[op.inputs[0]][-1]} is int64 with a "
+                          "rounding pre-shift that depends on K, which may be the (dynamic) sequence length")
     if acc_t == torch.int32 and op.a_qp.dtype in _EIGHT_BIT and op.b_qp.dtype in _EIGHT_BIT:
         a, za = g.as_uint8(ins[0], op.a_qp)
         b, zb = g.as_uint8(ins[1], op.b_qp)
@@ -427,14 +473,13 @@ def _shift_exp(g: _Graph, x: str, k: ShiftExpConsts) -> str:
     return g.div_nonneg(mant, g.pow2(q, k.exp_bits + 1))
 
 
-def _shiftmax(g: _Graph, op: ShiftmaxOp, ins: list[str], shapes: Shapes) -> str:
-    """:func:`~precsim.integer.ivit_ops.shiftmax_int` over the last dim (row sum ``s >= 2^K > 0``,
-    so the normalising divisions have non-negative operands)."""
-    k = op._k
-    n, m = shapes[op.inputs[0]][-1], k.out_max
+def _shiftmax_codes(g: _Graph, x: str, k: Any, n: int, where: str) -> str:
+    """:func:`~precsim.integer.ivit_ops.shiftmax_int` of int64 ``x`` over the last dim (rows of at
+    most ``n``), int64 codes. The row sum is ``s >= 2^K > 0``, so the normalising divisions have
+    non-negative operands."""
+    m = k.out_max
     if n * (1 << k.exp.exp_bits) * (2 * m + 1) >= 1 << 63:
-        raise ExportError(f"{op.name}: rows of {n} are too long for the int64 normalisation at {k.output_bits} bits")
-    x = g.int64(ins[0])
+        raise ExportError(f"{where}: rows of {n} are too long for the int64 normalisation at {k.output_bits} bits")
     e = _shift_exp(g, g.node("Sub", [x, g.reduce_last("ReduceMax", x)]), k.exp)
     s = g.reduce_last("ReduceSum", e)
     two_s = g.mul(s, 2)
@@ -445,9 +490,13 @@ def _shiftmax(g: _Graph, op: ShiftmaxOp, ins: list[str], shapes: Shapes) -> str:
     if k.sum_preserving:  # R(inclusive cumsum) - R(exclusive cumsum): torch.diff with a 0 prepended
         last = g.i64(-1)
         inclusive, exclusive = g.node("CumSum", [e, last]), g.node("CumSum", [e, last], exclusive=1)
-        codes = g.node("Sub", [rounded(inclusive), rounded(exclusive)])
-    else:
-        codes = rounded(e)
+        return g.node("Sub", [rounded(inclusive), rounded(exclusive)])
+    return rounded(e)
+
+
+def _shiftmax(g: _Graph, op: ShiftmaxOp, ins: list[str], shapes: Shapes) -> str:
+    """:func:`~precsim.integer.ivit_ops.shiftmax_int` over the last dim, as the op's codes."""
+    codes = _shiftmax_codes(g, g.int64(ins[0]), op._k, shapes[op.inputs[0]][-1], op.name)
     return g.cast(codes, op.out_qp.dtype)
 
 
@@ -561,11 +610,311 @@ def _layout(g: _Graph, op: LayoutOp, ins: list[str], shapes: Shapes) -> str:
     return _index(g, x, decode_index(args), rank)
 
 
+# --------------------------------------------------------------------------------------------
+# The encoder ops of precsim.integer.text_ops (the integer MiniLM / I-BERT)
+# --------------------------------------------------------------------------------------------
+
+# Rows of the attention probabilities are as long as the sequence, known only at run time: the
+# int64 normalisation of Shiftmax is checked for rows up to this many tokens (shiftmax_int's own
+# limit at 16 bits).
+MAX_TOKENS = 1 << 16
+
+
+def _const(g: _Graph, op: ConstOp, ins: list[str], shapes: Shapes) -> str:
+    return g.const(op.value.numpy(), op.value.numpy().dtype, "const")
+
+
+def _embedding(g: _Graph, op: EmbeddingOp, ins: list[str], shapes: Shapes) -> str:
+    """Rows of the integer table: ``Gather`` on axis 0."""
+    return g.node("Gather", [g.const(op.table.numpy(), op.table.numpy().dtype, f"{op.name}.table"), ins[0]], axis=0)
+
+
+def _attention_probs(g: _Graph, op: AttentionProbsOp, ins: list[str], shapes: Shapes) -> str:
+    """Exact scores (``MatMulInteger`` of the uint8 codes and ``k`` transposed, int32), minus the
+    penalty where the mask is False, Shiftmax at 16 bits, requantization to the P grid."""
+    rank = len(shapes[op.inputs[1]])
+    kt = g.node("Transpose", [ins[1]], perm=[*range(rank - 2), rank - 1, rank - 2])
+    if op.q_qp.dtype in _EIGHT_BIT and op.k_qp.dtype in _EIGHT_BIT:
+        q, zq = g.as_uint8(ins[0], op.q_qp)
+        k, zk = g.as_uint8(kt, op.k_qp)
+        scores = g.int64(g.node("MatMulInteger", [q, k, g.const(zq, np.uint8, "q_zp"), g.const(zk, np.uint8, "k_zp")],
+                                "scores"))
+    else:  # torch's int32 product of wider codes: exact in int64 while it does not overflow there
+        scores = g.node("MatMul", [g.centred(ins[0], op.q_qp.zero_point), g.centred(kt, op.k_qp.zero_point)], "scores")
+    if len(ins) > 2:
+        mask = ins[2] if g.dtypes.get(op.inputs[2]) == torch.bool else g.node("Cast", [ins[2]], to=g.onnx.TensorProto.BOOL)
+        scores = g.node("Add", [scores, g.node("Where", [mask, g.i64(0), g.i64(-op.penalty)])])
+    p16 = _shiftmax_codes(g, scores, op._k, MAX_TOKENS, op.name)
+    q = op.p_qp
+    return g.finish(g.mbqm(p16, op.multiplier, op.shift, ()), q, q.qmin, q.qmax)
+
+
+def _fine_add(g: _Graph, op: FineAddOp, ins: list[str], shapes: Shapes) -> str:
+    """``a`` (int32, on the fine grid) plus ``b`` rescaled to it, one rounding shift by ``left_shift``."""
+    b = g.mbqm(g.centred(ins[1], op.b_qp.zero_point), op.b_multiplier, op.b_shift, ())
+    total = g.node("Add", [g.int64(ins[0]), b])
+    q = op.out_qp
+    return g.finish(g.rdbpot(total, op.left_shift), q, q.qmin, q.qmax)
+
+
+def _mean_pool(g: _Graph, op: MeanPoolOp, ins: list[str], shapes: Shapes) -> str:
+    """``floor((2^(L+1) sum_t (x - Z) m + c) / (2 c))`` over the tokens (axis 1), ``c = max(sum_t m, 1)``;
+    the cast to the output dtype wraps as torch's ``.to`` does."""
+    m = g.node("Unsqueeze", [g.int64(ins[1]), g.i64([-1])])
+    axis = g.i64([1])
+    total = g.node("ReduceSum", [g.node("Mul", [g.centred(ins[0], op.in_qp.zero_point), m]), axis], keepdims=0)
+    count = g.node("Max", [g.node("ReduceSum", [m, axis], keepdims=0), g.i64(1)])
+    num = g.node("Add", [g.mul(total, 1 << (op.left_shift + 1)), count])
+    return g.cast(g.floor_div(num, g.mul(count, 2)), op.out_qp.dtype)
+
+
+# --- AtenOp: one ONNX form per ATen op --------------------------------------------------------------
+
+
+@dataclass
+class _Ref:
+    """An AtenOp argument that is a graph value: its ONNX name, torch dtype (None: a size, a 0-D
+    int64 in the graph) and rank."""
+
+    name: str
+    dtype: torch.dtype | None
+    rank: int
+
+    @property
+    def onnx_dtype(self) -> torch.dtype:
+        return torch.int64 if self.dtype is None else self.dtype
+
+
+def _decode(code: Any, refs: list[_Ref]) -> Any:
+    """:func:`~precsim.integer.text_ops.decode_arg` with graph values as :class:`_Ref`."""
+    if isinstance(code, list):
+        tag = code[0]
+        if tag == "ref":
+            return refs[code[1]]
+        if tag == "list":
+            return [_decode(c, refs) for c in code[1]]
+        if tag == "torch":
+            return getattr(torch, code[1])
+        if tag == "device":
+            return None
+        raise ExportError(f"unknown argument code {code!r}")
+    return code
+
+
+def _as(g: _Graph, v: Any, dtype: torch.dtype, where: str) -> str:
+    """A graph value cast to ``dtype`` (no node if it has it), or a Python int/bool as a 0-D constant."""
+    if isinstance(v, _Ref):
+        return v.name if v.onnx_dtype == dtype else g.cast_any(v.name, dtype)
+    if isinstance(v, bool) or isinstance(v, int):
+        return g.const(v, _NP_ANY[dtype], "k")
+    raise ExportError(f"{where}: the argument {v!r} has no integer form")
+
+
+def _sizes(g: _Graph, items: list[Any], expand: bool = False) -> str:
+    """A size list (ints and sizes read at run time) as a 1-D int64 tensor; ``expand``: -1 becomes
+    1 (``Expand`` keeps a dim that its shape gives as 1, as torch's expand keeps one given as -1)."""
+    parts: list[str] = []
+    run: list[int] = []
+    for it in items:
+        if isinstance(it, _Ref):
+            if run:
+                parts.append(g.i64(run))
+                run = []
+            v = it.name if it.onnx_dtype == torch.int64 else g.int64(it.name)
+            parts.append(g.node("Unsqueeze", [v, g.i64([0])]) if it.rank == 0 else v)
+        else:
+            run.append(1 if expand and it == -1 else int(it))
+    if run or not parts:
+        parts.append(g.i64(run))
+    return g.node("Concat", parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+def _aten_arith(onnx_op: str) -> Callable[..., str]:
+    def emit(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+        """Computed in the result's dtype if int32/int64, else in int64 and cast (wrapping as torch)."""
+        work = out.onnx_dtype if out.onnx_dtype in (torch.int32, torch.int64) else torch.int64
+        x, y = _as(g, a[0], work, where), _as(g, a[1], work, where)
+        alpha = kw.get("alpha", 1)
+        if alpha != 1:
+            y = g.node("Mul", [y, _as(g, alpha, work, where)])
+        r = g.node(onnx_op, [x, y])
+        return r if work == out.onnx_dtype else g.cast_any(r, out.onnx_dtype)
+    return emit
+
+
+def _aten_compare(onnx_op: str, negate: bool = False) -> Callable[..., str]:
+    def emit(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+        """Both operands in int64 (exact for every integer and bool value)."""
+        r = g.node(onnx_op, [_as(g, a[0], torch.int64, where), _as(g, a[1], torch.int64, where)])
+        return g.node("Not", [r]) if negate else r
+    return emit
+
+
+def _aten_bitwise(logical: str, bitwise: str) -> Callable[..., str]:
+    def emit(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+        op = logical if out.onnx_dtype == torch.bool else bitwise
+        return g.node(op, [_as(g, a[0], out.onnx_dtype, where), _as(g, a[1], out.onnx_dtype, where)])
+    return emit
+
+
+def _aten_identity(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    return a[0].name
+
+
+def _aten_to(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    return _as(g, a[0], out.onnx_dtype, where)
+
+
+def _aten_reshape(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    return g.node("Reshape", [a[0].name, _sizes(g, a[1])], allowzero=1)  # a 0 is a size 0, as in torch
+
+
+def _aten_expand(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    return g.node("Expand", [a[0].name, _sizes(g, a[1], expand=True)])
+
+
+def _aten_transpose(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    rank = a[0].rank
+    perm = list(range(rank))
+    i, j = int(a[1]) % rank, int(a[2]) % rank
+    perm[i], perm[j] = perm[j], perm[i]
+    return g.node("Transpose", [a[0].name], perm=perm)
+
+
+def _aten_permute(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    return g.node("Transpose", [a[0].name], perm=[int(d) % a[0].rank for d in a[1]])
+
+
+def _aten_unsqueeze(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    return g.node("Unsqueeze", [a[0].name, g.i64([int(a[1])])])  # negative dims count from the result's end
+
+
+def _aten_sym_size(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    return g.node("Gather", [g.node("Shape", [a[0].name]), g.i64(int(a[1]) % a[0].rank)], axis=0)
+
+
+def _aten_slice(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    x, dim, start, end, step = [*a, *[0, None, None, 1][len(a) - 1:]]
+
+    def one(v: Any, default: int) -> str:
+        return _sizes(g, [default if v is None else v])
+
+    return g.node("Slice", [x.name, one(start, 0), one(end, INT64_MAX), g.i64([int(dim) % x.rank]), one(step, 1)])
+
+
+def _aten_select(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    x, dim, index = a
+    return g.node("Gather", [x.name, _as(g, index, torch.int64, where)], axis=int(dim) % x.rank)
+
+
+def _aten_arange(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    """``Range`` in the result's dtype: arange(end), arange(start, end), arange(start, end, step)."""
+    start, end, step = (0, a[0], 1) if len(a) == 1 else (a[0], a[1], a[2] if len(a) > 2 else 1)
+    if out.onnx_dtype not in (torch.int16, torch.int32, torch.int64):
+        raise ExportError(f"{where}: arange of dtype {out.onnx_dtype}")
+    return g.node("Range", [_as(g, v, out.onnx_dtype, where) for v in (start, end, step)])
+
+
+def _aten_new_ones(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    one = g.const(1, _NP_ANY[out.onnx_dtype], "one")
+    return g.node("Expand", [one, _sizes(g, a[1])]) if a[1] else one
+
+
+def _aten_cumsum(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    work = out.onnx_dtype if out.onnx_dtype in (torch.int32, torch.int64) else torch.int64
+    r = g.node("CumSum", [_as(g, a[0], work, where), g.i64(int(a[1]))])
+    return r if work == out.onnx_dtype else g.cast_any(r, out.onnx_dtype)
+
+
+def _aten_not(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    op = "Not" if out.onnx_dtype == torch.bool else "BitwiseNot"
+    return g.node(op, [_as(g, a[0], out.onnx_dtype, where)])
+
+
+def _aten_flatten(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    start, end = [*a[1:], *[0, -1][len(a) - 1:]]
+    return g.flatten(a[0].name, a[0].rank, int(start), int(end))
+
+
+def _aten_unflatten(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    x, dim = a[0], int(a[1]) % a[0].rank
+    parts = [g.node("Shape", [x.name], start=0, end=dim)] if dim else []
+    parts.append(_sizes(g, a[2]))
+    if dim < x.rank - 1:
+        parts.append(g.node("Shape", [x.name], start=dim + 1))
+    return g.node("Reshape", [x.name, g.node("Concat", parts, axis=0) if len(parts) > 1 else parts[0]], allowzero=1)
+
+
+def _aten_index(g: _Graph, a: list[Any], kw: dict[str, Any], out: _Ref, where: str) -> str:
+    """``x[i0, i1, ...]`` with integer index tensors (None: a whole dim) that broadcast together:
+    one tensor is a ``Gather``; several adjacent ones are expanded to their common shape, stacked
+    and read with ``GatherND`` (the indexed dims moved to the front and the result's back)."""
+    x, indices = a[0], list(a[1])
+    pos = [i for i, t in enumerate(indices) if t is not None]
+    if not pos or pos != list(range(pos[0], pos[-1] + 1)):
+        raise ExportError(f"{where}: aten.index with index tensors that are not adjacent")
+    if any(not isinstance(indices[i], _Ref) or indices[i].onnx_dtype in (torch.bool, torch.uint8) for i in pos):
+        raise ExportError(f"{where}: aten.index with a boolean mask (a data-dependent shape)")
+    idx = [_as(g, indices[i], torch.int64, where) for i in pos]
+    if len(idx) == 1:
+        return g.node("Gather", [x.name, idx[0]], axis=pos[0])
+    total = idx[0]
+    for t in idx[1:]:
+        total = g.node("Add", [total, t])
+    shape = g.node("Shape", [total])
+    last = g.i64([-1])
+    stacked = g.node("Concat", [g.node("Unsqueeze", [g.node("Expand", [t, shape]), last]) for t in idx], axis=-1)
+    p0, k = pos[0], len(pos)
+    front = x.name if p0 == 0 else g.node("Transpose", [x.name], perm=[*pos, *range(p0), *range(p0 + k, x.rank)])
+    r = g.node("GatherND", [front, stacked])
+    if p0 == 0:
+        return r
+    s = out.rank - (x.rank - k)  # rank of the broadcast index
+    return g.node("Transpose", [r], perm=[*range(s, s + p0), *range(s), *range(s + p0, out.rank)])
+
+
+_ATEN: dict[str, Callable[..., str]] = {
+    "view": _aten_reshape, "reshape": _aten_reshape, "_unsafe_view": _aten_reshape, "expand": _aten_expand,
+    "transpose": _aten_transpose, "permute": _aten_permute, "unsqueeze": _aten_unsqueeze,
+    "contiguous": _aten_identity, "clone": _aten_identity, "alias": _aten_identity,
+    "to": _aten_to, "_to_copy": _aten_to, "sym_size": _aten_sym_size, "slice": _aten_slice, "select": _aten_select,
+    "arange": _aten_arange, "new_ones": _aten_new_ones, "index": _aten_index, "cumsum": _aten_cumsum,
+    "flatten": _aten_flatten, "unflatten": _aten_unflatten,
+    "add": _aten_arith("Add"), "sub": _aten_arith("Sub"), "mul": _aten_arith("Mul"),
+    "ge": _aten_compare("GreaterOrEqual"), "gt": _aten_compare("Greater"), "le": _aten_compare("LessOrEqual"),
+    "lt": _aten_compare("Less"), "eq": _aten_compare("Equal"), "ne": _aten_compare("Equal", negate=True),
+    "__and__": _aten_bitwise("And", "BitwiseAnd"), "bitwise_and": _aten_bitwise("And", "BitwiseAnd"),
+    "__or__": _aten_bitwise("Or", "BitwiseOr"), "bitwise_or": _aten_bitwise("Or", "BitwiseOr"),
+    "bitwise_not": _aten_not, "logical_not": lambda g, a, kw, out, where: g.node(
+        "Not", [_as(g, a[0], torch.bool, where)]),
+}
+
+
+def _aten(g: _Graph, op: AtenOp, ins: list[str], shapes: Shapes) -> str:
+    """The ATen op on the logical tensors (or sizes), by its entry in ``_ATEN``."""
+    packet = op.target.partition(".")[0]
+    emit = _ATEN.get(packet)
+    if emit is None:
+        raise ExportError(f"{op.name}: aten.{op.target} has no ONNX form in export_onnx (mapped: "
+                          f"{', '.join(sorted(_ATEN))})")
+    refs = [_Ref(name, g.dtypes[m], len(shapes[m])) for name, m in zip(ins, op.inputs, strict=True)]
+    args = [_decode(c, refs) for c in op.args]
+    kwargs = {k: _decode(v, refs) for k, v in op.kwargs.items()}
+    out = _Ref("", g.dtypes[op.output], len(shapes[op.output]))
+    try:
+        return emit(g, args, kwargs, out, f"{op.name} (aten.{op.target})")
+    except (IndexError, TypeError, AttributeError) as err:  # arguments of an overload this mapping does not read
+        raise ExportError(f"{op.name}: aten.{op.target} with arguments {op.args} has no ONNX form here "
+                          f"({type(err).__name__}: {err})") from None
+
+
 _EMITTERS: dict[type[Op], Callable[[_Graph, Any, list[str], Shapes], str]] = {
     ConvOp: _conv, AddOp: _add, RequantOp: _requant, ClampOp: _clamp, AvgPoolOp: _avgpool, MaxPoolOp: _maxpool,
     FlattenOp: _flatten, ReshapeOp: _reshape, CatOp: _cat,
     MatMulOp: _matmul, ShiftmaxOp: _shiftmax, ShiftGeluOp: _shift_gelu, ILayerNormOp: _i_layernorm,
     AddConstOp: _add_const, LayoutOp: _layout,
+    ConstOp: _const, EmbeddingOp: _embedding, AttentionProbsOp: _attention_probs, FineAddOp: _fine_add,
+    MeanPoolOp: _mean_pool, AtenOp: _aten,
 }
 
 
@@ -579,31 +928,45 @@ def _emit(g: _Graph, op: Op, names: dict[str, str], shapes: Shapes) -> None:
     g.name_as(result, out, since)
 
 
-def export_onnx(imodel: IntegerModel, path: str | Path, example: Tensor) -> Any:
+def export_onnx(imodel: IntegerModel, path: str | Path, example: Tensor | dict[str, Tensor]) -> Any:
     """Write ``imodel`` as an ONNX model (opset 21, integer ops); returns the ``onnx.ModelProto``.
 
-    ``example``: a float input batch (its shape fixes the non-batch dimensions; the batch
-    dimension stays dynamic). Graph input ``input`` (float32); outputs ``output`` (float32)
-    and ``output_codes`` (the integer codes). Both rounding modes of the integer model are
-    written out exactly (int64 ``Mul``/``Add`` and a flooring division), the CNN ops and the
-    integer vision-transformer ops alike.
+    ``example``: for an image model, a float input batch (its shape fixes the non-batch
+    dimensions; the batch dimension stays dynamic), graph input ``input`` (float32); for a model
+    with integer keyword inputs (a text encoder, ``imodel.inputs``), a dict of example tensors,
+    graph inputs of those names and dtypes whose first two dims (batch, sequence) stay dynamic.
+    Outputs ``output`` (float32) and ``output_codes`` (the integer codes). Both rounding modes of
+    the integer model are written out exactly (int64 ``Mul``/``Add`` and a flooring division),
+    the CNN ops, the integer vision-transformer ops and the encoder ops alike.
     """
     onnx = _import_onnx()
     helper = onnx.helper
     g = _Graph(onnx, imodel.rounding)
+    g.dynamic = imodel.inputs is not None
     with torch.no_grad():
-        shapes = _shapes(imodel, example)
-    iq, oq = imodel.input_qp, imodel.output_qp
-    if iq.dtype not in (torch.uint8, torch.int8, torch.int16):
-        raise ExportError(f"input codes of dtype {iq.dtype}: QuantizeLinear makes 8- or 16-bit codes")
+        shapes, g.dtypes = _trace(imodel, example)
+    oq = imodel.output_qp
     out_type = _onnx_type(onnx, oq.dtype)
-    codes = g.node("QuantizeLinear", ["input", g.const(iq.scale, np.float32, "in_scale"),
-                                      g.const(iq.zero_point, _np_dtype(iq.dtype), "in_zp")], "codes")
-    full = torch.iinfo(iq.dtype)
-    if (iq.qmin, iq.qmax) != (full.min, full.max):  # narrower than the storage type: saturate to the format
-        codes = g.node("Clip", [codes, g.const(iq.qmin, _np_dtype(iq.dtype), "lo"),
-                                g.const(iq.qmax, _np_dtype(iq.dtype), "hi")])
-    names = {imodel.input_name: codes}
+    if imodel.inputs is None:
+        iq = imodel.input_qp
+        assert iq is not None
+        if iq.dtype not in (torch.uint8, torch.int8, torch.int16):
+            raise ExportError(f"input codes of dtype {iq.dtype}: QuantizeLinear makes 8- or 16-bit codes")
+        codes = g.node("QuantizeLinear", ["input", g.const(iq.scale, np.float32, "in_scale"),
+                                          g.const(iq.zero_point, _np_dtype(iq.dtype), "in_zp")], "codes")
+        full = torch.iinfo(iq.dtype)
+        if (iq.qmin, iq.qmax) != (full.min, full.max):  # narrower than the storage type: saturate to the format
+            codes = g.node("Clip", [codes, g.const(iq.qmin, _np_dtype(iq.dtype), "lo"),
+                                    g.const(iq.qmax, _np_dtype(iq.dtype), "hi")])
+        names = {imodel.input_name: codes}
+        graph_inputs = [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT,
+                                                      ["batch", *shapes[imodel.input_name][1:]])]
+    else:  # integer keyword inputs, used as they are
+        names = {n: n for n in imodel.inputs}
+        dynamic = ["batch", "sequence"]
+        graph_inputs = [helper.make_tensor_value_info(
+            n, _onnx_any_type(onnx, g.dtypes[n]), [*dynamic[:len(shapes[n])], *shapes[n][2:]])  # type: ignore[arg-type]
+            for n in imodel.inputs]
     for op in imodel.ops:
         _emit(g, op, names, shapes)
     result = names[imodel.output_name]
@@ -611,11 +974,9 @@ def export_onnx(imodel: IntegerModel, path: str | Path, example: Tensor) -> Any:
     g.nodes.append(helper.make_node("DequantizeLinear", [result, g.const(oq.scale, np.float32, "out_scale"),
                                                          g.const(oq.zero_point, _np_dtype(oq.dtype), "out_zp")],
                                     ["output"]))
-    in_shape = ["batch", *shapes[imodel.input_name][1:]]
     out_shape = ["batch", *shapes[imodel.output_name][1:]]
     graph = helper.make_graph(
-        g.nodes, "precsim_integer_model",
-        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, in_shape)],
+        g.nodes, "precsim_integer_model", graph_inputs,
         [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, out_shape),
          helper.make_tensor_value_info("output_codes", out_type, out_shape)],
         g.inits)
