@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from precsim.integer.ivit_ops import ShiftExpConsts
+from precsim.integer.ivit_ops import ShiftExpConsts, shift_exp_int
 from precsim.integer.model import IntegerModel
 from precsim.integer.ops import (
     AddOp,
@@ -70,6 +70,7 @@ from precsim.integer.ops import (
     QParams,
     RequantOp,
     ReshapeOp,
+    _requant_fast,
     to_nchw,
 )
 from precsim.integer.text_ops import AtenOp, AttentionProbsOp, ConstOp, EmbeddingOp, FineAddOp, MeanPoolOp
@@ -88,9 +89,13 @@ __all__ = ["export_onnx"]
 OPSET = 21
 IR_VERSION = 10  # onnxruntime 1.18+ reads it
 INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
 # Newton steps of _Graph.isqrt: enough for every n in [1, 2^62) (proof in its docstring).
 ISQRT_STEPS = 6
 _ISQRT_LIMIT = 62  # isqrt's inputs are below 2^62
+# An element-wise function of a clipped integer (ShiftGELU, the shift exponential) is exported as
+# a table of its values when its input range has at most this many entries.
+LUT_MAX = 1 << 18
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -128,6 +133,17 @@ _NP_ANY = {torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16, to
            torch.int64: np.int64, torch.bool: np.bool_}
 
 
+def _compact(a: Any) -> Any:
+    """One value for an array whose values are all equal (a scalar constant broadcasts the cheapest)."""
+    arr = np.asarray(a)
+    return arr.reshape(-1)[0] if arr.size and (arr == arr.reshape(-1)[0]).all() else arr
+
+
+def _wrap_u64(a: Any) -> np.ndarray:
+    """Python ints modulo 2^64 as uint64 (two's complement for negative values)."""
+    return np.vectorize(lambda z: int(z) % 2**64, otypes=[object])(np.asarray(a, dtype=object)).astype(np.uint64)
+
+
 def _onnx_any_type(onnx: Any, dtype: torch.dtype) -> int:
     if dtype not in _ANY_TYPES:
         raise ExportError(f"values of dtype {dtype} have no ONNX type here (integer and bool tensors only)")
@@ -145,6 +161,9 @@ class _Graph:
         self.count = 0
         self.dtypes: dict[str, torch.dtype | None] = {}  # of the integer model's values (None: a size)
         self.dynamic = False  # sizes other than the batch are dynamic (a text model's sequence length)
+        self.uint8_of: dict[str, str] = {}  # int8 codes -> their uint8 form (shared by the GEMMs reading them)
+        self.cache: dict[Any, str] = {}  # other values several ops share (the attention mask's penalty)
+        self.bounds: dict[str, int] = {}  # a bound on |value| of some int32 tensors (requantized GEMM results)
 
     def fresh(self, hint: str) -> str:
         self.count += 1
@@ -160,7 +179,7 @@ class _Graph:
 
     def node(self, op: str, inputs: list[str], hint: str | None = None, **attrs: Any) -> str:
         out = self.fresh(hint or op.lower())
-        self.nodes.append(self.helper.make_node(op, inputs, [out], **attrs))
+        self.nodes.append(self.helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
     def name_as(self, x: str, out: str, since: int) -> None:
@@ -171,9 +190,16 @@ class _Graph:
         else:
             self.nodes.append(self.helper.make_node("Identity", [x], [out]))
 
-    # --- integer pieces (int64) ----------------------------------------------------------------
+    # --- integer pieces ------------------------------------------------------------------------
+    # Costs that shape these (onnxruntime 1.32, CPU): an int64 Div is 4x an Add (no SIMD integer
+    # division), a Where 4-5x, a bool -> int64 Cast 2x; int32 element-wise ops (Div included) cost
+    # half their int64 form. So: floor shifts by powers of two through uint64 BitShift, signs
+    # from Min/Max or Abs/Sign, and int32 wherever the values provably fit.
     def int64(self, x: str) -> str:
         return self.node("Cast", [x], to=self.onnx.TensorProto.INT64)
+
+    def int32(self, x: str) -> str:
+        return self.node("Cast", [x], to=self.onnx.TensorProto.INT32)
 
     def cast(self, x: str, dtype: torch.dtype) -> str:
         return self.node("Cast", [x], to=_onnx_type(self.onnx, dtype))
@@ -181,28 +207,65 @@ class _Graph:
     def cast_any(self, x: str, dtype: torch.dtype) -> str:
         return self.node("Cast", [x], to=_onnx_any_type(self.onnx, dtype))
 
+    def typed(self, value: Any, dtype: torch.dtype, hint: str = "c") -> str:
+        """A constant of the torch integer ``dtype`` (one value if all are equal)."""
+        return self.const(_compact(value), _NP_ANY[dtype], hint)
+
     def mul(self, x: str, c: int) -> str:
         return self.node("Mul", [x, self.i64(c)]) if c != 1 else x
 
-    def floor_div(self, t: str, d: str) -> str:
-        """floor(t / d) for d > 0 from ONNX's truncating integer Div (t of either sign)."""
-        q = self.node("Div", [t, d])
-        r = self.node("Sub", [t, self.node("Mul", [q, d])])
-        neg = self.node("Cast", [self.node("Less", [r, self.i64(0)])], to=self.onnx.TensorProto.INT64)
-        return self.node("Sub", [q, neg])
+    def sign_step(self, x: str, dtype: torch.dtype = torch.int64) -> str:
+        """``-[x < 0]`` (-1 or 0) in ``x``'s dtype: Max(Min(x, 0), -1), no bool tensor."""
+        return self.node("Max", [self.node("Min", [x, self.typed(0, dtype)]), self.typed(-1, dtype)])
 
-    def div_nonneg(self, t: str, d: str) -> str:
-        """floor(t / d) where ``t >= 0`` and ``d > 0`` are proven: truncation is the floor there."""
-        return self.node("Div", [t, d])
+    def floor_shift(self, t: str, bits: Any, add: Any = 0, then: Any = 0) -> str:
+        """``floor((t + add) / 2^bits) + then`` for int64 ``t`` (any value with ``t + add`` in the
+        int64 range), ``1 <= bits <= 62`` (ints or per-channel arrays).
+
+        ONNX's integer Div truncates (and is slow) and BitShift takes unsigned types only: ``t +
+        add + 2^63`` computed in uint64 (Cast and Add wrap modulo 2^64, as C++ defines for
+        unsigned types) is the order-preserving image of ``t + add`` in [0, 2^64); its logical
+        right shift is ``floor((t + add) / 2^bits) + 2^(63 - bits) < 2^63``, so the Cast back to
+        int64 is exact, and ``then - 2^(63 - bits)`` is one Add.
+        """
+        b = np.asarray(bits, dtype=np.int64)
+        if (b < 1).any() or (b > 62).any():
+            raise ExportError(f"internal: floor shift by {bits} bits")
+        u = self.node("Cast", [t], to=self.onnx.TensorProto.UINT64)
+        u = self.node("Add", [u, self.const(_compact(_wrap_u64(np.asarray(add, dtype=object) + 2**63)), np.uint64)])
+        u = self.node("BitShift", [u, self.const(_compact(b), np.uint64)], direction="RIGHT")
+        back = np.asarray(then, dtype=np.int64) - np.left_shift(np.int64(1), 63 - b)
+        return self.node("Add", [self.int64(u), self.i64(_compact(back))])
+
+    def nonneg_shift(self, v: str, bits: Any, add: Any = 0, dtype: torch.dtype = torch.int64) -> str:
+        """``floor((v + add) / 2^bits)`` for int64 ``v >= 0`` with ``v + add < 2^64``, as ``dtype``
+        (the caller proves the result fits)."""
+        u = self.node("Cast", [v], to=self.onnx.TensorProto.UINT64)
+        if np.any(np.asarray(add) != 0):
+            u = self.node("Add", [u, self.const(_compact(_wrap_u64(np.asarray(add, dtype=object))), np.uint64)])
+        u = self.node("BitShift", [u, self.const(_compact(np.asarray(bits, dtype=np.int64)), np.uint64)],
+                      direction="RIGHT")
+        return self.cast_any(u, dtype)
 
     def shr(self, x: str, bits: int) -> str:
         """Arithmetic right shift (torch.bitwise_right_shift) of signed int64: floor(x / 2^bits)."""
-        return self.floor_div(x, self.i64(1 << bits)) if bits else x
+        return self.floor_shift(x, bits) if bits else x
 
     def dyadic(self, x: str, b: int, c: int) -> str:
         """:func:`~precsim.integer.fixedpoint.apply_dyadic`: ``floor((x b + 2^(c-1)) / 2^c)``."""
         p = self.mul(x, b)
-        return self.shr(self.node("Add", [p, self.i64(1 << (c - 1))]), c) if c else p
+        return self.floor_shift(p, c, add=1 << (c - 1)) if c else p
+
+    def floor_div(self, t: str, d: str | int) -> str:
+        """floor(t / d) for int64 ``t`` of either sign and ``d > 0`` (a tensor or an int): ONNX's
+        Div truncates, so ``t`` is moved down by ``d - 1`` where it is negative."""
+        dm1 = self.i64(d - 1) if isinstance(d, int) else self.node("Sub", [d, self.i64(1)])
+        dd = self.i64(d) if isinstance(d, int) else d
+        return self.node("Div", [self.node("Add", [t, self.node("Mul", [self.sign_step(t), dm1])]), dd])
+
+    def div_nonneg(self, t: str, d: str) -> str:
+        """floor(t / d) where ``t >= 0`` and ``d > 0`` are proven: truncation is the floor there."""
+        return self.node("Div", [t, d])
 
     def pow2(self, e: str, top: int) -> str:
         """``2^e`` for int64 exponents in [0, top], gathered from a table (no signed shift in ONNX)."""
@@ -238,59 +301,155 @@ class _Graph:
         return x
 
     # --- requantization ------------------------------------------------------------------------
-    def mbqm(self, x: str, m0: Any, shift: Any, shape: tuple[int, ...]) -> str:
-        """MultiplyByQuantizedMultiplier of int64 ``x`` (int32-range values), per channel via ``shape``."""
+    def _channels(self, m0: Any, shift: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         m = np.asarray(m0, dtype=np.int64).reshape(shape)
         s = np.asarray(shift, dtype=np.int64).reshape(shape)
-        left, right = np.maximum(s, 0), np.maximum(-s, 0)
-        if (right > 31).any():
+        if (s < -31).any():
             raise ExportError("a requantization right shift above 31 is not exported")
-        if self.rounding == "single":  # one rounding: (x M0 + 2^(t-1)) >> t, t = 31 - shift in 0..62
+        return m, s
+
+    def mbqm_bounded(self, x: str, dtype: torch.dtype, m0: Any, shift: Any, shape: tuple[int, ...],
+                     bound: int) -> tuple[str, torch.dtype, int] | None:
+        """MultiplyByQuantizedMultiplier of ``x`` (torch ``dtype``) with ``|x| <= bound``, as
+        ``sign(x) floor((|2 p + 1| + 2 C - 1) / (2 D))``, ``p = x M0 2^left``; returns (name,
+        dtype, bound of the result), or None where that form does not apply.
+
+        Both rounding modes are ``floor((p + C - [p < -2^30] 2^31 [n >= 1]) / D)`` (gemmlowp, right
+        shift n: ``C = 2^30 + 2^(n-1) 2^31``, ``D = 2^(31+n)``; see
+        :class:`~precsim.integer.ops.FixedPointMultiplier`) or ``floor((p + C) / D)`` with ``D =
+        2C`` (gemmlowp with n = 0, single rounding). For ``x >= 0`` the form above is that; for
+        ``x < 0`` (then ``p <= -2^30`` when ``M0 2^left >= 2^30``, or ``p = 0``), ``floor((p + C -
+        2^31) / D) = -floor((|p| - C + 2^31 + D - 1) / D) = -floor((|p| + C - 1) / D)``, and
+        likewise with ``D = 2C``; ``(|2p + 1| + 2C - 1) / 2`` is ``|p| + C`` for ``x >= 0`` and
+        ``|p| + C - 1`` for ``x < 0``. So one Abs, one logical shift of a non-negative value and a
+        Sign replace the sign-dependent rounding; no saturation can occur within ``bound``.
+        """
+        m, s = self._channels(m0, shift, shape)
+        mo, so = np.atleast_1d(m).astype(object), np.atleast_1d(s).astype(object)  # exact Python ints
+        if self.rounding == "single":
+            t = 31 - so
+            if (t < 1).any() or (t > 62).any():
+                return None
+            mm, c, d = mo, 2 ** (t - 1), 2**t
+        else:
+            left, right = np.maximum(so, 0), np.maximum(-so, 0)
+            if bound * 2 ** int(left.max()) > INT32_MAX:  # saturation possible
+                return None
+            mm = mo * 2**left
+            if ((right >= 1) & (mm > 0) & (mm < 2**30)).any():
+                return None
+            c = 2**30 + np.where(right >= 1, 2 ** np.maximum(right - 1, 0) * 2**31, 0)
+            d = 2 ** (31 + right)
+        if 2 * bound * int(mm.max()) + 1 >= 2**63:
+            return None
+        r_bound = int(((2 * bound * mm + 2 * c) // (2 * d)).max())
+        if self.rounding == "single" and (so > 0).any() and r_bound > INT32_MAX:
+            return None  # would saturate
+        x64 = x if dtype == torch.int64 else self.int64(x)
+        v = self.node("Abs", [self.node("Add", [self.node("Mul", [x64, self.i64(_compact(2 * mm))]), self.i64(1)])])
+        bits = np.vectorize(lambda z: int(z).bit_length() - 1, otypes=[np.int64])(2 * d)
+        out_t = torch.int32 if r_bound <= INT32_MAX else torch.int64
+        q = self.nonneg_shift(v, bits, add=2 * c - 1, dtype=out_t)
+        sgn = self.node("Sign", [x if dtype == out_t else x64])
+        if dtype != out_t and out_t == torch.int32:
+            sgn = self.int32(sgn)
+        return self.node("Mul", [q, sgn]), out_t, r_bound
+
+    def mbqm(self, x: str, m0: Any, shift: Any, shape: tuple[int, ...], bound: int | None = None,
+             dtype: torch.dtype = torch.int64) -> str:
+        """MultiplyByQuantizedMultiplier of ``x`` (int32-range values of torch ``dtype``), per
+        channel via ``shape``; int64 result. With a ``bound`` on ``|x|``, :meth:`mbqm_bounded`."""
+        if bound is not None:
+            fast = self.mbqm_bounded(x, dtype, m0, shift, shape, bound)
+            if fast is not None:
+                return fast[0] if fast[1] == torch.int64 else self.int64(fast[0])
+        x = x if dtype == torch.int64 else self.int64(x)
+        m, s = self._channels(m0, shift, shape)
+        if self.rounding == "single":  # one rounding: (x M0 + 2^(t-1)) >> t, t = 31 - shift
             t = 31 - s
-            p = self.node("Mul", [x, self.i64(m)])  # |x M0| < 2^62
-            half = np.where(t > 0, np.left_shift(np.int64(1), np.maximum(t - 1, 0)), 0)
-            y = self.floor_div(self.node("Add", [p, self.i64(half)]), self.i64(np.left_shift(np.int64(1), t)))
+            far = t > 62  # |x M0| < 2^62 <= 2^(t-1): 0, as FixedPointMultiplier
+            m = np.where(far, 0, m) * np.where(t == 0, 2, 1)  # t = 0: (2 x M0) >> 1
+            bits = np.clip(t, 1, 62)
+            half = np.where((t > 0) & ~far, np.left_shift(np.int64(1), np.clip(t - 1, 0, 61)), 0)
+            y = self.floor_shift(self.node("Mul", [x, self.i64(_compact(m))]), bits, add=half)
             if (s > 0).any():  # saturate as fixedpoint.multiply_by_quantized_multiplier_single does
                 y = self.node("Clip", [y, self.i64(-(2**31)), self.i64(2**31 - 1)])
             return y
+        left, right = np.maximum(s, 0), np.maximum(-s, 0)
         if (left > 0).any():
-            x = self.node("Mul", [x, self.i64(np.left_shift(np.int64(1), left))])
-            x = self.node("Clip", [x, self.i64(-(2**31)), self.i64(2**31 - 1)])
-        p = self.node("Mul", [x, self.i64(m)])
+            x = self.node("Mul", [x, self.i64(_compact(np.left_shift(np.int64(1), left)))])
+            if bound is None or bound << int(left.max()) > INT32_MAX:
+                x = self.node("Clip", [x, self.i64(-(2**31)), self.i64(2**31 - 1)])
+        p = self.node("Mul", [x, self.i64(_compact(m))])
+        if (right > 0).any():  # - 2^31 where p < -2^30 (RoundingDivideByPOT of a negative SRDHM result)
+            low = self.sign_step(self.node("Add", [p, self.i64(1 << 30)]))
+            p = self.node("Add", [p, self.node("Mul", [low, self.i64(_compact(np.where(right > 0, 1 << 31, 0)))])])
         half = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
-        add_pos = (1 << 30) + half * (1 << 31)
-        add_neg = np.where(right > 0, add_pos - (1 << 31), add_pos)
-        low = self.node("Less", [p, self.i64(-(1 << 30))])
-        t = self.node("Add", [p, self.node("Where", [low, self.i64(add_neg), self.i64(add_pos)])])
-        return self.floor_div(t, self.i64(np.left_shift(np.int64(1), right + 31)))
+        return self.floor_shift(p, right + 31, add=(1 << 30) + half * (1 << 31))
 
-    def rdbpot(self, x: str, exponent: int) -> str:
+    def rdbpot(self, x: str, exponent: int, dtype: torch.dtype = torch.int64,
+               bound: int | None = None) -> tuple[str, torch.dtype, int | None]:
         """x / 2^e rounded as fixedpoint.shift_right_rounded: ties away from zero (gemmlowp's
-        RoundingDivideByPOT), or toward +inf with single rounding."""
+        RoundingDivideByPOT), ``sign(x) floor((|x| + 2^(e-1)) / 2^e)``, or toward +inf with single
+        rounding. Returns (name, dtype, bound); int32 ``x`` stays int32 when ``bound`` allows."""
         if exponent == 0:
-            return x
+            return x, dtype, bound
+        half = 1 << (exponent - 1)
+        out_bound = None if bound is None else (bound + half) >> exponent
         if self.rounding == "single":
-            return self.floor_div(self.node("Add", [x, self.i64(1 << (exponent - 1))]), self.i64(1 << exponent))
-        neg = self.node("Cast", [self.node("Less", [x, self.i64(0)])], to=self.onnx.TensorProto.INT64)
-        t = self.node("Sub", [self.node("Add", [x, self.i64(1 << (exponent - 1))]), neg])
-        return self.floor_div(t, self.i64(1 << exponent))
+            x64 = x if dtype == torch.int64 else self.int64(x)
+            return self.floor_shift(x64, exponent, add=half), torch.int64, out_bound
+        if dtype == torch.int32 and bound is not None and bound + half <= INT32_MAX:  # int32 Div is fast
+            a = self.node("Add", [self.node("Abs", [x]), self.typed(half, torch.int32)])
+            q = self.node("Div", [a, self.typed(1 << exponent, torch.int32)])
+            return self.node("Mul", [q, self.node("Sign", [x])]), torch.int32, out_bound
+        x64 = x if dtype == torch.int64 else self.int64(x)
+        q = self.nonneg_shift(self.node("Abs", [x64]), exponent, add=half)
+        return self.node("Mul", [q, self.node("Sign", [x64])]), torch.int64, out_bound
 
     def clip_cast(self, x: str, lo: int, hi: int, dtype: torch.dtype) -> str:
         return self.cast(self.node("Clip", [x, self.i64(lo), self.i64(hi)]), dtype)
 
-    def finish(self, x: str, qp: QParams, lo: int, hi: int) -> str:
-        """+ Z_out, clamp, cast to the code dtype."""
-        return self.clip_cast(self.node("Add", [x, self.i64(qp.zero_point)]), lo, hi, qp.dtype)
+    def finish(self, x: str, qp: QParams, lo: int, hi: int, dtype: torch.dtype = torch.int64,
+               bound: int | None = None) -> str:
+        """+ Z_out, clamp, cast to the code dtype; in int32 (and without a clamp that cannot
+        bite) where ``bound`` on ``|x|`` allows."""
+        zp = qp.zero_point
+        if dtype == torch.int32 and bound is not None and bound + abs(zp) <= INT32_MAX:
+            y = self.node("Add", [x, self.typed(zp, torch.int32)]) if zp else x
+            if lo > zp - bound or hi < zp + bound:
+                y = self.node("Clip", [y, self.typed(lo, torch.int32), self.typed(hi, torch.int32)])
+            y = y if qp.dtype == torch.int32 else self.cast(y, qp.dtype)
+            self.bounds[y] = min(max(abs(lo), abs(hi)), bound + abs(zp))
+            return y
+        x64 = x if dtype == torch.int64 else self.int64(x)
+        y = self.clip_cast(self.node("Add", [x64, self.i64(zp)]) if zp else x64, lo, hi, qp.dtype)
+        self.bounds[y] = max(abs(lo), abs(hi))
+        return y
+
+    def requant(self, x: str, dtype: torch.dtype, m0: Any, shift: Any, shape: tuple[int, ...], bound: int | None,
+                qp: QParams, lo: int, hi: int) -> str:
+        """MultiplyByQuantizedMultiplier, + Z_out, clamp, cast (int32 where ``bound`` allows)."""
+        if bound is not None:
+            fast = self.mbqm_bounded(x, dtype, m0, shift, shape, bound)
+            if fast is not None:
+                return self.finish(*fast[:1], qp, lo, hi, fast[1], fast[2])
+        return self.finish(self.mbqm(x, m0, shift, shape, bound, dtype), qp, lo, hi)
 
     def as_uint8(self, x: str, qp: QParams) -> tuple[str, int]:
-        """8-bit codes as uint8 (int8 codes shifted by +128) and the matching zero point."""
+        """8-bit codes as uint8 (int8 codes shifted by +128) and the matching zero point (once per tensor)."""
         if qp.dtype == torch.uint8:
             return x, qp.zero_point
-        shifted = self.node("Add", [self.node("Cast", [x], to=self.onnx.TensorProto.INT16), self.const(128, np.int16)])
-        return self.node("Cast", [shifted], to=self.onnx.TensorProto.UINT8), qp.zero_point + 128
+        if x not in self.uint8_of:
+            shifted = self.node("Add", [self.node("Cast", [x], to=self.onnx.TensorProto.INT16),
+                                        self.const(128, np.int16)])
+            self.uint8_of[x] = self.node("Cast", [shifted], to=self.onnx.TensorProto.UINT8)
+        return self.uint8_of[x], qp.zero_point + 128
 
-    def centred(self, x: str, zp: int) -> str:
-        return self.node("Sub", [self.int64(x), self.i64(zp)])
+    def centred(self, x: str, zp: int, dtype: torch.dtype = torch.int64) -> str:
+        """Codes minus their zero point, as int64 (or int32 for codes of up to 16 bits)."""
+        y = self.int64(x) if dtype == torch.int64 else self.int32(x)
+        return self.node("Sub", [y, self.typed(zp, dtype)]) if zp else y
 
     # --- shapes --------------------------------------------------------------------------------
     def shape_with(self, x: str, rank: int, start: int, end: int, middle: list[int]) -> str:
@@ -379,21 +538,31 @@ def _conv(g: _Graph, op: ConvOp, ins: list[str], shapes: Shapes) -> str:
         w = g.const(np.ascontiguousarray(w_np.T), np.uint8, f"{op.name}.weight")
         acc = g.node("MatMulInteger", [x, w, x_zp, w_zp], "acc")
         shape = (1, cout)
-    acc = g.node("Add", [g.int64(acc), g.i64(op.bias.numpy().astype(np.int64).reshape(shape), f"{op.name}.bias")])
+    # |acc + bias| <= sum_k |w - Zw| max|x - Zx| + |bias| per channel: int32 when that fits
+    w_abs = (op.weight.to(torch.int64) - int(zw[0])).abs().reshape(cout, -1).sum(1)
+    bound = int((w_abs * op.in_qp.max_abs_centred + op.bias.to(torch.int64).abs()).max())
+    bias = op.bias.numpy().astype(np.int64).reshape(shape)
+    if bound <= INT32_MAX:
+        acc = g.node("Add", [acc, g.const(bias, np.int32, f"{op.name}.bias")])
+        return g.requant(acc, torch.int32, op.multiplier.numpy(), op.shift.numpy(), shape, bound, op.out_qp,
+                         op.lo, op.hi)
+    acc = g.node("Add", [g.int64(acc), g.i64(bias, f"{op.name}.bias")])
     return g.finish(g.mbqm(acc, op.multiplier.numpy(), op.shift.numpy(), shape), op.out_qp, op.lo, op.hi)
 
 
 def _add(g: _Graph, op: AddOp, ins: list[str], shapes: Shapes) -> str:
     """Both inputs rescaled with ``left_shift`` extra bits, summed, one final rounding shift."""
     one = 1 << op.left_shift
-    a = g.mbqm(g.mul(g.centred(ins[0], op.a_qp.zero_point), one), op.a_multiplier, op.a_shift, ())
-    b = g.mbqm(g.mul(g.centred(ins[1], op.b_qp.zero_point), one), op.b_multiplier, op.b_shift, ())
-    return g.finish(g.rdbpot(g.node("Add", [a, b]), op.left_shift), op.out_qp, op.lo, op.hi)
+    a = g.mbqm(g.mul(g.centred(ins[0], op.a_qp.zero_point), one), op.a_multiplier, op.a_shift, (),
+               op.a_qp.max_abs_centred * one)
+    b = g.mbqm(g.mul(g.centred(ins[1], op.b_qp.zero_point), one), op.b_multiplier, op.b_shift, (),
+               op.b_qp.max_abs_centred * one)
+    return g.finish(g.rdbpot(g.node("Add", [a, b]), op.left_shift)[0], op.out_qp, op.lo, op.hi)
 
 
 def _requant(g: _Graph, op: RequantOp, ins: list[str], shapes: Shapes) -> str:
-    x = g.mbqm(g.centred(ins[0], op.in_qp.zero_point), op.multiplier, op.shift, ())
-    return g.finish(x, op.out_qp, op.lo, op.hi)
+    return g.requant(g.centred(ins[0], op.in_qp.zero_point), torch.int64, op.multiplier, op.shift, (),
+                     op.in_qp.max_abs_centred, op.out_qp, op.lo, op.hi)
 
 
 def _clamp(g: _Graph, op: ClampOp, ins: list[str], shapes: Shapes) -> str:
@@ -415,7 +584,7 @@ def _avgpool(g: _Graph, op: AvgPoolOp, ins: list[str], shapes: Shapes) -> str:
                                kernel_shape=[kh, kw], strides=list(op.stride or op.kernel)))
         count = kh * kw
     m0, shift = op.multiplier_for(count)
-    return g.finish(g.mbqm(total, m0, shift, ()), op.out_qp, op.lo, op.hi)
+    return g.finish(g.mbqm(total, m0, shift, (), count * op.in_qp.max_abs_centred), op.out_qp, op.lo, op.hi)
 
 
 def _maxpool(g: _Graph, op: MaxPoolOp, ins: list[str], shapes: Shapes) -> str:
@@ -446,14 +615,17 @@ def _matmul(g: _Graph, op: MatMulOp, ins: list[str], shapes: Shapes) -> str:
     if g.dynamic and acc_t != torch.int32:
         raise ExportError(f"{op.name}: the accumulator plan for K = {shapes[op.inputs[0]][-1]} is int64 with a "
                           "rounding pre-shift that depends on K, which may be the (dynamic) sequence length")
+    # |acc| <= K max|a - Za| max|b - Zb|; K may be the sequence length (dynamic): then only the plan's int32 bound
+    k = shapes[op.inputs[0]][-1]
+    bound = INT32_MAX if g.dynamic else k * op.a_qp.max_abs_centred * op.b_qp.max_abs_centred
     if acc_t == torch.int32 and op.a_qp.dtype in _EIGHT_BIT and op.b_qp.dtype in _EIGHT_BIT:
         a, za = g.as_uint8(ins[0], op.a_qp)
         b, zb = g.as_uint8(ins[1], op.b_qp)
-        acc = g.int64(g.node("MatMulInteger", [a, b, g.const(za, np.uint8, "a_zp"), g.const(zb, np.uint8, "b_zp")],
-                             "acc"))
-    else:
-        acc = g.node("MatMul", [g.centred(ins[0], op.a_qp.zero_point), g.centred(ins[1], op.b_qp.zero_point)], "acc")
-    return g.finish(g.mbqm(g.rdbpot(acc, pre), op.multiplier, op.shift + pre, ()), op.out_qp, op.lo, op.hi)
+        acc = g.node("MatMulInteger", [a, b, g.const(za, np.uint8, "a_zp"), g.const(zb, np.uint8, "b_zp")], "acc")
+        return g.requant(acc, torch.int32, op.multiplier, op.shift, (), bound, op.out_qp, op.lo, op.hi)
+    acc = g.node("MatMul", [g.centred(ins[0], op.a_qp.zero_point), g.centred(ins[1], op.b_qp.zero_point)], "acc")
+    acc, _, bound = g.rdbpot(acc, pre, torch.int64, bound)
+    return g.requant(acc, torch.int64, op.multiplier, op.shift + pre, (), bound, op.out_qp, op.lo, op.hi)
 
 
 def _shift_exp(g: _Graph, x: str, k: ShiftExpConsts) -> str:
@@ -473,25 +645,37 @@ def _shift_exp(g: _Graph, x: str, k: ShiftExpConsts) -> str:
     return g.div_nonneg(mant, g.pow2(q, k.exp_bits + 1))
 
 
-def _shiftmax_codes(g: _Graph, x: str, k: Any, n: int, where: str) -> str:
-    """:func:`~precsim.integer.ivit_ops.shiftmax_int` of int64 ``x`` over the last dim (rows of at
-    most ``n``), int64 codes. The row sum is ``s >= 2^K > 0``, so the normalising divisions have
-    non-negative operands."""
-    m = k.out_max
+def _shiftmax_codes(g: _Graph, x: str, k: Any, n: int, where: str, dtype: torch.dtype = torch.int64) -> str:
+    """:func:`~precsim.integer.ivit_ops.shiftmax_int` of ``x`` (int32 or int64) over the last dim
+    (rows of at most ``n``), int64 codes.
+
+    The shift exponential of ``max(x - rowmax, x_floor)`` is read from a table of its
+    ``-x_floor + 1`` values (computed by :func:`~precsim.integer.ivit_ops.shift_exp_int` itself)
+    when that is at most ``LUT_MAX`` entries, else written out (:func:`_shift_exp`). The row sum
+    ``s >= 2^K > 0`` is the last inclusive cumulative sum, so the normalising divisions have
+    non-negative operands; the exclusive sum's rounded value is the inclusive one's previous
+    element (0 first), so one division serves both.
+    """
+    m, x_floor = k.out_max, k.exp.x_floor
     if n * (1 << k.exp.exp_bits) * (2 * m + 1) >= 1 << 63:
         raise ExportError(f"{where}: rows of {n} are too long for the int64 normalisation at {k.output_bits} bits")
-    e = _shift_exp(g, g.node("Sub", [x, g.reduce_last("ReduceMax", x)]), k.exp)
-    s = g.reduce_last("ReduceSum", e)
-    two_s = g.mul(s, 2)
-
-    def rounded(c: str) -> str:  # floor((2 c M + s) / (2 s))
-        return g.div_nonneg(g.node("Add", [g.mul(c, 2 * m), s]), two_s)
-
-    if k.sum_preserving:  # R(inclusive cumsum) - R(exclusive cumsum): torch.diff with a 0 prepended
-        last = g.i64(-1)
-        inclusive, exclusive = g.node("CumSum", [e, last]), g.node("CumSum", [e, last], exclusive=1)
-        return g.node("Sub", [rounded(inclusive), rounded(exclusive)])
-    return rounded(e)
+    rowmax = g.reduce_last("ReduceMax", x)
+    if -x_floor + 1 <= LUT_MAX:  # table[max(x - rowmax, x_floor) - x_floor], x - rowmax <= 0
+        idx = g.node("Max", [g.node("Sub", [x, g.node("Add", [rowmax, g.typed(x_floor, dtype)])]), g.typed(0, dtype)])
+        table = shift_exp_int(torch.arange(x_floor, 1, dtype=torch.int64), k.exp)
+        e = g.node("Gather", [g.i64(table.numpy(), "exp_table"), idx], axis=0)
+    else:
+        x64 = x if dtype == torch.int64 else g.int64(x)
+        e = _shift_exp(g, g.node("Sub", [x64, rowmax if dtype == torch.int64 else g.int64(rowmax)]), k.exp)
+    last = g.i64([-1])
+    if not k.sum_preserving:
+        s = g.reduce_last("ReduceSum", e)
+        return g.div_nonneg(g.node("Add", [g.mul(e, 2 * m), s]), g.mul(s, 2))
+    c = g.node("CumSum", [e, last])
+    s = g.node("Slice", [c, last, g.i64([INT64_MAX]), last])
+    r = g.div_nonneg(g.node("Add", [g.mul(c, 2 * m), s]), g.mul(s, 2))  # floor((2 c M + s) / (2 s))
+    prev = g.node("Pad", [g.node("Slice", [r, g.i64([0]), last, last]), g.i64([1, 0]), g.i64(0), last])
+    return g.node("Sub", [r, prev])  # torch.diff with a 0 prepended
 
 
 def _shiftmax(g: _Graph, op: ShiftmaxOp, ins: list[str], shapes: Shapes) -> str:
@@ -500,9 +684,28 @@ def _shiftmax(g: _Graph, op: ShiftmaxOp, ins: list[str], shapes: Shapes) -> str:
     return g.cast(codes, op.out_qp.dtype)
 
 
+def _lut(g: _Graph, x: str, dtype: torch.dtype, lo: int, hi: int, fn: Callable[[Tensor], Tensor], hint: str) -> str:
+    """``fn`` of integer ``x`` (torch ``dtype``) whose result depends on ``clamp(x, lo, hi)`` only:
+    ``Gather`` from the table ``fn(lo..hi)`` at ``clamp(x, lo, hi) - lo``."""
+    info = torch.iinfo(dtype)
+    lo, hi = max(lo, info.min), min(hi, info.max)
+    table = fn(torch.arange(lo, hi + 1, dtype=dtype))
+    work = dtype if dtype in (torch.int32, torch.int64) else torch.int32
+    xw = x if work == dtype else g.cast(x, work)
+    if (lo, hi) != (info.min, info.max):
+        xw = g.node("Clip", [xw, g.typed(lo, work), g.typed(hi, work)])
+    idx = g.node("Sub", [xw, g.typed(lo, work)]) if lo else xw
+    return g.node("Gather", [g.const(table.numpy(), table.numpy().dtype, hint), idx], axis=0)
+
+
 def _shift_gelu(g: _Graph, op: ShiftGeluOp, ins: list[str], shapes: Shapes) -> str:
-    """:func:`~precsim.integer.ivit_ops.shift_gelu_int`, then the op's clamp to its output codes."""
+    """:func:`~precsim.integer.ivit_ops.shift_gelu_int`, then the op's clamp to its output codes:
+    a table of the op's outputs over its clipped input range ``x_lo..x_hi`` when that has at
+    most ``LUT_MAX`` entries, else written out."""
     k = op._k
+    dtype = g.dtypes.get(op.inputs[0]) or torch.int64
+    if min(k.x_hi, torch.iinfo(dtype).max) - max(k.x_lo, torch.iinfo(dtype).min) + 1 <= LUT_MAX:
+        return _lut(g, ins[0], dtype, k.x_lo, k.x_hi, op.run, f"{op.name}.table")
     x = g.node("Clip", [g.int64(ins[0]), g.i64(k.x_lo), g.i64(k.x_hi)])
     big = g.mul(x, 1 << k.guard_bits)
     y = g.node("Add", [g.node("Add", [g.node("Add", [big, g.shr(big, 1)]), g.shr(big, 3)]), g.shr(big, 4)])
@@ -539,22 +742,23 @@ def _i_layernorm(g: _Graph, op: ILayerNormOp, ins: list[str], shapes: Shapes) ->
     z = g.floor_div(g.node("Add", [g.mul(y, 1 << (k.norm_bits + 1)), std]), g.mul(std, 2))
     acc = g.node("Add", [g.node("Mul", [z, g.i64(k.weight_int.numpy(), "ln_weight")]),
                          g.i64(k.bias_int.numpy(), "ln_bias")])
-    v = g.node("Clip", [g.dyadic(acc, k.out_mult, k.out_shift), g.i64(k.qmin), g.i64(k.qmax)])
-    return g.clip_cast(v, op.out_qp.qmin, op.out_qp.qmax, op.out_qp.dtype)
+    # clamp(clamp(v, qmin, qmax), out.qmin, out.qmax): one clamp to the intersection (non-empty: 0 is in both)
+    lo, hi = max(k.qmin, op.out_qp.qmin), min(k.qmax, op.out_qp.qmax)
+    return g.clip_cast(g.dyadic(acc, k.out_mult, k.out_shift), lo, hi, op.out_qp.dtype)
 
 
 def _add_const(g: _Graph, op: AddConstOp, ins: list[str], shapes: Shapes) -> str:
     """Tokens rescaled to ``S_out 2^-L`` plus ``offset``, ``prefix`` rows prepended, one rounding shift."""
     rank = len(shapes[op.inputs[0]])
     x = g.mul(g.centred(ins[0], op.in_qp.zero_point), 1 << op.left_shift)
-    v = g.mbqm(x, op.multiplier, op.shift, ())
+    v = g.mbqm(x, op.multiplier, op.shift, (), op.in_qp.max_abs_centred << op.left_shift)
     if op.offset.numel():
         v = g.node("Add", [v, g.i64(op.offset.numpy(), "offset")])
     if op.prefix.numel():
         d = op.dim % rank
         target = g.shape_with(v, rank, d, d, [op.prefix.shape[d]])
         v = g.node("Concat", [g.node("Expand", [g.i64(op.prefix.numpy(), "prefix"), target]), v], axis=d)
-    return g.finish(g.rdbpot(v, op.left_shift), op.out_qp, op.lo, op.hi)
+    return g.finish(g.rdbpot(v, op.left_shift)[0], op.out_qp, op.lo, op.hi)
 
 
 def _index(g: _Graph, x: str, key: tuple[Any, ...], rank: int) -> str:
@@ -630,31 +834,61 @@ def _embedding(g: _Graph, op: EmbeddingOp, ins: list[str], shapes: Shapes) -> st
 
 
 def _attention_probs(g: _Graph, op: AttentionProbsOp, ins: list[str], shapes: Shapes) -> str:
-    """Exact scores (``MatMulInteger`` of the uint8 codes and ``k`` transposed, int32), minus the
-    penalty where the mask is False, Shiftmax at 16 bits, requantization to the P grid."""
+    """Exact scores (``MatMulInteger`` of the uint8 codes and ``k`` transposed), minus a penalty
+    where the mask is False, Shiftmax at 16 bits (:func:`_shiftmax_codes`), and the
+    requantization of its codes 0..M to the P grid as a table.
+
+    With 8-bit q, k the scores stay int32: ``|score| <= A = d max|q - Zq| max|k - Zk|`` and the
+    penalty is ``2A + |x_floor|`` instead of the op's 2^40. That changes nothing: an unmasked
+    score stays above every masked one, so the row maxima agree; a masked score still lands at or
+    below ``x_floor`` after the row maximum is subtracted, where the shift exponential clamps; and
+    a row masked everywhere is shifted as a whole, which the row maximum cancels.
+    """
     rank = len(shapes[op.inputs[1]])
     kt = g.node("Transpose", [ins[1]], perm=[*range(rank - 2), rank - 1, rank - 2])
-    if op.q_qp.dtype in _EIGHT_BIT and op.k_qp.dtype in _EIGHT_BIT:
+    k = op._k
+    limit = shapes[op.inputs[0]][-1] * op.q_qp.max_abs_centred * op.k_qp.max_abs_centred
+    penalty = 2 * limit - k.exp.x_floor
+    eight = op.q_qp.dtype in _EIGHT_BIT and op.k_qp.dtype in _EIGHT_BIT
+    if eight and 2 * limit + penalty - 2 * k.exp.x_floor <= INT32_MAX:
         q, zq = g.as_uint8(ins[0], op.q_qp)
-        k, zk = g.as_uint8(kt, op.k_qp)
-        scores = g.int64(g.node("MatMulInteger", [q, k, g.const(zq, np.uint8, "q_zp"), g.const(zk, np.uint8, "k_zp")],
-                                "scores"))
+        kk, zk = g.as_uint8(kt, op.k_qp)
+        scores = g.node("MatMulInteger", [q, kk, g.const(zq, np.uint8, "q_zp"), g.const(zk, np.uint8, "k_zp")],
+                        "scores")
+        dtype = torch.int32
     else:  # torch's int32 product of wider codes: exact in int64 while it does not overflow there
-        scores = g.node("MatMul", [g.centred(ins[0], op.q_qp.zero_point), g.centred(kt, op.k_qp.zero_point)], "scores")
+        scores = g.node("MatMul", [g.centred(ins[0], op.q_qp.zero_point), g.centred(kt, op.k_qp.zero_point)],
+                        "scores")
+        dtype, penalty = torch.int64, op.penalty
     if len(ins) > 2:
-        mask = ins[2] if g.dtypes.get(op.inputs[2]) == torch.bool else g.node("Cast", [ins[2]], to=g.onnx.TensorProto.BOOL)
-        scores = g.node("Add", [scores, g.node("Where", [mask, g.i64(0), g.i64(-op.penalty)])])
-    p16 = _shiftmax_codes(g, scores, op._k, MAX_TOKENS, op.name)
-    q = op.p_qp
-    return g.finish(g.mbqm(p16, op.multiplier, op.shift, ()), q, q.qmin, q.qmax)
+        key = ("mask", ins[2], penalty, dtype)
+        if key not in g.cache:  # the same mask for every layer
+            mask = ins[2] if g.dtypes.get(op.inputs[2]) == torch.bool else g.cast_any(ins[2], torch.bool)
+            g.cache[key] = g.node("Where", [mask, g.typed(0, dtype), g.typed(-penalty, dtype)], "mask_add")
+        scores = g.node("Add", [scores, g.cache[key]])
+    p16 = _shiftmax_codes(g, scores, k, MAX_TOKENS, op.name, dtype)
+    qp = op.p_qp
+    table = _requant_fast(torch.arange(0, k.out_max + 1, dtype=torch.int64), op._mult, 0, qp.zero_point, qp.qmin,
+                          qp.qmax, qp.dtype, op.rounding)
+    return g.node("Gather", [g.const(table.numpy(), table.numpy().dtype, f"{op.name}.p_table"), p16], axis=0)
 
 
 def _fine_add(g: _Graph, op: FineAddOp, ins: list[str], shapes: Shapes) -> str:
     """``a`` (int32, on the fine grid) plus ``b`` rescaled to it, one rounding shift by ``left_shift``."""
-    b = g.mbqm(g.centred(ins[1], op.b_qp.zero_point), op.b_multiplier, op.b_shift, ())
-    total = g.node("Add", [g.int64(ins[0]), b])
     q = op.out_qp
-    return g.finish(g.rdbpot(total, op.left_shift), q, q.qmin, q.qmax)
+    b_small = op.b_qp.bits <= 16
+    b = g.centred(ins[1], op.b_qp.zero_point, torch.int32 if b_small else torch.int64)
+    fast = g.mbqm_bounded(b, torch.int32 if b_small else torch.int64, op.b_multiplier, op.b_shift, (),
+                          op.b_qp.max_abs_centred)
+    a_bound = g.bounds.get(ins[0])
+    if fast is not None and fast[1] == torch.int32 and a_bound is not None and a_bound + fast[2] <= INT32_MAX:
+        total, dtype, bound = g.node("Add", [ins[0], fast[0]]), torch.int32, a_bound + fast[2]  # all int32
+    else:
+        b64 = g.mbqm(b, op.b_multiplier, op.b_shift, (), op.b_qp.max_abs_centred,
+                     torch.int32 if b_small else torch.int64)
+        total, dtype, bound = g.node("Add", [g.int64(ins[0]), b64]), torch.int64, None
+    r, r_dtype, r_bound = g.rdbpot(total, op.left_shift, dtype, bound)
+    return g.finish(r, q, q.qmin, q.qmax, r_dtype, r_bound)
 
 
 def _mean_pool(g: _Graph, op: MeanPoolOp, ins: list[str], shapes: Shapes) -> str:
@@ -926,6 +1160,8 @@ def _emit(g: _Graph, op: Op, names: dict[str, str], shapes: Shapes) -> None:
     result = emitter(g, op, [names[i] for i in op.inputs], shapes)
     out = names[op.output] = g.fresh(op.output.replace(".", "_").replace(":", "_"))
     g.name_as(result, out, since)
+    if result in g.bounds:
+        g.bounds[out] = g.bounds[result]
 
 
 def export_onnx(imodel: IntegerModel, path: str | Path, example: Tensor | dict[str, Tensor]) -> Any:
