@@ -7,19 +7,27 @@ gemmlowp's fixed-point rounding. Here each layer is:
 
 * ``ConvInteger`` / ``MatMulInteger`` (uint8 operands: signed codes are shifted by +128 with their
   zero points, because onnxruntime's u8s8 kernels on x86 without VNNI saturate pairs of products
-  to int16; scalar zero points) -> int32 accumulator,
-* ``Cast`` to int64, ``Add`` the int32 bias,
-* ``MultiplyByQuantizedMultiplier`` in int64: ``Mul`` by M0, then SaturatingRoundingDoublingHighMul
-  and RoundingDivideByPOT fused into one flooring division by ``2^(31 + n)`` after adding
-  ``2^30 + 2^(n-1) 2^31 - [p < -2^30] 2^31`` (see :class:`precsim.integer.ops.FixedPointMultiplier`);
-  for an integer model with ``rounding="single"``, TFLite's single rounding: ``Add`` ``2^(30 + n)``
-  and floor-divide by ``2^(31 + n)``,
-* ``Add`` the output zero point, ``Clip`` to the (ReLU-folded) bounds, ``Cast`` to the code type.
+  to int16; scalar zero points) -> int32 accumulator, ``Add`` the bias in int32 (int64 if the
+  worst case ``sum_k |w - Zw| max|x - Zx| + |bias|`` could leave int32),
+* ``MultiplyByQuantizedMultiplier`` (:class:`precsim.integer.ops.FixedPointMultiplier`): both
+  rounding modes are ``floor((p + C - [p < -2^30] 2^31) / D)`` with ``p = x M0 2^left`` (gemmlowp:
+  ``C = 2^30 + 2^(n-1) 2^31``, ``D = 2^(31 + n)``, the bracket only for n >= 1; TFLite's single
+  rounding: ``C = 2^(t-1)``, ``D = 2^t``, no bracket). Where a bound on ``|x|`` rules out
+  saturation it is ``sign(x) floor((|2p + 1| + 2C - 1) / 2D)`` (:meth:`_Graph.mbqm_bounded`:
+  ``Mul``, ``Abs``, a logical shift, ``Sign``), else the bracket is ``Max(Min(p + 2^30, 0), -1)``
+  and the floor a uint64 shift (:meth:`_Graph.floor_shift`),
+* ``Add`` the output zero point, ``Clip`` to the (ReLU-folded) bounds, ``Cast`` to the code type,
+  in int32 where the bound allows.
 
-Residual adds, requantizations and pooling sums use the same int64 pieces. The graph takes the
-float image (``QuantizeLinear`` at the boundary) and returns ``output`` (float, through
-``DequantizeLinear``) and ``output_codes`` (the integer model's codes), so onnxruntime's
-result can be compared with :meth:`IntegerModel.run_integer` code for code.
+Residual adds, requantizations and pooling sums use the same pieces. ONNX's integer ``Div``
+truncates toward zero and its ``BitShift`` takes unsigned types only: a floor shift by a power of
+two is a logical shift of ``t + 2^63`` in uint64 (:meth:`_Graph.floor_shift`), a floor division
+by another value a ``Div`` of ``t - (d - 1) [t < 0]`` (:meth:`_Graph.floor_div`), a bare ``Div``
+only where both operands are provably non-negative. No ``Where`` or bool-to-int ``Cast`` in the
+element-wise paths: onnxruntime runs them several times slower than an ``Add``. The graph takes
+the float image (``QuantizeLinear`` at the boundary) and returns ``output`` (float, through
+``DequantizeLinear``) and ``output_codes`` (the integer model's codes), so onnxruntime's result
+can be compared with :meth:`IntegerModel.run_integer` code for code.
 
 The vision-transformer ops of :mod:`precsim.integer.vit_ops` are written out the same way, in
 integer ONNX arithmetic only (no float op between the boundary ``QuantizeLinear`` and
@@ -31,22 +39,39 @@ integer ONNX arithmetic only (no float op between the boundary ``QuantizeLinear`
   requantization above;
 * ``ShiftmaxOp``, ``ShiftGeluOp``, ``ILayerNormOp``: each step of
   :func:`~precsim.integer.ivit_ops.shiftmax_int`, ``shift_gelu_int`` and ``i_layernorm_int`` in
-  int64. ONNX's integer ``Div`` truncates toward zero and its ``BitShift`` takes unsigned types
-  only, so an arithmetic right shift or floor division of a value that may be negative is a
-  ``Div`` with a sign correction (:meth:`_Graph.floor_div`); a bare ``Div`` only where both
-  operands are provably non-negative; a shift by a data-dependent amount divides by a power of
-  two gathered from a table. The square root is Newton's iteration unrolled a fixed number of
-  times (:meth:`_Graph.isqrt` shows why that count suffices);
+  int64, except that an element-wise function of a clipped integer (ShiftGELU of its input
+  clipped to ``x_lo..x_hi``, the shift exponential of ``max(x - rowmax, x_floor)``) is a
+  ``Gather`` from a table of the function's own values when that range has at most ``LUT_MAX``
+  entries; a shift by a data-dependent amount divides by a power of two gathered from a table.
+  The square root is Newton's iteration unrolled a fixed number of times (:meth:`_Graph.isqrt`
+  shows why that count suffices);
 * ``AddConstOp``: the residual-add pieces plus the constant rows (``Expand``, ``Concat``);
 * ``LayoutOp``: ``Transpose``, ``Reshape`` (the sizes it keeps are read with ``Shape`` at run
   time, so the batch stays dynamic), ``Gather``, ``Slice``, ``Unsqueeze``.
 
+A text encoder (integer keyword inputs, :mod:`precsim.integer.text_ops`, e.g. the integer
+MiniLM) takes its int64 inputs as they are, with batch and sequence dynamic:
+
+* ``EmbeddingOp``: ``Gather`` from the int8 table; ``ConstOp``: an initializer;
+* ``AttentionProbsOp``: ``MatMulInteger`` scores (int32, the mask's penalty made int32-sized, see
+  :func:`_attention_probs`), Shiftmax as above, the requantization of its 16-bit codes to the P
+  grid as a table of the op's own values;
+* ``FineAddOp``, ``MeanPoolOp``: the requantization pieces, a ``ReduceSum`` and a floor division;
+* ``AtenOp``: one ONNX form per ATen op (``_ATEN``): sizes from ``Shape``/``Gather``, ``Reshape``
+  and ``Expand`` with run-time shapes, ``Range``, ``Slice``, ``Transpose``, ``Unsqueeze``,
+  ``Cast``, comparisons, ``And``/``Or``, ``Gather``/``GatherND`` for ``aten.index``; another
+  ATen op raises :class:`ExportError` naming it. A ``MatMulOp`` whose inner size may be the
+  sequence length is exported with its int32 plan (exact while ``K max|a - Za| max|b - Zb|``
+  fits int32, e.g. up to 33025 tokens for uint8 x uint8), Shiftmax rows up to ``MAX_TOKENS``.
+
 Graph tensors have the logical (channels-first) layout; the integer model's channels-last
-storage is internal to its kernels.
+storage is internal to its kernels. Node names are ``<op kind>:<op name>/<tensor>``, so a
+profile can be read per integer op.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,9 +164,14 @@ def _compact(a: Any) -> Any:
     return arr.reshape(-1)[0] if arr.size and (arr == arr.reshape(-1)[0]).all() else arr
 
 
+def _pyints(a: Any) -> np.ndarray:
+    """Integers (arrays or scalars of any integer type) as an object array of exact Python ints."""
+    return np.vectorize(int, otypes=[object])(np.asarray(a))
+
+
 def _wrap_u64(a: Any) -> np.ndarray:
-    """Python ints modulo 2^64 as uint64 (two's complement for negative values)."""
-    return np.vectorize(lambda z: int(z) % 2**64, otypes=[object])(np.asarray(a, dtype=object)).astype(np.uint64)
+    """Integers modulo 2^64 as uint64 (two's complement for negative values)."""
+    return np.vectorize(lambda z: int(z) % 2**64, otypes=[object])(_pyints(a)).astype(np.uint64)
 
 
 def _onnx_any_type(onnx: Any, dtype: torch.dtype) -> int:
@@ -164,6 +194,7 @@ class _Graph:
         self.uint8_of: dict[str, str] = {}  # int8 codes -> their uint8 form (shared by the GEMMs reading them)
         self.cache: dict[Any, str] = {}  # other values several ops share (the attention mask's penalty)
         self.bounds: dict[str, int] = {}  # a bound on |value| of some int32 tensors (requantized GEMM results)
+        self.scope = "io"  # node names are "<op kind>:<op name>/<output>" (profiles per integer op)
 
     def fresh(self, hint: str) -> str:
         self.count += 1
@@ -179,7 +210,7 @@ class _Graph:
 
     def node(self, op: str, inputs: list[str], hint: str | None = None, **attrs: Any) -> str:
         out = self.fresh(hint or op.lower())
-        self.nodes.append(self.helper.make_node(op, inputs, [out], name=out, **attrs))
+        self.nodes.append(self.helper.make_node(op, inputs, [out], name=f"{self.scope}/{out}", **attrs))
         return out
 
     def name_as(self, x: str, out: str, since: int) -> None:
@@ -232,7 +263,7 @@ class _Graph:
         if (b < 1).any() or (b > 62).any():
             raise ExportError(f"internal: floor shift by {bits} bits")
         u = self.node("Cast", [t], to=self.onnx.TensorProto.UINT64)
-        u = self.node("Add", [u, self.const(_compact(_wrap_u64(np.asarray(add, dtype=object) + 2**63)), np.uint64)])
+        u = self.node("Add", [u, self.const(_compact(_wrap_u64(_pyints(add) + 2**63)), np.uint64)])
         u = self.node("BitShift", [u, self.const(_compact(b), np.uint64)], direction="RIGHT")
         back = np.asarray(then, dtype=np.int64) - np.left_shift(np.int64(1), 63 - b)
         return self.node("Add", [self.int64(u), self.i64(_compact(back))])
@@ -242,7 +273,7 @@ class _Graph:
         (the caller proves the result fits)."""
         u = self.node("Cast", [v], to=self.onnx.TensorProto.UINT64)
         if np.any(np.asarray(add) != 0):
-            u = self.node("Add", [u, self.const(_compact(_wrap_u64(np.asarray(add, dtype=object))), np.uint64)])
+            u = self.node("Add", [u, self.const(_compact(_wrap_u64(add)), np.uint64)])
         u = self.node("BitShift", [u, self.const(_compact(np.asarray(bits, dtype=np.int64)), np.uint64)],
                       direction="RIGHT")
         return self.cast_any(u, dtype)
@@ -309,8 +340,9 @@ class _Graph:
         return m, s
 
     def mbqm_bounded(self, x: str, dtype: torch.dtype, m0: Any, shift: Any, shape: tuple[int, ...],
-                     bound: int) -> tuple[str, torch.dtype, int] | None:
-        """MultiplyByQuantizedMultiplier of ``x`` (torch ``dtype``) with ``|x| <= bound``, as
+                     bound: Any) -> tuple[str, torch.dtype, int] | None:
+        """MultiplyByQuantizedMultiplier of ``x`` (torch ``dtype``) with ``|x| <= bound`` (an int or
+        per channel, as ``m0``), as
         ``sign(x) floor((|2 p + 1| + 2 C - 1) / (2 D))``, ``p = x M0 2^left``; returns (name,
         dtype, bound of the result), or None where that form does not apply.
 
@@ -325,7 +357,9 @@ class _Graph:
         Sign replace the sign-dependent rounding; no saturation can occur within ``bound``.
         """
         m, s = self._channels(m0, shift, shape)
-        mo, so = np.atleast_1d(m).astype(object), np.atleast_1d(s).astype(object)  # exact Python ints
+        mo, so = np.atleast_1d(_pyints(m)), np.atleast_1d(_pyints(s))  # exact Python ints
+        bnd = np.atleast_1d(_pyints(bound))
+        bnd = bnd.reshape(shape) if bnd.size > 1 else bnd
         if self.rounding == "single":
             t = 31 - so
             if (t < 1).any() or (t > 62).any():
@@ -333,16 +367,16 @@ class _Graph:
             mm, c, d = mo, 2 ** (t - 1), 2**t
         else:
             left, right = np.maximum(so, 0), np.maximum(-so, 0)
-            if bound * 2 ** int(left.max()) > INT32_MAX:  # saturation possible
+            if (bnd * 2**left > INT32_MAX).any():  # saturation possible
                 return None
             mm = mo * 2**left
             if ((right >= 1) & (mm > 0) & (mm < 2**30)).any():
                 return None
             c = 2**30 + np.where(right >= 1, 2 ** np.maximum(right - 1, 0) * 2**31, 0)
             d = 2 ** (31 + right)
-        if 2 * bound * int(mm.max()) + 1 >= 2**63:
+        if (2 * bnd * mm + 1 >= 2**63).any():
             return None
-        r_bound = int(((2 * bound * mm + 2 * c) // (2 * d)).max())
+        r_bound = int(((2 * bnd * mm + 2 * c) // (2 * d)).max())
         if self.rounding == "single" and (so > 0).any() and r_bound > INT32_MAX:
             return None  # would saturate
         x64 = x if dtype == torch.int64 else self.int64(x)
@@ -355,7 +389,7 @@ class _Graph:
             sgn = self.int32(sgn)
         return self.node("Mul", [q, sgn]), out_t, r_bound
 
-    def mbqm(self, x: str, m0: Any, shift: Any, shape: tuple[int, ...], bound: int | None = None,
+    def mbqm(self, x: str, m0: Any, shift: Any, shape: tuple[int, ...], bound: Any = None,
              dtype: torch.dtype = torch.int64) -> str:
         """MultiplyByQuantizedMultiplier of ``x`` (int32-range values of torch ``dtype``), per
         channel via ``shape``; int64 result. With a ``bound`` on ``|x|``, :meth:`mbqm_bounded`."""
@@ -378,7 +412,7 @@ class _Graph:
         left, right = np.maximum(s, 0), np.maximum(-s, 0)
         if (left > 0).any():
             x = self.node("Mul", [x, self.i64(_compact(np.left_shift(np.int64(1), left)))])
-            if bound is None or bound << int(left.max()) > INT32_MAX:
+            if bound is None or (np.atleast_1d(_pyints(bound)) * 2 ** _pyints(left) > INT32_MAX).any():
                 x = self.node("Clip", [x, self.i64(-(2**31)), self.i64(2**31 - 1)])
         p = self.node("Mul", [x, self.i64(_compact(m))])
         if (right > 0).any():  # - 2^31 where p < -2^30 (RoundingDivideByPOT of a negative SRDHM result)
@@ -427,7 +461,7 @@ class _Graph:
         self.bounds[y] = max(abs(lo), abs(hi))
         return y
 
-    def requant(self, x: str, dtype: torch.dtype, m0: Any, shift: Any, shape: tuple[int, ...], bound: int | None,
+    def requant(self, x: str, dtype: torch.dtype, m0: Any, shift: Any, shape: tuple[int, ...], bound: Any,
                 qp: QParams, lo: int, hi: int) -> str:
         """MultiplyByQuantizedMultiplier, + Z_out, clamp, cast (int32 where ``bound`` allows)."""
         if bound is not None:
@@ -540,12 +574,12 @@ def _conv(g: _Graph, op: ConvOp, ins: list[str], shapes: Shapes) -> str:
         shape = (1, cout)
     # |acc + bias| <= sum_k |w - Zw| max|x - Zx| + |bias| per channel: int32 when that fits
     w_abs = (op.weight.to(torch.int64) - int(zw[0])).abs().reshape(cout, -1).sum(1)
-    bound = int((w_abs * op.in_qp.max_abs_centred + op.bias.to(torch.int64).abs()).max())
+    bounds = (w_abs * op.in_qp.max_abs_centred + op.bias.to(torch.int64).abs()).numpy()  # per channel
     bias = op.bias.numpy().astype(np.int64).reshape(shape)
-    if bound <= INT32_MAX:
+    if bounds.max() <= INT32_MAX:
         acc = g.node("Add", [acc, g.const(bias, np.int32, f"{op.name}.bias")])
-        return g.requant(acc, torch.int32, op.multiplier.numpy(), op.shift.numpy(), shape, bound, op.out_qp,
-                         op.lo, op.hi)
+        return g.requant(acc, torch.int32, op.multiplier.numpy(), op.shift.numpy(), shape, bounds.reshape(shape),
+                         op.out_qp, op.lo, op.hi)
     acc = g.node("Add", [g.int64(acc), g.i64(bias, f"{op.name}.bias")])
     return g.finish(g.mbqm(acc, op.multiplier.numpy(), op.shift.numpy(), shape), op.out_qp, op.lo, op.hi)
 
@@ -723,6 +757,13 @@ def _i_layernorm(g: _Graph, op: ILayerNormOp, ins: list[str], shapes: Shapes) ->
 
     The integer model refuses inputs outside the signed ``in_bits`` range at run time, which a
     graph cannot; export therefore needs the input codes' whole range inside it.
+
+    Faster forms, each exact: the sums and ``y = x 2^P - mean`` in int32 where ``in_bits + P <=
+    30``; ``z = floor((y 2^(k+1) + std) / (2 std))`` as ``Div(y 2^(k+1) + std + Z 2 std, 2 std) -
+    Z`` with ``Z = (isqrt(n) + 2) 2^(k+1)`` (the model's own bound on ``|z|``: ``|y_i|^2 <= sum
+    y^2 <= n (var + 1/2)`` and ``std = isqrt(var) >= 1`` give ``|y| / std < 1.88 sqrt(n)``), so
+    the dividend is non-negative and ``Div`` floors; ``- Z`` and the affine bias fold into the
+    dyadic multiply's constant: ``(z w + b) mult = (z + Z) (w mult) + (b - Z w) mult``.
     """
     k = op._k
     lim = 1 << (k.in_bits - 1)
@@ -731,19 +772,39 @@ def _i_layernorm(g: _Graph, op: ILayerNormOp, ins: list[str], shapes: Shapes) ->
     if op.in_qp.qmin < -lim or op.in_qp.qmax >= lim:
         raise ExportError(f"{op.name}: input codes {op.in_qp.qmin}..{op.in_qp.qmax} exceed I-LayerNorm's "
                           f"{k.in_bits}-bit range")
-    n, p = k.n, k.frac_bits
-    x = g.int64(ins[0])
-    mean = g.floor_div(g.node("Add", [g.mul(g.reduce_last("ReduceSum", x), 1 << (p + 1)), g.i64(n)]), g.i64(2 * n))
-    y = g.node("Sub", [g.mul(x, 1 << p), mean])
+    n, p, kb = k.n, k.frac_bits, k.norm_bits
+    narrow = k.in_bits + p <= 30 and n << (k.in_bits - 1) <= INT32_MAX
+    dt = torch.int32 if narrow else torch.int64
+    x = g.int32(ins[0]) if narrow else g.int64(ins[0])
+    total = g.int64(g.reduce_last("ReduceSum", x)) if narrow else g.reduce_last("ReduceSum", x)
+    mean = g.floor_div(g.node("Add", [g.mul(total, 1 << (p + 1)), g.i64(n)]), 2 * n)
+    y = g.node("Sub", [g.node("Mul", [x, g.typed(1 << p, dt)]), g.int32(mean) if narrow else mean])
+    y = g.int64(y) if narrow else y
     ssq = g.reduce_last("ReduceSum", g.node("Mul", [y, y]))
     var = g.node("Add", [g.div_nonneg(g.node("Add", [g.mul(ssq, 2), g.i64(n)]), g.i64(2 * n)), g.i64(k.eps_int)])
     # max(isqrt(var), 1) == isqrt(max(var, 1)): isqrt is monotone and isqrt(0) = 0, isqrt(1) = 1
     std = g.isqrt(g.node("Max", [var, g.i64(1)]))
-    z = g.floor_div(g.node("Add", [g.mul(y, 1 << (k.norm_bits + 1)), std]), g.mul(std, 2))
+    w, bias = _pyints(k.weight_int.numpy()), _pyints(k.bias_int.numpy())
+    z_bound = (math.isqrt(n) + 2) << (kb + 1)
+    y_max = 1 << (k.in_bits + p)
+    std_max = math.isqrt((n * y_max * y_max * 2 + n) // (2 * n) + k.eps_int) + 1
+    acc_max = 2 * z_bound * int(np.abs(w).max()) + int(np.abs(bias).max()) + z_bound * int(np.abs(w).max())
+    lo, hi = max(k.qmin, op.out_qp.qmin), min(k.qmax, op.out_qp.qmax)
+    if (y_max << (kb + 1)) + std_max * (1 + 2 * z_bound) < 2**63 and acc_max * k.out_mult + (1 << 62) < 2**63:
+        two_std = g.mul(std, 2)
+        shifted = g.node("Add", [std, g.node("Mul", [two_std, g.i64(z_bound)])])  # std + Z 2 std, per row
+        z = g.div_nonneg(g.node("Add", [g.mul(y, 1 << (kb + 1)), shifted]), two_std)  # z + Z >= 0
+        acc = g.node("Mul", [z, g.i64(_compact(w * k.out_mult), "ln_weight")])
+        const = (bias - z_bound * w) * k.out_mult
+        if k.out_shift:
+            v = g.floor_shift(acc, k.out_shift, add=_compact(const + (1 << (k.out_shift - 1))))
+        else:
+            v = g.node("Add", [acc, g.i64(_compact(const), "ln_bias")])
+        return g.clip_cast(v, lo, hi, op.out_qp.dtype)
+    z = g.floor_div(g.node("Add", [g.mul(y, 1 << (kb + 1)), std]), g.mul(std, 2))
     acc = g.node("Add", [g.node("Mul", [z, g.i64(k.weight_int.numpy(), "ln_weight")]),
                          g.i64(k.bias_int.numpy(), "ln_bias")])
     # clamp(clamp(v, qmin, qmax), out.qmin, out.qmax): one clamp to the intersection (non-empty: 0 is in both)
-    lo, hi = max(k.qmin, op.out_qp.qmin), min(k.qmax, op.out_qp.qmax)
     return g.clip_cast(g.dyadic(acc, k.out_mult, k.out_shift), lo, hi, op.out_qp.dtype)
 
 
@@ -884,9 +945,10 @@ def _fine_add(g: _Graph, op: FineAddOp, ins: list[str], shapes: Shapes) -> str:
     if fast is not None and fast[1] == torch.int32 and a_bound is not None and a_bound + fast[2] <= INT32_MAX:
         total, dtype, bound = g.node("Add", [ins[0], fast[0]]), torch.int32, a_bound + fast[2]  # all int32
     else:
-        b64 = g.mbqm(b, op.b_multiplier, op.b_shift, (), op.b_qp.max_abs_centred,
-                     torch.int32 if b_small else torch.int64)
-        total, dtype, bound = g.node("Add", [g.int64(ins[0]), b64]), torch.int64, None
+        b64 = (fast[0] if fast[1] == torch.int64 else g.int64(fast[0])) if fast is not None else g.mbqm(
+            b, op.b_multiplier, op.b_shift, (), op.b_qp.max_abs_centred, torch.int32 if b_small else torch.int64)
+        total = g.node("Add", [g.int64(ins[0]), b64])
+        dtype, bound = torch.int64, None if a_bound is None or fast is None else a_bound + fast[2]
     r, r_dtype, r_bound = g.rdbpot(total, op.left_shift, dtype, bound)
     return g.finish(r, q, q.qmin, q.qmax, r_dtype, r_bound)
 
@@ -1157,6 +1219,7 @@ def _emit(g: _Graph, op: Op, names: dict[str, str], shapes: Shapes) -> None:
     if emitter is None:
         raise ExportError(f"{op.name}: no ONNX form for integer op {op.kind!r}")
     since = len(g.nodes)
+    g.scope = f"{op.kind}:{op.name}"
     result = emitter(g, op, [names[i] for i in op.inputs], shapes)
     out = names[op.output] = g.fresh(op.output.replace(".", "_").replace(":", "_"))
     g.name_as(result, out, since)
