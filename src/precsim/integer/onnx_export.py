@@ -340,21 +340,21 @@ class _Graph:
         return m, s
 
     def mbqm_bounded(self, x: str, dtype: torch.dtype, m0: Any, shift: Any, shape: tuple[int, ...],
-                     bound: Any) -> tuple[str, torch.dtype, int] | None:
+                     bound: Any, then: Any = 0) -> tuple[str, torch.dtype, int] | None:
         """MultiplyByQuantizedMultiplier of ``x`` (torch ``dtype``) with ``|x| <= bound`` (an int or
-        per channel, as ``m0``), as
-        ``sign(x) floor((|2 p + 1| + 2 C - 1) / (2 D))``, ``p = x M0 2^left``; returns (name,
-        dtype, bound of the result), or None where that form does not apply.
+        per channel, as ``m0``), plus ``then``, computed in uint64; returns (name, dtype, bound on
+        the result before ``then``), or None where a saturation could occur (or the bound is too
+        wide for this form).
 
-        Both rounding modes are ``floor((p + C - [p < -2^30] 2^31 [n >= 1]) / D)`` (gemmlowp, right
-        shift n: ``C = 2^30 + 2^(n-1) 2^31``, ``D = 2^(31+n)``; see
-        :class:`~precsim.integer.ops.FixedPointMultiplier`) or ``floor((p + C) / D)`` with ``D =
-        2C`` (gemmlowp with n = 0, single rounding). For ``x >= 0`` the form above is that; for
-        ``x < 0`` (then ``p <= -2^30`` when ``M0 2^left >= 2^30``, or ``p = 0``), ``floor((p + C -
-        2^31) / D) = -floor((|p| - C + 2^31 + D - 1) / D) = -floor((|p| + C - 1) / D)``, and
-        likewise with ``D = 2C``; ``(|2p + 1| + 2C - 1) / 2`` is ``|p| + C`` for ``x >= 0`` and
-        ``|p| + C - 1`` for ``x < 0``. So one Abs, one logical shift of a non-negative value and a
-        Sign replace the sign-dependent rounding; no saturation can occur within ``bound``.
+        Both rounding modes are ``R = floor((p + C - Z [p < -2^30]) / D)``, ``p = x M0 2^left``
+        (gemmlowp, right shift n: ``C = 2^30 + 2^(n-1) 2^31``, ``D = 2^(31+n)``, ``Z = 2^31`` for
+        n >= 1, else ``C = 2^30``, ``Z = 0``; single rounding: ``C = 2^(t-1)``, ``D = 2^t``,
+        ``Z = 0``; see :class:`~precsim.integer.ops.FixedPointMultiplier`). With ``O = 2^E`` above
+        ``|p| + 2^30 + 2^31`` and a multiple of every ``D``: ``x`` cast to uint64 (sign-extended
+        modulo 2^64) times ``M0 2^left`` is ``p`` modulo 2^64; ``v = p + 2^30 + O`` lies in [0,
+        2^(E+1)), so ``v >> E`` is ``[p >= -2^30]``; ``p + C + O - Z [p < -2^30]`` is positive and
+        its logical shift by ``log2 D`` is ``R + O / D``. No Abs, Sign or Where, and the int32 ->
+        int64 -> uint64 casts of the signed forms become one.
         """
         m, s = self._channels(m0, shift, shape)
         mo, so = np.atleast_1d(_pyints(m)), np.atleast_1d(_pyints(s))  # exact Python ints
@@ -362,32 +362,41 @@ class _Graph:
         bnd = bnd.reshape(shape) if bnd.size > 1 else bnd
         if self.rounding == "single":
             t = 31 - so
-            if (t < 1).any() or (t > 62).any():
+            if (t < 0).any() or (t > 62).any():
                 return None
-            mm, c, d = mo, 2 ** (t - 1), 2**t
+            mm, c, d, z = mo, np.where(t >= 1, 2 ** np.maximum(t - 1, 0), 0), 2**t, np.zeros_like(mo)
         else:
             left, right = np.maximum(so, 0), np.maximum(-so, 0)
             if (bnd * 2**left > INT32_MAX).any():  # saturation possible
                 return None
             mm = mo * 2**left
-            if ((right >= 1) & (mm > 0) & (mm < 2**30)).any():
-                return None
             c = 2**30 + np.where(right >= 1, 2 ** np.maximum(right - 1, 0) * 2**31, 0)
             d = 2 ** (31 + right)
-        if (2 * bnd * mm + 1 >= 2**63).any():
+            z = np.where(right >= 1, 2**31, 0)
+        p_max = int((bnd * mm).max())
+        e = max((p_max + 2**31 + 2**30).bit_length(), max(int(v).bit_length() - 1 for v in d.reshape(-1)))
+        if e > 62:
             return None
-        r_bound = int(((2 * bnd * mm + 2 * c) // (2 * d)).max())
+        r_bound = int(((bnd * mm + c) // d).max()) + 1
         if self.rounding == "single" and (so > 0).any() and r_bound > INT32_MAX:
             return None  # would saturate
-        x64 = x if dtype == torch.int64 else self.int64(x)
-        v = self.node("Abs", [self.node("Add", [self.node("Mul", [x64, self.i64(_compact(2 * mm))]), self.i64(1)])])
-        bits = np.vectorize(lambda z: int(z).bit_length() - 1, otypes=[np.int64])(2 * d)
-        out_t = torch.int32 if r_bound <= INT32_MAX else torch.int64
-        q = self.nonneg_shift(v, bits, add=2 * c - 1, dtype=out_t)
-        sgn = self.node("Sign", [x if dtype == out_t else x64])
-        if dtype != out_t and out_t == torch.int32:
-            sgn = self.int32(sgn)
-        return self.node("Mul", [q, sgn]), out_t, r_bound
+        o = 2**e
+        off = o // d
+        u = self.node("Mul", [self.node("Cast", [x], to=self.onnx.TensorProto.UINT64),
+                              self.const(_compact(_wrap_u64(mm)), np.uint64)])
+        if (z != 0).any():
+            v = self.node("Add", [u, self.const(o + 2**30, np.uint64)])
+            ge = self.node("BitShift", [v, self.const(e, np.uint64)], direction="RIGHT")  # [p >= -2^30]
+            t = self.node("Add", [v, self.node("Mul", [ge, self.const(_compact(_wrap_u64(z)), np.uint64)])])
+            t = self.node("Add", [t, self.const(_compact(_wrap_u64(c - 2**30 - z)), np.uint64)])
+        else:
+            t = self.node("Add", [u, self.const(_compact(_wrap_u64(o + c)), np.uint64)])
+        bits = np.vectorize(lambda v: int(v).bit_length() - 1, otypes=[np.int64])(d)
+        q = self.node("BitShift", [t, self.const(_compact(bits), np.uint64)], direction="RIGHT")  # R + O / D
+        then_max = max(abs(int(v)) for v in np.atleast_1d(_pyints(then)).reshape(-1))
+        out_t = torch.int32 if r_bound + int(off.max()) + then_max <= INT32_MAX else torch.int64
+        y = self.node("Add", [self.cast_any(q, out_t), self.typed(_compact(_pyints(then) - off), out_t)])
+        return y, out_t, r_bound
 
     def mbqm(self, x: str, m0: Any, shift: Any, shape: tuple[int, ...], bound: Any = None,
              dtype: torch.dtype = torch.int64) -> str:
@@ -437,9 +446,9 @@ class _Graph:
             a = self.node("Add", [self.node("Abs", [x]), self.typed(half, torch.int32)])
             q = self.node("Div", [a, self.typed(1 << exponent, torch.int32)])
             return self.node("Mul", [q, self.node("Sign", [x])]), torch.int32, out_bound
-        x64 = x if dtype == torch.int64 else self.int64(x)
-        q = self.nonneg_shift(self.node("Abs", [x64]), exponent, add=half)
-        return self.node("Mul", [q, self.node("Sign", [x64])]), torch.int64, out_bound
+        x64 = x if dtype == torch.int64 else self.int64(x)  # floor((x + 2^(e-1) - [x < 0]) / 2^e)
+        return self.floor_shift(self.node("Add", [x64, self.sign_step(x64)]), exponent, add=half), torch.int64, \
+            out_bound
 
     def clip_cast(self, x: str, lo: int, hi: int, dtype: torch.dtype) -> str:
         return self.cast(self.node("Clip", [x, self.i64(lo), self.i64(hi)]), dtype)
@@ -465,9 +474,15 @@ class _Graph:
                 qp: QParams, lo: int, hi: int) -> str:
         """MultiplyByQuantizedMultiplier, + Z_out, clamp, cast (int32 where ``bound`` allows)."""
         if bound is not None:
-            fast = self.mbqm_bounded(x, dtype, m0, shift, shape, bound)
-            if fast is not None:
-                return self.finish(*fast[:1], qp, lo, hi, fast[1], fast[2])
+            fast = self.mbqm_bounded(x, dtype, m0, shift, shape, bound, then=qp.zero_point)
+            if fast is not None:  # the result already holds + Z_out
+                y, y_dtype, r_bound = fast
+                zp = qp.zero_point
+                if lo > zp - r_bound or hi < zp + r_bound:
+                    y = self.node("Clip", [y, self.typed(lo, y_dtype), self.typed(hi, y_dtype)])
+                y = y if qp.dtype == y_dtype else self.cast(y, qp.dtype)
+                self.bounds[y] = min(max(abs(lo), abs(hi)), r_bound + abs(zp))
+                return y
         return self.finish(self.mbqm(x, m0, shift, shape, bound, dtype), qp, lo, hi)
 
     def as_uint8(self, x: str, qp: QParams) -> tuple[str, int]:
