@@ -64,7 +64,7 @@ def profile(path: Path, feed: dict[str, np.ndarray], threads: int, runs: int = 5
     by_type: collections.Counter[str] = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            by_kind[e["name"].split(":")[0]] += e["dur"]
+            by_kind[e["name"].split("/")[0].split(":")[0]] += e["dur"]
             by_type[e["args"]["op_name"]] += e["dur"]
     total = sum(by_kind.values())
     print(f"\nonnxruntime kernel time per run: {total / runs / 1e3:.1f} ms")

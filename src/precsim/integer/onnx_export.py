@@ -10,12 +10,14 @@ gemmlowp's fixed-point rounding. Here each layer is:
   to int16; scalar zero points) -> int32 accumulator, ``Add`` the bias in int32 (int64 if the
   worst case ``sum_k |w - Zw| max|x - Zx| + |bias|`` could leave int32),
 * ``MultiplyByQuantizedMultiplier`` (:class:`precsim.integer.ops.FixedPointMultiplier`): both
-  rounding modes are ``floor((p + C - [p < -2^30] 2^31) / D)`` with ``p = x M0 2^left`` (gemmlowp:
-  ``C = 2^30 + 2^(n-1) 2^31``, ``D = 2^(31 + n)``, the bracket only for n >= 1; TFLite's single
-  rounding: ``C = 2^(t-1)``, ``D = 2^t``, no bracket). Where a bound on ``|x|`` rules out
-  saturation it is ``sign(x) floor((|2p + 1| + 2C - 1) / 2D)`` (:meth:`_Graph.mbqm_bounded`:
-  ``Mul``, ``Abs``, a logical shift, ``Sign``), else the bracket is ``Max(Min(p + 2^30, 0), -1)``
-  and the floor a uint64 shift (:meth:`_Graph.floor_shift`),
+  rounding modes are ``floor((p + C - Z [p < -2^30]) / D)`` with ``p = x M0 2^left`` (gemmlowp:
+  ``C = 2^30 + 2^(n-1) 2^31``, ``D = 2^(31 + n)``, ``Z = 2^31`` for a right shift n >= 1; TFLite's
+  single rounding: ``C = 2^(t-1)``, ``D = 2^t``, ``Z = 0``). Where a per-channel bound on ``|x|``
+  rules out saturation (:meth:`_Graph.mbqm_bounded`) it runs in uint64: ``x`` cast once, times
+  ``M0 2^left`` modulo 2^64, plus an offset ``2^E`` that makes every value positive, the bracket
+  read as a logical shift by ``E``, the floor as a logical shift by ``log2 D``, the offset and
+  the zero point removed in one ``Add``; else in int64 with the bracket as ``Max(Min(p + 2^30,
+  0), -1)`` and the floor a uint64 shift (:meth:`_Graph.floor_shift`),
 * ``Add`` the output zero point, ``Clip`` to the (ReLU-folded) bounds, ``Cast`` to the code type,
   in int32 where the bound allows.
 
@@ -23,8 +25,9 @@ Residual adds, requantizations and pooling sums use the same pieces. ONNX's inte
 truncates toward zero and its ``BitShift`` takes unsigned types only: a floor shift by a power of
 two is a logical shift of ``t + 2^63`` in uint64 (:meth:`_Graph.floor_shift`), a floor division
 by another value a ``Div`` of ``t - (d - 1) [t < 0]`` (:meth:`_Graph.floor_div`), a bare ``Div``
-only where both operands are provably non-negative. No ``Where`` or bool-to-int ``Cast`` in the
-element-wise paths: onnxruntime runs them several times slower than an ``Add``. The graph takes
+only where both operands are provably non-negative. The requantization and rounding paths use no
+``Where``, ``Sign`` of int64 or bool-to-int ``Cast``: onnxruntime runs those several times slower
+than an ``Add``. The graph takes
 the float image (``QuantizeLinear`` at the boundary) and returns ``output`` (float, through
 ``DequantizeLinear``) and ``output_codes`` (the integer model's codes), so onnxruntime's result
 can be compared with :meth:`IntegerModel.run_integer` code for code.
@@ -1284,10 +1287,10 @@ def export_onnx(imodel: IntegerModel, path: str | Path, example: Tensor | dict[s
     for op in imodel.ops:
         _emit(g, op, names, shapes)
     result = names[imodel.output_name]
-    g.nodes.append(helper.make_node("Identity", [result], ["output_codes"]))
+    g.nodes.append(helper.make_node("Identity", [result], ["output_codes"], name="io/output_codes"))
     g.nodes.append(helper.make_node("DequantizeLinear", [result, g.const(oq.scale, np.float32, "out_scale"),
                                                          g.const(oq.zero_point, _np_dtype(oq.dtype), "out_zp")],
-                                    ["output"]))
+                                    ["output"], name="io/output"))
     out_shape = ["batch", *shapes[imodel.output_name][1:]]
     graph = helper.make_graph(
         g.nodes, "precsim_integer_model", graph_inputs,
