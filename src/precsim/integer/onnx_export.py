@@ -271,16 +271,6 @@ class _Graph:
         back = np.asarray(then, dtype=np.int64) - np.left_shift(np.int64(1), 63 - b)
         return self.node("Add", [self.int64(u), self.i64(_compact(back))])
 
-    def nonneg_shift(self, v: str, bits: Any, add: Any = 0, dtype: torch.dtype = torch.int64) -> str:
-        """``floor((v + add) / 2^bits)`` for int64 ``v >= 0`` with ``v + add < 2^64``, as ``dtype``
-        (the caller proves the result fits)."""
-        u = self.node("Cast", [v], to=self.onnx.TensorProto.UINT64)
-        if np.any(np.asarray(add) != 0):
-            u = self.node("Add", [u, self.const(_compact(_wrap_u64(add)), np.uint64)])
-        u = self.node("BitShift", [u, self.const(_compact(np.asarray(bits, dtype=np.int64)), np.uint64)],
-                      direction="RIGHT")
-        return self.cast_any(u, dtype)
-
     def shr(self, x: str, bits: int) -> str:
         """Arithmetic right shift (torch.bitwise_right_shift) of signed int64: floor(x / 2^bits)."""
         return self.floor_shift(x, bits) if bits else x
