@@ -15,12 +15,15 @@ from test_convert_kernels import Convs, Residual
 from torch import nn
 
 import precsim
+from precsim.integer import onnx_export
 from precsim.integer.convert import convert, integer_config
 from precsim.integer.fixedpoint import quantize_multiplier
+from precsim.integer.ibert_ops import prepare_i_gelu
 from precsim.integer.ivit_ops import prepare_i_layernorm, prepare_shift_gelu, prepare_shiftmax
 from precsim.integer.model import IntegerModel
 from precsim.integer.onnx_export import ExportError, _Graph, export_onnx
 from precsim.integer.ops import Op, QParams
+from precsim.integer.text_ops import IGeluOp
 from precsim.integer.vit_ops import (
     AddConstOp,
     ILayerNormOp,
@@ -190,6 +193,14 @@ def _rows(qp: QParams, n: int, seed: int) -> torch.Tensor:
     return rows.clamp(lo, hi).reshape(1, 8, 5, n).to(qp.dtype)
 
 
+@pytest.fixture(params=["tables", "arithmetic"])
+def lut(request, monkeypatch) -> str:  # type: ignore[no-untyped-def]
+    """Export element-wise functions of clipped integers as tables (the default) or written out."""
+    if request.param == "arithmetic":
+        monkeypatch.setattr(onnx_export, "LUT_MAX", 0)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("sum_preserving", [True, False])
 @pytest.mark.parametrize(("scale", "bits", "in_qp"), [
     (0.01, 16, QParams(0.01, 0, -128, 127)),
@@ -197,7 +208,7 @@ def _rows(qp: QParams, n: int, seed: int) -> torch.Tensor:
     (2.0, 8, QParams(2.0, 0, -128, 127)),
     (0.05, 16, QParams(0.05, 0, -32768, 32767)),  # 16-bit codes: differences far below x_floor
 ])
-def test_onnx_shiftmax_exact(tmp_path, scale, bits, in_qp, sum_preserving) -> None:  # type: ignore[no-untyped-def]
+def test_onnx_shiftmax_exact(tmp_path, scale, bits, in_qp, sum_preserving, lut) -> None:  # type: ignore[no-untyped-def]
     op = ShiftmaxOp.make("sm", ["x"], "y", in_qp, prepare_shiftmax(scale, bits, sum_preserving=sum_preserving))
     for n in (1, 9):
         _assert_onnx_equal(tmp_path, _single_op_model([op], in_qp, op.out_qp), _rows(in_qp, n, seed=n))
@@ -209,10 +220,21 @@ def test_onnx_shiftmax_exact(tmp_path, scale, bits, in_qp, sum_preserving) -> No
     (0.9, 0.1, QParams(0.9, 0, -128, 127)),
     (1e-3, 0.03, QParams(1e-3, 0, -32768, 32767)),
 ])
-def test_onnx_shift_gelu_exact_on_every_code(tmp_path, scale, out_scale, in_qp) -> None:  # type: ignore[no-untyped-def]
+def test_onnx_shift_gelu_exact_on_every_code(tmp_path, scale, out_scale, in_qp, lut) -> None:  # type: ignore[no-untyped-def]
     out_qp = QParams(out_scale, 0, -128, 127)
     op = ShiftGeluOp("g", ["x"], "y", in_qp, out_qp, consts_state(prepare_shift_gelu(scale, out_scale, 8)))
     codes = torch.arange(in_qp.qmin, in_qp.qmax + 1).reshape(1, 1, 1, -1).to(in_qp.dtype)
+    _assert_onnx_equal(tmp_path, _single_op_model([op], in_qp, out_qp), codes)
+
+
+@pytest.mark.parametrize(("scale", "out_scale", "bits"), [(0.08 / 256, 0.08, 8), (0.05, 0.05, 8), (2.93e-6, 7.5e-4, 16)])
+def test_onnx_i_gelu_exact(tmp_path, scale, out_scale, bits, lut) -> None:  # type: ignore[no-untyped-def]
+    """I-BERT's i-GELU on every 16-bit code (the model input of an exported graph is at most 16-bit;
+    with MiniLM's int16 scales the input is first rounded to a coarser grid)."""
+    top = (1 << (bits - 1)) - 1
+    in_qp, out_qp = QParams(scale, 0, -(2**15), 2**15 - 1), QParams(out_scale, 0, -top - 1, top)
+    op = IGeluOp("g", ["x"], "y", in_qp, out_qp, consts_state(prepare_i_gelu(scale, out_scale, bits)))
+    codes = torch.arange(-(2**15), 2**15, dtype=torch.int16).reshape(1, 1, 1, -1)
     _assert_onnx_equal(tmp_path, _single_op_model([op], in_qp, out_qp), codes)
 
 
@@ -300,3 +322,62 @@ def test_onnx_layout_ops(tmp_path, method, args) -> None:  # type: ignore[no-unt
     qp = QParams(1.0, 0, -32768, 32767)
     codes = torch.arange(2 * 4 * 5 * 6).reshape(2, 4, 5, 6).to(torch.int16)
     _assert_onnx_equal(tmp_path, _single_op_model([LayoutOp("l", ["x"], "y", method, args)], qp, qp), codes)
+
+
+def _run_pieces(g: _Graph, x: np.ndarray, outs: list[str]) -> list[np.ndarray]:
+    """The graph ``g`` built on input "x" (x's dtype), its ``outs`` computed by onnxruntime."""
+    elem = onnx.helper.np_dtype_to_tensor_dtype(x.dtype)
+    inferred = onnx.shape_inference.infer_shapes(onnx.helper.make_model(
+        onnx.helper.make_graph(g.nodes, "pieces", [onnx.helper.make_tensor_value_info("x", elem, [None])], [],
+                               g.inits), opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10))
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    graph = onnx.helper.make_graph(g.nodes, "pieces", [onnx.helper.make_tensor_value_info("x", elem, [None])],
+                                   [onnx.helper.make_tensor_value_info(o, types[o], [None]) for o in outs], g.inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(outs, {"x": x})
+
+
+@pytest.mark.parametrize("rounding", ["gemmlowp", "single"])
+def test_onnx_requantization_forms_exact(rounding) -> None:  # type: ignore[no-untyped-def]
+    """The exporter's MultiplyByQuantizedMultiplier forms (bounded: Abs/Sign; general: sign step
+    and uint64 floor shift) and rounding shifts against the integer kernels' FixedPointMultiplier
+    and shift_right_rounded: multipliers at both ends of [2^30, 2^31) (2^30 exactly: the one
+    where x = -1 gives p = -2^30), right shifts 0..31 and left shifts, inputs around every tie."""
+    from precsim.integer.fixedpoint import shift_right_rounded
+    from precsim.integer.ops import FixedPointMultiplier
+
+    rng = np.random.default_rng(0)
+    small = np.concatenate([np.arange(-4096, 4097), rng.integers(-(2**20), 2**20, 20000),
+                            [2**20, -(2**20), 2**20 - 1, -(2**20) + 1]]).astype(np.int32)
+    wide = np.concatenate([small, rng.integers(-(2**31), 2**31, 20000),
+                           [2**31 - 1, -(2**31), -(2**31) + 1, 2**30, -(2**30), -(2**30) - 1]]).astype(np.int32)
+    for m0 in (1 << 30, (1 << 30) + 1, 1518500250, (1 << 31) - 1):
+        for shift in (-31, -20, -9, -1, 0, 3, 11):
+            g = _Graph(onnx, rounding)
+            outs = [g.mbqm("x", m0, shift, (), dtype=torch.int32)]
+            bounded = g.mbqm_bounded("x", torch.int32, m0, shift, (), 2**20)
+            if bounded is not None:
+                outs.append(bounded[0])
+            got = _run_pieces(g, wide, outs[:1]) + (_run_pieces(g, small, outs[1:]) if bounded else [])
+            mult = FixedPointMultiplier(m0, shift, rounding)
+            np.testing.assert_array_equal(got[0], mult(torch.from_numpy(wide)).numpy(), err_msg=f"{m0} {shift}")
+            if bounded is not None:
+                want = mult(torch.from_numpy(small)).numpy()
+                np.testing.assert_array_equal(got[1].astype(np.int64), want, err_msg=f"bounded {m0} {shift}")
+                assert np.abs(want).max() <= bounded[2]
+    x64 = np.concatenate([wide.astype(np.int64) * 3, [2**61, -(2**61), 2**62 - 1, -(2**62)]])
+    for e in (1, 2, 7, 31):
+        g = _Graph(onnx, rounding)
+        r64 = g.rdbpot("x", e)[0]
+        shifted = g.floor_shift("x", e, add=5)
+        got_r, got_s = _run_pieces(g, x64, [r64, shifted])
+        np.testing.assert_array_equal(got_r, shift_right_rounded(torch.from_numpy(x64), e, rounding).numpy())
+        np.testing.assert_array_equal(got_s, (torch.from_numpy(x64) + 5) >> e)
+        g = _Graph(onnx, rounding)
+        r32, dtype, _ = g.rdbpot("x", e, torch.int32, 2**31 - 1 - (1 << (e - 1)))
+        (got,) = _run_pieces(g, small, [r32])
+        np.testing.assert_array_equal(got, shift_right_rounded(torch.from_numpy(small), e, rounding).numpy())
+    g = _Graph(onnx)
+    q = g.floor_div("x", 7)
+    (got,) = _run_pieces(g, x64, [q])
+    np.testing.assert_array_equal(got, np.floor_divide(x64, 7))
