@@ -775,9 +775,14 @@ def _i_gelu(g: _Graph, op: IGeluOp, ins: list[str], shapes: Shapes) -> str:
     then a table of the outputs over ``q_b..x_hi`` when that has at most ``LUT_MAX`` entries, else
     the erf polynomial written out."""
     k = op._k
+    r = k.in_shift
+    lo, hi = (k.q_b << r) - (1 << r >> 1), (k.x_hi << r) + (1 << r >> 1)  # inputs beyond give the ends' outputs
+    dtype = g.dtypes.get(op.inputs[0]) or torch.int64
+    if hi - lo + 1 <= LUT_MAX:  # one table on the input codes as they come (often int32)
+        return _lut(g, ins[0], dtype, lo, hi, op.run, f"{op.name}.table")
     x = g.int64(ins[0])
-    if k.in_shift:
-        x = g.floor_shift(x, k.in_shift, add=1 << (k.in_shift - 1))
+    if r:
+        x = g.floor_shift(x, r, add=1 << (r - 1))
     if k.x_hi - k.q_b + 1 <= LUT_MAX:
         on_grid = dataclasses.replace(k, in_shift=0)
         return _lut(g, x, torch.int64, k.q_b, k.x_hi, lambda t: i_gelu_int(t, on_grid).to(op.out_qp.dtype),
