@@ -94,9 +94,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     layers = {}
     for label in ("ibert_config (int8 operands)", "wide (LayerNorm, GELU outputs int16)"):
-        cfg = precsim.ibert_config(fp32)
-        if label.startswith("wide"):
-            cfg["rules"] += [{"op": "layer_norm", "activation": "int16"}, {"op": "gelu", "activation": "int16"}]
+        wide = label.startswith("wide")
+        cfg = precsim.ibert_config(fp32, layer_norm="int16" if wide else None, gelu="int16" if wide else None)
         sim = precsim.calibrate(copy.deepcopy(fp32), calib, cfg)
         imodel = precsim.convert(sim, example=calib[0])
         with torch.no_grad():

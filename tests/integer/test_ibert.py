@@ -55,6 +55,13 @@ def test_ibert_config_rounds_each_tensor_once() -> None:
     assert by[("layer_norm", "output", "int8")] == 13 and by[("gelu", "output", "int8")] == 6
 
 
+def test_ibert_config_widths() -> None:
+    fp32 = converted().fp32
+    rules = precsim.ibert_config(fp32, layer_norm="int16", gelu={"format": "int16"})["rules"]
+    assert {"op": "layer_norm", "activation": "int16"} in rules and {"op": "gelu", "activation": {"format": "int16"}} in rules
+    assert {"op": "add", "activation": "int16"} in rules and {"op": "attention", "activation": "uint8"} in rules
+
+
 def test_minilm_lowers_to_integer_bert_ops() -> None:
     imodel = converted().imodel
     kinds = collections.Counter(type(op).__name__ for op in imodel.ops)

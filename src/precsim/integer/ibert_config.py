@@ -58,14 +58,16 @@ def _linear_inputs_to_quantize(model: nn.Module, inputs: dict[str, Tensor]) -> l
 
 def ibert_config(model: nn.Module, example_inputs: dict[str, Tensor] | None = None, *, activation: Any = "int8",
                  weight: Any = None, attention: Any = "uint8", residual: Any = "int16",
-                 embedding: Any = "int8") -> dict[str, Any]:
+                 embedding: Any = "int8", layer_norm: Any = None, gelu: Any = None) -> dict[str, Any]:
     """A :func:`precsim.prepare` config with I-BERT's quantizers for ``model`` (role values as in a config).
 
     ``example_inputs``: keyword inputs the model can run (default: two 8-token rows of token id 0,
     all attended); only the graph is read from them. ``activation``: Linear inputs, LayerNorm
     and GELU outputs (int8); ``weight``: default int8 per output channel; ``attention``: q, k,
     P, v (uint8); ``residual``: residual adds and embedding sums (int16); ``embedding``: the
-    tables (int8, per tensor).
+    tables (int8, per tensor); ``layer_norm``/``gelu``: their outputs, and so the inputs of the
+    Linear layers they feed (default: ``activation``; ``"int16"`` for both is what MiniLM needs to
+    meet 0.99 cosine to FP32, docs/ibert.md).
     """
     weight = {"format": "int8", "granularity": "per_channel"} if weight is None else weight
     if example_inputs is None:
@@ -75,6 +77,6 @@ def ibert_config(model: nn.Module, example_inputs: dict[str, Tensor] | None = No
     rules += [{"match": name, "op": "linear", "activation": activation}
               for name in _linear_inputs_to_quantize(model, example_inputs)]
     rules += [{"op": "attention", "activation": attention}, {"op": "embedding", "weight": embedding},
-              {"op": "add", "activation": residual}, {"op": "layer_norm", "activation": activation},
-              {"op": "gelu", "activation": activation}]
+              {"op": "add", "activation": residual}, {"op": "layer_norm", "activation": activation if layer_norm is None else layer_norm},
+              {"op": "gelu", "activation": activation if gelu is None else gelu}]
     return {"points": "operands", "activation": activation, "weight": weight, "rules": rules}
