@@ -151,20 +151,25 @@ def _value_types(model: Any) -> dict[str, int]:
     return types
 
 
+def float_ops(model: Any) -> list[str]:
+    """The op types of the nodes that read or write a float tensor (every tensor's type inferred)."""
+    types = _value_types(model)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    found = []
+    for node in model.graph.node:
+        names = [*node.input, *node.output]
+        assert all(types.get(t, onnx.TensorProto.UNDEFINED) != onnx.TensorProto.UNDEFINED for t in names), node
+        if any(types[t] in floats for t in names):
+            found.append(node.op_type)
+    return found
+
+
 def test_onnx_vit_graph_has_no_float_arithmetic(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Every node reads and writes integer (or bool) tensors, except the boundary QuantizeLinear
     (float image in) and DequantizeLinear (float output): checked on the inferred types."""
     model, x = calibrated_vit()
     onnx_model = export_onnx(convert(model), tmp_path / "vit.onnx", x[:1])
-    types = _value_types(onnx_model)
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-    boundary = []
-    for node in onnx_model.graph.node:
-        names = [*node.input, *node.output]
-        assert all(types.get(t, onnx.TensorProto.UNDEFINED) != onnx.TensorProto.UNDEFINED for t in names), node
-        if any(types[t] in floats for t in names):
-            boundary.append(node.op_type)
-    assert tuple(sorted(boundary)) == BOUNDARY_OPS
+    assert tuple(sorted(float_ops(onnx_model))) == BOUNDARY_OPS
 
 
 def _single_op_model(ops: list[Op], in_qp: QParams, out_qp: QParams, rounding: str = "gemmlowp") -> IntegerModel:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from test_ibert import converted
-from test_onnx import _value_types
+from test_onnx import float_ops
 
 from precsim.integer.model import IntegerModel
 from precsim.integer.onnx_export import ExportError, export_onnx
@@ -60,15 +60,7 @@ def test_onnx_minilm_graph_has_no_float_arithmetic(minilm_onnx) -> None:  # type
     """Every node reads and writes integer or bool tensors (inferred types), except the output's
     DequantizeLinear."""
     _, model = minilm_onnx
-    types = _value_types(model)
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-    boundary = []
-    for node in model.graph.node:
-        names = [*node.input, *node.output]
-        assert all(types.get(t, onnx.TensorProto.UNDEFINED) != onnx.TensorProto.UNDEFINED for t in names), node
-        if any(types[t] in floats for t in names):
-            boundary.append(node.op_type)
-    assert boundary == ["DequantizeLinear"]
+    assert float_ops(model) == ["DequantizeLinear"]
 
 
 def _aten_model(ops: list[AtenOp], dtype: torch.dtype = torch.int32) -> IntegerModel:
