@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, fx, nn
@@ -59,7 +59,7 @@ from precsim.integer.text_ops import (
 )
 from precsim.integer.vit_ops import ILayerNormOp, MatMulOp, consts_state
 from precsim.qat.markers import MeanPool
-from precsim.qat.operands import CONTAINER, mode_of
+from precsim.qat.operands import CONTAINER, batch_broadcast, mode_of
 from precsim.qat.quantizer import Quantizer
 
 __all__ = ["FINE_BITS", "lower"]
@@ -216,10 +216,7 @@ class _Lowering:
             self.emit(MatMulOp(v.origin, [v.a.tensor, v.b.tensor], f"{out}:gemm", v.a.qp, v.b.qp, qp, m0, shift,
                                qp.qmin, qp.qmax, rounding=self.rounding))
             return self.replay(v, Codes(f"{out}:gemm", qp, v.origin), out)
-        if isinstance(v, _Param):
-            raise ConversionError(f"{where}: the float tensor {v.fqn!r} reaches it; an integer model has no float "
-                                  "tensors (only weights of Linear/Embedding/LayerNorm are converted)")
-        raise ConversionError(f"{where}: expects codes, got integer data ({v.tensor!r})")
+        _refuse(v, where)
 
     def replay(self, pending: _Pending, codes: Codes, out: str) -> Codes:
         """The layout ops that waited for a pending result, on its codes."""
@@ -236,7 +233,7 @@ class _Lowering:
         if isinstance(v, _Pending):
             raise ConversionError(f"the result of {v.origin!r} reaches {where} without being quantized: give it a "
                                   "point (precsim.ibert_config adds one at every such place)")
-        return self.requantized(v, QParams(1.0, 0, 0, 0), "", where)  # raises for data and parameters
+        _refuse(v, where)
 
     # --- nodes ---------------------------------------------------------------------------------
     def aten_op(self, node: fx.Node, rename: dict[str, str] | None = None, output: str | None = None) -> AtenOp:
@@ -338,11 +335,8 @@ class _Lowering:
             return False
         if any(isinstance(self.values.get(a.name), _Param) for a in node.args[:2]):  # type: ignore[union-attr]
             return False
-        a, b = (tuple(str(d) for d in _val(x).shape) for x in node.args[:2])  # sizes may be symbols
-        if len(a) != len(b):
-            return False
-        differ = [i for i in range(len(a)) if a[i] != b[i]]
-        return all("1" in (a[i], b[i]) for i in differ) and differ == list(range(len(differ)))
+        a, b = (tuple(d if isinstance(d, int) else str(d) for d in _val(x).shape) for x in node.args[:2])
+        return batch_broadcast(a, b)  # symbolic sizes compared by name
 
     def embedding(self, node: fx.Node) -> Codes:
         table = self.value(node.args[0], node.name)
@@ -496,6 +490,14 @@ class _Lowering:
         self.pools.add(fqn)
         self.values[f"pool:{fqn}"] = Codes(f"pool:{fqn}", out_qp, fqn)
         self.values[node.name] = self.values[f"pool:{fqn}"]
+
+
+def _refuse(v: Value, where: str) -> NoReturn:
+    """The error for a value that cannot become codes: a float parameter, or integer data."""
+    if isinstance(v, _Param):
+        raise ConversionError(f"{where}: the float tensor {v.fqn!r} reaches it; an integer model has no float "
+                              "tensors (only weights of Linear/Embedding/LayerNorm are converted)")
+    raise ConversionError(f"{where}: expects codes, got integer data ({getattr(v, 'tensor', v)!r})")
 
 
 def _ancestors(node: fx.Node) -> set[str]:

@@ -363,11 +363,16 @@ def _residual_add(args: tuple[Any, ...]) -> bool:
     additive attention mask (broadcast over heads or queries) or a scalar."""
     if len(args) < 2 or not (_is_float(args[0]) and _is_float(args[1])) or _is_weight(args[0]) or _is_weight(args[1]):
         return False
-    a, b = args[0].shape, args[1].shape
+    return batch_broadcast(tuple(args[0].shape), tuple(args[1].shape))
+
+
+def batch_broadcast(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Two shapes equal but for size-1 leading axes of one of them (sizes may be symbols that
+    compare equal to themselves): the shapes of a residual add's operands."""
     if len(a) != len(b):
         return False
     differ = [i for i in range(len(a)) if a[i] != b[i]]
-    return all(min(a[i], b[i]) == 1 for i in differ) and differ == list(range(len(differ)))
+    return all(1 in (a[i], b[i]) for i in differ) and differ == list(range(len(differ)))
 
 
 def along(spec: RoleSpec, axis: int, ndim: int | None) -> RoleSpec:
@@ -500,5 +505,5 @@ def discover(model: nn.Module, run: Callable[[], Any]) -> None:
         mode.discovering = False
 
 
-__all__ = ["ACCUMULATOR", "CONTAINER", "GEMMS", "OUTPUTS", "POINT_KEY", "OperandPoints", "along", "attach", "attention", "discover",
+__all__ = ["ACCUMULATOR", "CONTAINER", "batch_broadcast", "GEMMS", "OUTPUTS", "POINT_KEY", "OperandPoints", "along", "attach", "attention", "discover",
            "einsum_axes", "mode_of"]
