@@ -225,3 +225,107 @@ def test_compiled_kernels_give_the_reference_bits(compiled: None) -> None:
         warnings.simplefilter("error")  # a kernel that differs from eager warns and runs eagerly
         got = matmul_float(a, b, parse_format("fp16"), 8, promote=16)
     assert torch.equal(got, reference_float(a, b, "fp16", 8, 16))
+
+
+def _midpoint_cases(fmt: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(acc, x): acc a value of ``fmt``, x half its spacing (either way) plus a small nudge of
+    either sign or none, so that the float32 sum often lands on a midpoint the exact sum is not
+    on; the exact sums are exact in float64."""
+    g = torch.Generator().manual_seed(seed)
+    acc = precsim.quantize(torch.randn(n, generator=g) * 2.0 ** torch.randint(-30, 12, (n,), generator=g).float(),
+                           fmt)
+    m = 10 if fmt == "fp16" else 7
+    exp = torch.floor(torch.log2(acc.abs().clamp_min(2.0**-126)))
+    spacing = 2.0 ** (torch.clamp(exp, min=-14 if fmt == "fp16" else -126) - m)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    nudge = spacing * 2.0 ** -torch.randint(12, 20, (n,), generator=g).float()
+    nudge = nudge * torch.randint(-1, 2, (n,), generator=g).float()
+    return acc, (sign * spacing / 2 + nudge).float()
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_sum_cast_rounds_the_exact_sum_once(fmt: str) -> None:
+    """The cast path equals the exact sum rounded once (float64 holds it here), on sums built to
+    fall on the format's midpoints, where a plain float32 add and cast rounds twice."""
+    acc, x = _midpoint_cases(fmt, 40000, 21)
+    dtype = accumulate.cast_dtype(parse_format(fmt), "nearest")
+    assert dtype is not None
+    once = precsim.quantize(acc.double() + x.double(), fmt)
+    got = accumulate.sum_cast(acc, x, dtype)
+    assert torch.equal(got, once)
+    assert torch.equal(got, precsim.quantize(sum_to_odd(acc, x), fmt))  # the general path agrees
+    assert int(((acc + x).to(dtype).float() != once).sum()) > 100  # the correction is needed
+
+
+@pytest.mark.parametrize(("fmt", "big", "half"), [("fp16", 65504.0, 16.0), ("bf16", 2.0**128 - 2.0**120, 2.0**119)])
+def test_sum_cast_at_the_overflow_midpoint_and_specials(fmt: str, big: float, half: float) -> None:
+    """Max plus half its spacing is a tie (to Inf); a hair below it is max, a hair above Inf;
+    Inf and NaN pass through."""
+    dtype = accumulate.cast_dtype(parse_format(fmt), "nearest")
+    assert dtype is not None
+    hair = half * 2.0**-14
+    inf, nan = float("inf"), float("nan")
+    acc = torch.tensor([big, big, big, -big, -big, inf, inf, 1.0, 0.0])
+    x = torch.tensor([half - hair, half, half + hair, -half + hair, -half, 1.0, -inf, nan, -0.0])
+    got = accumulate.sum_cast(acc, x, dtype)
+    want = torch.tensor([big, inf, inf, -big, -inf, inf, nan, nan, 0.0])
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got, precsim.quantize(sum_to_odd(acc, x), fmt), rtol=0, atol=0, equal_nan=True)
+    assert not bool(torch.signbit(got[-1]))
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_compiled_sum_cast_keeps_its_casts(compiled: None, fmt: str) -> None:
+    """Compiled, the casts must round (Inductor drops a cast and its way back unless told)."""
+    acc, x = _midpoint_cases(fmt, 4096, 22)
+    dtype = accumulate.cast_dtype(parse_format(fmt), "nearest")
+    rows = torch.stack([acc, x, x.flip(0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a kernel that differs from eager warns and runs eagerly
+        got = accumulate.call(accumulate._add_cast, rows, (), (dtype,), dynamic=(1,), casts=True)
+    want = accumulate.sum_cast(accumulate.sum_cast(acc, x, dtype), x.flip(0), dtype)  # type: ignore[arg-type]
+    assert torch.equal(got, want)
+
+
+def test_cast_path_only_for_ieee_fp16_and_bf16_to_nearest() -> None:
+    assert accumulate.cast_dtype(parse_format("flexfp(e=5,m=10)"), "nearest") == torch.float16
+    assert accumulate.cast_dtype(parse_format("bf16"), "nearest") == torch.bfloat16
+    assert accumulate.cast_dtype(parse_format("fp16"), "stochastic") is None
+    assert accumulate.cast_dtype(parse_format("flexfp(e=5,m=10,overflow=saturate)"), "nearest") is None
+    assert accumulate.cast_dtype(parse_format("flexfp(e=5,m=9)"), "nearest") is None
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "fp8_e5m2"])
+@pytest.mark.parametrize(("stride", "padding", "dilation", "block"),
+                         [(1, 1, 1, 5), (2, 0, 1, 32), (1, "same", 2, 1), (2, 2, 2, 9), (1, "valid", 1, 64)])
+def test_conv_float_equals_the_gemm(fmt: str, stride: int, padding: int | str, dilation: int, block: int) -> None:
+    """The conv's block sums from convolutions of zero-padded weight blocks: the GEMM's bits
+    (K in weight.flatten(1) order), with promotion and a bias added first too."""
+    x, w = exact_values((3, 5, 9, 9), 23), exact_values((4, 5, 3, 3), 24)
+    bias = exact_values((4,), 25).view(1, -1, 1, 1) * 8
+    f = parse_format(fmt)
+    a, b, back = conv_as_matmul(x, w, stride, padding, dilation)
+    for promote, init in ((None, None), (2 * block, bias)):
+        start = None if init is None else torch.broadcast_to(init, back(a @ b).shape).reshape(3, 4, -1)
+        want = back(matmul_float(a, b, f, block, promote=promote, init=start))
+        got = accumulate.conv_float(x, w, f, block, stride=stride, padding=padding, dilation=dilation,
+                                    promote=promote, init=init)
+        assert torch.equal(got, want)
+    if padding == 1 and dilation == 1:
+        assert torch.equal(accumulate.conv_float(x, w, f, block, stride=stride, padding=1),
+                           conv_reference(x, w, fmt, block, stride, 1, 1))
+
+
+def test_conv_float_parts_stochastic_and_non_finite_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts of the batch keep the stochastic bits' numbering; an Inf in the input (0 * Inf
+    would be NaN in a zero-padded block) takes the GEMM."""
+    x, w = exact_values((4, 6, 7, 7), 26), exact_values((3, 6, 3, 3), 27)
+    f, seed = parse_format("fp8_e5m2"), torch.tensor([5, 9], dtype=torch.int32)
+    a, b, back = conv_as_matmul(x, w, 1, 1)
+    want = back(matmul_float(a, b, f, 7, rounding="stochastic", seed=seed))
+    monkeypatch.setattr(accumulate, "BUFFER_BYTES", 2000)
+    assert torch.equal(accumulate.conv_float(x, w, f, 7, padding=1, rounding="stochastic", seed=seed), want)
+    x[1, 2, 3, 3] = float("inf")
+    a, b, back = conv_as_matmul(x, w, 1, 1)
+    torch.testing.assert_close(accumulate.conv_float(x, w, f, 7, padding=1), back(matmul_float(a, b, f, 7)),
+                               rtol=0, atol=0, equal_nan=True)

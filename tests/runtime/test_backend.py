@@ -336,8 +336,8 @@ def test_row_kernels_end_rows_with_scalar_tails(compiled, monkeypatch: pytest.Mo
     options: dict[str, dict | None] = {}
     real = backend._compiled
 
-    def recording(fn, static, inline=False, rowwise=False):  # type: ignore[no-untyped-def]
-        kernel = real(fn, static, inline, rowwise)
+    def recording(fn, static, inline=False, rowwise=False, casts=False):  # type: ignore[no-untyped-def]
+        kernel = real(fn, static, inline, rowwise, casts)
         options[fn.__name__] = kernel.options
         return kernel
 

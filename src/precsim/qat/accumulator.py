@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from precsim.formats.random import mix_seed
 from precsim.qat.config import AccumulatorSpec
 from precsim.qat.fingerprint import Fingerprinted
-from precsim.runtime.accumulate import conv_as_matmul, exact_dtype, matmul_float, matmul_int
+from precsim.runtime.accumulate import conv_as_matmul, conv_float, exact_dtype, matmul_float, matmul_int
 
 _GOLDEN = -1640531527  # 0x9E3779B9 as int32: the step's offset of the seed (as Quantizer)
 _BACKWARD_SALTS = (0x1B873593, 0x5BD1E995)  # grad_input, grad_weight
@@ -108,6 +108,24 @@ class Accumulator(Fingerprinted):
         offset = torch.stack([torch.zeros_like(self.step), self.step * _GOLDEN])
         return (self.seed ^ salt) + offset
 
+    def _settings(self) -> tuple[AccumulatorSpec, str, Tensor | None]:
+        """This call's spec, rounding (stochastic only in training) and seed; a training call
+        moves the step on (the next call draws other bits)."""
+        if self.training:
+            with torch.no_grad():
+                self.step.add_(1)
+        spec = self.spec
+        assert spec is not None
+        rounding = spec.rounding if self.training else "nearest"
+        return spec, rounding, self._call_seed() if rounding == "stochastic" else None
+
+    def conv(self, x: Tensor, weight: Tensor, init: Tensor | None, stride: Any, padding: Any, dilation: Any) -> Tensor:
+        """A conv2d (groups 1) with this point's float accumulator, forward only (its caller's
+        straight-through gives the gradient): :func:`conv_float`, the GEMM's bits without im2col."""
+        spec, rounding, seed = self._settings()
+        return conv_float(x.detach(), weight.detach(), spec.format, spec.block, stride=stride, padding=padding,
+                          dilation=dilation, promote=spec.promote, rounding=rounding, seed=seed, init=init)
+
     def matmul(self, a: Tensor, b: Tensor, init: Tensor | None = None,
                scales: tuple[Tensor, Tensor, float, float] | None = None) -> Tensor:
         """``a @ b`` (torch.matmul's shapes) with this point's accumulator; ``init``: a bias added
@@ -122,13 +140,7 @@ class Accumulator(Fingerprinted):
         if b.dim() == 2 and a.dim() > 2:  # one GEMM over every row: the weight gradient sums them all
             a = a.reshape(-1, a.shape[-1])
         training = self.training
-        if training:
-            with torch.no_grad():
-                self.step.add_(1)
-        spec = self.spec
-        assert spec is not None
-        rounding = spec.rounding if training else "nearest"
-        seed = self._call_seed() if rounding == "stochastic" else None
+        spec, rounding, seed = self._settings()
         if init is not None and b.dim() == 2:
             init = init.reshape(-1, init.shape[-1]) if init.dim() > 1 else init
 
@@ -281,6 +293,10 @@ def _accumulated(acc: Accumulator, op: str, func: Any, args: tuple[Any, ...], kw
         return out + bias if bias is not None and init is None else out
     if op == "conv":
         x, w, bias, stride, padding, dilation, groups = _bind(args, kwargs, _CONV, _CONV_DEFAULTS)
+        if not integer and groups == 1 and x.dim() == 4 and (acc.grad_spec is None or not torch.is_grad_enabled()):
+            before = bias is not None and spec.bias == "before"
+            out = acc.conv(x, w, bias.view(1, -1, 1, 1) if before else None, stride, padding, dilation)
+            return out + bias.view(1, -1, 1, 1) if bias is not None and not before else out
         a, b, back = conv_as_matmul(x, w, stride, padding, dilation, groups)  # a: the weight, b: the input's columns
         rows = (w.shape[0], 1) if groups == 1 else (groups, w.shape[0] // groups, 1)  # per output channel
         scales = None

@@ -73,6 +73,54 @@ def sum_to_odd(acc: Tensor, x: Tensor) -> Tensor:
     return (bits + torch.where(move, away, 0)).view(torch.float32)  # (sign bits: 2x faster than comparisons)
 
 
+def sum_cast(acc: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``acc + x`` rounded once to nearest in ``dtype`` (float16 or bfloat16), as float32.
+
+    The float32 sum ``s`` and its exact error ``err`` (TwoSum) give the exact sum ``s + err``
+    with ``|err|`` at most half a float32 unit of ``s``. The cast of ``s`` rounds it correctly
+    unless ``s`` is the midpoint of two ``dtype`` values and ``err`` is not 0: the exact sum
+    then lies on ``err``'s side of it. ``s`` is a midpoint when the value as far beyond it as
+    the cast went short of it, ``n = r + 2 (s - r)``, is a value of the dtype (otherwise ``n``
+    lies between two of them). At the overflow midpoint (max plus half its spacing) the cast
+    gives Inf, which an exact sum on the zero side of it turns back into max. Only sign tests
+    of ``err`` (a product with it can underflow).
+    """
+    s = acc + x
+    bb = s - acc
+    err = (acc - (s - bb)) + (x - bb)
+    r = s.to(dtype).to(torch.float32)
+    d = s - r
+    n = r + 2 * d
+    beyond = ((err > 0) & (d > 0)) | ((err < 0) & (d < 0))
+    out = torch.where(beyond & (n.to(dtype).to(torch.float32) == n), n, r)
+    top, big = _OVERFLOW_MIDPOINT[dtype]
+    back = (s.abs() == top) & (((s > 0) & (err < 0)) | ((s < 0) & (err > 0)))
+    return torch.where(back, torch.where(s > 0, big, -big), out)
+
+
+_OVERFLOW_MIDPOINT = {torch.float16: (65520.0, 65504.0), torch.bfloat16: (2.0**128 - 2.0**119, 2.0**128 - 2.0**120)}
+
+
+def _add_cast(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """:func:`_add_float` for a format that is ``dtype`` (nearest rounding): :func:`sum_cast`."""
+    acc = rows[0]
+    for j in range(1, rows.shape[0]):
+        acc = sum_cast(acc, rows[j], dtype)
+    return acc
+
+
+def cast_dtype(fmt: Any, rounding: str) -> torch.dtype | None:
+    """The dtype whose cast rounds to nearest as ``fmt`` does (IEEE fp16 and bf16), or None."""
+    if rounding != "nearest":
+        return None
+    from precsim.formats.float import FloatFormat
+
+    for dtype, (e, m) in ((torch.float16, (5, 10)), (torch.bfloat16, (8, 7))):
+        if fmt == FloatFormat(e, m):
+            return dtype
+    return None
+
+
 def _add_float(rows: Tensor, seeds: Tensor | None, base: Tensor | None, fmt: Any, rounding: str) -> Tensor:
     """Block adds, ``acc <- R_F(acc + x)`` for ``rows = [acc, x_1, ..., x_r]`` in order: each
     exact sum rounded once, in one fused pass. Stochastic bits: block j draws from
@@ -149,32 +197,23 @@ def _blocks_per_gemm(nb: int, per_promote: int | None) -> int:
     return max(d for d in range(1, cap + 1) if per_promote % d == 0)
 
 
-def _run(a: Tensor, b: Tensor, block: int, per_promote: int | None, dtype: torch.dtype, out: Tensor,
-         start: Tensor | None, step: Step) -> None:
-    """Fills ``out`` (flat, the output's size and dtype) with the accumulated GEMM of normalized
-    ``a``, ``b``: for each part of the output (rows of a 2-D GEMM, matrices of a batched one)
-    small enough that its block sums fit :data:`BUFFER_BYTES` (so they stay in cache), each
-    chunk of blocks is one batched GEMM (in ``dtype``) into rows 1.. of a buffer whose row 0
-    holds the accumulator; ``step`` adds row j + 1 to row j and the result becomes row j + 1.
-    A last block shorter than ``block`` is a GEMM of its own (no padding: a copy of b)."""
-    batched = b.dim() == 3
-    shared = batched and a.dim() == 2  # one a for every matrix of b (a conv's weight)
-    units, unit = (b.shape[0], a.shape[-2] * b.shape[2]) if batched else (a.shape[0], b.shape[1])
-    k = a.shape[-1]
-    full, rest = divmod(k, block)
-    nb = full + (rest > 0)
+Sums = Callable[[int, int, int, int, Tensor], None]
+"""Writes block sums: ``(u0, u1, first, n, rows)`` fills ``rows`` ([n, (u1 - u0) * unit]) with
+the sums of blocks ``first .. first + n - 1`` for units ``u0 .. u1 - 1`` of the output."""
+
+
+def _run(units: int, unit: int, nb: int, sums: Sums, per_promote: int | None, out: Tensor, start: Tensor | None,
+         step: Step) -> None:
+    """Fills ``out`` (flat: ``units`` parts of ``unit`` elements, the output's dtype) with the
+    accumulation of ``nb`` blocks: for each run of units small enough that its block sums fit
+    :data:`BUFFER_BYTES` (so they stay in cache), each chunk of blocks is written by ``sums``
+    into rows 1.. of a buffer whose row 0 holds the accumulator; ``step`` adds row j + 1 to row
+    j and the result becomes row j + 1."""
     per_gemm = _blocks_per_gemm(nb, per_promote)
     per_part = max(1, min(units, BUFFER_BYTES // max(1, per_gemm * unit * out.element_size())))
-    # block-major copy of a: each block's GEMM reads a contiguous matrix (the K-slices of b are)
-    a_blocks = a[..., :full * block].unflatten(-1, (full, block)).movedim(-2, 0).to(dtype).contiguous()
-    a_rest = a[..., full * block:].to(dtype)
-    b = b.to(dtype)
-    store = torch.empty((per_gemm + 1) * per_part * unit, dtype=out.dtype, device=a.device)
+    store = torch.empty((per_gemm + 1) * per_part * unit, dtype=out.dtype, device=out.device)
     for u0 in range(0, units, per_part):
         u1 = min(units, u0 + per_part)
-        part_a = a_blocks if shared else a_blocks[:, u0:u1]
-        part_rest = a_rest if shared else a_rest[u0:u1]
-        part_b = b[u0:u1] if batched else b
         size = (u1 - u0) * unit
         rows = store[:(per_gemm + 1) * size].view(per_gemm + 1, size)
         if start is None:
@@ -184,20 +223,7 @@ def _run(a: Tensor, b: Tensor, block: int, per_promote: int | None, dtype: torch
         total = None if per_promote is None else torch.zeros_like(rows[0])
         for first in range(0, nb, per_gemm):
             n = min(per_gemm, nb - first)
-            whole = min(n, full - first)  # full blocks in this chunk (the last chunk may end with the rest)
-            out_shape = (u1 - u0, a.shape[-2], b.shape[-1]) if batched else (u1 - u0, b.shape[-1])
-            if whole > 0:
-                ak = part_a[first:first + whole]
-                bk = part_b[..., first * block:(first + whole) * block, :].unflatten(-2, (whole, block)).movedim(-3, 0)
-                sums = rows[1:whole + 1].view(whole, *out_shape)
-                if shared:  # a batch of one a: torch.matmul would copy it and its result; bmm reads it in place
-                    for j in range(whole):
-                        _gemm_into(ak[j].expand(u1 - u0, *ak.shape[1:]), bk[j], sums[j])
-                else:
-                    _gemm_into(ak, bk, sums)
-            if whole < n:
-                rest_a = part_rest.expand(u1 - u0, *part_rest.shape) if shared else part_rest
-                _gemm_into(rest_a, part_b[..., full * block:, :], rows[n].view(out_shape))
+            sums(u0, u1, first, n, rows[1:n + 1])
             j = 0
             while j < n:  # spans of up to STEPS_PER_KERNEL blocks, none across a promotion
                 r = min(STEPS_PER_KERNEL, n - j)
@@ -213,6 +239,42 @@ def _run(a: Tensor, b: Tensor, block: int, per_promote: int | None, dtype: torch
         out[u0 * unit:u0 * unit + size].copy_(acc)
 
 
+def _gemm_sums(a: Tensor, b: Tensor, block: int, dtype: torch.dtype) -> tuple[int, int, int, Sums]:
+    """(units, unit, blocks, :data:`Sums`) of normalized ``a @ b``: the units are the rows of a
+    2-D GEMM or the matrices of a batched one; each chunk of blocks is one batched GEMM (in
+    ``dtype``). A last block shorter than ``block`` is a GEMM of its own (no padding: a copy of b)."""
+    batched = b.dim() == 3
+    shared = batched and a.dim() == 2  # one a for every matrix of b (a conv's weight)
+    units, unit = (b.shape[0], a.shape[-2] * b.shape[2]) if batched else (a.shape[0], b.shape[1])
+    k = a.shape[-1]
+    full, rest = divmod(k, block)
+    # block-major copy of a: each block's GEMM reads a contiguous matrix (the K-slices of b are)
+    a_blocks = a[..., :full * block].unflatten(-1, (full, block)).movedim(-2, 0).to(dtype).contiguous()
+    a_rest = a[..., full * block:].to(dtype)
+    b = b.to(dtype)
+
+    def sums(u0: int, u1: int, first: int, n: int, rows: Tensor) -> None:
+        part_a = a_blocks if shared else a_blocks[:, u0:u1]
+        part_rest = a_rest if shared else a_rest[u0:u1]
+        part_b = b[u0:u1] if batched else b
+        out_shape = (u1 - u0, a.shape[-2], b.shape[-1]) if batched else (u1 - u0, b.shape[-1])
+        whole = min(n, full - first)  # full blocks in this chunk (the last chunk may end with the rest)
+        if whole > 0:
+            ak = part_a[first:first + whole]
+            bk = part_b[..., first * block:(first + whole) * block, :].unflatten(-2, (whole, block)).movedim(-3, 0)
+            out = rows[:whole].view(whole, *out_shape)
+            if shared:  # a batch of one a: torch.matmul would copy it and its result; bmm reads it in place
+                for j in range(whole):
+                    _gemm_into(ak[j].expand(u1 - u0, *ak.shape[1:]), bk[j], out[j])
+            else:
+                _gemm_into(ak, bk, out)
+        if whole < n:
+            rest_a = part_rest.expand(u1 - u0, *part_rest.shape) if shared else part_rest
+            _gemm_into(rest_a, part_b[..., full * block:, :], rows[n - 1].view(out_shape))
+
+    return units, unit, full + (rest > 0), sums
+
+
 def _gemm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
     """``a @ b`` written into ``out`` (float block sums; integer codes: exact sums in float,
     held in int64)."""
@@ -220,6 +282,22 @@ def _gemm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
         (torch.bmm if a.dim() == 3 and b.dim() == 3 else torch.matmul)(a, b, out=out)
     else:
         out.copy_(torch.matmul(a, b))
+
+
+def _float_step(fmt: Any, rounding: str, seed: Tensor | None, nb: int) -> Step:
+    """The block adds of a float accumulator (:func:`_add_cast` where a cast rounds as ``fmt``)."""
+    seeds = block_seeds(seed, 0, nb) if rounding == "stochastic" else None  # type: ignore[arg-type]
+    dtype = cast_dtype(fmt, rounding)
+
+    def step(span: Tensor, j: int, base: int) -> Tensor:
+        if dtype is not None:
+            return call(_add_cast, span, (), (dtype,), dynamic=(1,), casts=True)  # type: ignore[no-any-return]
+        if seeds is None:
+            return call(_add_float, span, (None, None), (fmt, rounding), dynamic=(1,))  # type: ignore[no-any-return]
+        offset = torch.tensor(base, dtype=torch.int32, device=span.device)
+        return call(_add_float, span, (seeds[j:j + span.shape[0] - 1], offset), (fmt, rounding),  # type: ignore[no-any-return]
+                    dynamic=(1,))
+    return step
 
 
 def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | None = None,
@@ -235,17 +313,9 @@ def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | N
     start = None
     if init is not None:
         start = fmt.quantize(torch.broadcast_to(init.float(), shape).reshape(-1).contiguous(), "nearest")
-    seeds = block_seeds(seed, 0, nb) if rounding == "stochastic" else None  # type: ignore[arg-type]
-
-    def step(span: Tensor, j: int, base: int) -> Tensor:
-        if seeds is None:
-            return call(_add_float, span, (None, None), (fmt, rounding), dynamic=(1,))  # type: ignore[no-any-return]
-        offset = torch.tensor(base, dtype=torch.int32, device=span.device)
-        return call(_add_float, span, (seeds[j:j + span.shape[0] - 1], offset), (fmt, rounding),  # type: ignore[no-any-return]
-                    dynamic=(1,))
-
+    step = _float_step(fmt, rounding, seed, nb)
     if out.numel():
-        _run(a, b, block, None if promote is None else promote // block, torch.float32, out, start, step)
+        _run(*_gemm_sums(a, b, block, torch.float32), None if promote is None else promote // block, out, start, step)
     return out.view(shape)
 
 
@@ -288,7 +358,7 @@ def matmul_int(a: Tensor, b: Tensor, bits: int, block: int, *, promote: int | No
         return acc  # type: ignore[no-any-return]
 
     if out.numel():
-        _run(a, b, block, None if promote is None else promote // block, dtype, out, start, step)
+        _run(*_gemm_sums(a, b, block, dtype), None if promote is None else promote // block, out, start, step)
     return out.view(shape), count
 
 
@@ -333,5 +403,51 @@ def conv_as_matmul(x: Tensor, weight: Tensor, stride: Any = 1, padding: Any = 0,
     return a, cols.view(bsz, groups, kg, cols.shape[2]), lambda out: out.reshape(bsz, cout, h, w)
 
 
-__all__ = ["BUFFER_BYTES", "MAX_CHUNK", "OVERFLOWS", "block_seeds", "conv_as_matmul", "exact_dtype", "matmul_float",
-           "matmul_int", "sum_to_odd"]
+def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any = 1, padding: Any = 0,
+               dilation: Any = 1, promote: int | None = None, rounding: str = "nearest", seed: Tensor | None = None,
+               init: Tensor | None = None) -> Tensor:
+    """``conv2d(x, weight)`` (groups 1) with a float accumulator in ``fmt``, K in the order of
+    ``weight.flatten(1)``: the bits of :func:`matmul_float` on :func:`conv_as_matmul`'s GEMM,
+    without its im2col columns (on the zoo ResNet's 28x28 maps ``F.unfold`` alone took 4x the
+    conv). Block j's sums are a conv of the input channels the block covers with the weight
+    zero outside the block: the zeros add nothing while the input is finite (a non-finite
+    input takes the GEMM, where 0 * Inf does not arise). ``init``: the start, of the output's
+    shape (a bias added first), rounded to ``fmt`` to nearest."""
+    if rounding == "stochastic" and seed is None:
+        raise ValueError("stochastic accumulation needs a seed")
+    shape = F.conv2d(x.to("meta"), weight.to("meta"), None, stride, padding, dilation).shape
+    if not bool(torch.isfinite(x).all()):
+        a, b, back = conv_as_matmul(x, weight, stride, padding, dilation)
+        start = None if init is None else torch.broadcast_to(init, shape).reshape(*shape[:2], -1)
+        return back(matmul_float(a, b, fmt, block, promote=promote, rounding=rounding, seed=seed, init=start))
+    x, weight = x.float(), weight.float()
+    cout, _, kh, kw = weight.shape
+    per_channel = kh * kw
+    flat = weight.reshape(cout, -1)
+    k = flat.shape[1]
+    nb = math.ceil(k / block)
+    pieces = []  # (first channel, last channel + 1, the block's weight over those channels)
+    for j in range(nb):
+        k0, k1 = j * block, min(k, (j + 1) * block)
+        c0, c1 = k0 // per_channel, (k1 - 1) // per_channel + 1
+        w = flat.new_zeros(cout, (c1 - c0) * per_channel)
+        w[:, k0 - c0 * per_channel:k1 - c0 * per_channel] = flat[:, k0:k1]
+        pieces.append((c0, c1, w.view(cout, c1 - c0, kh, kw)))
+
+    def sums(u0: int, u1: int, first: int, n: int, rows: Tensor) -> None:
+        for j in range(n):
+            c0, c1, w = pieces[first + j]
+            rows[j].view(u1 - u0, *shape[1:]).copy_(F.conv2d(x[u0:u1, c0:c1], w, None, stride, padding, dilation))
+
+    out = torch.empty(math.prod(shape), dtype=torch.float32, device=x.device)
+    start = None
+    if init is not None:
+        start = fmt.quantize(torch.broadcast_to(init.float(), shape).reshape(-1).contiguous(), "nearest")
+    if out.numel():
+        _run(shape[0], math.prod(shape[1:]), nb, sums, None if promote is None else promote // block, out, start,
+             _float_step(fmt, rounding, seed, nb))
+    return out.view(shape)
+
+
+__all__ = ["BUFFER_BYTES", "MAX_CHUNK", "OVERFLOWS", "block_seeds", "cast_dtype", "conv_as_matmul", "exact_dtype",
+           "matmul_float", "matmul_int", "sum_cast", "sum_to_odd"]

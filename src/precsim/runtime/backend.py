@@ -132,6 +132,11 @@ _INLINE = {"realize_opcount_threshold": 200}
 # the training step slower (fp8 by 0.07 x FP32, DSE by 0.16), for reasons not found (measured
 # before _PARALLEL below: perhaps the one-thread kernels that it fixes).
 _SCALAR_TAILS = {"cpp.enable_loop_tail_vec": False}
+# Inductor keeps a float32 value that is cast to float16/bfloat16 and back in float32 (the casts
+# vanish): right for mixed-precision models, wrong for a kernel that rounds by that cast (the fp16
+# and bf16 accumulators, :mod:`precsim.runtime.accumulate`). Such kernels ask for real casts; a
+# torch without the option runs them eagerly.
+_CASTS = {"emulate_precision_casts": True}
 # With dynamic sizes Inductor decides once, from the size of the first call, whether a loop is
 # worth several threads (not under 512 elements a thread), and keeps that choice, in its on-disk
 # cache too, for every later size. A kernel first called on a small tensor (a test's, a small
@@ -191,12 +196,14 @@ def compile_seconds() -> float:
 
 
 @functools.cache
-def _compiled(fn: Callable[..., Any], static: tuple[Any, ...], inline: bool = False, rowwise: bool = False) -> Kernel:
+def _compiled(fn: Callable[..., Any], static: tuple[Any, ...], inline: bool = False, rowwise: bool = False,
+              casts: bool = False) -> Kernel:
     def run(*args: Any) -> Any:
         return fn(*args, *static)
 
     # one Dynamo code object per (function, static arguments) and signature (see Kernel)
-    options = _available({**_PARALLEL, **(_INLINE if inline else {}), **(_SCALAR_TAILS if rowwise else {})})
+    options = _available({**_PARALLEL, **(_INLINE if inline else {}), **(_SCALAR_TAILS if rowwise else {}),
+                          **(_CASTS if casts else {})})
     kernel = Kernel(run, f"{fn.__name__}_{abs(hash(static))}", options or None)
     _KERNELS.append(kernel)
     return kernel
@@ -204,7 +211,7 @@ def _compiled(fn: Callable[..., Any], static: tuple[Any, ...], inline: bool = Fa
 
 def call(fn: Callable[..., Any], x: Tensor, args: tuple[Any, ...], static: tuple[Any, ...] = (),
          dynamic: tuple[int, ...] | None = None, inline: bool = False, flat: bool = False,
-         rows: int | None = None, rowwise: bool = False) -> Any:
+         rows: int | None = None, rowwise: bool = False, casts: bool = False) -> Any:
     """``fn(x, *args, *static)``, through a compiled copy per ``static`` when enabled.
 
     ``fn`` must be a pure function of tensors; ``static`` holds the hashable settings (format,
@@ -219,9 +226,10 @@ def call(fn: Callable[..., Any], x: Tensor, args: tuple[Any, ...], static: tuple
     1-D, and its outputs of ``x``'s size come back in ``x``'s shape, so that every shape
     (activations, conv weights with dimensions of 1, linear layers) shares one compiled entry.
     ``rows`` (with ``flat``): the kernel sees them as ``rows`` rows instead (a divisor of the
-    size), for per-row reductions in the flat order.
+    size), for per-row reductions in the flat order. ``casts``: ``fn`` rounds by casting to
+    float16 or bfloat16, which the kernel must then do (see ``_CASTS``).
     """
-    if x.numel() < MIN_COMPILED_NUMEL or not compile_enabled():
+    if x.numel() < MIN_COMPILED_NUMEL or not compile_enabled() or casts and not _available(_CASTS):
         return fn(x, *args, *static)
     shape = x.shape
     if flat:
@@ -233,7 +241,7 @@ def call(fn: Callable[..., Any], x: Tensor, args: tuple[Any, ...], static: tuple
         dims = tuple(range(x.dim())) if dynamic is None else dynamic
     # arguments of x's shape (an STE's saved input) vary with it
     varying = [dims if isinstance(a, Tensor) and a.shape == x.shape else () for a in args]
-    out = _compiled(fn, static, inline, rowwise)((x, *args), (dims, *varying))
+    out = _compiled(fn, static, inline, rowwise, casts)((x, *args), (dims, *varying))
     if not flat:
         return out
     return tuple(_unflatten(o, x.shape, shape) for o in out) if isinstance(out, tuple) else (
