@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 import precsim
 from precsim.formats import DSEFormat, IntFormat
+from precsim.qat.markers import Add
 from precsim.qat.quantizer import Quantizer
 
 
@@ -197,3 +198,29 @@ class RoundGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         return precsim.quantize(g * ctx.scale, ctx.fmt) / ctx.scale, None, None
+
+
+class Branchy(nn.Module):
+    """A small CNN (conv-BN-ReLU, a residual Add, pool, Linear) whose forward() branches on the
+    input's rank: torch.fx cannot trace it, torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.add = Add()
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.bn(self.conv(x)))
+        y = self.relu2(self.add(y, self.conv2(y)))
+        return self.fc(self.pool(y).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        return self.body(x)

@@ -47,6 +47,7 @@ from precsim.integer.gemm import (
     activation_qparams,
     add_op,
     conv_op,
+    source_line,
     weight_codes,
 )
 from precsim.integer.ivit_ops import prepare_i_layernorm, prepare_shift_gelu, prepare_shiftmax
@@ -80,6 +81,7 @@ from precsim.qat.fold import FoldedWeight, fold_conv_bn, folded_weight_input
 from precsim.qat.graph import (
     DIV_FUNCS,
     IDENTITY_MODULES,
+    LAYOUT_FUNCS,
     LAYOUT_METHODS,
     MUL_FUNCS,
     RELU_FUNCS,
@@ -199,7 +201,7 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 class _Lowering:
-    def __init__(self, model: nn.Module, rounding: str = "gemmlowp") -> None:
+    def __init__(self, model: nn.Module, rounding: str = "gemmlowp", example: Tensor | None = None) -> None:
         self.rounding = check_requant_rounding(rounding)
         if not any(isinstance(m, Quantizer) for m in model.modules()):
             raise ConversionError(
@@ -209,7 +211,10 @@ class _Lowering:
         self.model = model
         self.modules = dict(model.named_modules())
         self.names_by_id = {id(m): n for n, m in self.modules.items()}
-        self.graph = trace(model)
+        try:
+            self.graph = trace(model, example)
+        except ValueError as err:
+            raise ConversionError(str(err)) from err
         self.ops: list[Op] = []
         self.values: dict[str, Value] = {}
         self.input_qp: QParams | None = None
@@ -606,7 +611,7 @@ class _Lowering:
 
     def _node_call_function(self, node: fx.Node) -> None:
         fn = node.target
-        where = f"{getattr(fn, '__name__', fn)} (graph node {node.name!r})"
+        where = f"{getattr(fn, '__name__', fn)} (graph node {node.name!r}{_at(node)})"
         if fn in _ADD_FUNCS:
             if "alpha" in node.kwargs:
                 raise ConversionError(f"{where}: torch.add with alpha is not supported")
@@ -701,7 +706,7 @@ class _Lowering:
 
     def _node_call_method(self, node: fx.Node) -> None:
         method = str(node.target)
-        where = f"Tensor.{method} (graph node {node.name!r})"
+        where = f"Tensor.{method} (graph node {node.name!r}{_at(node)})"
         v = self.value(node.args[0], where)
         if method == "flatten":
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
@@ -733,6 +738,11 @@ class _Lowering:
         self.values[node.name] = result
 
 
+def _at(node: fx.Node) -> str:
+    """Where a node of a torch.export capture came from (torch.fx's traces carry no source)."""
+    return f", {source_line(node)}" if node.meta.get("stack_trace") else ""
+
+
 def convert(model: nn.Module, example: Tensor | dict[str, Tensor] | None = None, *,
             rounding: str = "gemmlowp") -> IntegerModel:
     """Lower a prepared (QAT-trained or calibrated) model to an integer-only :class:`IntegerModel`.
@@ -746,8 +756,10 @@ def convert(model: nn.Module, example: Tensor | dict[str, Tensor] | None = None,
     A model with operand points (``points: operands``, e.g. a Hugging Face encoder prepared with
     :func:`precsim.ibert_config`) is captured with ``torch.export`` (:mod:`precsim.integer.lower`):
     ``example`` is then required, a dict of keyword inputs (one batch). A model with module-output
-    points is traced with ``torch.fx``; ``example`` (optional) is one input batch run once so
-    shape-dependent constants (global-pool multipliers) are resolved and shown by :func:`describe`.
+    points is captured with ``torch.export`` on ``example`` (one input batch; it is also run once
+    so that shape-dependent constants such as global-pool multipliers are resolved and shown by
+    :func:`describe`); without ``example`` it is traced with ``torch.fx``, which needs a
+    ``forward()`` free of data-dependent Python.
     Raises :class:`ConversionError` naming the offending module, ValueError for an unknown ``rounding``.
     """
     mode = mode_of(model)
@@ -760,7 +772,7 @@ def convert(model: nn.Module, example: Tensor | dict[str, Tensor] | None = None,
     if isinstance(example, dict):
         raise ConversionError("example: a dict of keyword inputs is for models with operand points; this model "
                               "takes one input tensor")
-    imodel = _Lowering(model, rounding).run()
+    imodel = _Lowering(model, rounding, example).run()
     if example is not None:
         imodel(example[:1])
     return imodel
@@ -775,7 +787,7 @@ _SHAPE_ONLY = (nn.Flatten, *_IDENTITY_MODULES)
 
 def integer_config(model: nn.Module, activation: Any = "uint8",
                    weight: Any = None, *, fold_bn: bool | dict[str, int] = True,
-                   input: Any = None, bias: str = "int32") -> dict[str, Any]:
+                   input: Any = None, bias: str = "int32", example_inputs: Any = None) -> dict[str, Any]:
     """A :func:`precsim.prepare` config for an integer model of ``model``.
 
     ``activation``/``weight`` are role values (default: uint8 activations, int8 per-channel
@@ -783,9 +795,11 @@ def integer_config(model: nn.Module, activation: Any = "uint8",
     activation format) on the first module(s) the model input reaches, and output quantizers
     for average pools and for residual adds that no ReLU follows. ``bias``: ``int32`` (default)
     rounds the simulated biases to the int32 codes the integer model adds (:mod:`precsim.qat.bias`).
+    ``example_inputs``: a batch, to read the model's dataflow by torch.export instead of torch.fx
+    (:func:`precsim.qat.graph.trace`).
     """
     weight = {"format": "int8", "granularity": "per_channel"} if weight is None else weight
-    graph = trace(model)
+    graph = trace(model, example_inputs)
     modules = dict(model.named_modules())
     rules: list[dict[str, Any]] = []
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
@@ -793,8 +807,8 @@ def integer_config(model: nn.Module, activation: Any = "uint8",
     while frontier:
         node = frontier.pop(0)
         if node.op == "call_module" and isinstance(modules[node.target], _SHAPE_ONLY) or (
-                node.op == "call_function" and node.target is torch.flatten) or (
-                node.op == "call_method" and node.target in ("flatten", "view", "reshape", "contiguous")):
+                node.op == "call_function" and node.target in LAYOUT_FUNCS) or (
+                node.op == "call_method" and node.target in LAYOUT_METHODS):
             frontier.extend(node.users)
         elif node.op == "call_module" and str(node.target) not in firsts:
             firsts.append(str(node.target))

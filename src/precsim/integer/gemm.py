@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from precsim.formats import IntFormat
 from precsim.formats.integer import quantize_codes
@@ -21,7 +21,15 @@ from precsim.integer.ops import AddOp, ConvOp, QParams, storage_dtype
 from precsim.qat.bias import accumulator_scale_of, bias_codes
 from precsim.qat.quantizer import Quantizer
 
-__all__ = ["Codes", "ConversionError", "Pending", "PendingConv", "activation_qparams", "add_op", "conv_op", "weight_codes"]
+__all__ = ["Codes", "ConversionError", "Pending", "PendingConv", "activation_qparams", "add_op", "conv_op",
+           "source_line", "weight_codes"]
+
+
+def source_line(node: fx.Node) -> str:
+    """The user's source line a captured graph node came from (``torch.export`` records it)."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.splitlines() if ln.strip().startswith("File ")]
+    return lines[-1] if lines else "source unknown"
 
 
 class ConversionError(ValueError):

@@ -20,16 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from precsim.qat.graph import trace
+from precsim.qat.graph import LAYOUT_FUNCS, LAYOUT_METHODS, trace
 
 __all__ = ["ivit_config"]
 
-_SHAPE_METHODS = ("flatten", "view", "reshape", "contiguous", "permute", "transpose", "unflatten")
 
-
-def _first_modules(model: nn.Module) -> list[str]:
+def _first_modules(graph: torch.fx.Graph) -> list[str]:
     """Names of the modules the model input reaches first (through shape-only ops)."""
-    graph = trace(model)
     frontier = list(next(n for n in graph.nodes if n.op == "placeholder").users)
     names: list[str] = []
     while frontier:
@@ -37,38 +34,40 @@ def _first_modules(model: nn.Module) -> list[str]:
         if node.op == "call_module":
             if str(node.target) not in names:
                 names.append(str(node.target))
-        elif node.op == "call_method" and node.target in _SHAPE_METHODS or (
-                node.op == "call_function" and node.target is torch.flatten):
+        elif node.op == "call_method" and node.target in LAYOUT_METHODS or (
+                node.op == "call_function" and node.target in LAYOUT_FUNCS):
             frontier.extend(node.users)
     return names
 
 
-def _last_module(model: nn.Module) -> str | None:
+def _last_module(graph: torch.fx.Graph) -> str | None:
     """The module whose output is the model output, if it is a module call."""
-    graph = trace(model)
     out = next(n for n in graph.nodes if n.op == "output").args[0]
     return str(out.target) if getattr(out, "op", None) == "call_module" else None
 
 
 def ivit_config(model: nn.Module, activation: Any = "int8", weight: Any = None, *, residual: Any = "int16",
-                softmax: Any = "uint16", input: Any = "uint8", logits: Any = "int16") -> dict[str, Any]:
+                softmax: Any = "uint16", input: Any = "uint8", logits: Any = "int16",
+                example_inputs: Any = None) -> dict[str, Any]:
     """A :func:`precsim.prepare` config with I-ViT's quantizers for ``model`` (role values as in a config).
 
     ``activation``: Linear/Conv, MatMul, LayerNorm and GELU outputs (default int8, symmetric);
     ``weight``: default int8 per output channel; ``residual``: outputs of ``Add`` modules (int16);
     ``softmax``: Softmax outputs (uint16); ``input``: the model input (uint8, affine: images
     are not centred); ``logits``: the output layer (int16). LayerNorm's affine weight stays
-    float in the simulation: I-LayerNorm quantizes it to 16 bits itself.
+    float in the simulation: I-LayerNorm quantizes it to 16 bits itself. ``example_inputs``: a
+    batch, to read the model's dataflow by torch.export instead of torch.fx (:func:`precsim.qat.graph.trace`).
     """
+    graph = trace(model, example_inputs)
     weight = {"format": "int8", "granularity": "per_channel"} if weight is None else weight
-    rules: list[dict[str, Any]] = [{"match": name, "input": input} for name in _first_modules(model)]
+    rules: list[dict[str, Any]] = [{"match": name, "input": input} for name in _first_modules(graph)]
     present = {type(m).__name__ for m in model.modules()}
     for type_name, role in (("MatMul", activation), ("GELU", activation), ("Softmax", softmax), ("Add", residual)):
         if type_name in present:
             rules.append({"type": type_name, "activation": role})
     if "LayerNorm" in present:
         rules.append({"type": "LayerNorm", "activation": activation, "weight": "fp32"})
-    last = _last_module(model)
+    last = _last_module(graph)
     if last is not None:
         rules.append({"match": last, "activation": logits})
     return {"activation": activation, "weight": weight, "rules": rules}

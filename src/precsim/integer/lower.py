@@ -40,6 +40,7 @@ from precsim.integer.gemm import (
     activation_qparams,
     add_op,
     conv_op,
+    source_line,
     weight_codes,
 )
 from precsim.integer.ibert_ops import prepare_i_gelu
@@ -241,12 +242,12 @@ class _Lowering:
         packet = getattr(target, "__name__", str(target)).split(".")[0]
         overload = getattr(target, "_overloadname", "default")
         if packet not in ATEN_OPS:
-            raise ConversionError(f"cannot convert {node.name} (aten.{packet}, {_source(node)}): no integer "
+            raise ConversionError(f"cannot convert {node.name} (aten.{packet}, {source_line(node)}): no integer "
                                   f"implementation; supported on codes and integer data: {', '.join(ATEN_OPS)}")
         for key in ("dtype",):
             dt = node.kwargs.get(key)
             if isinstance(dt, torch.dtype) and (dt.is_floating_point or dt.is_complex):
-                raise ConversionError(f"cannot convert {node.name} ({_source(node)}): it makes a {dt} tensor")
+                raise ConversionError(f"cannot convert {node.name} ({source_line(node)}): it makes a {dt} tensor")
         names: list[str] = []
         args = [encode_arg(a, names) for a in node.args]
         kwargs = {k: encode_arg(v, names) for k, v in node.kwargs.items()}
@@ -316,14 +317,14 @@ class _Lowering:
             return
         op_name = getattr(target, "__name__", str(target))
         if any(isinstance(a, (_Pending, _Param)) for a in args):
-            raise ConversionError(f"cannot convert {name} (aten.{op_name}, {_source(node)}): no integer "
+            raise ConversionError(f"cannot convert {name} (aten.{op_name}, {source_line(node)}): no integer "
                                   "implementation for it on float values")
         if any(isinstance(a, Codes) for a in args) and (not isinstance(first, Codes) or op_name.split(".")[0] not in
                                                          _LAYOUT or any(isinstance(a, Codes) for a in args[1:])):
-            raise ConversionError(f"cannot convert {name} (aten.{op_name}, {_source(node)}): on quantized values "
+            raise ConversionError(f"cannot convert {name} (aten.{op_name}, {source_line(node)}): on quantized values "
                                   f"only layout ops keep codes and scale ({', '.join(sorted(_LAYOUT))})")
         if _is_float_node(node):
-            raise ConversionError(f"cannot convert {name} (aten.{op_name}, {_source(node)}): it makes a float tensor "
+            raise ConversionError(f"cannot convert {name} (aten.{op_name}, {source_line(node)}): it makes a float tensor "
                                   "from integer data")
         self.emit(self.aten_op(node))
         self.values[name] = Codes(name, first.qp, first.origin) if isinstance(first, Codes) else _Data(name)
@@ -372,7 +373,7 @@ class _Lowering:
         fqn, k = self.index(node, kind)
         q = self.point(fqn, f"{kind}_{k}_output")
         if q is None:
-            raise ConversionError(f"the output of {kind} in {fqn or 'the model'!r} ({_source(node)}) is not quantized: "
+            raise ConversionError(f"the output of {kind} in {fqn or 'the model'!r} ({source_line(node)}) is not quantized: "
                                   f"add a rule {{op: {kind}, activation: ...}} (precsim.ibert_config does)")
         return fqn, self.act_qparams(q, f"{fqn} ({kind} output)")
 
@@ -510,12 +511,6 @@ def _ancestors(node: fx.Node) -> set[str]:
         seen.add(n.name)
         stack.extend(n.all_input_nodes)
     return seen
-
-
-def _source(node: fx.Node) -> str:
-    trace = node.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in trace.splitlines() if ln.strip().startswith("File ")]
-    return lines[-1] if lines else "source unknown"
 
 
 def lower(model: nn.Module, inputs: dict[str, Tensor], *, rounding: str = "gemmlowp") -> IntegerModel:

@@ -47,10 +47,10 @@ from precsim.qat.config import QuantConfig
 from precsim.qat.fold import FoldedWeight, bn_scale, folded_weight_input
 from precsim.qat.graph import KEEP_CODES_FUNCS, KEEP_CODES_METHODS, KEEP_CODES_MODULES, constant_factor, trace
 from precsim.qat.markers import WEIGHT_TYPES
-from precsim.qat.quantizer import Quantizer
+from precsim.qat.quantizer import BYPASS, Quantizer
 
 __all__ = ["IntBias", "accumulator_scale", "accumulator_scale_of", "bias_codes", "bias_setting", "input_quantizer",
-           "int_bias_of", "layer_bias_codes", "quantize_biases", "round_half_away", "weight_quantizer"]
+           "int32_bias_layers", "int_bias_of", "layer_bias_codes", "quantize_biases", "round_half_away", "weight_quantizer"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +219,8 @@ class IntBias(nn.Module):
         return None if scale is None else bias_codes(self.effective(b), scale)
 
     def forward(self, b: Tensor) -> Tensor:
+        if BYPASS.get():  # a graph capture: the float model's bias
+            return b
         if self.bn is not None and self.bn.training:
             return b  # batch statistics: no folded bias exists (the batch mean cancels any constant)
         with torch.no_grad():
@@ -264,6 +266,11 @@ def layer_bias_codes(layer: nn.Module) -> Tensor | None:
 # --------------------------------------------------------------------------------------------
 
 
+def int32_bias_layers(model: nn.Module, config: QuantConfig) -> list[str]:
+    """The conv/linear layers ``config`` gives ``bias: int32``."""
+    return [n for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES) and bias_setting(n, m, config) == "int32"]
+
+
 def bias_setting(name: str, module: nn.Module, config: QuantConfig) -> str:
     """``fp32`` or ``int32`` for one module: the global ``bias``, then rules in order (later win)."""
     setting = config.bias
@@ -291,7 +298,7 @@ def _load_plain_bias(module: nn.Module, state_dict: dict[str, Any], prefix: str,
         state_dict[original] = state_dict.pop(plain)
 
 
-def quantize_biases(model: nn.Module, config: QuantConfig) -> list[str]:
+def quantize_biases(model: nn.Module, config: QuantConfig, graph: fx.Graph | None = None) -> list[str]:
     """Install :class:`IntBias` on every conv/linear that ``config`` gives ``bias: int32``.
 
     Called by :func:`precsim.prepare` after the quantizers (and BN folding) are in place.
@@ -299,11 +306,11 @@ def quantize_biases(model: nn.Module, config: QuantConfig) -> list[str]:
     layer when its input or weights are not integer-quantized (no ``S_in`` or ``S_w``).
     """
     modules = dict(model.named_modules())
-    wanted = [n for n, m in modules.items() if isinstance(m, WEIGHT_TYPES) and bias_setting(n, m, config) == "int32"]
+    wanted = int32_bias_layers(model, config)
     if not wanted:
         return []
     sources: dict[str, tuple[Quantizer, tuple[float, ...]]] = {}
-    for node in trace(model).nodes:
+    for node in (trace(model) if graph is None else graph).nodes:
         name = str(node.target)
         if node.op != "call_module" or name not in wanted:
             continue

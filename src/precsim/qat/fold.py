@@ -198,15 +198,16 @@ def _freeze_post_hook(bn: nn.Module, args: Any, output: Any) -> None:
         bn.precsim_unfreeze = False
 
 
-def fold_batchnorms(model: nn.Module, freeze_after: int | None = None) -> list[FoldChain]:
+def fold_batchnorms(model: nn.Module, freeze_after: int | None = None, graph: fx.Graph | None = None) -> list[FoldChain]:
     """Turn on BN folding in a prepared model (``prepare`` calls this for ``fold_bn``).
 
     Every weight quantizer of a folded Conv/Linear is wrapped in :class:`FoldedWeight`; the
     chain's inner activation quantizers are switched off. ``freeze_after``: after that many
     training steps (BN's ``num_batches_tracked``, saved in checkpoints) the BN uses its running
-    statistics in training too and stops updating them.
+    statistics in training too and stops updating them. ``graph``: the model's module-level
+    graph (:func:`precsim.qat.graph.trace`; default: traced here).
     """
-    chains = find_fold_chains(model)
+    chains = find_fold_chains(model, graph)
     for ch in chains:
         conv, bn = model.get_submodule(ch.conv), model.get_submodule(ch.bn)
         if parametrize.is_parametrized(conv, "weight"):

@@ -1,8 +1,10 @@
-"""The dataflow between a model's modules, as a torch.fx graph.
+"""The dataflow between a model's modules, as a module-level torch.fx graph.
 
-Hooks are not traced, so quantizers stay attached; leaves are the modules that compute (own no
-sub-modules) or carry quantizers. BN folding, bias quantization, ``integer_config``,
-``ivit_config`` and ``convert`` all read the model through :func:`trace`.
+Leaves are the modules that compute (own no sub-modules) or carry quantizers. BN folding, bias
+quantization, ``integer_config``, ``ivit_config`` and ``convert`` all read the model through
+:func:`trace`: captured with ``torch.export`` when example inputs are given
+(:mod:`precsim.qat.module_graph`: real models' Python survives it), else by torch.fx symbolic
+tracing (no inputs needed, but no data-dependent Python).
 
 It also holds the rules for walking that graph: which ops keep integer codes and their scale,
 and how a constant factor rescales them. :mod:`precsim.qat.bias` follows them upstream to find
@@ -13,48 +15,40 @@ requantizing (the subset it has integer kernels for). Both read the definitions 
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from precsim.qat.markers import CONTAINERS, QuantPoint
-from precsim.qat.quantizer import Quantizer
+from precsim.qat.leaves import ModuleTracer, own_children
+from precsim.qat.markers import QuantPoint
+from precsim.qat.module_graph import capture
 
 __all__ = ["DIV_FUNCS", "IDENTITY_MODULES", "KEEP_CODES_FUNCS", "KEEP_CODES_METHODS", "KEEP_CODES_MODULES",
            "LAYOUT_FUNCS", "LAYOUT_METHODS", "LAYOUT_MODULES", "MAXPOOL_FUNCS", "MAXPOOL_MODULES", "MUL_FUNCS",
-           "RELU_FUNCS", "RELU_METHODS", "RELU_MODULES", "ModuleTracer", "constant_factor", "trace"]
+           "RELU_FUNCS", "RELU_METHODS", "RELU_MODULES", "ModuleTracer", "constant_factor", "own_children", "trace"]
 
 
-def _own_children(module: nn.Module) -> list[nn.Module]:
-    """Children that belong to the user's model (not precsim quantizers or parametrizations)."""
-    return [c for n, c in module.named_children() if not (n.startswith("precsim_") or n == "parametrizations")]
-
-
-class ModuleTracer(fx.Tracer):
-    """fx tracer whose leaves are the modules that compute (own no sub-modules) or carry quantizers.
-
-    The default tracer would trace *into* small user modules such as ``precsim.qat.markers.Add`` and
-    record an anonymous ``operator.add``; the quantizer hooked on that module would then be lost.
-    """
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, CONTAINERS):
-            return False
-        if isinstance(m, Quantizer) or hasattr(m, "precsim_activation") or hasattr(m, "precsim_input"):
-            return True
-        return super().is_leaf_module(m, module_qualified_name) or not _own_children(m)
-
-
-def trace(model: nn.Module) -> fx.Graph:
-    """The module-level dataflow graph of ``model``; a clear error if torch.fx cannot trace it."""
+def trace(model: nn.Module, example_inputs: Any = None) -> fx.Graph:
+    """The module-level dataflow graph of ``model``: from ``torch.export`` on ``example_inputs``
+    (a batch: a tensor, a tuple of positional inputs or a dict of keyword inputs) when given,
+    else (or where torch.export fails) from torch.fx symbolic tracing; a clear error with each
+    capture's reason if neither can."""
+    exported = None
+    if example_inputs is not None:
+        try:
+            return capture(model, example_inputs)
+        except ValueError as err:
+            exported = err
     try:
         return ModuleTracer().trace(model)
     except Exception as err:  # fx raises many types (TraceError, TypeError, ...)
-        raise ValueError(
-            f"precsim needs the dataflow of {type(model).__name__} and torch.fx cannot trace it: "
-            f"{type(err).__name__}: {err}. Keep data-dependent Python control flow out of forward()."
-        ) from err
+        hint = (f" And {exported}" if exported is not None else " Give example inputs (a batch; example_inputs= "
+                "for prepare, integer_config and ivit_config, example= for convert) so that torch.export captures "
+                "it instead.")
+        raise ValueError(f"precsim needs the dataflow of {type(model).__name__} and torch.fx cannot trace it: "
+                         f"{type(err).__name__}: {err}.{hint}") from (exported or err)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,10 +26,11 @@ from torch.nn.utils import parametrize
 from precsim.formats.random import mix_seed
 from precsim.qat.accumulator import Accumulator
 from precsim.qat.batches import feed
-from precsim.qat.bias import quantize_biases
+from precsim.qat.bias import int32_bias_layers, quantize_biases
 from precsim.qat.config import ROLES, AccumulatorSpec, QuantConfig, RoleSpec
 from precsim.qat.fingerprint import EXTRA_STATE, checking, decode, mismatch_message
 from precsim.qat.fold import fold_batchnorms
+from precsim.qat.graph import trace
 from precsim.qat.markers import CONTAINERS, WEIGHT_TYPES, QuantPoint
 from precsim.qat.operands import ACCUMULATOR, CONTAINER, POINT_KEY, attach, discover, mode_of
 from precsim.qat.quantizer import Quantizer
@@ -141,7 +142,8 @@ def prepare(model: nn.Module, config: QuantConfig | dict[str, Any] | str | Path,
     config's, else 0) makes stochastic rounding reproducible. Calling prepare twice is an error.
     ``example_inputs`` (a batch: tensor, pair or dict of keyword inputs): with ``points:
     operands``, one forward pass that creates every operand point now, rounding nothing (do it,
-    or run one batch, before wrapping the model in DDP).
+    or run one batch, before wrapping the model in DDP); with module outputs, BN folding and
+    bias quantization read the model's dataflow by ``torch.export`` on it instead of torch.fx.
     """
     cfg = QuantConfig.from_any(config)
     if any(isinstance(m, Quantizer) for m in model.modules()) or mode_of(model) is not None:
@@ -170,9 +172,13 @@ def prepare(model: nn.Module, config: QuantConfig | dict[str, Any] | str | Path,
             for k, pname in enumerate(_weight_names(module)):
                 q = Quantizer("weight", wspec, wgrad, seed=mix_seed(s, 2 + k))
                 parametrize.register_parametrization(module, pname, q)
+    # one capture for both (folding adds no module calls); torch.export needs the example batch
+    graph = None
+    if example_inputs is not None and (cfg.fold_bn or int32_bias_layers(model, cfg)):
+        graph = trace(model, example_inputs)
     if cfg.fold_bn:  # Conv/Linear+BN chains: the weight quantizer sees the folded weight
-        fold_batchnorms(model, freeze_after=cfg.freeze_bn_after)
-    quantize_biases(model, cfg)  # bias: int32 -- after folding, which decides where the bias is added
+        fold_batchnorms(model, freeze_after=cfg.freeze_bn_after, graph=graph)
+    quantize_biases(model, cfg, graph)  # bias: int32 -- after folding, which decides where the bias is added
     accumulators = resolve_accumulators(model, cfg) if cfg.has_accumulators else {}
     if accumulators:  # their GEMM calls run through the operand mode, which rounds no operand here
         attach(model, cfg, base_seed, accumulators=accumulators)  # type: ignore[arg-type]

@@ -64,6 +64,9 @@ from precsim.runtime.ownership import baseline, owns_gradient
 _GOLDEN = -1640531527  # 0x9E3779B9 as int32
 # the collector of the innermost precsim.collect_stats (precsim.qat.telemetry.Stats), if any
 STATS: ContextVar[Any] = ContextVar("precsim_stats", default=None)
+BYPASS: ContextVar[bool] = ContextVar("precsim_bypass", default=False)
+"""True while a model's dataflow is captured (:mod:`precsim.qat.module_graph`): every quantizer
+is the identity, so the capture records the float model and changes no quantizer state."""
 _BACKWARD_SALT = 0x5BD1E995
 
 
@@ -168,6 +171,8 @@ class Quantizer(Fingerprinted):
                 (self.seed ^ _BACKWARD_SALT) + offset if bwd else None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if BYPASS.get():
+            return x
         if x.numel() == 0:  # a zero-size batch: nothing to round, observe or count
             return x.clone()
         training = self.training
