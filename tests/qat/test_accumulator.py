@@ -241,8 +241,8 @@ BAD = [
     ({"accumulator": "flexfp(e=8,m=22)"}, ["'flexfp(e=8,m=22,b=0)'", "at most 21 mantissa bits"]),
     ({"gradient_accumulator": "int16"}, ["gradient_accumulator", "allowed: a scalar float format"]),
     ({"rules": [{"type": "Linear", "accumulator": {"format": "fp16", "block": -1}}]}, ["(in rule 0)", "block -1"]),
-    ({"points": "operands", "rules": [{"op": "einsum", "accumulator": "fp16"}]},
-     ["op 'einsum'", "allowed with accumulator: linear, conv, matmul, attention"]),
+    ({"points": "operands", "rules": [{"op": "softmax", "accumulator": "fp16"}]},
+     ["op 'softmax'", "allowed with accumulator: linear, conv, matmul, einsum, attention"]),
 ]
 
 
@@ -304,3 +304,83 @@ def test_a_later_rule_turns_the_accumulator_off() -> None:
     q = precsim.prepare(copy.deepcopy(net), {"accumulator": "fp8_e5m2", "rules": [{"type": "Linear",
                                                                                    "accumulator": "fp32"}]})
     assert torch.equal(p(x), q(x))
+
+
+class EinsumNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(exact_values((3, 24, 5), 30))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("hki,bhk->bih", self.w, x)  # K = k, summed; batch h; rows i, columns b
+
+
+def test_einsum_gemms_take_their_accumulator_under_points_operands() -> None:
+    """An einsum is a GEMM found by the operand points, so its sums are accumulated too: K in
+    the order of the first operand's summed subscripts, equal to the reference per batch."""
+    net, x = EinsumNet(), exact_values((4, 3, 24), 31)
+    fmt = "flexfp(e=5,m=3)"
+    p = precsim.prepare(copy.deepcopy(net), {"points": "operands", "rules": [
+        {"op": "einsum", "accumulator": {"format": fmt, "block": 5}}]})
+    got = p(x)
+    for h in range(3):  # [i, k] @ [k, b] per head
+        want = reference(net.w[h].detach().t(), x[:, h].t(), fmt, 5)  # [i, b]
+        assert torch.equal(got[:, :, h], want.t())
+    assert not torch.equal(got, net(x))
+    assert {(r["op"], r["role"]) for r in precsim.summary_rows(p)} == {("einsum", "accumulator")}
+    got.sum().backward()  # straight-through: the plain einsum's gradient
+    plain = copy.deepcopy(net)
+    plain(x).sum().backward()
+    assert torch.equal(p.w.grad, plain.w.grad)
+
+
+def test_einsum_forms_without_a_gemm_are_refused() -> None:
+    from precsim.runtime.accumulate import einsum_as_matmul
+
+    a = torch.randn(3, 3)
+    with pytest.raises(ValueError, match="ellipses are not supported"):
+        einsum_as_matmul("...ij,jk->...ik", a, a)
+    with pytest.raises(ValueError, match="none repeated within an operand"):
+        einsum_as_matmul("ii,ij->j", a, a)
+    for eq in ("ij,jk->ik", "ik,jk->ji", "ij,ij->i", "i,j->ij", "ijz,jk->ki", "bij,bjk"):
+        x, y = torch.randn(*(3 + n for n in range(len(eq.split(",")[0])))), None
+        sb = eq.split("->")[0].split(",")[1]
+        sizes = {c: 3 + eq.split(",")[0].find(c) if c in eq.split(",")[0] else 7 for c in sb}
+        y = torch.randn(*(sizes[c] for c in sb))
+        m1, m2, back = einsum_as_matmul(eq, x, y)
+        torch.testing.assert_close(back(m1 @ m2), torch.einsum(eq, x, y))
+
+
+def test_conv3d_and_conv1d_modules_take_float_accumulators() -> None:
+    from precsim.runtime.accumulate import conv_float
+
+    fmt = "flexfp(e=5,m=3)"
+    for conv, x in ((nn.Conv3d(2, 3, 3, padding=1), exact_values((2, 2, 4, 4, 4), 36)),
+                    (nn.Conv1d(2, 3, 3, padding=1), exact_values((2, 2, 9), 37))):
+        with torch.no_grad():
+            conv.weight.copy_(exact_values(tuple(conv.weight.shape), 38))
+            conv.bias.copy_(exact_values((3,), 39) * 8)
+        p = precsim.prepare(copy.deepcopy(conv), {"accumulator": {"format": fmt, "block": 5}})
+        want = conv_float(x, conv.weight.detach(), precsim.parse_format(fmt), 5, padding=1)
+        want = want + conv.bias.detach().view(1, -1, *[1] * (x.dim() - 2))
+        got = p(x)
+        assert torch.equal(got, want)
+        got.sum().backward()  # straight-through: the plain conv's gradient
+        plain = copy.deepcopy(conv)
+        plain(x).sum().backward()
+        assert torch.equal(p.weight.grad, plain.weight.grad)
+    for cfg in ({"weight": "int8", "input": "int8", "accumulator": "int16"},
+                {"accumulator": "fp16", "gradient_accumulator": "bf16"}):
+        with pytest.raises(ValueError, match="Conv3d '': an integer accumulator or a gradient_accumulator"):
+            precsim.prepare(nn.Conv3d(2, 3, 3), cfg)
+
+
+def test_an_accumulated_einsum_of_three_operands_is_refused() -> None:
+    class Three(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("ij,jk,kl->il", a, b, c)
+
+    p = precsim.prepare(Three(), {"points": "operands", "accumulator": "fp16"})
+    x = torch.randn(3, 3)
+    with pytest.raises(ValueError, match="accumulated einsum 'ij,jk,kl->il' of 3 operands; allowed: two operands"):
+        p(x, x, x)

@@ -329,3 +329,22 @@ def test_conv_float_parts_stochastic_and_non_finite_inputs(monkeypatch: pytest.M
     a, b, back = conv_as_matmul(x, w, 1, 1)
     torch.testing.assert_close(accumulate.conv_float(x, w, f, 7, padding=1), back(matmul_float(a, b, f, 7)),
                                rtol=0, atol=0, equal_nan=True)
+
+
+def test_conv_float_in_one_and_three_dimensions() -> None:
+    """conv1d equals the GEMM path; conv3d (which has no im2col here) equals the GEMM of its
+    patches taken by hand, K in weight.flatten(1) order; an unbatched input is one sample."""
+    f = parse_format("fp8_e5m2")
+    x1, w1 = exact_values((2, 3, 11), 32), exact_values((4, 3, 3), 33)
+    a, b, back = conv_as_matmul(x1, w1, 2, 1)
+    assert torch.equal(accumulate.conv_float(x1, w1, f, 4, stride=2, padding=1), back(matmul_float(a, b, f, 4)))
+    x3, w3 = exact_values((2, 3, 4, 5, 5), 34), exact_values((4, 3, 2, 3, 3), 35)
+    got = accumulate.conv_float(x3, w3, f, 7, padding=1)
+    xp = torch.nn.functional.pad(x3, (1, 1, 1, 1, 1, 1))
+    patches = xp.unfold(2, 2, 1).unfold(3, 3, 1).unfold(4, 3, 1)  # [B, C, D', H', W', kd, kh, kw]
+    d, h, w = patches.shape[2:5]
+    cols = patches.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(2, d * h * w, -1)  # K: channel, then kernel
+    want = matmul_float(cols, w3.flatten(1).t(), f, 7).reshape(2, d, h, w, 4).permute(0, 4, 1, 2, 3)
+    assert torch.equal(got, want)
+    assert torch.equal(accumulate.conv_float(x3[1], w3, f, 7, padding=1), got[1])
+    assert not torch.equal(got, torch.nn.functional.conv3d(x3, w3, padding=1))

@@ -29,7 +29,14 @@ from torch import Tensor, nn
 from precsim.formats.random import mix_seed
 from precsim.qat.config import AccumulatorSpec
 from precsim.qat.fingerprint import Fingerprinted
-from precsim.runtime.accumulate import conv_as_matmul, conv_float, exact_dtype, matmul_float, matmul_int
+from precsim.runtime.accumulate import (
+    conv_as_matmul,
+    conv_float,
+    einsum_as_matmul,
+    exact_dtype,
+    matmul_float,
+    matmul_int,
+)
 
 _GOLDEN = -1640531527  # 0x9E3779B9 as int32: the step's offset of the seed (as Quantizer)
 _BACKWARD_SALTS = (0x1B873593, 0x5BD1E995)  # grad_input, grad_weight
@@ -120,7 +127,7 @@ class Accumulator(Fingerprinted):
         return spec, rounding, self._call_seed() if rounding == "stochastic" else None
 
     def conv(self, x: Tensor, weight: Tensor, init: Tensor | None, stride: Any, padding: Any, dilation: Any) -> Tensor:
-        """A conv2d (groups 1) with this point's float accumulator, forward only (its caller's
+        """A conv (groups 1) with this point's float accumulator, forward only (its caller's
         straight-through gives the gradient): :func:`conv_float`, the GEMM's bits without im2col."""
         spec, rounding, seed = self._settings()
         return conv_float(x.detach(), weight.detach(), spec.format, spec.block, stride=stride, padding=padding,
@@ -293,10 +300,11 @@ def _accumulated(acc: Accumulator, op: str, func: Any, args: tuple[Any, ...], kw
         return out + bias if bias is not None and init is None else out
     if op == "conv":
         x, w, bias, stride, padding, dilation, groups = _bind(args, kwargs, _CONV, _CONV_DEFAULTS)
-        if not integer and groups == 1 and x.dim() == 4 and (acc.grad_spec is None or not torch.is_grad_enabled()):
-            before = bias is not None and spec.bias == "before"
-            out = acc.conv(x, w, bias.view(1, -1, 1, 1) if before else None, stride, padding, dilation)
-            return out + bias.view(1, -1, 1, 1) if bias is not None and not before else out
+        if not integer and groups == 1 and (acc.grad_spec is None or not torch.is_grad_enabled()):
+            shaped = None if bias is None else bias.view(1, -1, *([1] * (x.dim() - 2)))
+            before = shaped is not None and spec.bias == "before"
+            out = acc.conv(x, w, shaped if before else None, stride, padding, dilation)
+            return out + shaped if shaped is not None and not before else out
         a, b, back = conv_as_matmul(x, w, stride, padding, dilation, groups)  # a: the weight, b: the input's columns
         rows = (w.shape[0], 1) if groups == 1 else (groups, w.shape[0] // groups, 1)  # per output channel
         scales = None
@@ -312,6 +320,13 @@ def _accumulated(acc: Accumulator, op: str, func: Any, args: tuple[Any, ...], kw
         if bias is not None and init is None:
             out = out + bias.view(1, -1, *([1] * (out.dim() - 2)))
         return out
+    if op == "einsum":
+        a, b, back = einsum_as_matmul(args[0], args[1], args[2])
+        scales = None
+        if integer:
+            sa, sb = _scales(grids, ("op0", "op1"))
+            scales = (_per_tensor(sa, "op0"), _per_tensor(sb, "op1"), *code_max)
+        return back(acc.matmul(a, b, scales=scales))
     # matmul-like: matmul / @ / mm / bmm, and addmm / baddbmm (beta * input + alpha * product)
     return _matmul_like(acc, func, args, kwargs, grids, code_max)
 

@@ -50,7 +50,7 @@ OUTPUT_OPS: tuple[str, ...] = ("softmax", "gelu", "silu", "layer_norm", "rms_nor
 # lookups whose table (a weight) is a point where a rule names their op: an integer model stores it in codes
 TABLE_OPS: tuple[str, ...] = ("embedding",)
 OPS: tuple[str, ...] = GEMM_OPS + OUTPUT_OPS + TABLE_OPS
-ACCUMULATED_OPS: tuple[str, ...] = ("linear", "conv", "matmul", "attention")  # GEMMs an accumulator can run
+ACCUMULATED_OPS: tuple[str, ...] = ("linear", "conv", "matmul", "einsum", "attention")  # GEMMs an accumulator can run
 _ROLE_KEYS = ("format", "rounding", "observer", "momentum", "percentile", "granularity", "axis", "ste", "scale",
               "delayed")
 ACCUMULATORS: tuple[str, ...] = ("accumulator", "gradient_accumulator")  # forward GEMMs, backward GEMMs

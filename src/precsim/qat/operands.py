@@ -354,7 +354,14 @@ class OperandPoints(TorchFunctionMode):
             return torch.einsum(equation, *tensors)  # torch says what is wrong
         tensors = [self.point(frame, "einsum", index, f"op{i}", t, a)
                    for i, (t, a) in enumerate(zip(tensors, axes, strict=True))]
-        return torch.einsum(equation, *tensors)
+        acc = self.accumulator(frame, "einsum", index)
+        if acc is None or self.discovering or not all(_is_float(t) for t in tensors):
+            return torch.einsum(equation, *tensors)
+        if len(tensors) != 2:
+            raise ValueError(f"{frame.name or 'the model'}: accumulated einsum {equation!r} of {len(tensors)} operands; "
+                             "allowed: two operands (one GEMM)")
+        grids, bits = self.grids(frame, "einsum", index, ("op0", "op1")) if acc.integer else (None, (16, 16))
+        return accumulated_call(acc, "einsum", torch.einsum, (equation, *tensors), {}, grids, bits)
 
 
 def _residual_add(args: tuple[Any, ...]) -> bool:

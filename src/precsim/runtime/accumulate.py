@@ -403,10 +403,48 @@ def conv_as_matmul(x: Tensor, weight: Tensor, stride: Any = 1, padding: Any = 0,
     return a, cols.view(bsz, groups, kg, cols.shape[2]), lambda out: out.reshape(bsz, cout, h, w)
 
 
+def einsum_as_matmul(equation: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """A two-operand ``torch.einsum`` as a batched GEMM ``[B, M, K] @ [B, K, N]`` and the function
+    that turns its result into the einsum's. K runs over the summed subscripts shared by both
+    operands in the order of the first operand's subscripts (its last one fastest); a subscript
+    only one operand has and the output lacks is summed in float32 first (no GEMM sums it).
+    Raises ValueError for what has no GEMM form here: ellipses, a subscript repeated in one operand."""
+    spec = equation.replace(" ", "")
+    if "..." in spec:
+        raise ValueError(f"accumulated einsum {equation!r}: ellipses are not supported; allowed: explicit subscripts")
+    ins, _, out = spec.partition("->")
+    sa, sb = ins.split(",") if ins.count(",") == 1 else ("", "")
+    if not sa or not sb or len(set(sa)) != len(sa) or len(set(sb)) != len(sb) or len(sa) != a.dim() or (
+            len(sb) != b.dim()):
+        raise ValueError(f"accumulated einsum {equation!r} on operands of rank {a.dim()} and {b.dim()}: allowed: two "
+                         "operands, one subscript per axis, none repeated within an operand")
+    if "->" not in spec:  # implicit output: the subscripts seen once, in alphabetical order
+        out = "".join(sorted(c for c in sa + sb if (sa + sb).count(c) == 1))
+    a = a.sum([sa.index(c) for c in sa if c not in sb and c not in out]) if any(
+        c not in sb and c not in out for c in sa) else a
+    sa = "".join(c for c in sa if c in sb or c in out)
+    b = b.sum([sb.index(c) for c in sb if c not in sa and c not in out]) if any(
+        c not in sa and c not in out for c in sb) else b
+    sb = "".join(c for c in sb if c in sa or c in out)
+    batch = [c for c in sa if c in sb and c in out]
+    summed = [c for c in sa if c in sb and c not in out]
+    rows, cols = [c for c in sa if c not in sb], [c for c in sb if c not in sa]
+    size = {c: max(a.shape[sa.index(c)] if c in sa else 1, b.shape[sb.index(c)] if c in sb else 1) for c in sa + sb}
+    a = a.permute([sa.index(c) for c in batch + rows + summed]).expand([size[c] for c in batch + rows + summed])
+    b = b.permute([sb.index(c) for c in batch + summed + cols]).expand([size[c] for c in batch + summed + cols])
+    nb, nm, nk, nn_ = (math.prod(size[c] for c in group) for group in (batch, rows, summed, cols))
+    order = batch + rows + cols
+
+    def back(result: Tensor) -> Tensor:
+        return result.reshape([size[c] for c in order]).permute([order.index(c) for c in out])
+
+    return a.reshape(nb, nm, nk), b.reshape(nb, nk, nn_), back
+
+
 def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any = 1, padding: Any = 0,
                dilation: Any = 1, promote: int | None = None, rounding: str = "nearest", seed: Tensor | None = None,
                init: Tensor | None = None) -> Tensor:
-    """``conv2d(x, weight)`` (groups 1) with a float accumulator in ``fmt``, K in the order of
+    """``conv1d/2d/3d(x, weight)`` (groups 1) with a float accumulator in ``fmt``, K in the order of
     ``weight.flatten(1)``: the bits of :func:`matmul_float` on :func:`conv_as_matmul`'s GEMM,
     without its im2col columns (on the zoo ResNet's 28x28 maps ``F.unfold`` alone took 4x the
     conv). Block j's sums are a conv of the input channels the block covers with the weight
@@ -415,14 +453,22 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
     shape (a bias added first), rounded to ``fmt`` to nearest."""
     if rounding == "stochastic" and seed is None:
         raise ValueError("stochastic accumulation needs a seed")
-    shape = F.conv2d(x.to("meta"), weight.to("meta"), None, stride, padding, dilation).shape
-    if not bool(torch.isfinite(x).all()):
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}.get(weight.dim() - 2)
+    if conv is None or x.dim() not in (weight.dim() - 1, weight.dim()):
+        raise ValueError(f"accumulated conv: input of rank {x.dim()} and weight of rank {weight.dim()}; allowed: "
+                         "conv1d, conv2d and conv3d, batched or not")
+    if x.dim() < weight.dim():  # one unbatched sample
+        start = None if init is None else init.unsqueeze(0)
+        return conv_float(x.unsqueeze(0), weight, fmt, block, stride=stride, padding=padding, dilation=dilation,
+                          promote=promote, rounding=rounding, seed=seed, init=start)[0]
+    shape = conv(x.to("meta"), weight.to("meta"), None, stride, padding, dilation).shape
+    if not bool(torch.isfinite(x).all()):  # (conv3d: conv_as_matmul says it has no GEMM form)
         a, b, back = conv_as_matmul(x, weight, stride, padding, dilation)
         start = None if init is None else torch.broadcast_to(init, shape).reshape(*shape[:2], -1)
         return back(matmul_float(a, b, fmt, block, promote=promote, rounding=rounding, seed=seed, init=start))
     x, weight = x.float(), weight.float()
-    cout, _, kh, kw = weight.shape
-    per_channel = kh * kw
+    cout, kernel = weight.shape[0], weight.shape[2:]
+    per_channel = math.prod(kernel)
     flat = weight.reshape(cout, -1)
     k = flat.shape[1]
     nb = math.ceil(k / block)
@@ -432,12 +478,12 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
         c0, c1 = k0 // per_channel, (k1 - 1) // per_channel + 1
         w = flat.new_zeros(cout, (c1 - c0) * per_channel)
         w[:, k0 - c0 * per_channel:k1 - c0 * per_channel] = flat[:, k0:k1]
-        pieces.append((c0, c1, w.view(cout, c1 - c0, kh, kw)))
+        pieces.append((c0, c1, w.view(cout, c1 - c0, *kernel)))
 
     def sums(u0: int, u1: int, first: int, n: int, rows: Tensor) -> None:
         for j in range(n):
             c0, c1, w = pieces[first + j]
-            rows[j].view(u1 - u0, *shape[1:]).copy_(F.conv2d(x[u0:u1, c0:c1], w, None, stride, padding, dilation))
+            rows[j].view(u1 - u0, *shape[1:]).copy_(conv(x[u0:u1, c0:c1], w, None, stride, padding, dilation))
 
     out = torch.empty(math.prod(shape), dtype=torch.float32, device=x.device)
     start = None
