@@ -384,3 +384,25 @@ def test_an_accumulated_einsum_of_three_operands_is_refused() -> None:
     x = torch.randn(3, 3)
     with pytest.raises(ValueError, match="accumulated einsum 'ij,jk,kl->il' of 3 operands; allowed: two operands"):
         p(x, x, x)
+
+
+def test_integer_accumulator_on_attention_sums_the_codes_of_q_k_p_v() -> None:
+    """Both attention GEMMs on codes: int32 is the exact sum of code products (the float GEMM of
+    the rounded operands up to float32's own rounding); a narrow width wraps and counts."""
+    g = torch.Generator().manual_seed(40)
+    q, k, v = (torch.randn(2, 2, 6, 16, generator=g) for _ in range(3))
+    base = {"points": "operands", "activation": {"format": "int8", "observer": "minmax"}}
+    rounded = precsim.prepare(Attention(), base)
+    want = rounded(q, k, v)
+    wide = precsim.prepare(Attention(), {**base, "rules": [{"op": "attention", "accumulator": "int32"}]})
+    got = wide(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert overflows(wide) == {"precsim_operands.attention_0_acc": 0}
+    narrow = precsim.prepare(Attention(), {**base, "rules": [
+        {"op": "attention", "accumulator": {"format": "int12", "block": 4}}]})
+    out = narrow(q, k, v)
+    assert sum(overflows(narrow).values()) > 0 and not torch.allclose(out, want, atol=1e-3)
+    float_only = precsim.prepare(Attention(), {"points": "operands", "rules": [
+        {"op": "attention", "accumulator": "int16"}]})
+    with pytest.raises(ValueError, match="operand 'q' is not rounded by an integer point"):
+        float_only(q, k, v)

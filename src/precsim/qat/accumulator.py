@@ -354,13 +354,23 @@ def _matmul_like(acc: Accumulator, func: Any, args: tuple[Any, ...], kwargs: dic
     return out
 
 
-def attention_matmul(acc: Accumulator) -> Matmul:
-    """The matmul of :func:`precsim.qat.operands.attention`'s two GEMMs with ``acc``'s
-    accumulator (float accumulators: attention's operands carry no integer grid here)."""
-    if acc.integer:
-        raise ValueError("an integer accumulator on attention is not supported (its operands q, k, P, v have no "
-                         "integer codes here); allowed: a float accumulator, or a rule that leaves op attention out")
-    return acc.matmul
+def attention_matmul(acc: Accumulator,
+                     grids_of: Callable[[tuple[str, str]], tuple[list[Grid | None], tuple[int, int]]]) -> Matmul:
+    """The matmul of :func:`precsim.qat.operands.attention`'s two GEMMs, ``q k^T`` then ``P v``,
+    with ``acc``'s accumulator. An integer accumulator sums the codes of the operands' points:
+    ``grids_of(("q", "k"))`` and ``grids_of(("p", "v"))`` give their grids when each GEMM runs
+    (after attention has rounded its operands)."""
+    if not acc.integer:
+        return acc.matmul
+    pairs = iter((("q", "k"), ("p", "v")))
+
+    def matmul(x: Tensor, y: Tensor) -> Tensor:
+        names = next(pairs)
+        grids, bits = grids_of(names)
+        sa, sb = _scales(grids, names)
+        return acc.matmul(x, y, scales=(_per_tensor(sa, names[0]), _per_tensor(sb, names[1]), 2.0 ** bits[0],
+                                        2.0 ** bits[1]))
+    return matmul
 
 
 def overflows(model: nn.Module) -> dict[str, int]:

@@ -298,8 +298,10 @@ class OperandPoints(TorchFunctionMode):
         if not self.operands:
             return func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
-            acc = self.accumulator(frame, "attention", frame.counts.get("attention", 0))  # the index _pointer takes
-            matmul = torch.matmul if acc is None or self.discovering else attention_matmul(acc)
+            index = frame.counts.get("attention", 0)  # the index _pointer takes
+            acc = self.accumulator(frame, "attention", index)
+            matmul = torch.matmul if acc is None or self.discovering else attention_matmul(
+                acc, lambda names: self.grids(frame, "attention", index, names))
             return attention(self._pointer(frame, "attention"), *args, matmul=matmul, **kwargs)
         if func is torch.einsum:
             return self._einsum(frame, args)
