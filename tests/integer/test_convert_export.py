@@ -90,3 +90,26 @@ def test_an_exported_capture_runs_in_onnxruntime_code_for_code(tmp_path) -> None
     names = [o.name for o in session.get_outputs()]
     codes = session.run(None, {"input": t.numpy()})[names.index("output_codes")]
     assert torch.equal(torch.from_numpy(codes).long(), imodel.run_integer(imodel.quantize_input(t)).long())
+
+
+def test_convert_refuses_a_simulation_whose_sums_it_cannot_reproduce() -> None:
+    """The integer model sums exactly in int32: a rounded (float or narrow) accumulator, or an
+    int32 one that overflowed, is refused naming the point; a quiet int32 one converts."""
+    torch.manual_seed(3)
+    x, base = torch.randn(16, 8), nn.Sequential(nn.Linear(8, 4)).eval()
+
+    def prepared(accumulator: object) -> nn.Module:
+        model = copy.deepcopy(base)
+        cfg = {**precsim.integer_config(model), "accumulator": accumulator}
+        return precsim.calibrate(model, [x], cfg)
+
+    model = prepared("int32")
+    imodel = precsim.convert(model)
+    assert (imodel(x) - model(x)).abs().max() <= imodel.output_qp.scale + 1e-6
+    for accumulator, why in (("fp16", "sums the integer model does not round"),
+                             ({"format": "int16", "block": 4}, "sums the integer model does not round")):
+        with pytest.raises(ConversionError, match=rf"'0.precsim_accumulator' simulates an accumulator .*{why}"):
+            precsim.convert(prepared(accumulator))
+    model.get_submodule("0.precsim_accumulator").overflows.fill_(3)
+    with pytest.raises(ConversionError, match="3 overflow events"):
+        precsim.convert(model)

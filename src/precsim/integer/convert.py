@@ -76,6 +76,7 @@ from precsim.integer.vit_ops import (
     consts_state,
     encode_index,
 )
+from precsim.qat.accumulator import Accumulator
 from precsim.qat.bias import round_half_away
 from precsim.qat.fold import FoldedWeight, fold_conv_bn, folded_weight_input
 from precsim.qat.graph import (
@@ -738,6 +739,22 @@ class _Lowering:
         self.values[node.name] = result
 
 
+def _check_accumulators(model: nn.Module) -> None:
+    """The integer model sums each GEMM exactly (int32 accumulators, wide enough by construction):
+    a simulation whose sums were rounded otherwise would not agree with it code for code."""
+    for name, m in model.named_modules():
+        if not isinstance(m, Accumulator) or m.spec is None:
+            continue
+        spec = m.spec
+        if spec.bits is None or spec.bits < 32 or int(m.overflows) > 0:
+            why = (f"{int(m.overflows)} overflow events" if spec.bits is not None and spec.bits >= 32
+                   else "sums the integer model does not round")
+            raise ConversionError(f"{name!r} simulates an accumulator ({spec.describe()}: {why}); the integer model "
+                                  "sums every GEMM exactly in int32, so it would not agree with the simulation. "
+                                  "Allowed: no accumulator, or an integer accumulator of 32 bits or more that never "
+                                  "overflowed")
+
+
 def _at(node: fx.Node) -> str:
     """Where a node of a torch.export capture came from (torch.fx's traces carry no source)."""
     return f", {source_line(node)}" if node.meta.get("stack_trace") else ""
@@ -762,6 +779,7 @@ def convert(model: nn.Module, example: Tensor | dict[str, Tensor] | None = None,
     ``forward()`` free of data-dependent Python.
     Raises :class:`ConversionError` naming the offending module, ValueError for an unknown ``rounding``.
     """
+    _check_accumulators(model)
     mode = mode_of(model)
     if mode is not None and mode.operands:
         if not isinstance(example, dict):
