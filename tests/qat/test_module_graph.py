@@ -108,3 +108,10 @@ def test_ops_between_modules_read_as_torch_fx_records_them() -> None:
     assert ("call_function", operator.mul) in ops and ("call_function", operator.getitem) in ops
     reshape = next(n for n in graph.nodes if n.target == "reshape")
     assert reshape.args[1:] == (-1, 2, 3)  # the batch stays free
+
+
+def test_capture_restores_each_module_s_own_mode() -> None:
+    model = get_model("resnet").train()
+    model.stem.bn.eval()  # a frozen BatchNorm in a model that trains
+    trace(model, torch.randn(2, 1, 28, 28))
+    assert model.training and model.get_submodule("layer1.0.bn1").training and not model.stem.bn.training

@@ -61,7 +61,7 @@ def capture(model: nn.Module, inputs: Mapping[str, Tensor]) -> torch.export.Expo
         if t.dim() >= 2 and t.shape[1] > 1:
             dims[1] = seq
         shapes[name] = dims or None
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # each its own (a frozen BatchNorm stays in eval)
     model.eval()
     try:
         with suspended(model), torch.no_grad():
@@ -70,7 +70,8 @@ def capture(model: nn.Module, inputs: Mapping[str, Tensor]) -> torch.export.Expo
         raise RuntimeError(f"torch.export could not capture {type(model).__name__}: {type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''}") from err
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
 
 
 def _max_positions(model: nn.Module) -> int:

@@ -136,7 +136,7 @@ def _float_model(model: nn.Module) -> Iterator[None]:
     mode = mode_of(model)
     suspended = mode.suspended if mode is not None else None
     token = BYPASS.set(True)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # each its own (a frozen BatchNorm stays in eval)
     model.eval()
     if mode is not None:
         mode.suspended = True
@@ -146,7 +146,8 @@ def _float_model(model: nn.Module) -> Iterator[None]:
     finally:
         if mode is not None:
             mode.suspended = suspended
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
         BYPASS.reset(token)
 
 
