@@ -56,6 +56,8 @@ def test_convert_a_model_torch_fx_cannot_trace() -> None:
     t = torch.randn(7, 8, 8)
     assert torch.equal(imodel(t), precsim.convert(plain)(t.unsqueeze(1)))
     assert (imodel(t) - branchy(t)).abs().max() <= 2 * imodel.output_qp.scale + 1e-6
+    with precsim.integer_exact(branchy, example=x[:1]) as exact:  # the simulation of that integer model
+        assert torch.equal(exact(t), imodel(t))
 
 
 def test_an_unsupported_op_between_modules_names_the_aten_op_and_its_line() -> None:

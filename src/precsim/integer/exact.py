@@ -28,19 +28,20 @@ __all__ = ["integer_exact"]
 
 
 @contextmanager
-def integer_exact(model: nn.Module, rounding: str = "gemmlowp") -> Iterator[nn.Module]:
+def integer_exact(model: nn.Module, rounding: str = "gemmlowp", example: Tensor | None = None) -> Iterator[nn.Module]:
     """Within the block, ``model(x)`` returns the fixed-point simulation's output (float, on the output grid).
 
     The model is put in ``eval()`` mode (restored afterwards); its quantizers are read once on
     entry, so train the model or calibrate it first. ``rounding`` is the requantization mode of
     the integer model it predicts (``convert(model, rounding=...)``): ``"gemmlowp"`` (default)
-    or ``"single"``. Raises like :func:`convert` for models that have no integer form, and
-    ValueError for an unknown ``rounding``.
+    or ``"single"``. ``example``: an input batch, so that the model is captured with
+    ``torch.export`` (as ``convert(model, example=...)``). Raises like :func:`convert` for
+    models that have no integer form, and ValueError for an unknown ``rounding``.
     """
     was_training = model.training
     model.eval()  # convert() reads the eval-mode model (running statistics, rounded folded biases)
     try:
-        imodel = convert(model, rounding=rounding)
+        imodel = convert(model, example, rounding=rounding)
     except Exception:
         model.train(was_training)
         raise
