@@ -406,3 +406,23 @@ def test_integer_accumulator_on_attention_sums_the_codes_of_q_k_p_v() -> None:
         {"op": "attention", "accumulator": "int16"}]})
     with pytest.raises(ValueError, match="operand 'q' is not rounded by an integer point"):
         float_only(q, k, v)
+
+
+def test_integer_accumulator_on_a_bn_folded_conv_sums_its_codes() -> None:
+    """With BN folding the conv multiplies Q(w s) / s: its codes are on the quantizer's grid
+    divided by s per channel. int32 sums them exactly (the model without an accumulator);
+    int12 wraps and counts."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with torch.no_grad():
+        base[1].running_mean.uniform_(-0.5, 0.5)
+        base[1].running_var.uniform_(0.5, 2)
+        base[1].weight.uniform_(0.5, 2)
+    x = torch.randn(8, 1, 6, 6)
+    cfg = precsim.integer_config(base)
+    assert cfg["fold_bn"] is True
+    plain = precsim.calibrate(copy.deepcopy(base), [x], cfg)
+    wide = precsim.calibrate(copy.deepcopy(base), [x], {**cfg, "accumulator": "int32"})
+    assert torch.equal(wide(x), plain(x)) and overflows(wide) == {"0.precsim_accumulator": 0}
+    narrow = precsim.calibrate(copy.deepcopy(base), [x], {**cfg, "accumulator": {"format": "int12", "block": 3}})
+    assert not torch.equal(narrow(x), plain(x)) and overflows(narrow)["0.precsim_accumulator"] > 0

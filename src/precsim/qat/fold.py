@@ -102,6 +102,15 @@ class FoldedWeight(nn.Module):
             wf = self.quant(wf)
         return wf / s
 
+    def weight_grid(self, w: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(scale, zero point) of the weight :meth:`forward` returns for ``w``: codes on the
+        quantizer's grid of ``w * s``, divided by ``s`` (per output channel). None before the
+        quantizer has run, or without one."""
+        grid = None if self.quant is None else self.quant.grid
+        if grid is None:
+            return None
+        return grid[0] / self.folded(w)[1], grid[1]
+
     def extra_repr(self) -> str:
         return f"bn={type(self.bn).__name__}({self.bn.num_features})"
 

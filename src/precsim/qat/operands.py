@@ -246,6 +246,7 @@ class OperandPoints(TorchFunctionMode):
         """The integer grids (scale, zero point) the operands of a GEMM call were rounded on, in
         the call's operand order, and their code widths: the operand points (points: operands),
         or the module's ``input`` point and weight (points: outputs)."""
+        folded = weight = None
         if self.operands:
             points = getattr(frame.module, CONTAINER, None)
             quantizers = [points[k] if points is not None and (k := f"{op}_{index}_{o}") in points else None
@@ -253,7 +254,11 @@ class OperandPoints(TorchFunctionMode):
         else:
             weight = getattr(getattr(frame.module, "parametrizations", None), "weight", None)
             quantizers = [getattr(frame.module, "precsim_input", None), weight[0] if weight is not None else None]
+            if hasattr(quantizers[1], "weight_grid"):  # a BN-folded weight (qat/fold.FoldedWeight): its quantizer
+                folded, quantizers[1] = quantizers[1], quantizers[1].quant  # type: ignore[union-attr]
         grids = [q.grid if isinstance(q, Quantizer) and q.observer is not None else None for q in quantizers]
+        if folded is not None and grids[1] is not None:  # the codes the conv multiplies, at S_w / s per channel
+            grids[1] = folded.weight_grid(weight.original)  # type: ignore[union-attr]
         bits = tuple(getattr(q.spec.format, "bits", 16) if g is not None else 16  # type: ignore[union-attr]
                      for q, g in zip(quantizers, grids, strict=True))
         return grids, bits  # type: ignore[return-value]
