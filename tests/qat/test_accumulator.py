@@ -426,3 +426,22 @@ def test_integer_accumulator_on_a_bn_folded_conv_sums_its_codes() -> None:
     assert torch.equal(wide(x), plain(x)) and overflows(wide) == {"0.precsim_accumulator": 0}
     narrow = precsim.calibrate(copy.deepcopy(base), [x], {**cfg, "accumulator": {"format": "int12", "block": 3}})
     assert not torch.equal(narrow(x), plain(x)) and overflows(narrow)["0.precsim_accumulator"] > 0
+
+
+def test_integer_accumulators_on_an_integer_config_resnet() -> None:
+    """integer_config gives only the first conv an input point; every other conv's input codes
+    are those of the point upstream that int32 biases found (through ReLU, pooling, a residual
+    add's quantizer). int32 sums them exactly (the float GEMM up to its float32 rounding);
+    int16 on blocks of 32 overflows."""
+    from precsim.zoo import get_model
+
+    torch.manual_seed(0)
+    base, x = get_model("resnet").eval(), torch.randn(16, 1, 28, 28)
+    cfg = precsim.integer_config(base)
+    plain = precsim.calibrate(copy.deepcopy(base), [x], cfg)
+    wide = precsim.calibrate(copy.deepcopy(base), [x], {**cfg, "accumulator": "int32"})
+    torch.testing.assert_close(wide(x), plain(x), rtol=1e-6, atol=1e-6)
+    assert len(overflows(wide)) == 10 and sum(overflows(wide).values()) == 0  # 9 convs and the Linear
+    narrow = precsim.calibrate(copy.deepcopy(base), [x], {**cfg, "accumulator": {"format": "int16", "block": 32}})
+    narrow(x)
+    assert sum(overflows(narrow).values()) > 0

@@ -42,6 +42,11 @@ _GOLDEN = -1640531527  # 0x9E3779B9 as int32: the step's offset of the seed (as 
 _BACKWARD_SALTS = (0x1B873593, 0x5BD1E995)  # grad_input, grad_weight
 Grid = tuple[Tensor, Tensor]  # (scale, zero point) of an integer point, shaped to broadcast on its tensor
 Matmul = Callable[[Tensor, Tensor], Tensor]
+INPUT_SOURCE = "precsim_input_source"
+"""Attribute of a Linear/Conv without an ``input`` point (points: outputs): ``(quantizer, factors)``,
+the upstream point whose codes reach its input through ops that keep them, and the constants
+that rescale them on the way. Int32 bias quantization finds it (:mod:`precsim.qat.bias`); an
+integer accumulator reads the input's codes on that grid."""
 
 
 def accumulator_fingerprint(spec: AccumulatorSpec | None, grad_spec: AccumulatorSpec | None) -> dict[str, str]:

@@ -43,6 +43,7 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
 from precsim.formats import IntFormat
+from precsim.qat.accumulator import INPUT_SOURCE
 from precsim.qat.config import QuantConfig
 from precsim.qat.fold import FoldedWeight, bn_scale, folded_weight_input
 from precsim.qat.graph import KEEP_CODES_FUNCS, KEEP_CODES_METHODS, KEEP_CODES_MODULES, constant_factor, trace
@@ -329,6 +330,7 @@ def quantize_biases(model: nn.Module, config: QuantConfig, graph: fx.Graph | Non
             continue  # never called in forward()
         layer, (source, factors) = modules[name], sources[name]
         _check_format(source, "its input", name, per_channel_ok=False)
+        layer.__dict__[INPUT_SOURCE] = (source, factors)  # a plain reference (not a sub-module)
         wq = weight_quantizer(layer)
         if wq is None:
             raise ValueError(f"bias: int32 for {name!r}: its weights are not quantized, so there is no S_w; "

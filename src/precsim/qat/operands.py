@@ -54,7 +54,7 @@ from torch.overrides import TorchFunctionMode
 
 from precsim.formats import parse_format
 from precsim.formats.random import mix_seed
-from precsim.qat.accumulator import Accumulator, Grid, accumulated_call, attention_matmul
+from precsim.qat.accumulator import INPUT_SOURCE, Accumulator, Grid, accumulated_call, attention_matmul
 from precsim.qat.config import ACCUMULATED_OPS, GEMM_OPS, AccumulatorSpec, QuantConfig, RoleSpec
 from precsim.qat.fingerprint import EXTRA_STATE, decode
 from precsim.qat.quantizer import Quantizer
@@ -256,7 +256,12 @@ class OperandPoints(TorchFunctionMode):
             quantizers = [getattr(frame.module, "precsim_input", None), weight[0] if weight is not None else None]
             if hasattr(quantizers[1], "weight_grid"):  # a BN-folded weight (qat/fold.FoldedWeight): its quantizer
                 folded, quantizers[1] = quantizers[1], quantizers[1].quant  # type: ignore[union-attr]
+        source = None if self.operands or quantizers[0] is not None else frame.module.__dict__.get(INPUT_SOURCE)
+        if source is not None:  # no input point: the upstream point int32 biases found (qat/bias.py)
+            quantizers[0] = source[0]
         grids = [q.grid if isinstance(q, Quantizer) and q.observer is not None else None for q in quantizers]
+        if source is not None and grids[0] is not None:
+            grids[0] = (grids[0][0] * math.prod(source[1]), grids[0][1])
         if folded is not None and grids[1] is not None:  # the codes the conv multiplies, at S_w / s per channel
             grids[1] = folded.weight_grid(weight.original)  # type: ignore[union-attr]
         bits = tuple(getattr(q.spec.format, "bits", 16) if g is not None else 16  # type: ignore[union-attr]
