@@ -14,31 +14,15 @@ holds it.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from precsim.qat.operands import mode_of
+from precsim.qat.module_graph import float_model
 
-__all__ = ["capture", "suspended"]
-
-
-@contextlib.contextmanager
-def suspended(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` without its operand points (plain float32), restoring them afterwards."""
-    mode = mode_of(model)
-    if mode is None:
-        yield
-        return
-    before = mode.suspended
-    mode.suspended = True
-    try:
-        yield
-    finally:
-        mode.suspended = before
+__all__ = ["capture"]
 
 
 def capture(model: nn.Module, inputs: Mapping[str, Tensor]) -> torch.export.ExportedProgram:
@@ -61,17 +45,12 @@ def capture(model: nn.Module, inputs: Mapping[str, Tensor]) -> torch.export.Expo
         if t.dim() >= 2 and t.shape[1] > 1:
             dims[1] = seq
         shapes[name] = dims or None
-    modes = {m: m.training for m in model.modules()}  # each its own (a frozen BatchNorm stays in eval)
-    model.eval()
     try:
-        with suspended(model), torch.no_grad():
+        with float_model(model):
             return torch.export.export(model, (), dict(inputs), dynamic_shapes=shapes, strict=False)
     except Exception as err:  # torch.export raises many types; say what failed and why
         raise RuntimeError(f"torch.export could not capture {type(model).__name__}: {type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''}") from err
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def _max_positions(model: nn.Module) -> int:

@@ -38,7 +38,7 @@ from precsim.qat.leaves import ModuleTracer, own_children
 from precsim.qat.operands import mode_of
 from precsim.qat.quantizer import BYPASS
 
-__all__ = ["capture"]
+__all__ = ["capture", "float_model"]
 
 
 @torch.library.custom_op("precsim::boundary", mutates_args=())
@@ -131,8 +131,9 @@ def _marked(model: nn.Module, calls: list[_Call]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _float_model(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode, quantizers the identity, operand/accumulator points suspended."""
+def float_model(model: nn.Module) -> Iterator[None]:
+    """The model as a capture must see it: eval mode (each module's own flag restored after),
+    no gradients, quantizers the identity, operand/accumulator points suspended."""
     mode = mode_of(model)
     suspended = mode.suspended if mode is not None else None
     token = BYPASS.set(True)
@@ -178,7 +179,7 @@ def capture(model: nn.Module, example: Any) -> fx.Graph:
     args, kwargs, shapes = _inputs(model, example)
     calls: list[_Call] = []
     try:
-        with _float_model(model), _marked(model, calls):
+        with float_model(model), _marked(model, calls):
             program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as err:  # torch.export raises many types; say what failed and why
         first = str(err).splitlines()[0] if str(err) else ""

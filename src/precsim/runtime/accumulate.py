@@ -300,6 +300,13 @@ def _float_step(fmt: Any, rounding: str, seed: Tensor | None, nb: int) -> Step:
     return step
 
 
+def _float_start(init: Tensor | None, shape: Any, fmt: Any) -> Tensor | None:
+    """The accumulator's start (a bias added first), flat, rounded to ``fmt`` to nearest."""
+    if init is None:
+        return None
+    return fmt.quantize(torch.broadcast_to(init.float(), shape).reshape(-1).contiguous(), "nearest")  # type: ignore[no-any-return]
+
+
 def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | None = None,
                  rounding: str = "nearest", seed: Tensor | None = None, init: Tensor | None = None) -> Tensor:
     """``a @ b`` ([..., M, K] @ [..., K, N], broadcast) with a float accumulator in ``fmt`` (see
@@ -310,9 +317,7 @@ def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | N
     a, b, shape = _normalized(a.float(), b.float())
     nb = math.ceil(a.shape[-1] / block)
     out = torch.empty(math.prod(shape), dtype=torch.float32, device=a.device)
-    start = None
-    if init is not None:
-        start = fmt.quantize(torch.broadcast_to(init.float(), shape).reshape(-1).contiguous(), "nearest")
+    start = _float_start(init, shape, fmt)
     step = _float_step(fmt, rounding, seed, nb)
     if out.numel():
         _run(*_gemm_sums(a, b, block, torch.float32), None if promote is None else promote // block, out, start, step)
@@ -486,9 +491,7 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
             rows[j].view(u1 - u0, *shape[1:]).copy_(conv(x[u0:u1, c0:c1], w, None, stride, padding, dilation))
 
     out = torch.empty(math.prod(shape), dtype=torch.float32, device=x.device)
-    start = None
-    if init is not None:
-        start = fmt.quantize(torch.broadcast_to(init.float(), shape).reshape(-1).contiguous(), "nearest")
+    start = _float_start(init, shape, fmt)
     if out.numel():
         _run(shape[0], math.prod(shape[1:]), nb, sums, None if promote is None else promote // block, out, start,
              _float_step(fmt, rounding, seed, nb))
