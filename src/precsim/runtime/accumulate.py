@@ -24,18 +24,26 @@ where every block sum is below 2^24, else float64); the accumulator is an int64 
 after every add, wrapped (two's complement) or saturated, and every add that left the W-bit
 range counts as one overflow event.
 
-Speed: the output is cut into parts (rows, or matrices of a batched GEMM) whose block sums fit
-:data:`BUFFER_BYTES`, so that they stay in cache; for each part, one batched GEMM per chunk of
-:data:`MAX_CHUNK` blocks writes a [blocks, rows, N] buffer (allocated once per call: a fresh
-128 MB buffer cost 3x the GEMM in page faults) whose row 0 is the accumulator, then fused
-passes of up to :data:`STEPS_PER_KERNEL` block adds run over it (one compiled kernel per
-format, rounding and number of adds: the add, its exact error and the rounding). A scan of a
-whole chunk unrolled in one kernel took minutes to compile; 8 adds per kernel ran slower than 4.
+Speed: fp16 and bf16 accumulators rounded to nearest on the CPU (the common case) run in one
+fused C kernel (:mod:`precsim.runtime.native`): the block sums stay in the GEMM's registers and
+are rounded there, and a conv's im2col columns are read from its input as they are packed; a
+kernel that is missing or fails its probe leaves the torch path below, with the same bits.
+
+The torch path (other formats, stochastic rounding, integer accumulators, GPUs): the output is
+cut into parts (rows, or matrices of a batched GEMM) whose block sums fit :data:`BUFFER_BYTES`,
+so that they stay in cache; for each part, one batched GEMM per chunk of :data:`MAX_CHUNK`
+blocks writes a [blocks, rows, N] buffer (allocated once per call: a fresh 128 MB buffer cost
+3x the GEMM in page faults) whose row 0 is the accumulator, then fused passes of up to
+:data:`STEPS_PER_KERNEL` block adds run over it (one compiled kernel per format, rounding and
+number of adds: the add, its exact error and the rounding). A scan of a whole chunk unrolled in
+one kernel took minutes to compile; 8 adds per kernel ran slower than 4.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from precsim.formats.random import indexed_bits
-from precsim.runtime.backend import call
+from precsim.runtime import native
+from precsim.runtime.backend import call, compile_requested
 
 BUFFER_BYTES = 16 << 20  # the block sums of one part of the output (half the L3 of the 2-core VM)
 MAX_CHUNK = 32  # blocks per batched GEMM
@@ -178,7 +187,7 @@ def _normalized(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     shape = (*batch, a.shape[-2] if a.dim() > 1 else 1, b.shape[-1])
     if b.dim() == 2:
-        return a.reshape(-1, k), b, shape
+        return a.reshape(math.prod(a.shape[:-1]), k), b, shape
     b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
     if a.dim() > 2 and math.prod(a.shape[:-2]) > 1:
         a = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
@@ -189,7 +198,7 @@ def _normalized(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
 
 def _blocks_per_gemm(nb: int, per_promote: int | None) -> int:
     """Blocks summed by one batched GEMM: whole promotion groups where a group fits."""
-    cap = min(MAX_CHUNK, nb)
+    cap = max(1, min(MAX_CHUNK, nb))  # (nb = 0: K is empty, the output is the start)
     if per_promote is None:
         return cap
     if per_promote <= cap:
@@ -311,17 +320,73 @@ def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | N
                  rounding: str = "nearest", seed: Tensor | None = None, init: Tensor | None = None) -> Tensor:
     """``a @ b`` ([..., M, K] @ [..., K, N], broadcast) with a float accumulator in ``fmt`` (see
     the module doc); ``init``: the accumulator's start (a bias added first), rounded to ``fmt``
-    to nearest. float32 result."""
+    to nearest. float32 result. fp16 and bf16 to nearest on the CPU take the fused kernel
+    (:func:`fused_kernel`); everything else the torch path, :func:`_matmul_float`."""
     if rounding == "stochastic" and seed is None:
         raise ValueError("stochastic accumulation needs a seed")
     a, b, shape = _normalized(a.float(), b.float())
+    start = _float_start(init, shape, fmt)
+    dtype = cast_dtype(fmt, rounding)
+    lib = fused_kernel() if dtype is not None and a.device.type == "cpu" and math.prod(shape) and a.shape[-1] else None
+    if lib is not None:
+        return native.accumulate(lib, a, b, dtype, block, promote, start).view(shape)  # type: ignore[arg-type]
+    return _matmul_float(a, b, shape, fmt, block, promote, rounding, seed, start)
+
+
+def _matmul_float(a: Tensor, b: Tensor, shape: Any, fmt: Any, block: int, promote: int | None, rounding: str,
+                  seed: Tensor | None, start: Tensor | None) -> Tensor:
+    """:func:`matmul_float` in torch, on normalized operands: batched GEMMs of blocks into a
+    buffer, then compiled passes of block adds (:func:`_run`)."""
     nb = math.ceil(a.shape[-1] / block)
     out = torch.empty(math.prod(shape), dtype=torch.float32, device=a.device)
-    start = _float_start(init, shape, fmt)
     step = _float_step(fmt, rounding, seed, nb)
     if out.numel():
         _run(*_gemm_sums(a, b, block, torch.float32), None if promote is None else promote // block, out, start, step)
     return out.view(shape)
+
+
+def fused_kernel() -> Any:
+    """The fused kernel of :mod:`precsim.runtime.native` where compiled kernels are on and it was
+    built and gives :func:`_matmul_float`'s bits on a probe; else None (with one warning saying
+    why, the first time)."""
+    return _checked_kernel() if compile_requested() else None
+
+
+@functools.cache
+def _checked_kernel() -> Any:
+    lib = native.library()
+    why = native.why_missing() if lib is None else _disagreement(lib)
+    if why:
+        warnings.warn(f"precsim: the fused accumulator kernel is not used: {why}. fp16 and bf16 accumulators "
+                      f"take the torch path: slower, the same results.", RuntimeWarning, stacklevel=3)
+        return None
+    return lib
+
+
+def _disagreement(lib: Any) -> str:
+    """'' where the fused kernel gives the torch path's bits on a probe built so that every
+    block sum is exact: ties of the format, subnormals, overflow, Inf and NaN (any NaN: the
+    payload is not part of the contract), a start, promotion; else what differed."""
+    from precsim.formats.float import FloatFormat
+    from precsim.runtime.backend import compiling
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-40, 40, (13, 300), generator=g).float() * 2.0 ** torch.randint(-6, 6, (13, 300), generator=g)
+    b = torch.randint(-40, 40, (300, 37), generator=g).float() * 2.0 ** torch.randint(-6, 6, (300, 37), generator=g)
+    a[0] *= 2.0**-22  # sums on the subnormal grid of fp16
+    a[1] *= 2.0**10  # fp16 overflows
+    a[2, 5], a[3, 9] = float("inf"), float("nan")
+    init = torch.randint(-99, 99, (13, 37), generator=g).float() * 0.25
+    for dtype, (e, m) in ((torch.float16, (5, 10)), (torch.bfloat16, (8, 7))):
+        fmt = FloatFormat(e, m)
+        for block, promote, start in ((1, None, None), (7, 21, init), (32, 64, None), (300, None, init)):
+            first = _float_start(start, (13, 37), fmt)
+            fused = native.accumulate(lib, a, b, dtype, block, promote, first).view(13, 37)
+            with compiling(False):
+                ref = _matmul_float(a, b, (13, 37), fmt, block, promote, "nearest", None, first)
+            if not ((fused.view(torch.int32) == ref.view(torch.int32)) | (fused.isnan() & ref.isnan())).all():
+                return f"it gives other bits than the torch path ({dtype}, block {block}, promote {promote})"
+    return ""
 
 
 def exact_dtype(code_max_a: float, code_max_b: float, block: int) -> torch.dtype:
@@ -379,33 +444,42 @@ def conv_as_matmul(x: Tensor, weight: Tensor, stride: Any = 1, padding: Any = 0,
     GEMM's result into the conv's output. a is the weight ([C_out, K], or [G, C_out/G, K/G]),
     b the input's columns ([B, K, L], or [B, G, K/G, L]): the result is already in the conv's
     layout (no transposes of the large operand)."""
-    if x.dim() == 3:  # conv1d: a conv2d of height 1
-        a, b, back = conv_as_matmul(x.unsqueeze(2), weight.unsqueeze(2), (1, *_tuple(stride, 1)),
-                                    padding if isinstance(padding, str) else (0, *_tuple(padding, 1)),
-                                    (1, *_tuple(dilation, 1)), groups)
-        return a, b, lambda out: back(out).squeeze(2)
-    if x.dim() != 4:
+    if x.dim() not in (3, 4):
         raise ValueError(f"accumulators run conv1d and conv2d; got a {x.dim() - 2}-d convolution")
+    lifted = x.dim() == 3
+    x, weight, stride, padding, dilation = _as_conv2d(x, weight, stride, padding, dilation)
     kh, kw = weight.shape[-2:]
-    stride, dilation = _tuple(stride, 2), _tuple(dilation, 2)
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        else:  # "same" (stride 1): torch pads the extra element at the end
-            totals = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
-            x = F.pad(x, (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2))
-            padding = (0, 0)
-    padding = _tuple(padding, 2)
     bsz = x.shape[0]
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, L]
     h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     cout = weight.shape[0]
+
+    def back(out: Tensor) -> Tensor:
+        return out.reshape(bsz, cout, w) if lifted else out.reshape(bsz, cout, h, w)
     if groups == 1:
-        return weight.flatten(1), cols, lambda out: out.reshape(bsz, cout, h, w)
+        return weight.flatten(1), cols, back
     kg = cols.shape[1] // groups
     a = weight.reshape(groups, cout // groups, kg)
-    return a, cols.view(bsz, groups, kg, cols.shape[2]), lambda out: out.reshape(bsz, cout, h, w)
+    return a, cols.view(bsz, groups, kg, cols.shape[2]), back
+
+
+def _as_conv2d(x: Tensor, weight: Tensor, stride: Any, padding: Any, dilation: Any) -> tuple[Tensor, Tensor, Any, Any,
+                                                                                              Any]:
+    """A conv1d or conv2d as a conv2d with explicit padding: (x, weight, stride, padding,
+    dilation), pairs. conv1d is a conv2d of height 1; "same" pads x (stride 1: torch puts the
+    extra element at the end), "valid" is no padding."""
+    if x.dim() == 3:
+        x, weight = x.unsqueeze(2), weight.unsqueeze(2)
+        stride, dilation = (1, *_tuple(stride, 1)), (1, *_tuple(dilation, 1))
+        padding = padding if isinstance(padding, str) else (0, *_tuple(padding, 1))
+    stride, dilation = _tuple(stride, 2), _tuple(dilation, 2)
+    if isinstance(padding, str):
+        if padding == "same":
+            th, tw = dilation[0] * (weight.shape[-2] - 1), dilation[1] * (weight.shape[-1] - 1)
+            x = F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
+        padding = (0, 0)
+    return x, weight, stride, _tuple(padding, 2), dilation
 
 
 def einsum_as_matmul(equation: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
@@ -467,6 +541,11 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
         return conv_float(x.unsqueeze(0), weight, fmt, block, stride=stride, padding=padding, dilation=dilation,
                           promote=promote, rounding=rounding, seed=seed, init=start)[0]
     shape = conv(x.to("meta"), weight.to("meta"), None, stride, padding, dilation).shape
+    dtype = cast_dtype(fmt, rounding)
+    lib = fused_kernel() if dtype is not None and x.device.type == "cpu" and weight.dim() < 5 else None
+    if lib is not None and math.prod(shape):
+        return _conv_fused(lib, x, weight, dtype, block, stride, padding, dilation, promote,  # type: ignore[arg-type]
+                           _float_start(init, shape, fmt), shape)
     if not bool(torch.isfinite(x).all()):  # (conv3d: conv_as_matmul says it has no GEMM form)
         a, b, back = conv_as_matmul(x, weight, stride, padding, dilation)
         start = None if init is None else torch.broadcast_to(init, shape).reshape(*shape[:2], -1)
@@ -495,6 +574,16 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
     if out.numel():
         _run(shape[0], math.prod(shape[1:]), nb, sums, None if promote is None else promote // block, out, start,
              _float_step(fmt, rounding, seed, nb))
+    return out.view(shape)
+
+
+def _conv_fused(lib: Any, x: Tensor, weight: Tensor, dtype: torch.dtype, block: int, stride: Any, padding: Any,
+                dilation: Any, promote: int | None, start: Tensor | None, shape: Any) -> Tensor:
+    """:func:`conv_float` through the fused kernel (conv1d as a conv2d: :func:`_as_conv2d`)."""
+    out_hw = (shape[2], shape[3]) if x.dim() == 4 else (1, shape[2])
+    x, weight, stride, padding, dilation = _as_conv2d(x, weight, stride, padding, dilation)
+    out = native.accumulate_conv(lib, x.float(), weight.float(), stride, padding, dilation, out_hw, dtype, block,
+                                 promote, start)
     return out.view(shape)
 
 

@@ -50,11 +50,16 @@ def compiling(enabled: bool) -> Iterator[None]:
         _state["compile"] = before
 
 
-def compile_enabled() -> bool:
-    """Whether kernels run compiled: turned on, this machine's compiler gives the eager
-    reference's bits (:func:`compiler_works`), and no outer ``torch.compile`` is tracing the
+def compile_requested() -> bool:
+    """Whether compiled kernels are turned on and no outer ``torch.compile`` is tracing the
     caller (whose graph then takes the eager functions, with no value read back)."""
-    return _state["compile"] and not torch.compiler.is_compiling() and compiler_works()
+    return _state["compile"] and not torch.compiler.is_compiling()
+
+
+def compile_enabled() -> bool:
+    """Whether kernels run compiled: :func:`compile_requested`, and this machine's compiler
+    gives the eager reference's bits (:func:`compiler_works`)."""
+    return compile_requested() and compiler_works()
 
 
 def _probe(x: Tensor, bits: Tensor, scale: Tensor) -> tuple[Tensor, ...]:

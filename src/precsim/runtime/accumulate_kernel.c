@@ -1,0 +1,295 @@
+/* precsim: a float32 GEMM whose block sums are added to an accumulator rounded to nearest
+ * (ties to even) in a narrow float format after every add, fused, so that the block sums never
+ * leave registers (see precsim/runtime/accumulate.py for the semantics and
+ * precsim/runtime/native.py for how this file is built and checked).
+ *
+ * The format is one with float32's layout cut short: `shift` low mantissa bits dropped (13:
+ * fp16, 16: bf16), values below 2^emin rounded on the subnormal grid, above `max` Inf.
+ *
+ * GCC/Clang vector extensions, no intrinsics: the compiler maps 16-wide vectors to what the CPU
+ * has (-march=native). Loops follow the usual GEMM blocking (Goto and van de Geijn): B packed in
+ * panels of NR columns, A in panels of MR rows, an MR x NR tile held in registers while one
+ * block of K is summed; the tile is then rounded into the accumulator. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define VL 16             /* floats per vector */
+#define MR 6              /* rows of a tile */
+#define NR 32             /* columns of a tile (NR / VL vectors) */
+#define NV (NR / VL)
+#define MC 120            /* rows of A packed at a time */
+#define NC 1024           /* columns of B packed at a time */
+#define KC 256            /* elements of K packed at a time (rounded to whole blocks) */
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+typedef struct {
+    int32_t shift, half, low, tiny, max;
+    float magic;
+} fmt_t;
+
+/* 64-byte aligned; the size rounded up to a multiple of 64, as aligned_alloc requires */
+static void *alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+static inline int any(vi m) {
+    int32_t x[VL];
+    memcpy(x, &m, sizeof x);
+    int32_t r = 0;
+    for (int i = 0; i < VL; ++i) r |= x[i];
+    return r != 0;
+}
+
+/* acc + x rounded once to the format: the float32 sum rounded to odd (TwoSum gives its exact
+ * error), then rounded to nearest even on the format's grid (Boldo and Melquiond: no double
+ * rounding, float32 keeps 2 more bits than the format). NaN stays NaN. */
+static inline vf add_round(vf acc, vf x, const fmt_t *f) {
+    vf s = acc + x;
+    vf bb = s - acc;
+    vf err = (acc - (s - bb)) + (x - bb);
+    vi bits = (vi)s;
+    vi away = 1 | (((vi)err ^ bits) >> 31);
+    vi move = (err != 0) & (err == err) & ((bits & 1) == 0);
+    bits += move & away;
+    vi mag = bits & 0x7fffffff;
+    vi sign = bits ^ mag;
+    vi up = (bits + f->half + ((bits >> f->shift) & 1)) & ~f->low;
+    vi sub = (vi)(((vf)mag + f->magic) - f->magic) | sign;
+    vi tiny = mag < f->tiny;
+    vi r = (sub & tiny) | (up & ~tiny);
+    vi over = (r & 0x7fffffff) > f->max;
+    r = ((sign | 0x7f800000) & over) | (r & ~over);
+    vi nan = mag > 0x7f800000;
+    return (vf)((bits & nan) | (r & ~nan));
+}
+
+/* dst[k * w + j] = src[k * sk + j * sj] for k < kc, j < n; zero for n <= j < w (reading along
+ * whichever axis is contiguous in memory) */
+static void pack(float *dst, const float *src, long kc, long n, long w, long sk, long sj) {
+    if (n < w)
+        memset(dst, 0, sizeof(float) * kc * w);
+    if (sj == 1 || sk != 1) {
+        for (long k = 0; k < kc; ++k)
+            for (long j = 0; j < n; ++j) dst[k * w + j] = src[k * sk + j * sj];
+    } else {
+        for (long j = 0; j < n; ++j)
+            for (long k = 0; k < kc; ++k) dst[k * w + j] = src[k + j * sj];
+    }
+}
+
+/* An MR x NR tile from rows of length ld (mm x nn of them inside the matrix; NULL: zero) */
+static void get(float *tile, const float *from, long ld, long mm, long nn) {
+    if (from && mm == MR && nn == NR) {
+        for (int i = 0; i < MR; ++i)
+            for (int v = 0; v < NV; ++v) store(tile + i * NR + v * VL, load(from + i * ld + v * VL));
+        return;
+    }
+    memset(tile, 0, sizeof(float) * MR * NR);
+    for (long i = 0; from && i < mm; ++i)
+        for (long j = 0; j < nn; ++j) tile[i * NR + j] = from[i * ld + j];
+}
+
+static void put(float *to, const float *tile, long ld, long mm, long nn) {
+    if (mm == MR && nn == NR) {
+        for (int i = 0; i < MR; ++i)
+            for (int v = 0; v < NV; ++v) store(to + i * ld + v * VL, load(tile + i * NR + v * VL));
+        return;
+    }
+    for (long i = 0; i < mm; ++i)
+        for (long j = 0; j < nn; ++j) to[i * ld + j] = tile[i * NR + j];
+}
+
+/* One MR x NR tile over kc elements of K (global k0 ..): each block's sums, then the rounded
+ * adds into acc; every `promote` elements acc is added to tot and reset. */
+static void tile(long kc, long k0, long block, long promote, const float *a, const float *b, float *acc,
+                 float *tot, const fmt_t *f) {
+    for (long kb = 0; kb < kc; kb += block) {
+        long ke = kb + block < kc ? kb + block : kc;
+        vf c[MR][NV];
+        for (int i = 0; i < MR; ++i)
+            for (int v = 0; v < NV; ++v) c[i][v] = (vf){0};
+        for (long k = kb; k < ke; ++k) {
+            const float *bk = b + k * NR, *ak = a + k * MR;
+            vf b0 = load(bk), b1 = load(bk + VL);
+            for (int i = 0; i < MR; ++i) {
+                float x = ak[i];
+                vf ai = {x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+                c[i][0] += ai * b0;
+                c[i][1] += ai * b1;
+            }
+        }
+        /* Fast path: the float32 sum rounded by integer arithmetic on its bits. It is exact
+         * unless the sum is a midpoint of the format (its exact error then decides), lies
+         * outside the normal range, or is NaN; then the whole tile takes add_round. */
+        vf fast[MR][NV];
+        vi odd = (vi){0};
+        for (int i = 0; i < MR; ++i)
+            for (int v = 0; v < NV; ++v) {
+                vi bits = (vi)(load(acc + i * NR + v * VL) + c[i][v]);
+                vi mag = bits & 0x7fffffff;
+                odd |= ((bits & f->low) == f->half + 1) | ((vu)(mag - f->tiny) > (uint32_t)(f->max - f->tiny));
+                fast[i][v] = (vf)((bits + f->half + ((bits >> f->shift) & 1)) & ~f->low);
+            }
+        int slow = any(odd);
+        for (int i = 0; i < MR; ++i)
+            for (int v = 0; v < NV; ++v) {
+                float *p = acc + i * NR + v * VL;
+                store(p, slow ? add_round(load(p), c[i][v], f) : fast[i][v]);
+            }
+        if (promote && (k0 + ke) % promote == 0) {
+            for (int e = 0; e < MR * NR; e += VL) {
+                store(tot + e, load(tot + e) + load(acc + e));
+                store(acc + e, (vf){0});
+            }
+        }
+    }
+}
+
+/* Where B comes from: a strided matrix (element (k, n) of matrix p at
+ * b[p * sbp + k * sbk + n * sbn]), or, with conv set, the im2col columns of image p of a conv2d
+ * (input [P, C, H, W] contiguous at b; k runs over (channel, kernel row, kernel column), n over
+ * the output's (row, column)), read straight from the image without writing the columns out. */
+typedef struct {
+    const float *b;
+    long sbp, sbk, sbn;
+    int conv;
+    long c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ow;
+} source_t;
+
+/* Columns n0 .. n0 + n - 1 and rows k0 .. k0 + kc - 1 of B (matrix p) into a panel of NR columns */
+static void pack_b(float *dst, const source_t *src, long p, long k0, long kc, long n0, long n) {
+    if (!src->conv) {
+        pack(dst, src->b + p * src->sbp + k0 * src->sbk + n0 * src->sbn, kc, n, NR, src->sbk, src->sbn);
+        return;
+    }
+    const float *x = src->b + p * src->c * src->h * src->w;
+    for (long k = 0; k < kc; ++k) {
+        long kk = k0 + k, r = kk % (src->kh * src->kw);
+        long di = r / src->kw * src->dh - src->ph, dj = r % src->kw * src->dw - src->pw;
+        const float *xc = x + kk / (src->kh * src->kw) * src->h * src->w;
+        float *row = dst + k * NR;
+        for (long j = 0; j < n;) {  /* runs of columns in one output row */
+            long oh = (n0 + j) / src->ow, oc = (n0 + j) % src->ow;
+            long len = src->ow - oc < n - j ? src->ow - oc : n - j, i = oh * src->sh + di, c0 = oc * src->sw + dj;
+            float *d = row + j;
+            if (i < 0 || i >= src->h) {
+                memset(d, 0, sizeof(float) * len);
+            } else if (src->sw == 1) {  /* a contiguous stretch of the input row, zeros beyond it */
+                long lo = c0 < 0 ? -c0 : 0, hi = src->w - c0 < len ? src->w - c0 : len;
+                if (hi < lo) hi = lo;
+                if (lo > len) lo = hi = len;
+                memset(d, 0, sizeof(float) * lo);
+                memcpy(d + lo, xc + i * src->w + c0 + lo, sizeof(float) * (hi - lo));
+                memset(d + hi, 0, sizeof(float) * (len - hi));
+            } else {
+                for (long t = 0; t < len; ++t) {
+                    long col = c0 + t * src->sw;
+                    d[t] = col >= 0 && col < src->w ? xc[i * src->w + col] : 0.0f;
+                }
+            }
+            j += len;
+        }
+        for (long j = n; j < NR; ++j) row[j] = 0.0f;
+    }
+}
+
+/* Matrices p0 .. p1 - 1, rows m0 .. m1 - 1 of C = A @ B accumulated: A [P, M, K] with any strides
+ * (sap = 0: one A for every matrix), B from `src`; S, C and T contiguous [P, M, N]. S: the
+ * accumulator's start (NULL: zero). Block sums of `block` elements of K are added to the
+ * accumulator, rounded after every add; with promote (elements, a multiple of block) the
+ * accumulator is added to T (needed when K > the packed K, else NULL) every `promote` elements
+ * and reset, and C is T + acc at the end. Returns 0, or 1 where memory ran out. */
+static int run(long M, long N, long K, const float *A, long sap, long sam, long sak, const source_t *src,
+               const float *S, float *C, float *T, long block, long promote, const fmt_t *f, long p0, long p1,
+               long m0, long m1) {
+    long kcmax = block * (KC / block > 1 ? KC / block : 1);
+    long ncmax = N < NC ? (N + NR - 1) / NR * NR : NC;
+    float *bp = alloc(sizeof(float) * kcmax * ncmax);
+    /* one A for several matrices: packed once, all of it (else one MC x KC block at a time) */
+    int shared = sap == 0 && p1 - p0 > 1;
+    long mpad = (m1 - m0 + MR - 1) / MR * MR;
+    float *ap = alloc(sizeof(float) * (shared ? mpad * K : kcmax * MC));
+    float acc[MR * NR] __attribute__((aligned(64)));
+    float tot[MR * NR] __attribute__((aligned(64)));
+    if (!bp || !ap) {
+        free(bp);
+        free(ap);
+        return 1;
+    }
+    for (long pc = 0; shared && pc < K; pc += kcmax) {
+        long kc = K - pc < kcmax ? K - pc : kcmax;
+        for (long ir = 0; ir < m1 - m0; ir += MR)
+            pack(ap + pc * mpad + ir * kc, A + (m0 + ir) * sam + pc * sak, kc, m1 - m0 - ir < MR ? m1 - m0 - ir : MR,
+                 MR, sak, sam);
+    }
+    for (long p = p0; p < p1; ++p) {
+        const float *a = A + p * sap, *s = S ? S + p * M * N : NULL;
+        float *c = C + p * M * N, *t = T ? T + p * M * N : NULL;
+        for (long jc = 0; jc < N; jc += NC) {
+            long nc = N - jc < NC ? N - jc : NC;
+            for (long pc = 0; pc < K; pc += kcmax) {
+                long kc = K - pc < kcmax ? K - pc : kcmax;
+                int first = pc == 0, last = pc + kc >= K;
+                for (long jr = 0; jr < nc; jr += NR)
+                    pack_b(bp + jr * kc, src, p, pc, kc, jc + jr, nc - jr < NR ? nc - jr : NR);
+                for (long ic = m0; ic < m1; ic += MC) {
+                    long mc = m1 - ic < MC ? m1 - ic : MC;
+                    const float *apack = shared ? ap + pc * mpad + (ic - m0) * kc : ap;
+                    for (long ir = 0; !shared && ir < mc; ir += MR)
+                        pack(ap + ir * kc, a + (ic + ir) * sam + pc * sak, kc, mc - ir < MR ? mc - ir : MR, MR,
+                             sak, sam);
+                    for (long jr = 0; jr < nc; jr += NR) {
+                        long nn = nc - jr < NR ? nc - jr : NR;
+                        for (long ir = 0; ir < mc; ir += MR) {
+                            long mm = mc - ir < MR ? mc - ir : MR, at = (ic + ir) * N + jc + jr;
+                            const float *from = first ? s : c;
+                            const float *past = t && !first ? t : NULL;
+                            get(acc, from ? from + at : NULL, N, mm, nn);
+                            get(tot, past ? past + at : NULL, N, mm, nn);
+                            tile(kc, pc, block, promote, apack + ir * kc, bp + jr * kc, acc, tot, f);
+                            if (promote && last)
+                                for (int e = 0; e < MR * NR; e += VL) store(acc + e, load(tot + e) + load(acc + e));
+                            else if (t)
+                                put(t + at, tot, N, mm, nn);
+                            put(c + at, acc, N, mm, nn);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    free(bp);
+    free(ap);
+    return 0;
+}
+
+static fmt_t format(int32_t shift, int32_t tiny, int32_t max, float magic) {
+    fmt_t f = {shift, (1 << (shift - 1)) - 1, (1 << shift) - 1, tiny, max, magic};
+    return f;
+}
+
+/* run() with B a strided matrix [P, K, N] (sbp = 0: one B for every matrix) */
+int precsim_acc_gemm(long M, long N, long K, const float *A, long sap, long sam, long sak, const float *B,
+                     long sbp, long sbk, long sbn, const float *S, float *C, float *T, long block,
+                     long promote, int32_t shift, int32_t tiny, int32_t max, float magic, long p0, long p1,
+                     long m0, long m1) {
+    source_t src = {B, sbp, sbk, sbn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    fmt_t f = format(shift, tiny, max, magic);
+    return run(M, N, K, A, sap, sam, sak, &src, S, C, T, block, promote, &f, p0, p1, m0, m1);
+}
+
+/* run() for a conv2d (groups 1): X [P, c, h, w] contiguous, W the weight flattened to [M, c * kh * kw]
+ * (row stride sw_), C [P, M, oh * ow] */
+int precsim_acc_conv(long M, const float *W, long sw_, const float *X, long c, long h, long w, long kh, long kw,
+                     long sh, long sw, long ph, long pw, long dh, long dw, long oh, long ow, const float *S,
+                     float *C, float *T, long block, long promote, int32_t shift, int32_t tiny, int32_t max,
+                     float magic, long p0, long p1, long m0, long m1) {
+    source_t src = {X, 0, 0, 0, 1, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ow};
+    fmt_t f = format(shift, tiny, max, magic);
+    return run(M, oh * ow, c * kh * kw, W, 0, sw_, 1, &src, S, C, T, block, promote, &f, p0, p1, m0, m1);
+}

@@ -1,0 +1,206 @@
+"""The fused accumulator kernel, ``accumulate_kernel.c``: built once per machine, called with ctypes.
+
+Why C: a float accumulator needs every block sum of a GEMM on its own. In torch they are a
+``[blocks, M, N]`` buffer that a batched GEMM writes and the rounding reads back, about 4x the
+plain GEMM at block 32; fused into the GEMM's register tile they never reach memory (about 2x).
+Inductor cannot generate that loop (a GEMM with a rounded scan over K), so the kernel is a small
+C file in the package.
+
+It is built on first use with the system C compiler (``$CC``, else ``cc``, ``gcc`` or
+``clang``), ``-O3 -march=native`` without ``-ffast-math`` (the rounding depends on IEEE adds),
+into ``$PRECSIM_CACHE_DIR`` (default ``~/.cache/precsim``), named by a hash of the source, the
+compiler, the flags and this CPU's features, and written atomically (two processes building it
+at once both succeed). :func:`library` returns None, and says why, where it cannot be built or
+loaded: the caller then takes the torch path (:mod:`precsim.runtime.accumulate` also checks the
+kernel's bits against that path before first use).
+
+Threads: ctypes releases the GIL, so the call is split over ``torch.get_num_threads()`` Python
+threads (matrices of a batch, or rows of one matrix), each running the kernel on its share.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+SOURCE = "accumulate_kernel.c"
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c11", "-fPIC", "-shared")
+MR = 6  # rows of the kernel's tile: row shares are cut on multiples of it
+SMALL_FLOPS = 1 << 18  # below this many multiply-adds one thread runs the call (threads cost ~50 us)
+_L, _P, _I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int32
+_SHARED = [_P, _P, _P, _L, _L, _I, _I, _I, ctypes.c_float, _L, _L, _L, _L]  # start .. format, share
+_GEMM = [_L, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, *_SHARED]
+_CONV = [_L, _P, _L, _P, *[_L] * 13, *_SHARED]
+# float32 bits of a format with float32's layout cut short: (mantissa bits dropped, 2^emin, max
+# finite, a constant whose ulp is the subnormal spacing: adding and subtracting it rounds there)
+FORMATS = {
+    torch.float16: (13, 0x38800000, 0x477FE000, 0.75),
+    torch.bfloat16: (16, 0x00800000, 0x7F7F0000, 1.5 * 2.0**-110),
+}
+_why: list[str] = []  # why the library is missing (empty while it is not)
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$PRECSIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/precsim``
+    or ``~/.cache/precsim``."""
+    if os.environ.get("PRECSIM_CACHE_DIR"):
+        return Path(os.environ["PRECSIM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "precsim"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu() -> str:
+    """This CPU's features (``-march=native`` builds for exactly them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(source: bytes) -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (set CC, or install cc, gcc or clang)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(FLAGS).encode(),
+                                     _cpu().encode(), platform.machine().encode()])).hexdigest()[:20]
+    folder = cache_dir()
+    target = folder / f"accumulate_{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        src = Path(tmp) / SOURCE
+        src.write_bytes(source)
+        built = Path(tmp) / "kernel.so"
+        done = subprocess.run([cc, *FLAGS, "-o", str(built), str(src)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise OSError(f"{Path(cc).name} failed: {(done.stderr or done.stdout).strip()[:300]}")
+        os.replace(built, target)  # atomic: a reader sees the whole library or none
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernel, or None (:func:`why_missing` says why)."""
+    try:
+        lib = ctypes.CDLL(str(_build(resources.files("precsim.runtime").joinpath(SOURCE).read_bytes())))
+    except (OSError, subprocess.SubprocessError) as err:
+        _why.append(str(err))
+        return None
+    for fn, args in ((lib.precsim_acc_gemm, _GEMM), (lib.precsim_acc_conv, _CONV)):
+        fn.argtypes = args
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def why_missing() -> str:
+    """Why :func:`library` is None ('' while it is not)."""
+    return _why[0] if _why else ""
+
+
+_pool: dict[int, ThreadPoolExecutor] = {}
+_pool_lock = threading.Lock()
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    with _pool_lock:
+        if n not in _pool:
+            _pool[n] = ThreadPoolExecutor(n, thread_name_prefix="precsim-acc")
+        return _pool[n]
+
+
+os.register_at_fork(after_in_child=_pool.clear)  # a forked child has none of the parent's threads
+
+
+def _shares(p: int, m: int, n: int) -> list[tuple[int, int, int, int]]:
+    """(p0, p1, m0, m1) for each of ``n`` threads: matrices of a batch, else rows (whole tiles)."""
+    if p >= n:
+        return [(p * i // n, p * (i + 1) // n, 0, m) for i in range(n)]
+    cuts = [min(m, round(m * i / n / MR) * MR) for i in range(n)] + [m]
+    return [(0, p, cuts[i], cuts[i + 1]) for i in range(n) if cuts[i] < cuts[i + 1]]
+
+
+def accumulate(lib: ctypes.CDLL, a: Tensor, b: Tensor, dtype: torch.dtype, block: int, promote: int | None,
+               start: Tensor | None) -> Tensor:
+    """``a @ b`` (float32 on the CPU; ``a`` [P, M, K] or [M, K] shared by every matrix, ``b``
+    [P, K, N] or [K, N]) with the block sums added to an accumulator in ``dtype`` (float16 or
+    bfloat16, to nearest), ``promote`` in elements; ``start``: the accumulator's start, flat
+    [P * M * N] float32, or None. Returns [P, M, N] float32."""
+    bs = b if b.dim() == 3 else b.unsqueeze(0)
+    p, k, n = bs.shape
+    m = a.shape[-2]
+    sap = a.stride(0) if a.dim() == 3 else 0
+    sbp = bs.stride(0) if bs.shape[0] > 1 else 0
+
+    def share(args: list[Any], s: tuple[int, int, int, int]) -> int:
+        return int(lib.precsim_acc_gemm(m, n, k, a.data_ptr(), sap, a.stride(-2), a.stride(-1), bs.data_ptr(), sbp,
+                                        bs.stride(1), bs.stride(2), *args, *s))
+    return _launch(share, (p, m, n, k), dtype, block, promote, start)
+
+
+def accumulate_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                    dilation: tuple[int, int], out_hw: tuple[int, int], dtype: torch.dtype, block: int,
+                    promote: int | None, start: Tensor | None) -> Tensor:
+    """:func:`accumulate` on the im2col GEMM of ``conv2d(x, weight)`` (groups 1; float32 on the
+    CPU), whose columns the kernel reads from ``x`` as it packs them: ``weight.flatten(1) @
+    unfold(x)``, without the columns in memory (on the zoo ResNet's 28x28 maps ``F.unfold`` took
+    2.6x the fused GEMM). Returns [P, Cout, H_out * W_out]."""
+    x = x.contiguous()
+    w = weight.reshape(weight.shape[0], -1)
+    p, c, h, wd = x.shape
+    kh, kw = weight.shape[-2:]
+    m, n, k = w.shape[0], out_hw[0] * out_hw[1], w.shape[1]
+
+    def share(args: list[Any], s: tuple[int, int, int, int]) -> int:
+        return int(lib.precsim_acc_conv(m, w.data_ptr(), w.stride(0), x.data_ptr(), c, h, wd, kh, kw, *stride,
+                                        *padding, *dilation, *out_hw, *args, *s))
+    return _launch(share, (p, m, n, k), dtype, block, promote, start)
+
+
+def _launch(share: Callable[[list[Any], tuple[int, int, int, int]], int], size: tuple[int, int, int, int],
+            dtype: torch.dtype, block: int, promote: int | None, start: Tensor | None) -> Tensor:
+    """Runs ``share(args, (p0, p1, m0, m1))`` over the threads; ``args``: the start, output,
+    promotion buffer and format arguments the kernels share."""
+    p, m, n, k = size
+    out = torch.empty(p, m, n, dtype=torch.float32)
+    kc = block * max(1, 256 // block)  # the kernel's packed K (KC rounded to whole blocks)
+    total = torch.empty(p, m, n, dtype=torch.float32) if promote is not None and k > kc else None
+    start = None if start is None else start.contiguous()
+    args = [None if start is None else start.data_ptr(), out.data_ptr(), None if total is None else total.data_ptr(),
+            block, promote or 0, *FORMATS[dtype]]
+    threads = 1 if p * m * n * k < SMALL_FLOPS else torch.get_num_threads()
+    shares = _shares(p, m, threads)
+    if len(shares) == 1:
+        codes = [share(args, shares[0])]
+    else:
+        codes = list(_executor(len(shares)).map(functools.partial(share, args), shares))
+    if any(codes):
+        raise MemoryError("the fused accumulator kernel could not allocate its packing buffers")
+    return out

@@ -1,0 +1,234 @@
+"""The fused accumulator kernel (``runtime/accumulate_kernel.c`` through ``runtime/native.py``):
+the bits of the pure reference for fp16 and bf16 to nearest, on every layout, thread split and
+conv it serves; how it is built, cached, checked and refused."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import precsim
+import precsim.runtime.accumulate as accumulate
+from precsim.formats import parse_format
+from precsim.runtime import native
+from precsim.runtime.accumulate import conv_as_matmul, conv_float, matmul_float
+from precsim.runtime.backend import compiling
+
+from .test_accumulate import _midpoint_cases, exact_values, reference_float
+
+
+@pytest.fixture(scope="module")
+def lib() -> object:
+    """The built kernel (where this machine has a C compiler, it must build and pass its probe)."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler here: the fused kernel is not built (the torch path runs)")
+    with compiling(True), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a kernel that fails its probe warns
+        found = accumulate.fused_kernel()
+    assert found is not None, native.why_missing()
+    return found
+
+
+@contextlib.contextmanager
+def fused() -> Iterator[None]:
+    """The user's default (compiled kernels on), for the call under test only: the references
+    are computed with the suite's eager default."""
+    with compiling(True):
+        yield
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bit for bit (any NaN equals any NaN: the payload is not part of the contract)."""
+    return got.shape == want.shape and bool(
+        ((got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())).all())
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+@pytest.mark.parametrize(("block", "promote", "start"),
+                         [(1, None, False), (7, 21, True), (32, None, True), (32, 128, False), (300, None, False),
+                          (256, 512, True)])
+def test_fused_gemm_equals_reference(lib: object, fmt: str, block: int, promote: int | None, start: bool) -> None:
+    """K = 650: several packed chunks of K (256 elements, rounded to whole blocks), a last block
+    shorter than the others, promotion across chunks; N = 70 and M = 13: partial tiles."""
+    a, b = exact_values((13, 650), 30, spread=3), exact_values((650, 70), 31, spread=3)
+    init = exact_values((70,), 32) * 16 if start else None
+    want = reference_float(a, b, fmt, block, promote, init=init)
+    with fused():
+        got = matmul_float(a, b, parse_format(fmt), block, promote=promote, init=init)
+    assert same(got, want)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_fused_layouts_and_thread_splits(lib: object, n_threads: int) -> None:
+    """A transposed weight (Linear's x @ w.T), a transposed input, a batch broadcast against one
+    matrix, one matrix against a batch (a conv's weight), and sizes above the one-thread bar
+    (rows split over threads, and matrices split over threads)."""
+    fmt = parse_format("fp16")
+    w = exact_values((96, 300), 33)
+    x = exact_values((200, 300), 34)
+    xt = exact_values((300, 40), 35).t()  # [40, 300], not contiguous
+    batch = exact_values((4, 1, 24, 300), 36)
+    shared = exact_values((24, 300), 37)
+    cols = exact_values((5, 300, 50), 38)
+    cases = [(x, w.t()), (xt, w.t()), (batch, w.t()), (shared, cols), (exact_values((3, 64, 300), 39), w.t())]
+    assert 200 * 96 * 300 > native.SMALL_FLOPS
+    for a, b in cases:
+        want = reference_float(a, b, "fp16", 32)
+        with fused(), threads(n_threads):
+            got = matmul_float(a, b, fmt, 32)
+        assert same(got, want), (tuple(a.shape), tuple(b.shape))
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_fused_rounds_each_exact_sum_once(lib: object, fmt: str) -> None:
+    """Block 1 on [acc, x] . [1, 1]: the accumulator is acc, then acc + x rounded once, on sums
+    built to fall on the format's midpoints (subnormals included) where the float32 sum is not
+    the exact one."""
+    acc, x = _midpoint_cases(fmt, 20000, 40)
+    a, b = torch.stack([acc, x], 1), torch.ones(2, 1)
+    once = precsim.quantize(acc.double() + x.double(), fmt).float()
+    with fused():
+        got = matmul_float(a, b, parse_format(fmt), 1)[:, 0]
+    assert same(got, once)
+
+
+@pytest.mark.parametrize(("fmt", "big", "half"), [("fp16", 65504.0, 16.0), ("bf16", 2.0**128 - 2.0**120, 2.0**119)])
+def test_fused_overflow_midpoint_and_specials(lib: object, fmt: str, big: float, half: float) -> None:
+    hair = half * 2.0**-14
+    inf, nan = float("inf"), float("nan")
+    acc = torch.tensor([big, big, big, -big, -big, inf, inf, 1.0, 0.0, -0.0])
+    x = torch.tensor([half - hair, half, half + hair, -half + hair, -half, 1.0, -inf, nan, -0.0, -0.0])
+    with fused():
+        got = matmul_float(torch.stack([acc, x], 1), torch.ones(2, 1), parse_format(fmt), 1)[:, 0]
+    want = torch.tensor([big, inf, inf, -big, -inf, inf, nan, nan, 0.0, 0.0])
+    assert same(got, want)
+    assert not bool(torch.signbit(got[-2:]).any())  # 0 + 0 + -0: the accumulator starts at +0
+
+
+@pytest.mark.parametrize(("shape", "wshape", "stride", "padding", "dilation"), [
+    ((3, 5, 13, 11), (7, 5, 3, 3), 1, 1, 1),
+    ((2, 4, 12, 12), (6, 4, 3, 3), 2, 2, 2),
+    ((2, 3, 9, 10), (5, 3, 3, 5), 1, "same", 2),
+    ((2, 3, 9, 10), (5, 3, 2, 2), (2, 3), "valid", 1),
+    ((2, 32, 6, 6), (9, 32, 3, 3), 1, (1, 0), 1),  # K = 288: two packed chunks of K
+    ((3, 4, 40), (6, 4, 5), 3, 2, 2),  # conv1d
+])
+def test_fused_conv_equals_the_gemm_reference(lib: object, shape: tuple[int, ...], wshape: tuple[int, ...],
+                                             stride: object, padding: object, dilation: object) -> None:
+    """The kernel reads the im2col columns from the input as it packs them: the reference is the
+    pure GEMM on ``F.unfold``'s columns (K in ``weight.flatten(1)``'s order), with a bias
+    started first and promotion."""
+    x, w = exact_values(shape, 41), exact_values(wshape, 42)
+    conv = torch.nn.functional.conv1d if len(shape) == 3 else torch.nn.functional.conv2d
+    out = conv(x, w, None, stride, padding, dilation)
+    bias = exact_values((wshape[0],) + (1,) * (len(shape) - 2), 43) * 8
+    a, b, back = conv_as_matmul(x, w, stride, padding, dilation)
+    init = torch.broadcast_to(bias, out.shape).reshape(*out.shape[:2], -1)
+    for block, promote in ((9, 36), (32, None)):
+        want = back(reference_float(a, b, "fp16", block, promote, init=init))
+        with fused():
+            got = conv_float(x, w, parse_format("fp16"), block, stride=stride, padding=padding, dilation=dilation,
+                             promote=promote, init=bias)
+        assert same(got, want)
+
+
+def test_fused_conv_with_inf_and_nan_inputs(lib: object) -> None:
+    """Zero padding is a zero column entry, so an Inf next to the border gives what the GEMM on
+    unfold's columns gives (no 0 * Inf from padded weight blocks)."""
+    x = exact_values((2, 3, 8, 8), 44)
+    x[0, 1, 0, 0], x[1, 2, 4, 4] = float("inf"), float("nan")
+    w = exact_values((4, 3, 3, 3), 45)
+    a, b, back = conv_as_matmul(x, w, 1, 1, 1)
+    want = back(reference_float(a, b, "bf16", 4))
+    with fused():
+        got = conv_float(x, w, parse_format("bf16"), 4, padding=1)
+    assert same(got, want)
+    assert bool(got.isinf().any()) and bool(got.isnan().any())
+
+
+def test_the_fused_kernel_follows_the_compile_switch(lib: object) -> None:
+    """On by default (compiled kernels on); off with them, and for what it does not do
+    (stochastic rounding, other formats: the torch path)."""
+    with compiling(True):
+        assert accumulate.fused_kernel() is not None
+    with compiling(False):
+        assert accumulate.fused_kernel() is None
+    assert accumulate.cast_dtype(parse_format("fp16"), "stochastic") is None
+    assert accumulate.cast_dtype(parse_format("fp8_e5m2"), "nearest") is None
+
+
+def test_empty_k_is_the_start(lib: object) -> None:
+    """K = 0: no block, the output is the start (both paths; was an error in the torch one)."""
+    init = exact_values((4,), 46) * 1000.3
+    want = precsim.quantize(init.expand(3, 4).contiguous(), "fp16")
+    with fused():
+        got = matmul_float(torch.ones(3, 0), torch.ones(0, 4), parse_format("fp16"), 8, init=init)
+    assert same(got, want)
+    assert same(matmul_float(torch.ones(3, 0), torch.ones(0, 4), parse_format("fp16"), 8, init=init), want)
+    assert same(matmul_float(torch.ones(3, 0), torch.ones(0, 4), parse_format("fp16"), 8, promote=16),
+                torch.zeros(3, 4))
+
+
+@contextlib.contextmanager
+def rebuilt(monkeypatch: pytest.MonkeyPatch, folder: Path) -> Iterator[None]:
+    """The kernel looked up afresh (in ``folder``) inside the block, and again after it."""
+    monkeypatch.setenv("PRECSIM_CACHE_DIR", str(folder))
+    for clear in (native.library.cache_clear, accumulate._checked_kernel.cache_clear, native._why.clear):
+        clear()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        for clear in (native.library.cache_clear, accumulate._checked_kernel.cache_clear, native._why.clear):
+            clear()
+
+
+def test_without_a_compiler_the_torch_path_runs_and_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with rebuilt(monkeypatch, tmp_path):
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+        with compiling(True), pytest.warns(RuntimeWarning, match="no C compiler found.*the same results"):
+            assert accumulate.fused_kernel() is None
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_kernel_that_gives_other_bits_is_refused(lib: object, monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    """The probe before first use compares with the torch path; a wrong kernel is not used."""
+    real = native.accumulate
+
+    def off_by_one_ulp(*args: object, **kwargs: object) -> torch.Tensor:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        out.view(torch.int32)[0, 0, 0] += 1
+        return out
+
+    with rebuilt(monkeypatch, tmp_path):
+        monkeypatch.setattr(native, "accumulate", off_by_one_ulp)
+        with compiling(True), pytest.warns(RuntimeWarning, match="other bits than the torch path"):
+            assert accumulate.fused_kernel() is None
+
+
+def test_built_once_per_cache_folder_atomically(lib: object, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    source = (Path(native.__file__).parent / native.SOURCE).read_bytes()
+    monkeypatch.setenv("PRECSIM_CACHE_DIR", str(tmp_path / "cache"))
+    first = native._build(source)
+    stamp = os.stat(first).st_mtime_ns
+    assert native._build(source) == first and os.stat(first).st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]  # no temporary files left
+    other = native._build(source + b"\n/* another source */\n")
+    assert other != first and other.exists()
