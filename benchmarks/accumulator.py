@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import precsim
 from precsim.formats import parse_format
 from precsim.qat.accumulator import overflows
+from precsim.runtime import accumulate, native
 from precsim.runtime.accumulate import matmul_float
 from precsim.runtime.backend import compile_seconds
 from precsim.zoo import get_model, load_dataset, train_steps
@@ -58,36 +59,57 @@ def gemm(rounds: int, size: int) -> None:
     torch.manual_seed(0)
     a, b = torch.randn(size, size), torch.randn(size, size)
     fp16 = parse_format("fp16")
+    start = time.perf_counter()
+    lib = accumulate.fused_kernel()  # built on first use (a fresh PRECSIM_CACHE_DIR: a build), then probed
+    ready = time.perf_counter() - start
     print(f"\n### GEMM {size}x{size}x{size} float32, fp16 accumulator ({torch.get_num_threads()} threads)\n")
-    print("| block | plain (ms) | accumulated (ms) | ratio |")
-    print("|---:|---:|---:|---:|")
+    print(f"fused kernel: {'ready' if lib else 'NOT AVAILABLE: ' + native.why_missing()} in {ready:.2f} s "
+          f"(cache {native.cache_dir()}); torch path: the fallback, compiled kernels, compilation not timed\n")
+    print("| block | plain (ms) | accumulated (ms) | ratio | torch path (ms) | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|")
+
+    def torch_path(block: int, a: torch.Tensor = a, b: torch.Tensor = b) -> torch.Tensor:
+        accumulate.FUSED = False
+        try:
+            return matmul_float(a, b, fp16, block)
+        finally:
+            accumulate.FUSED = True
     for block in (128, 32, 16, 8):
-        t = interleaved({"plain": lambda: a @ b, "acc": lambda b_=block: matmul_float(a, b, fp16, b_)}, rounds)
-        print(f"| {block} | {t['plain']:.1f} | {t['acc']:.1f} | {t['acc'] / t['plain']:.2f} |", flush=True)
+        t = interleaved({"plain": lambda: a @ b, "acc": lambda b_=block: matmul_float(a, b, fp16, b_),
+                         "torch": lambda b_=block: torch_path(b_)}, rounds)
+        print(f"| {block} | {t['plain']:.1f} | {t['acc']:.1f} | {t['acc'] / t['plain']:.2f} | {t['torch']:.1f} | "
+              f"{t['torch'] / t['plain']:.2f} |", flush=True)
     small = 256
     a2, b2 = a[:small, :small].contiguous(), b[:small, :small].contiguous()
-    t = interleaved({"plain": lambda: a2 @ b2, "acc": lambda: matmul_float(a2, b2, fp16, 1)}, rounds)
-    print(f"| 1 ({small}^3) | {t['plain']:.2f} | {t['acc']:.1f} | {t['acc'] / t['plain']:.0f} |")
+    t = interleaved({"plain": lambda: a2 @ b2, "acc": lambda: matmul_float(a2, b2, fp16, 1),
+                     "torch": lambda: torch_path(1, a2, b2)}, rounds)
+    print(f"| 1 ({small}^3) | {t['plain']:.2f} | {t['acc']:.1f} | {t['acc'] / t['plain']:.0f} | {t['torch']:.1f} | "
+          f"{t['torch'] / t['plain']:.0f} |")
 
 
 def step(rounds: int) -> None:
     torch.manual_seed(0)
     x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
     steps = {}
-    for name, cfg in (("fp32", None),
-                      ("fp16 block 32 on every conv", {"rules": [{"type": "Conv2d", "accumulator":
-                                                                  {"format": "fp16", "block": 32}}]}),
-                      ("fp16 block 32 promote 128, every conv and Linear",
-                       {"accumulator": {"format": "fp16", "block": 32, "promote": 128}})):
+    conv = {"rules": [{"type": "Conv2d", "accumulator": {"format": "fp16", "block": 32}}]}
+    for name, cfg, fused in (("fp32", None, True),
+                             ("fp16 block 32 on every conv", conv, True),
+                             ("same, torch path (no fused kernel)", conv, False),
+                             ("fp16 block 32 promote 128, every conv and Linear",
+                              {"accumulator": {"format": "fp16", "block": 32, "promote": 128}}, True)):
         model = get_model("resnet")
         if cfg is not None:
             precsim.prepare(model, cfg)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-        def run(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> None:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+        def run(model: nn.Module = model, opt: torch.optim.Optimizer = opt, fused: bool = fused) -> None:
+            accumulate.FUSED = fused
+            try:
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            finally:
+                accumulate.FUSED = True
         steps[name] = run
     before = compile_seconds()
     t = interleaved(steps, rounds)

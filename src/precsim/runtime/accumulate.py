@@ -57,6 +57,7 @@ from precsim.runtime.backend import call, compile_requested
 
 BUFFER_BYTES = 16 << 20  # the block sums of one part of the output (half the L3 of the 2-core VM)
 MAX_CHUNK = 32  # blocks per batched GEMM
+FUSED = True  # fp16/bf16 to nearest on the CPU through the fused kernel (False: the torch path, for comparisons)
 STEPS_PER_KERNEL = 4  # block adds fused in one kernel call (each count of them compiles once per format)
 OVERFLOWS: tuple[str, ...] = ("wrap", "saturate")
 _BLOCK_SALT = 0x2545F491  # block j's seed word 1 is seed[1] + j * this (mod 2^32)
@@ -346,10 +347,10 @@ def _matmul_float(a: Tensor, b: Tensor, shape: Any, fmt: Any, block: int, promot
 
 
 def fused_kernel() -> Any:
-    """The fused kernel of :mod:`precsim.runtime.native` where compiled kernels are on and it was
-    built and gives :func:`_matmul_float`'s bits on a probe; else None (with one warning saying
+    """The fused kernel of :mod:`precsim.runtime.native` where compiled kernels and :data:`FUSED`
+    are on and it was built and gives :func:`_matmul_float`'s bits on a probe; else None (with one warning saying
     why, the first time)."""
-    return _checked_kernel() if compile_requested() else None
+    return _checked_kernel() if FUSED and compile_requested() else None
 
 
 @functools.cache

@@ -13,6 +13,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define VL 16             /* floats per vector */
 #define MR 6              /* rows of a tile */
@@ -273,23 +276,59 @@ static fmt_t format(int32_t shift, int32_t tiny, int32_t max, float magic) {
     return f;
 }
 
-/* run() with B a strided matrix [P, K, N] (sbp = 0: one B for every matrix) */
-int precsim_acc_gemm(long M, long N, long K, const float *A, long sap, long sam, long sak, const float *B,
-                     long sbp, long sbk, long sbn, const float *S, float *C, float *T, long block,
-                     long promote, int32_t shift, int32_t tiny, int32_t max, float magic, long p0, long p1,
-                     long m0, long m1) {
-    source_t src = {B, sbp, sbk, sbn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-    fmt_t f = format(shift, tiny, max, magic);
-    return run(M, N, K, A, sap, sam, sak, &src, S, C, T, block, promote, &f, p0, p1, m0, m1);
+/* run() over `threads` threads: thread i of n takes matrices p * i / n .. of a batch, or, with
+ * fewer matrices than threads, rows of every matrix (cut on whole tiles). */
+static int run_parallel(long P, long M, long N, long K, const float *A, long sap, long sam, long sak,
+                        const source_t *src, const float *S, float *C, float *T, long block, long promote,
+                        const fmt_t *f, int threads) {
+    int status = 0;
+#pragma omp parallel num_threads(threads) reduction(| : status)
+    {
+        long i = 0, n = 1;
+#ifdef _OPENMP
+        i = omp_get_thread_num();
+        n = omp_get_num_threads();
+#endif
+        long p0 = 0, p1 = P, m0 = 0, m1 = M;
+        if (P >= n) {
+            p0 = P * i / n;
+            p1 = P * (i + 1) / n;
+        } else {
+            long tiles = (M + MR - 1) / MR;
+            m0 = tiles * i / n * MR;
+            m1 = i + 1 == n ? M : tiles * (i + 1) / n * MR;
+        }
+        if (p0 < p1 && m0 < m1)
+            status |= run(M, N, K, A, sap, sam, sak, src, S, C, T, block, promote, f, p0, p1, m0, m1);
+    }
+    return status;
 }
 
-/* run() for a conv2d (groups 1): X [P, c, h, w] contiguous, W the weight flattened to [M, c * kh * kw]
- * (row stride sw_), C [P, M, oh * ow] */
-int precsim_acc_conv(long M, const float *W, long sw_, const float *X, long c, long h, long w, long kh, long kw,
-                     long sh, long sw, long ph, long pw, long dh, long dw, long oh, long ow, const float *S,
+/* C = A @ B accumulated, B a strided matrix [P, K, N] (sap, sbp = 0: one A or B for every matrix) */
+int precsim_acc_gemm(long P, long M, long N, long K, const float *A, long sap, long sam, long sak, const float *B,
+                     long sbp, long sbk, long sbn, const float *S, float *C, float *T, long block, long promote,
+                     int32_t shift, int32_t tiny, int32_t max, float magic, int threads) {
+    source_t src = {B, sbp, sbk, sbn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    fmt_t f = format(shift, tiny, max, magic);
+    return run_parallel(P, M, N, K, A, sap, sam, sak, &src, S, C, T, block, promote, &f, threads);
+}
+
+/* The same for a conv2d (groups 1): X [P, c, h, w] contiguous, W the weight flattened to
+ * [M, c * kh * kw] (row stride sw_), C [P, M, oh * ow] */
+int precsim_acc_conv(long P, long M, const float *W, long sw_, const float *X, long c, long h, long w, long kh,
+                     long kw, long sh, long sw, long ph, long pw, long dh, long dw, long oh, long ow, const float *S,
                      float *C, float *T, long block, long promote, int32_t shift, int32_t tiny, int32_t max,
-                     float magic, long p0, long p1, long m0, long m1) {
+                     float magic, int threads) {
     source_t src = {X, 0, 0, 0, 1, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ow};
     fmt_t f = format(shift, tiny, max, magic);
-    return run(M, oh * ow, c * kh * kw, W, 0, sw_, 1, &src, S, C, T, block, promote, &f, p0, p1, m0, m1);
+    return run_parallel(P, M, oh * ow, c * kh * kw, W, 0, sw_, 1, &src, S, C, T, block, promote, &f, threads);
+}
+
+/* 1 where this library runs threads (built with OpenMP), else 0 */
+int precsim_threaded(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }

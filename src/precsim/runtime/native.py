@@ -14,8 +14,11 @@ at once both succeed). :func:`library` returns None, and says why, where it cann
 loaded: the caller then takes the torch path (:mod:`precsim.runtime.accumulate` also checks the
 kernel's bits against that path before first use).
 
-Threads: ctypes releases the GIL, so the call is split over ``torch.get_num_threads()`` Python
-threads (matrices of a batch, or rows of one matrix), each running the kernel on its share.
+Threads: ``torch.get_num_threads()``, in an OpenMP region of the kernel (``-fopenmp``). torch's
+wheels load their own ``libgomp.so.1`` first, and the library's dependency on that name resolves
+to it: the region runs on torch's thread pool. (A pool of Python threads, ctypes releasing the
+GIL, competed with torch's threads, which spin for a while after each torch op: the 1024^3 GEMM
+took 2.6 ms longer right after a matmul.) Where the compiler has no OpenMP, one thread.
 """
 
 from __future__ import annotations
@@ -28,9 +31,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,12 @@ from torch import Tensor
 
 SOURCE = "accumulate_kernel.c"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c11", "-fPIC", "-shared")
-MR = 6  # rows of the kernel's tile: row shares are cut on multiples of it
+THREADS = ("-fopenmp",)  # a compiler without OpenMP builds a one-thread library
 SMALL_FLOPS = 1 << 18  # below this many multiply-adds one thread runs the call (threads cost ~50 us)
 _L, _P, _I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int32
-_SHARED = [_P, _P, _P, _L, _L, _I, _I, _I, ctypes.c_float, _L, _L, _L, _L]  # start .. format, share
-_GEMM = [_L, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, *_SHARED]
-_CONV = [_L, _P, _L, _P, *[_L] * 13, *_SHARED]
+_SHARED = [_P, _P, _P, _L, _L, _I, _I, _I, ctypes.c_float, ctypes.c_int]  # start .. format, threads
+_GEMM = [_L, _L, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, *_SHARED]
+_CONV = [_L, _L, _P, _L, _P, *[_L] * 13, *_SHARED]
 # float32 bits of a format with float32's layout cut short: (mantissa bits dropped, 2^emin, max
 # finite, a constant whose ulp is the subnormal spacing: adding and subtracting it rounds there)
 FORMATS = {
@@ -88,7 +89,7 @@ def _build(source: bytes) -> Path:
     if cc is None:
         raise OSError("no C compiler found (set CC, or install cc, gcc or clang)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(FLAGS + THREADS).encode(),
                                      _cpu().encode(), platform.machine().encode()])).hexdigest()[:20]
     folder = cache_dir()
     target = folder / f"accumulate_{key}.so"
@@ -99,7 +100,11 @@ def _build(source: bytes) -> Path:
         src = Path(tmp) / SOURCE
         src.write_bytes(source)
         built = Path(tmp) / "kernel.so"
-        done = subprocess.run([cc, *FLAGS, "-o", str(built), str(src)], capture_output=True, text=True, timeout=300)
+        for extra in (THREADS, ()):
+            done = subprocess.run([cc, *FLAGS, *extra, "-o", str(built), str(src)], capture_output=True, text=True,
+                                  timeout=300)
+            if done.returncode == 0:
+                break
         if done.returncode != 0:
             raise OSError(f"{Path(cc).name} failed: {(done.stderr or done.stdout).strip()[:300]}")
         os.replace(built, target)  # atomic: a reader sees the whole library or none
@@ -114,7 +119,7 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as err:
         _why.append(str(err))
         return None
-    for fn, args in ((lib.precsim_acc_gemm, _GEMM), (lib.precsim_acc_conv, _CONV)):
+    for fn, args in ((lib.precsim_acc_gemm, _GEMM), (lib.precsim_acc_conv, _CONV), (lib.precsim_threaded, [])):
         fn.argtypes = args
         fn.restype = ctypes.c_int
     return lib
@@ -123,28 +128,6 @@ def library() -> ctypes.CDLL | None:
 def why_missing() -> str:
     """Why :func:`library` is None ('' while it is not)."""
     return _why[0] if _why else ""
-
-
-_pool: dict[int, ThreadPoolExecutor] = {}
-_pool_lock = threading.Lock()
-
-
-def _executor(n: int) -> ThreadPoolExecutor:
-    with _pool_lock:
-        if n not in _pool:
-            _pool[n] = ThreadPoolExecutor(n, thread_name_prefix="precsim-acc")
-        return _pool[n]
-
-
-os.register_at_fork(after_in_child=_pool.clear)  # a forked child has none of the parent's threads
-
-
-def _shares(p: int, m: int, n: int) -> list[tuple[int, int, int, int]]:
-    """(p0, p1, m0, m1) for each of ``n`` threads: matrices of a batch, else rows (whole tiles)."""
-    if p >= n:
-        return [(p * i // n, p * (i + 1) // n, 0, m) for i in range(n)]
-    cuts = [min(m, round(m * i / n / MR) * MR) for i in range(n)] + [m]
-    return [(0, p, cuts[i], cuts[i + 1]) for i in range(n) if cuts[i] < cuts[i + 1]]
 
 
 def accumulate(lib: ctypes.CDLL, a: Tensor, b: Tensor, dtype: torch.dtype, block: int, promote: int | None,
@@ -159,10 +142,10 @@ def accumulate(lib: ctypes.CDLL, a: Tensor, b: Tensor, dtype: torch.dtype, block
     sap = a.stride(0) if a.dim() == 3 else 0
     sbp = bs.stride(0) if bs.shape[0] > 1 else 0
 
-    def share(args: list[Any], s: tuple[int, int, int, int]) -> int:
-        return int(lib.precsim_acc_gemm(m, n, k, a.data_ptr(), sap, a.stride(-2), a.stride(-1), bs.data_ptr(), sbp,
-                                        bs.stride(1), bs.stride(2), *args, *s))
-    return _launch(share, (p, m, n, k), dtype, block, promote, start)
+    def call(args: list[Any]) -> int:
+        return int(lib.precsim_acc_gemm(p, m, n, k, a.data_ptr(), sap, a.stride(-2), a.stride(-1), bs.data_ptr(), sbp,
+                                        bs.stride(1), bs.stride(2), *args))
+    return _launch(call, (p, m, n, k), dtype, block, promote, start)
 
 
 def accumulate_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
@@ -178,29 +161,24 @@ def accumulate_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, stride: tuple[i
     kh, kw = weight.shape[-2:]
     m, n, k = w.shape[0], out_hw[0] * out_hw[1], w.shape[1]
 
-    def share(args: list[Any], s: tuple[int, int, int, int]) -> int:
-        return int(lib.precsim_acc_conv(m, w.data_ptr(), w.stride(0), x.data_ptr(), c, h, wd, kh, kw, *stride,
-                                        *padding, *dilation, *out_hw, *args, *s))
-    return _launch(share, (p, m, n, k), dtype, block, promote, start)
+    def call(args: list[Any]) -> int:
+        return int(lib.precsim_acc_conv(p, m, w.data_ptr(), w.stride(0), x.data_ptr(), c, h, wd, kh, kw, *stride,
+                                        *padding, *dilation, *out_hw, *args))
+    return _launch(call, (p, m, n, k), dtype, block, promote, start)
 
 
-def _launch(share: Callable[[list[Any], tuple[int, int, int, int]], int], size: tuple[int, int, int, int],
-            dtype: torch.dtype, block: int, promote: int | None, start: Tensor | None) -> Tensor:
-    """Runs ``share(args, (p0, p1, m0, m1))`` over the threads; ``args``: the start, output,
-    promotion buffer and format arguments the kernels share."""
+def _launch(call: Callable[[list[Any]], int], size: tuple[int, int, int, int], dtype: torch.dtype, block: int,
+            promote: int | None, start: Tensor | None) -> Tensor:
+    """Runs ``call(args)``, ``args`` being what both kernels take last: the start, output and
+    promotion buffers, block, promotion, the format and the number of threads."""
     p, m, n, k = size
     out = torch.empty(p, m, n, dtype=torch.float32)
     kc = block * max(1, 256 // block)  # the kernel's packed K (KC rounded to whole blocks)
     total = torch.empty(p, m, n, dtype=torch.float32) if promote is not None and k > kc else None
     start = None if start is None else start.contiguous()
-    args = [None if start is None else start.data_ptr(), out.data_ptr(), None if total is None else total.data_ptr(),
-            block, promote or 0, *FORMATS[dtype]]
     threads = 1 if p * m * n * k < SMALL_FLOPS else torch.get_num_threads()
-    shares = _shares(p, m, threads)
-    if len(shares) == 1:
-        codes = [share(args, shares[0])]
-    else:
-        codes = list(_executor(len(shares)).map(functools.partial(share, args), shares))
-    if any(codes):
+    args = [None if start is None else start.data_ptr(), out.data_ptr(), None if total is None else total.data_ptr(),
+            block, promote or 0, *FORMATS[dtype], threads]
+    if call(args):
         raise MemoryError("the fused accumulator kernel could not allocate its packing buffers")
     return out
