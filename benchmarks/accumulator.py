@@ -60,7 +60,7 @@ def gemm(rounds: int, size: int) -> None:
     a, b = torch.randn(size, size), torch.randn(size, size)
     fp16 = parse_format("fp16")
     start = time.perf_counter()
-    lib = accumulate.fused_kernel()  # built on first use (a fresh PRECSIM_CACHE_DIR: a build), then probed
+    lib = accumulate.fused_kernel(fp16, "nearest")  # built on first use (a fresh PRECSIM_CACHE_DIR: a build), then probed
     ready = time.perf_counter() - start
     print(f"\n### GEMM {size}x{size}x{size} float32, fp16 accumulator ({torch.get_num_threads()} threads)\n")
     print(f"fused kernel: {'ready' if lib else 'NOT AVAILABLE: ' + native.why_missing()} in {ready:.2f} s "

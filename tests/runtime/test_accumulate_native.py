@@ -30,9 +30,9 @@ def lib() -> object:
         pytest.skip("no C compiler here: the fused kernel is not built (the torch path runs)")
     with compiling(True), warnings.catch_warnings():
         warnings.simplefilter("error")  # a kernel that fails its probe warns
-        found = accumulate.fused_kernel()
+        found = accumulate.fused_kernel(parse_format("fp16"), "nearest")
     assert found is not None, native.why_missing()
-    return found
+    return found[0]
 
 
 @contextlib.contextmanager
@@ -59,18 +59,32 @@ def same(got: torch.Tensor, want: torch.Tensor) -> bool:
         ((got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())).all())
 
 
-@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+# IEEE with Inf, fn saturating (and overflowing to NaN), fnuz (no -0), finite-only FP6/FP4, a
+# shifted bias, an odd width
+FORMATS = ["fp16", "bf16", "fp8_e5m2", "fp8_e4m3", "flexfp(e=4,m=3,specials=fn,overflow=nan)", "fp8_e4m3fnuz",
+           "fp6_e2m3", "fp4_e2m1", "hfp8_fwd", "flexfp(e=5,m=8)", "flexfp(e=6,m=13)"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("block", "promote", "start"),
                          [(1, None, False), (7, 21, True), (32, None, True), (32, 128, False), (300, None, False),
                           (256, 512, True)])
 def test_fused_gemm_equals_reference(lib: object, fmt: str, block: int, promote: int | None, start: bool) -> None:
     """K = 650: several packed chunks of K (256 elements, rounded to whole blocks), a last block
-    shorter than the others, promotion across chunks; N = 70 and M = 13: partial tiles."""
+    shorter than the others, promotion across chunks; N = 70 and M = 13: partial tiles. Rows
+    scaled into the format's subnormals and past its largest value."""
     a, b = exact_values((13, 650), 30, spread=3), exact_values((650, 70), 31, spread=3)
-    init = exact_values((70,), 32) * 16 if start else None
+    init = exact_values((13, 70), 32) * 16 if start else None
+    f = parse_format(fmt)
+    big = min(f.max, 2.0**100)  # type: ignore[attr-defined]  # (bf16: float32 sums must stay finite to be exact)
+    for row, scale in ((0, 2.0 ** (f.min_exponent - 6)), (1, big / 64), (2, -big / 2048)):  # type: ignore[attr-defined]
+        a[row] *= scale  # (the start too: the reference's float64 sums must stay within float32's 24 bits)
+        if init is not None:
+            init[row] *= scale
+    assert native.format_parameters(f) is not None
     want = reference_float(a, b, fmt, block, promote, init=init)
     with fused():
-        got = matmul_float(a, b, parse_format(fmt), block, promote=promote, init=init)
+        got = matmul_float(a, b, f, block, promote=promote, init=init)
     assert same(got, want)
 
 
@@ -165,12 +179,15 @@ def test_fused_conv_with_inf_and_nan_inputs(lib: object) -> None:
 def test_the_fused_kernel_follows_the_compile_switch(lib: object) -> None:
     """On by default (compiled kernels on); off with them, and for what it does not do
     (stochastic rounding, other formats: the torch path)."""
+    fp8 = parse_format("fp8_e5m2")
     with compiling(True):
-        assert accumulate.fused_kernel() is not None
+        assert accumulate.fused_kernel(fp8, "nearest") is not None
+        assert accumulate.fused_kernel(fp8, "stochastic") is None
+        assert accumulate.fused_kernel(parse_format("int16"), "nearest") is None
     with compiling(False):
-        assert accumulate.fused_kernel() is None
-    assert accumulate.cast_dtype(parse_format("fp16"), "stochastic") is None
-    assert accumulate.cast_dtype(parse_format("fp8_e5m2"), "nearest") is None
+        assert accumulate.fused_kernel(fp8, "nearest") is None
+    for wide in ("fp32", "flexfp(e=5,m=22)", "flexfp(e=8,m=7,b=-3)"):
+        assert native.format_parameters(parse_format(wide)) is None, wide  # the torch path rounds those
 
 
 def test_empty_k_is_the_start(lib: object) -> None:
@@ -189,13 +206,15 @@ def test_empty_k_is_the_start(lib: object) -> None:
 def rebuilt(monkeypatch: pytest.MonkeyPatch, folder: Path) -> Iterator[None]:
     """The kernel looked up afresh (in ``folder``) inside the block, and again after it."""
     monkeypatch.setenv("PRECSIM_CACHE_DIR", str(folder))
-    for clear in (native.library.cache_clear, accumulate._checked_kernel.cache_clear, native._why.clear):
+    caches = (native.library.cache_clear, accumulate._built_kernel.cache_clear, accumulate._agrees.cache_clear,
+              native._why.clear)
+    for clear in caches:
         clear()
     try:
         yield
     finally:
         monkeypatch.undo()
-        for clear in (native.library.cache_clear, accumulate._checked_kernel.cache_clear, native._why.clear):
+        for clear in caches:
             clear()
 
 
@@ -203,7 +222,7 @@ def test_without_a_compiler_the_torch_path_runs_and_says_so(monkeypatch: pytest.
     with rebuilt(monkeypatch, tmp_path):
         monkeypatch.setattr(native, "_compiler", lambda: None)
         with compiling(True), pytest.warns(RuntimeWarning, match="no C compiler found.*the same results"):
-            assert accumulate.fused_kernel() is None
+            assert accumulate.fused_kernel(parse_format("fp16"), "nearest") is None
         assert list(tmp_path.iterdir()) == []
 
 
@@ -219,8 +238,8 @@ def test_a_kernel_that_gives_other_bits_is_refused(lib: object, monkeypatch: pyt
 
     with rebuilt(monkeypatch, tmp_path):
         monkeypatch.setattr(native, "accumulate", off_by_one_ulp)
-        with compiling(True), pytest.warns(RuntimeWarning, match="other bits than the torch path"):
-            assert accumulate.fused_kernel() is None
+        with compiling(True), pytest.warns(RuntimeWarning, match="fp8_e4m3 it gives other bits than the torch path"):
+            assert accumulate.fused_kernel(parse_format("fp8_e4m3"), "nearest") is None
 
 
 def test_built_once_per_cache_folder_atomically(lib: object, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -24,12 +24,12 @@ where every block sum is below 2^24, else float64); the accumulator is an int64 
 after every add, wrapped (two's complement) or saturated, and every add that left the W-bit
 range counts as one overflow event.
 
-Speed: fp16 and bf16 accumulators rounded to nearest on the CPU (the common case) run in one
-fused C kernel (:mod:`precsim.runtime.native`): the block sums stay in the GEMM's registers and
+Speed: float accumulators rounded to nearest on the CPU (the common case) run in one fused C
+kernel (:mod:`precsim.runtime.native`): the block sums stay in the GEMM's registers and
 are rounded there, and a conv's im2col columns are read from its input as they are packed; a
 kernel that is missing or fails its probe leaves the torch path below, with the same bits.
 
-The torch path (other formats, stochastic rounding, integer accumulators, GPUs): the output is
+The torch path (stochastic rounding, integer accumulators, GPUs, formats the kernel cannot round): the output is
 cut into parts (rows, or matrices of a batched GEMM) whose block sums fit :data:`BUFFER_BYTES`,
 so that they stay in cache; for each part, one batched GEMM per chunk of :data:`MAX_CHUNK`
 blocks writes a [blocks, rows, N] buffer (allocated once per call: a fresh 128 MB buffer cost
@@ -57,7 +57,7 @@ from precsim.runtime.backend import call, compile_requested
 
 BUFFER_BYTES = 16 << 20  # the block sums of one part of the output (half the L3 of the 2-core VM)
 MAX_CHUNK = 32  # blocks per batched GEMM
-FUSED = True  # fp16/bf16 to nearest on the CPU through the fused kernel (False: the torch path, for comparisons)
+FUSED = True  # float accumulators to nearest on the CPU through the fused kernel (False: the torch path)
 STEPS_PER_KERNEL = 4  # block adds fused in one kernel call (each count of them compiles once per format)
 OVERFLOWS: tuple[str, ...] = ("wrap", "saturate")
 _BLOCK_SALT = 0x2545F491  # block j's seed word 1 is seed[1] + j * this (mod 2^32)
@@ -321,16 +321,15 @@ def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | N
                  rounding: str = "nearest", seed: Tensor | None = None, init: Tensor | None = None) -> Tensor:
     """``a @ b`` ([..., M, K] @ [..., K, N], broadcast) with a float accumulator in ``fmt`` (see
     the module doc); ``init``: the accumulator's start (a bias added first), rounded to ``fmt``
-    to nearest. float32 result. fp16 and bf16 to nearest on the CPU take the fused kernel
+    to nearest. float32 result. Rounding to nearest on the CPU takes the fused kernel
     (:func:`fused_kernel`); everything else the torch path, :func:`_matmul_float`."""
     if rounding == "stochastic" and seed is None:
         raise ValueError("stochastic accumulation needs a seed")
     a, b, shape = _normalized(a.float(), b.float())
     start = _float_start(init, shape, fmt)
-    dtype = cast_dtype(fmt, rounding)
-    lib = fused_kernel() if dtype is not None and a.device.type == "cpu" and math.prod(shape) and a.shape[-1] else None
-    if lib is not None:
-        return native.accumulate(lib, a, b, dtype, block, promote, start).view(shape)  # type: ignore[arg-type]
+    fused = fused_kernel(fmt, rounding) if a.device.type == "cpu" and math.prod(shape) and a.shape[-1] else None
+    if fused is not None:
+        return native.accumulate(*fused[:1], a, b, fused[1], block, promote, start).view(shape)
     return _matmul_float(a, b, shape, fmt, block, promote, rounding, seed, start)
 
 
@@ -346,48 +345,64 @@ def _matmul_float(a: Tensor, b: Tensor, shape: Any, fmt: Any, block: int, promot
     return out.view(shape)
 
 
-def fused_kernel() -> Any:
-    """The fused kernel of :mod:`precsim.runtime.native` where compiled kernels and :data:`FUSED`
-    are on and it was built and gives :func:`_matmul_float`'s bits on a probe; else None (with one warning saying
-    why, the first time)."""
-    return _checked_kernel() if FUSED and compile_requested() else None
+def fused_kernel(fmt: Any, rounding: str) -> tuple[Any, tuple[int, ...]] | None:
+    """(the fused kernel of :mod:`precsim.runtime.native`, ``fmt``'s parameters for it) where it
+    applies: :data:`FUSED` and compiled kernels on, rounding to nearest, a format it can round
+    (:func:`~precsim.runtime.native.format_parameters`), the kernel built, and its bits equal to
+    :func:`_matmul_float`'s on a probe of this format. Else None (a warning says why the kernel
+    is missing or refused, once)."""
+    if not (FUSED and rounding == "nearest" and compile_requested()):
+        return None
+    params = native.format_parameters(fmt)
+    if params is None:
+        return None
+    lib = _built_kernel()
+    if lib is None or not _agrees(fmt):
+        return None
+    return lib, params
+
+
+def _refused(why: str) -> None:
+    warnings.warn(f"precsim: the fused accumulator kernel is not used: {why}. Float accumulators rounded to "
+                  f"nearest take the torch path: slower, the same results.", RuntimeWarning, stacklevel=4)
 
 
 @functools.cache
-def _checked_kernel() -> Any:
+def _built_kernel() -> Any:
     lib = native.library()
-    why = native.why_missing() if lib is None else _disagreement(lib)
-    if why:
-        warnings.warn(f"precsim: the fused accumulator kernel is not used: {why}. fp16 and bf16 accumulators "
-                      f"take the torch path: slower, the same results.", RuntimeWarning, stacklevel=3)
-        return None
+    if lib is None:
+        _refused(native.why_missing())
     return lib
 
 
-def _disagreement(lib: Any) -> str:
-    """'' where the fused kernel gives the torch path's bits on a probe built so that every
-    block sum is exact: ties of the format, subnormals, overflow, Inf and NaN (any NaN: the
-    payload is not part of the contract), a start, promotion; else what differed."""
-    from precsim.formats.float import FloatFormat
+@functools.cache
+def _agrees(fmt: Any) -> bool:
+    """Whether the fused kernel gives the torch path's bits for ``fmt`` on a probe whose block
+    sums are all exact in float32 (so that their order does not matter): sums on the format's
+    subnormal grid, past its largest value, Inf and NaN inputs (any NaN: the payload is not part
+    of the contract), ties, a start, promotion, blocks of 1, 7, 32 and all of K."""
     from precsim.runtime.backend import compiling
 
+    lib, params = _built_kernel(), native.format_parameters(fmt)
     g = torch.Generator().manual_seed(0)
-    a = torch.randint(-40, 40, (13, 300), generator=g).float() * 2.0 ** torch.randint(-6, 6, (13, 300), generator=g)
-    b = torch.randint(-40, 40, (300, 37), generator=g).float() * 2.0 ** torch.randint(-6, 6, (300, 37), generator=g)
-    a[0] *= 2.0**-22  # sums on the subnormal grid of fp16
-    a[1] *= 2.0**10  # fp16 overflows
+
+    def exact(shape: tuple[int, int]) -> Tensor:  # 4-bit integers times 2^-2..2^2: sums of 300 exact
+        return torch.randint(-7, 8, shape, generator=g).float() * 2.0 ** torch.randint(-2, 3, shape, generator=g)
+    a, b = exact((13, 300)), exact((300, 37))
+    a[0] *= 2.0 ** (fmt.min_exponent - 4)
+    a[1] *= 2.0 ** (math.frexp(fmt.max)[1] - 8)
     a[2, 5], a[3, 9] = float("inf"), float("nan")
-    init = torch.randint(-99, 99, (13, 37), generator=g).float() * 0.25
-    for dtype, (e, m) in ((torch.float16, (5, 10)), (torch.bfloat16, (8, 7))):
-        fmt = FloatFormat(e, m)
-        for block, promote, start in ((1, None, None), (7, 21, init), (32, 64, None), (300, None, init)):
-            first = _float_start(start, (13, 37), fmt)
-            fused = native.accumulate(lib, a, b, dtype, block, promote, first).view(13, 37)
-            with compiling(False):
-                ref = _matmul_float(a, b, (13, 37), fmt, block, promote, "nearest", None, first)
-            if not ((fused.view(torch.int32) == ref.view(torch.int32)) | (fused.isnan() & ref.isnan())).all():
-                return f"it gives other bits than the torch path ({dtype}, block {block}, promote {promote})"
-    return ""
+    init = exact((13, 37))
+    for block, promote, start in ((1, None, None), (7, 21, init), (32, 64, None), (300, None, init)):
+        first = _float_start(start, (13, 37), fmt)
+        fused = native.accumulate(lib, a, b, params, block, promote, first).view(13, 37)  # type: ignore[arg-type]
+        with compiling(False):
+            ref = _matmul_float(a, b, (13, 37), fmt, block, promote, "nearest", None, first)
+        if not ((fused.view(torch.int32) == ref.view(torch.int32)) | (fused.isnan() & ref.isnan())).all():
+            _refused(f"for {fmt.name or fmt.spec} it gives other bits than the torch path (block {block}, "
+                     f"promote {promote})")
+            return False
+    return True
 
 
 def exact_dtype(code_max_a: float, code_max_b: float, block: int) -> torch.dtype:
@@ -542,11 +557,10 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
         return conv_float(x.unsqueeze(0), weight, fmt, block, stride=stride, padding=padding, dilation=dilation,
                           promote=promote, rounding=rounding, seed=seed, init=start)[0]
     shape = conv(x.to("meta"), weight.to("meta"), None, stride, padding, dilation).shape
-    dtype = cast_dtype(fmt, rounding)
-    lib = fused_kernel() if dtype is not None and x.device.type == "cpu" and weight.dim() < 5 else None
-    if lib is not None and math.prod(shape):
-        return _conv_fused(lib, x, weight, dtype, block, stride, padding, dilation, promote,  # type: ignore[arg-type]
-                           _float_start(init, shape, fmt), shape)
+    fused = fused_kernel(fmt, rounding) if x.device.type == "cpu" and weight.dim() < 5 and math.prod(shape) else None
+    if fused is not None:
+        return _conv_fused(*fused, x, weight, block, stride, padding, dilation, promote, _float_start(init, shape, fmt),
+                           shape)
     if not bool(torch.isfinite(x).all()):  # (conv3d: conv_as_matmul says it has no GEMM form)
         a, b, back = conv_as_matmul(x, weight, stride, padding, dilation)
         start = None if init is None else torch.broadcast_to(init, shape).reshape(*shape[:2], -1)
@@ -578,12 +592,12 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
     return out.view(shape)
 
 
-def _conv_fused(lib: Any, x: Tensor, weight: Tensor, dtype: torch.dtype, block: int, stride: Any, padding: Any,
+def _conv_fused(lib: Any, params: tuple[int, ...], x: Tensor, weight: Tensor, block: int, stride: Any, padding: Any,
                 dilation: Any, promote: int | None, start: Tensor | None, shape: Any) -> Tensor:
     """:func:`conv_float` through the fused kernel (conv1d as a conv2d: :func:`_as_conv2d`)."""
     out_hw = (shape[2], shape[3]) if x.dim() == 4 else (1, shape[2])
     x, weight, stride, padding, dilation = _as_conv2d(x, weight, stride, padding, dilation)
-    out = native.accumulate_conv(lib, x.float(), weight.float(), stride, padding, dilation, out_hw, dtype, block,
+    out = native.accumulate_conv(lib, x.float(), weight.float(), stride, padding, dilation, out_hw, params, block,
                                  promote, start)
     return out.view(shape)
 

@@ -3,8 +3,11 @@
  * leave registers (see precsim/runtime/accumulate.py for the semantics and
  * precsim/runtime/native.py for how this file is built and checked).
  *
- * The format is one with float32's layout cut short: `shift` low mantissa bits dropped (13:
- * fp16, 16: bf16), values below 2^emin rounded on the subnormal grid, above `max` Inf.
+ * The format is a sign-magnitude float grid inside float32 (precsim.formats.float, rounded as
+ * precsim.formats.rounding.round_float does to nearest): `shift` low mantissa bits dropped (13:
+ * fp16, 16: bf16), values below 2^emin (>= 2^-126) on the subnormal grid, a rounded magnitude
+ * above `max` (or an infinite sum) becomes the overflow value (Inf, max or NaN) with the sign,
+ * NaN stays NaN, and -0 becomes +0 in formats without it.
  *
  * GCC/Clang vector extensions, no intrinsics: the compiler maps 16-wide vectors to what the CPU
  * has (-march=native). Loops follow the usual GEMM blocking (Goto and van de Geijn): B packed in
@@ -30,7 +33,7 @@ typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
 
 typedef struct {
-    int32_t shift, half, low, tiny, max;
+    int32_t shift, half, low, tiny, max, over, negzero;
     float magic;
 } fmt_t;
 
@@ -66,7 +69,9 @@ static inline vf add_round(vf acc, vf x, const fmt_t *f) {
     vi tiny = mag < f->tiny;
     vi r = (sub & tiny) | (up & ~tiny);
     vi over = (r & 0x7fffffff) > f->max;
-    r = ((sign | 0x7f800000) & over) | (r & ~over);
+    r = ((sign | f->over) & over) | (r & ~over);
+    if (!f->negzero)
+        r &= ~(vi)(r == (int32_t)0x80000000);
     vi nan = mag > 0x7f800000;
     return (vf)((bits & nan) | (r & ~nan));
 }
@@ -271,8 +276,11 @@ static int run(long M, long N, long K, const float *A, long sap, long sam, long 
     return 0;
 }
 
-static fmt_t format(int32_t shift, int32_t tiny, int32_t max, float magic) {
-    fmt_t f = {shift, (1 << (shift - 1)) - 1, (1 << shift) - 1, tiny, max, magic};
+/* The format from its parameters: {dropped bits, bits of 2^emin, bits of max, overflow value,
+ * whether -0 exists, bits of the subnormal rounding constant} */
+static fmt_t format(const int32_t *p) {
+    fmt_t f = {p[0], (1 << (p[0] - 1)) - 1, (1 << p[0]) - 1, p[1], p[2], p[3], p[4], 0.0f};
+    memcpy(&f.magic, p + 5, sizeof f.magic);
     return f;
 }
 
@@ -307,9 +315,9 @@ static int run_parallel(long P, long M, long N, long K, const float *A, long sap
 /* C = A @ B accumulated, B a strided matrix [P, K, N] (sap, sbp = 0: one A or B for every matrix) */
 int precsim_acc_gemm(long P, long M, long N, long K, const float *A, long sap, long sam, long sak, const float *B,
                      long sbp, long sbk, long sbn, const float *S, float *C, float *T, long block, long promote,
-                     int32_t shift, int32_t tiny, int32_t max, float magic, int threads) {
+                     const int32_t *format_, int threads) {
     source_t src = {B, sbp, sbk, sbn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-    fmt_t f = format(shift, tiny, max, magic);
+    fmt_t f = format(format_);
     return run_parallel(P, M, N, K, A, sap, sam, sak, &src, S, C, T, block, promote, &f, threads);
 }
 
@@ -317,10 +325,9 @@ int precsim_acc_gemm(long P, long M, long N, long K, const float *A, long sap, l
  * [M, c * kh * kw] (row stride sw_), C [P, M, oh * ow] */
 int precsim_acc_conv(long P, long M, const float *W, long sw_, const float *X, long c, long h, long w, long kh,
                      long kw, long sh, long sw, long ph, long pw, long dh, long dw, long oh, long ow, const float *S,
-                     float *C, float *T, long block, long promote, int32_t shift, int32_t tiny, int32_t max,
-                     float magic, int threads) {
+                     float *C, float *T, long block, long promote, const int32_t *format_, int threads) {
     source_t src = {X, 0, 0, 0, 1, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ow};
-    fmt_t f = format(shift, tiny, max, magic);
+    fmt_t f = format(format_);
     return run_parallel(P, M, oh * ow, c * kh * kw, W, 0, sw_, 1, &src, S, C, T, block, promote, &f, threads);
 }
 

@@ -29,6 +29,7 @@ import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -43,16 +44,34 @@ SOURCE = "accumulate_kernel.c"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c11", "-fPIC", "-shared")
 THREADS = ("-fopenmp",)  # a compiler without OpenMP builds a one-thread library
 SMALL_FLOPS = 1 << 18  # below this many multiply-adds one thread runs the call (threads cost ~50 us)
-_L, _P, _I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int32
-_SHARED = [_P, _P, _P, _L, _L, _I, _I, _I, ctypes.c_float, ctypes.c_int]  # start .. format, threads
+_L, _P = ctypes.c_long, ctypes.c_void_p
+_SHARED = [_P, _P, _P, _L, _L, _P, ctypes.c_int]  # start, out, total, block, promote, format, threads
 _GEMM = [_L, _L, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, *_SHARED]
 _CONV = [_L, _L, _P, _L, _P, *[_L] * 13, *_SHARED]
-# float32 bits of a format with float32's layout cut short: (mantissa bits dropped, 2^emin, max
-# finite, a constant whose ulp is the subnormal spacing: adding and subtracting it rounds there)
-FORMATS = {
-    torch.float16: (13, 0x38800000, 0x477FE000, 0.75),
-    torch.bfloat16: (16, 0x00800000, 0x7F7F0000, 1.5 * 2.0**-110),
-}
+_OVERFLOW_BITS = {"inf": 0x7F800000, "nan": 0x7FC00000}  # and saturate: max's bits
+
+
+def _bits(value: float) -> int:
+    return int(struct.unpack("<i", struct.pack("<f", value))[0])
+
+
+def format_parameters(fmt: Any) -> tuple[int, ...] | None:
+    """The kernel's description of ``fmt`` rounded to nearest (``format()`` in the C file), or
+    None where the kernel cannot round it: not a :class:`FloatFormat`, more than 21 mantissa
+    bits (rounding to odd needs two spare bits of float32's 23), a smallest normal below 2^-126
+    or a largest value beyond float32's (the bit arithmetic assumes float32's normal layout)."""
+    from precsim.formats.float import FLOAT32_MAX, FloatFormat
+
+    if not isinstance(fmt, FloatFormat):
+        return None
+    m, emin, top = fmt.mantissa_bits, fmt.min_exponent, fmt.max
+    if not (1 <= m <= 21 and emin >= -126 and top < FLOAT32_MAX):
+        return None
+    over = _OVERFLOW_BITS.get(fmt.overflow, _bits(top))
+    magic = 1.5 * 2.0 ** (emin - m + 23)  # its spacing is the subnormal quantum 2^(emin - m)
+    return (23 - m, _bits(2.0**emin), _bits(top), over, int(fmt.has_negative_zero), _bits(magic))
+
+
 _why: list[str] = []  # why the library is missing (empty while it is not)
 
 
@@ -130,11 +149,11 @@ def why_missing() -> str:
     return _why[0] if _why else ""
 
 
-def accumulate(lib: ctypes.CDLL, a: Tensor, b: Tensor, dtype: torch.dtype, block: int, promote: int | None,
+def accumulate(lib: ctypes.CDLL, a: Tensor, b: Tensor, fmt: tuple[int, ...], block: int, promote: int | None,
                start: Tensor | None) -> Tensor:
     """``a @ b`` (float32 on the CPU; ``a`` [P, M, K] or [M, K] shared by every matrix, ``b``
-    [P, K, N] or [K, N]) with the block sums added to an accumulator in ``dtype`` (float16 or
-    bfloat16, to nearest), ``promote`` in elements; ``start``: the accumulator's start, flat
+    [P, K, N] or [K, N]) with the block sums added to an accumulator rounded to nearest in the
+    format ``fmt`` (:func:`format_parameters`), ``promote`` in elements; ``start``: the accumulator's start, flat
     [P * M * N] float32, or None. Returns [P, M, N] float32."""
     bs = b if b.dim() == 3 else b.unsqueeze(0)
     p, k, n = bs.shape
@@ -145,11 +164,11 @@ def accumulate(lib: ctypes.CDLL, a: Tensor, b: Tensor, dtype: torch.dtype, block
     def call(args: list[Any]) -> int:
         return int(lib.precsim_acc_gemm(p, m, n, k, a.data_ptr(), sap, a.stride(-2), a.stride(-1), bs.data_ptr(), sbp,
                                         bs.stride(1), bs.stride(2), *args))
-    return _launch(call, (p, m, n, k), dtype, block, promote, start)
+    return _launch(call, (p, m, n, k), fmt, block, promote, start)
 
 
 def accumulate_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
-                    dilation: tuple[int, int], out_hw: tuple[int, int], dtype: torch.dtype, block: int,
+                    dilation: tuple[int, int], out_hw: tuple[int, int], fmt: tuple[int, ...], block: int,
                     promote: int | None, start: Tensor | None) -> Tensor:
     """:func:`accumulate` on the im2col GEMM of ``conv2d(x, weight)`` (groups 1; float32 on the
     CPU), whose columns the kernel reads from ``x`` as it packs them: ``weight.flatten(1) @
@@ -164,10 +183,10 @@ def accumulate_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, stride: tuple[i
     def call(args: list[Any]) -> int:
         return int(lib.precsim_acc_conv(p, m, w.data_ptr(), w.stride(0), x.data_ptr(), c, h, wd, kh, kw, *stride,
                                         *padding, *dilation, *out_hw, *args))
-    return _launch(call, (p, m, n, k), dtype, block, promote, start)
+    return _launch(call, (p, m, n, k), fmt, block, promote, start)
 
 
-def _launch(call: Callable[[list[Any]], int], size: tuple[int, int, int, int], dtype: torch.dtype, block: int,
+def _launch(call: Callable[[list[Any]], int], size: tuple[int, int, int, int], fmt: tuple[int, ...], block: int,
             promote: int | None, start: Tensor | None) -> Tensor:
     """Runs ``call(args)``, ``args`` being what both kernels take last: the start, output and
     promotion buffers, block, promotion, the format and the number of threads."""
@@ -178,7 +197,7 @@ def _launch(call: Callable[[list[Any]], int], size: tuple[int, int, int, int], d
     start = None if start is None else start.contiguous()
     threads = 1 if p * m * n * k < SMALL_FLOPS else torch.get_num_threads()
     args = [None if start is None else start.data_ptr(), out.data_ptr(), None if total is None else total.data_ptr(),
-            block, promote or 0, *FORMATS[dtype], threads]
+            block, promote or 0, (ctypes.c_int32 * len(fmt))(*fmt), threads]
     if call(args):
         raise MemoryError("the fused accumulator kernel could not allocate its packing buffers")
     return out
