@@ -63,8 +63,10 @@ def gemm(rounds: int, size: int) -> None:
     lib = accumulate.fused_kernel(fp16, "nearest")  # built on first use (a fresh PRECSIM_CACHE_DIR: a build), then probed
     ready = time.perf_counter() - start
     print(f"\n### GEMM {size}x{size}x{size} float32, fp16 accumulator ({torch.get_num_threads()} threads)\n")
-    print(f"fused kernel: {'ready' if lib else 'NOT AVAILABLE: ' + native.why_missing()} in {ready:.2f} s "
-          f"(cache {native.cache_dir()}); torch path: the fallback, compiled kernels, compilation not timed\n")
+    state = "NOT AVAILABLE: " + native.why_missing() if lib is None else (
+        "ready" + ("" if native.threaded(lib[0]) else " (no OpenMP: one thread)"))
+    print(f"fused kernel: {state} in {ready:.2f} s (cache {native.cache_dir()}); torch path: the fallback, "
+          "compiled kernels, compilation not timed\n")
     print("| block | plain (ms) | accumulated (ms) | ratio | torch path (ms) | ratio |")
     print("|---:|---:|---:|---:|---:|---:|")
 

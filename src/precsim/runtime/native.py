@@ -43,7 +43,7 @@ from torch import Tensor
 SOURCE = "accumulate_kernel.c"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c11", "-fPIC", "-shared")
 THREADS = ("-fopenmp",)  # a compiler without OpenMP builds a one-thread library
-SMALL_FLOPS = 1 << 18  # below this many multiply-adds one thread runs the call (threads cost ~50 us)
+SMALL_FLOPS = 1 << 18  # below this many multiply-adds one thread runs the call (not worth waking others)
 _L, _P = ctypes.c_long, ctypes.c_void_p
 _SHARED = [_P, _P, _P, _L, _L, _P, ctypes.c_int]  # start, out, total, block, promote, format, threads
 _GEMM = [_L, _L, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, *_SHARED]
@@ -144,6 +144,11 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def threaded(lib: ctypes.CDLL) -> bool:
+    """Whether the library was built with OpenMP (else it runs on one thread)."""
+    return bool(lib.precsim_threaded())
+
+
 def why_missing() -> str:
     """Why :func:`library` is None ('' while it is not)."""
     return _why[0] if _why else ""
@@ -153,8 +158,8 @@ def accumulate(lib: ctypes.CDLL, a: Tensor, b: Tensor, fmt: tuple[int, ...], blo
                start: Tensor | None) -> Tensor:
     """``a @ b`` (float32 on the CPU; ``a`` [P, M, K] or [M, K] shared by every matrix, ``b``
     [P, K, N] or [K, N]) with the block sums added to an accumulator rounded to nearest in the
-    format ``fmt`` (:func:`format_parameters`), ``promote`` in elements; ``start``: the accumulator's start, flat
-    [P * M * N] float32, or None. Returns [P, M, N] float32."""
+    format ``fmt`` (:func:`format_parameters`), ``promote`` in elements; ``start``: the
+    accumulator's start, flat [P * M * N] float32, or None. Returns [P, M, N] float32."""
     bs = b if b.dim() == 3 else b.unsqueeze(0)
     p, k, n = bs.shape
     m = a.shape[-2]
@@ -192,7 +197,7 @@ def _launch(call: Callable[[list[Any]], int], size: tuple[int, int, int, int], f
     promotion buffers, block, promotion, the format and the number of threads."""
     p, m, n, k = size
     out = torch.empty(p, m, n, dtype=torch.float32)
-    kc = block * max(1, 256 // block)  # the kernel's packed K (KC rounded to whole blocks)
+    kc = block * max(1, 256 // block)  # the kernel's packed K (KC = 256 rounded to whole blocks)
     total = torch.empty(p, m, n, dtype=torch.float32) if promote is not None and k > kc else None
     start = None if start is None else start.contiguous()
     threads = 1 if p * m * n * k < SMALL_FLOPS else torch.get_num_threads()
