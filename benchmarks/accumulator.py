@@ -1,7 +1,9 @@
 """Accumulators: what simulating the sums inside every GEMM costs, and what it does to accuracy.
 
 1. ``gemm``: a 1024x1024x1024 float32 GEMM with an fp16 accumulator (blocks 128, 32, 16, 8)
-   against the plain GEMM, called alternately in one process; ratio = median / median.
+   and with an int16 one on integer codes (block 32) against the plain GEMM, called alternately
+   in one process, with the fused kernel (the default) and the torch path; ratio = median /
+   median.
 2. ``step``: a training step of the zoo ResNet (batch 128, MNIST-shaped) with an fp16 block-32
    accumulator on every conv, against the FP32 step, interleaved step by step.
 3. ``accuracy``: PTQ of a float zoo ResNet trained on MNIST-5k (the small widths of
@@ -36,7 +38,7 @@ import precsim
 from precsim.formats import parse_format
 from precsim.qat.accumulator import overflows
 from precsim.runtime import accumulate, native
-from precsim.runtime.accumulate import matmul_float
+from precsim.runtime.accumulate import exact_dtype, matmul_float, matmul_int
 from precsim.runtime.backend import compile_seconds
 from precsim.zoo import get_model, load_dataset, train_steps
 
@@ -87,6 +89,18 @@ def gemm(rounds: int, size: int) -> None:
                      "torch": lambda: torch_path(1, a2, b2)}, rounds)
     print(f"| 1 ({small}^3) | {t['plain']:.2f} | {t['acc']:.1f} | {t['acc'] / t['plain']:.0f} | {t['torch']:.1f} | "
           f"{t['torch'] / t['plain']:.0f} |")
+    ca, cb = torch.randint(-128, 128, (size, size)).float(), torch.randint(0, 256, (size, size)).float()
+    exact = exact_dtype(128, 255, 32)
+
+    def int16(fused: bool) -> object:
+        accumulate.FUSED = fused
+        try:
+            return matmul_int(ca, cb, 16, 32, dtype=exact)
+        finally:
+            accumulate.FUSED = True
+    t = interleaved({"plain": lambda: a @ b, "acc": lambda: int16(True), "torch": lambda: int16(False)}, rounds)
+    print(f"| 32, int16 wrap (int8 x uint8 codes) | {t['plain']:.1f} | {t['acc']:.1f} | {t['acc'] / t['plain']:.2f} | "
+          f"{t['torch']:.1f} | {t['torch'] / t['plain']:.2f} |")
 
 
 def step(rounds: int) -> None:

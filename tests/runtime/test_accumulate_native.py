@@ -17,10 +17,10 @@ import precsim
 import precsim.runtime.accumulate as accumulate
 from precsim.formats import parse_format
 from precsim.runtime import native
-from precsim.runtime.accumulate import conv_as_matmul, conv_float, matmul_float
+from precsim.runtime.accumulate import conv_as_matmul, conv_float, matmul_float, matmul_int
 from precsim.runtime.backend import compiling
 
-from .test_accumulate import _midpoint_cases, exact_values, reference_float
+from .test_accumulate import _midpoint_cases, exact_values, reference_float, reference_int
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +190,41 @@ def test_the_fused_kernel_follows_the_compile_switch(lib: object) -> None:
         assert native.format_parameters(parse_format(wide)) is None, wide  # the torch path rounds those
 
 
+def codes(shape: tuple[int, ...], lo: int, hi: int, seed: int) -> torch.Tensor:
+    return torch.randint(lo, hi, shape, generator=torch.Generator().manual_seed(seed)).float()
+
+
+@pytest.mark.parametrize("bits", [12, 16, 24])
+@pytest.mark.parametrize("overflow", ["wrap", "saturate"])
+@pytest.mark.parametrize(("block", "promote"), [(1, None), (32, None), (7, 28), (300, 600)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_fused_integer_accumulator_equals_reference(lib: object, bits: int, overflow: str, block: int,
+                                                    promote: int | None, n_threads: int) -> None:
+    """int8 times uint8 codes, K = 650 (chunks of K, a short last block), every width wrapping or
+    saturating: the codes and the count of overflow events of the pure reference."""
+    a, b = codes((40, 650), -128, 128, 50), codes((650, 70), 0, 256, 51)
+    want, events = reference_int(a.long(), b.long(), bits, block, overflow, promote)
+    with fused(), threads(n_threads):
+        got, count = matmul_int(a, b, bits, block, promote=promote, overflow=overflow, dtype=torch.float32)
+    assert torch.equal(got, want)
+    assert int(count) == events
+
+
+def test_fused_integer_accumulator_start_and_batches(lib: object) -> None:
+    """A start (kept in W bits first: its own overflows count) and batched GEMMs, against the
+    torch path."""
+    a, b = codes((3, 8, 200), -128, 128, 52), codes((3, 200, 9), 0, 256, 53)
+    init = codes((9,), -40000, 40000, 54).long()
+    kw = {"promote": 64, "overflow": "saturate", "init": init, "dtype": torch.float32}
+    want, events = matmul_int(a, b, 16, 16, **kw)  # type: ignore[arg-type]
+    with fused():
+        got, count = matmul_int(a, b, 16, 16, **kw)  # type: ignore[arg-type]
+    assert torch.equal(got, want) and int(count) == int(events) > 0
+    assert accumulate._fused_int() is None  # the suite's default: the torch path ran above
+    with fused():
+        assert accumulate._fused_int() is not None
+
+
 def test_empty_k_is_the_start(lib: object) -> None:
     """K = 0: no block, the output is the start (both paths; was an error in the torch one)."""
     init = exact_values((4,), 46) * 1000.3
@@ -207,7 +242,7 @@ def rebuilt(monkeypatch: pytest.MonkeyPatch, folder: Path) -> Iterator[None]:
     """The kernel looked up afresh (in ``folder``) inside the block, and again after it."""
     monkeypatch.setenv("PRECSIM_CACHE_DIR", str(folder))
     caches = (native.library.cache_clear, accumulate._built_kernel.cache_clear, accumulate._agrees.cache_clear,
-              native._why.clear)
+              accumulate._int_agrees.cache_clear, native._why.clear)
     for clear in caches:
         clear()
     try:
@@ -240,6 +275,20 @@ def test_a_kernel_that_gives_other_bits_is_refused(lib: object, monkeypatch: pyt
         monkeypatch.setattr(native, "accumulate", off_by_one_ulp)
         with compiling(True), pytest.warns(RuntimeWarning, match="fp8_e4m3 it gives other bits than the torch path"):
             assert accumulate.fused_kernel(parse_format("fp8_e4m3"), "nearest") is None
+
+
+def test_an_integer_kernel_that_gives_other_codes_is_refused(lib: object, monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    real = native.accumulate_int
+
+    def one_more_overflow(*args: object, **kwargs: object) -> tuple[torch.Tensor, int]:
+        out, events = real(*args, **kwargs)  # type: ignore[arg-type]
+        return out, events + 1
+
+    with rebuilt(monkeypatch, tmp_path):
+        monkeypatch.setattr(native, "accumulate_int", one_more_overflow)
+        with compiling(True), pytest.warns(RuntimeWarning, match="int16 wrap it gives other codes"):
+            assert accumulate._fused_int() is None
 
 
 def test_built_once_per_cache_folder_atomically(lib: object, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

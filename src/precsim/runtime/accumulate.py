@@ -362,6 +362,39 @@ def fused_kernel(fmt: Any, rounding: str) -> tuple[Any, tuple[int, ...]] | None:
     return lib, params
 
 
+def _fused_int() -> Any:
+    """The fused kernel for integer accumulators, where :func:`fused_kernel`'s conditions hold
+    for them (its int16 wrap and saturate equal the torch path's on a probe)."""
+    if not (FUSED and compile_requested()):
+        return None
+    lib = _built_kernel()
+    return lib if lib is not None and _int_agrees() else None
+
+
+@functools.cache
+def _int_agrees() -> bool:
+    """Whether the fused kernel's integer accumulators give the torch path's codes and overflow
+    counts: int16 and int12, wrap and saturate, a start, promotion."""
+    from precsim.runtime.backend import compiling
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (13, 300), generator=g).float()
+    b = torch.randint(0, 256, (300, 37), generator=g).float()
+    init = torch.randint(-2000, 2000, (13 * 37,), generator=g)
+    for bits, overflow, block, promote, start in ((16, "wrap", 32, None, init), (12, "saturate", 7, 21, None),
+                                                 (16, "saturate", 300, None, init), (20, "wrap", 1, 64, None)):
+        fused, events = native.accumulate_int(_built_kernel(), a, b, bits, overflow == "saturate", block, promote,
+                                              start)
+        ref, ref_events = torch.empty(13 * 37, dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+        with compiling(False):
+            _matmul_int(a, b, bits, block, promote, overflow, start, torch.float32, ref, ref_events)
+        if not (torch.equal(fused.view(-1), ref) and events == int(ref_events)):
+            _refused(f"for int{bits} {overflow} it gives other codes than the torch path (block {block}, "
+                     f"promote {promote})")
+            return False
+    return True
+
+
 def _refused(why: str) -> None:
     warnings.warn(f"precsim: the fused accumulator kernel is not used: {why}. Float accumulators rounded to "
                   f"nearest take the torch path: slower, the same results.", RuntimeWarning, stacklevel=4)
@@ -438,6 +471,22 @@ def matmul_int(a: Tensor, b: Tensor, bits: int, block: int, *, promote: int | No
         start, events = _add_int(pair, count, lo, overflow)
         count.copy_(events)
 
+    lib = _fused_int() if (dtype == torch.float32 and bits <= native.MAX_INT_BITS and a.device.type == "cpu"
+                           and out.numel() and a.shape[-1]) else None
+    if lib is not None:
+        result, events = native.accumulate_int(lib, a.float(), b.float(), bits, overflow == "saturate", block, promote,
+                                               start)
+        return result.view(shape), count + events
+    _matmul_int(a, b, bits, block, promote, overflow, start, dtype, out, count)
+    return out.view(shape), count
+
+
+def _matmul_int(a: Tensor, b: Tensor, bits: int, block: int, promote: int | None, overflow: str,
+                start: Tensor | None, dtype: torch.dtype, out: Tensor, count: Tensor) -> None:
+    """:func:`matmul_int` in torch, on normalized operands, into ``out`` (flat int64), adding the
+    overflow events to ``count``."""
+    lo = None if bits == 64 else torch.tensor(-(2 ** (bits - 1)), dtype=torch.int64, device=a.device)
+
     def step(span: Tensor, j: int, base: int) -> Tensor:
         acc, events = call(_add_int, span, (count, lo), (overflow,), dynamic=(1,))
         count.copy_(events)
@@ -445,7 +494,6 @@ def matmul_int(a: Tensor, b: Tensor, bits: int, block: int, *, promote: int | No
 
     if out.numel():
         _run(*_gemm_sums(a, b, block, dtype), None if promote is None else promote // block, out, start, step)
-    return out.view(shape), count
 
 
 # --- conv as a GEMM ---------------------------------------------------------------------------

@@ -32,9 +32,14 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
 
+/* How block sums are added: rounded to a float format (integer = 0), or, for integer codes whose
+ * block sums are exact in float32, kept in W bits (lo = -2^(W-1), hi = 2^(W-1) - 1), wrapped or
+ * saturated, each add that leaves the range counted. */
 typedef struct {
     int32_t shift, half, low, tiny, max, over, negzero;
     float magic;
+    int integer, saturate;
+    int64_t lo, hi;
 } fmt_t;
 
 /* 64-byte aligned; the size rounded up to a multiple of 64, as aligned_alloc requires */
@@ -90,32 +95,40 @@ static void pack(float *dst, const float *src, long kc, long n, long w, long sk,
     }
 }
 
-/* An MR x NR tile from rows of length ld (mm x nn of them inside the matrix; NULL: zero) */
-static void get(float *tile, const float *from, long ld, long mm, long nn) {
-    if (from && mm == MR && nn == NR) {
-        for (int i = 0; i < MR; ++i)
-            for (int v = 0; v < NV; ++v) store(tile + i * NR + v * VL, load(from + i * ld + v * VL));
-        return;
-    }
-    memset(tile, 0, sizeof(float) * MR * NR);
+/* An MR x NR tile of `es`-byte elements from rows of length ld (mm x nn of them inside the
+ * matrix; NULL: zero), and back */
+static void get(void *tile, const char *from, long ld, long mm, long nn, size_t es) {
+    if (!from || mm < MR || nn < NR)
+        memset(tile, 0, es * MR * NR);
     for (long i = 0; from && i < mm; ++i)
-        for (long j = 0; j < nn; ++j) tile[i * NR + j] = from[i * ld + j];
+        memcpy((char *)tile + i * NR * es, from + i * ld * es, nn * es);
 }
 
-static void put(float *to, const float *tile, long ld, long mm, long nn) {
-    if (mm == MR && nn == NR) {
-        for (int i = 0; i < MR; ++i)
-            for (int v = 0; v < NV; ++v) store(to + i * ld + v * VL, load(tile + i * NR + v * VL));
-        return;
-    }
+static void put(char *to, const void *tile, long ld, long mm, long nn, size_t es) {
     for (long i = 0; i < mm; ++i)
-        for (long j = 0; j < nn; ++j) to[i * ld + j] = tile[i * NR + j];
+        memcpy(to + i * ld * es, (const char *)tile + i * NR * es, nn * es);
+}
+
+/* acc[e] + sums[e] kept in W bits (int64 arithmetic cannot overflow: W <= 48 and the sums are
+ * below 2^24); returns the adds that left the range */
+static long add_int(int64_t *acc, const float *sums, const fmt_t *f) {
+    long events = 0;
+    int64_t lo = f->lo, hi = f->hi, mask = -2 * lo - 1;
+    for (int e = 0; e < MR * NR; ++e) {
+        int64_t v = acc[e] + (int64_t)sums[e];
+        events += v < lo || v > hi;
+        acc[e] = f->saturate ? (v < lo ? lo : v > hi ? hi : v) : ((v - lo) & mask) + lo;
+    }
+    return events;
 }
 
 /* One MR x NR tile over kc elements of K (global k0 ..): each block's sums, then the rounded
  * adds into acc; every `promote` elements acc is added to tot and reset. */
-static void tile(long kc, long k0, long block, long promote, const float *a, const float *b, float *acc,
-                 float *tot, const fmt_t *f) {
+static long tile(long kc, long k0, long block, long promote, const float *a, const float *b, void *accv,
+                 void *totv, const fmt_t *f) {
+    float *acc = accv, *tot = totv;
+    int64_t *iacc = accv, *itot = totv;
+    long events = 0;
     for (long kb = 0; kb < kc; kb += block) {
         long ke = kb + block < kc ? kb + block : kc;
         vf c[MR][NV];
@@ -130,6 +143,18 @@ static void tile(long kc, long k0, long block, long promote, const float *a, con
                 c[i][0] += ai * b0;
                 c[i][1] += ai * b1;
             }
+        }
+        if (f->integer) {
+            float sums[MR * NR] __attribute__((aligned(64)));
+            for (int i = 0; i < MR; ++i)
+                for (int v = 0; v < NV; ++v) store(sums + i * NR + v * VL, c[i][v]);
+            events += add_int(iacc, sums, f);
+            if (promote && (k0 + ke) % promote == 0)
+                for (int e = 0; e < MR * NR; ++e) {
+                    itot[e] += iacc[e];
+                    iacc[e] = 0;
+                }
+            continue;
         }
         /* Fast path: the float32 sum rounded by integer arithmetic on its bits. It is exact
          * unless the sum is a midpoint of the format (its exact error then decides), lies
@@ -156,6 +181,7 @@ static void tile(long kc, long k0, long block, long promote, const float *a, con
             }
         }
     }
+    return events;
 }
 
 /* Where B comes from: a strided matrix (element (k, n) of matrix p at
@@ -213,8 +239,9 @@ static void pack_b(float *dst, const source_t *src, long p, long k0, long kc, lo
  * accumulator is added to T (needed when K > the packed K, else NULL) every `promote` elements
  * and reset, and C is T + acc at the end. Returns 0, or 1 where memory ran out. */
 static int run(long M, long N, long K, const float *A, long sap, long sam, long sak, const source_t *src,
-               const float *S, float *C, float *T, long block, long promote, const fmt_t *f, long p0, long p1,
-               long m0, long m1) {
+               const void *S, void *C, void *T, long block, long promote, const fmt_t *f, long p0, long p1,
+               long m0, long m1, long *events) {
+    size_t es = f->integer ? sizeof(int64_t) : sizeof(float);  /* the accumulator's element size */
     long kcmax = block * (KC / block > 1 ? KC / block : 1);
     long ncmax = N < NC ? (N + NR - 1) / NR * NR : NC;
     float *bp = alloc(sizeof(float) * kcmax * ncmax);
@@ -222,8 +249,8 @@ static int run(long M, long N, long K, const float *A, long sap, long sam, long 
     int shared = sap == 0 && p1 - p0 > 1;
     long mpad = (m1 - m0 + MR - 1) / MR * MR;
     float *ap = alloc(sizeof(float) * (shared ? mpad * K : kcmax * MC));
-    float acc[MR * NR] __attribute__((aligned(64)));
-    float tot[MR * NR] __attribute__((aligned(64)));
+    int64_t acc[MR * NR] __attribute__((aligned(64)));  /* float or int64 elements */
+    int64_t tot[MR * NR] __attribute__((aligned(64)));
     if (!bp || !ap) {
         free(bp);
         free(ap);
@@ -236,8 +263,9 @@ static int run(long M, long N, long K, const float *A, long sap, long sam, long 
                  MR, sak, sam);
     }
     for (long p = p0; p < p1; ++p) {
-        const float *a = A + p * sap, *s = S ? S + p * M * N : NULL;
-        float *c = C + p * M * N, *t = T ? T + p * M * N : NULL;
+        const float *a = A + p * sap;
+        const char *s = S ? (const char *)S + p * M * N * es : NULL;
+        char *c = (char *)C + p * M * N * es, *t = T ? (char *)T + p * M * N * es : NULL;
         for (long jc = 0; jc < N; jc += NC) {
             long nc = N - jc < NC ? N - jc : NC;
             for (long pc = 0; pc < K; pc += kcmax) {
@@ -255,16 +283,21 @@ static int run(long M, long N, long K, const float *A, long sap, long sam, long 
                         long nn = nc - jr < NR ? nc - jr : NR;
                         for (long ir = 0; ir < mc; ir += MR) {
                             long mm = mc - ir < MR ? mc - ir : MR, at = (ic + ir) * N + jc + jr;
-                            const float *from = first ? s : c;
-                            const float *past = t && !first ? t : NULL;
-                            get(acc, from ? from + at : NULL, N, mm, nn);
-                            get(tot, past ? past + at : NULL, N, mm, nn);
-                            tile(kc, pc, block, promote, apack + ir * kc, bp + jr * kc, acc, tot, f);
+                            const char *from = first ? s : c;
+                            const char *past = t && !first ? t : NULL;
+                            get(acc, from ? from + at * es : NULL, N, mm, nn, es);
+                            get(tot, past ? past + at * es : NULL, N, mm, nn, es);
+                            *events += tile(kc, pc, block, promote, apack + ir * kc, bp + jr * kc, acc, tot, f);
                             if (promote && last)
-                                for (int e = 0; e < MR * NR; e += VL) store(acc + e, load(tot + e) + load(acc + e));
+                                for (int e = 0; e < MR * NR; ++e) {
+                                    if (f->integer)
+                                        acc[e] += tot[e];
+                                    else
+                                        ((float *)acc)[e] += ((float *)tot)[e];
+                                }
                             else if (t)
-                                put(t + at, tot, N, mm, nn);
-                            put(c + at, acc, N, mm, nn);
+                                put(t + at * es, tot, N, mm, nn, es);
+                            put(c + at * es, acc, N, mm, nn, es);
                         }
                     }
                 }
@@ -279,7 +312,7 @@ static int run(long M, long N, long K, const float *A, long sap, long sam, long 
 /* The format from its parameters: {dropped bits, bits of 2^emin, bits of max, overflow value,
  * whether -0 exists, bits of the subnormal rounding constant} */
 static fmt_t format(const int32_t *p) {
-    fmt_t f = {p[0], (1 << (p[0] - 1)) - 1, (1 << p[0]) - 1, p[1], p[2], p[3], p[4], 0.0f};
+    fmt_t f = {p[0], (1 << (p[0] - 1)) - 1, (1 << p[0]) - 1, p[1], p[2], p[3], p[4], 0.0f, 0, 0, 0, 0};
     memcpy(&f.magic, p + 5, sizeof f.magic);
     return f;
 }
@@ -287,10 +320,11 @@ static fmt_t format(const int32_t *p) {
 /* run() over `threads` threads: thread i of n takes matrices p * i / n .. of a batch, or, with
  * fewer matrices than threads, rows of every matrix (cut on whole tiles). */
 static int run_parallel(long P, long M, long N, long K, const float *A, long sap, long sam, long sak,
-                        const source_t *src, const float *S, float *C, float *T, long block, long promote,
-                        const fmt_t *f, int threads) {
+                        const source_t *src, const void *S, void *C, void *T, long block, long promote,
+                        const fmt_t *f, int threads, long *events) {
     int status = 0;
-#pragma omp parallel num_threads(threads) reduction(| : status)
+    long count = 0;
+#pragma omp parallel num_threads(threads) reduction(| : status) reduction(+ : count)
     {
         long i = 0, n = 1;
 #ifdef _OPENMP
@@ -307,8 +341,10 @@ static int run_parallel(long P, long M, long N, long K, const float *A, long sap
             m1 = i + 1 == n ? M : tiles * (i + 1) / n * MR;
         }
         if (p0 < p1 && m0 < m1)
-            status |= run(M, N, K, A, sap, sam, sak, src, S, C, T, block, promote, f, p0, p1, m0, m1);
+            status |= run(M, N, K, A, sap, sam, sak, src, S, C, T, block, promote, f, p0, p1, m0, m1, &count);
     }
+    if (events)
+        *events += count;
     return status;
 }
 
@@ -318,7 +354,7 @@ int precsim_acc_gemm(long P, long M, long N, long K, const float *A, long sap, l
                      const int32_t *format_, int threads) {
     source_t src = {B, sbp, sbk, sbn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     fmt_t f = format(format_);
-    return run_parallel(P, M, N, K, A, sap, sam, sak, &src, S, C, T, block, promote, &f, threads);
+    return run_parallel(P, M, N, K, A, sap, sam, sak, &src, S, C, T, block, promote, &f, threads, NULL);
 }
 
 /* The same for a conv2d (groups 1): X [P, c, h, w] contiguous, W the weight flattened to
@@ -328,7 +364,18 @@ int precsim_acc_conv(long P, long M, const float *W, long sw_, const float *X, l
                      float *C, float *T, long block, long promote, const int32_t *format_, int threads) {
     source_t src = {X, 0, 0, 0, 1, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ow};
     fmt_t f = format(format_);
-    return run_parallel(P, M, oh * ow, c * kh * kw, W, 0, sw_, 1, &src, S, C, T, block, promote, &f, threads);
+    return run_parallel(P, M, oh * ow, c * kh * kw, W, 0, sw_, 1, &src, S, C, T, block, promote, &f, threads,
+                        NULL);
+}
+
+/* precsim_acc_gemm for integer codes (block sums exact in float32) with a `bits`-bit accumulator
+ * (8..48), wrapped or saturated: S, C and T int64; the overflow events are added to *events */
+int precsim_acc_int_gemm(long P, long M, long N, long K, const float *A, long sap, long sam, long sak,
+                         const float *B, long sbp, long sbk, long sbn, const int64_t *S, int64_t *C, int64_t *T,
+                         long block, long promote, int bits, int saturate, int threads, long *events) {
+    source_t src = {B, sbp, sbk, sbn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    fmt_t f = {0, 0, 0, 0, 0, 0, 0, 0.0f, 1, saturate, -((int64_t)1 << (bits - 1)), ((int64_t)1 << (bits - 1)) - 1};
+    return run_parallel(P, M, N, K, A, sap, sam, sak, &src, S, C, T, block, promote, &f, threads, events);
 }
 
 /* 1 where this library runs threads (built with OpenMP), else 0 */

@@ -48,6 +48,9 @@ _L, _P = ctypes.c_long, ctypes.c_void_p
 _SHARED = [_P, _P, _P, _L, _L, _P, ctypes.c_int]  # start, out, total, block, promote, format, threads
 _GEMM = [_L, _L, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, *_SHARED]
 _CONV = [_L, _L, _P, _L, _P, *[_L] * 13, *_SHARED]
+_INT = [_L, _L, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, _P, _P, _P, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.POINTER(ctypes.c_long)]
+MAX_INT_BITS = 48  # integer accumulators the kernel keeps (int64 adds of W-bit values and block sums < 2^24)
 _OVERFLOW_BITS = {"inf": 0x7F800000, "nan": 0x7FC00000}  # and saturate: max's bits
 
 
@@ -138,7 +141,8 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as err:
         _why.append(str(err))
         return None
-    for fn, args in ((lib.precsim_acc_gemm, _GEMM), (lib.precsim_acc_conv, _CONV), (lib.precsim_threaded, [])):
+    for fn, args in ((lib.precsim_acc_gemm, _GEMM), (lib.precsim_acc_conv, _CONV), (lib.precsim_acc_int_gemm, _INT),
+                     (lib.precsim_threaded, [])):
         fn.argtypes = args
         fn.restype = ctypes.c_int
     return lib
@@ -154,22 +158,51 @@ def why_missing() -> str:
     return _why[0] if _why else ""
 
 
+def _operands(a: Tensor, b: Tensor) -> tuple[Tensor, tuple[int, int, int, int], list[int]]:
+    """(b as [P, K, N], (P, M, N, K), the GEMM's pointer and stride arguments)."""
+    bs = b if b.dim() == 3 else b.unsqueeze(0)
+    p, k, n = bs.shape
+    sap = a.stride(0) if a.dim() == 3 else 0
+    sbp = bs.stride(0) if bs.shape[0] > 1 else 0
+    return bs, (p, a.shape[-2], n, k), [a.data_ptr(), sap, a.stride(-2), a.stride(-1), bs.data_ptr(), sbp,
+                                        bs.stride(1), bs.stride(2)]
+
+
+def accumulate_int(lib: ctypes.CDLL, a: Tensor, b: Tensor, bits: int, saturate: bool, block: int,
+                   promote: int | None, start: Tensor | None) -> tuple[Tensor, int]:
+    """:func:`accumulate` for integer codes (float32 tensors whose block sums are exact in
+    float32) with a ``bits``-bit accumulator (8 .. :data:`MAX_INT_BITS`), wrapped or saturated;
+    ``start``: int64 codes already kept in ``bits`` bits, flat, or None. Returns the int64
+    result [P, M, N] and the number of adds that left the range."""
+    _, (p, m, n, k), operands = _operands(a, b)
+    out = torch.empty(p, m, n, dtype=torch.int64)
+    total = torch.empty(p, m, n, dtype=torch.int64) if promote is not None and k > _packed_k(block) else None
+    start = None if start is None else start.contiguous()
+    events = ctypes.c_long(0)
+    threads = 1 if p * m * n * k < SMALL_FLOPS else torch.get_num_threads()
+    if lib.precsim_acc_int_gemm(p, m, n, k, *operands, None if start is None else start.data_ptr(), out.data_ptr(),
+                                None if total is None else total.data_ptr(), block, promote or 0, bits, int(saturate),
+                                threads, ctypes.byref(events)):
+        raise MemoryError("the fused accumulator kernel could not allocate its packing buffers")
+    return out, events.value
+
+
+def _packed_k(block: int) -> int:
+    """The kernel's packed K: KC = 256 rounded to whole blocks (longer K needs a promotion buffer)."""
+    return block * max(1, 256 // block)
+
+
 def accumulate(lib: ctypes.CDLL, a: Tensor, b: Tensor, fmt: tuple[int, ...], block: int, promote: int | None,
                start: Tensor | None) -> Tensor:
     """``a @ b`` (float32 on the CPU; ``a`` [P, M, K] or [M, K] shared by every matrix, ``b``
     [P, K, N] or [K, N]) with the block sums added to an accumulator rounded to nearest in the
     format ``fmt`` (:func:`format_parameters`), ``promote`` in elements; ``start``: the
     accumulator's start, flat [P * M * N] float32, or None. Returns [P, M, N] float32."""
-    bs = b if b.dim() == 3 else b.unsqueeze(0)
-    p, k, n = bs.shape
-    m = a.shape[-2]
-    sap = a.stride(0) if a.dim() == 3 else 0
-    sbp = bs.stride(0) if bs.shape[0] > 1 else 0
+    _, size, operands = _operands(a, b)
 
     def call(args: list[Any]) -> int:
-        return int(lib.precsim_acc_gemm(p, m, n, k, a.data_ptr(), sap, a.stride(-2), a.stride(-1), bs.data_ptr(), sbp,
-                                        bs.stride(1), bs.stride(2), *args))
-    return _launch(call, (p, m, n, k), fmt, block, promote, start)
+        return int(lib.precsim_acc_gemm(*size, *operands, *args))
+    return _launch(call, size, fmt, block, promote, start)
 
 
 def accumulate_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
@@ -197,8 +230,7 @@ def _launch(call: Callable[[list[Any]], int], size: tuple[int, int, int, int], f
     promotion buffers, block, promotion, the format and the number of threads."""
     p, m, n, k = size
     out = torch.empty(p, m, n, dtype=torch.float32)
-    kc = block * max(1, 256 // block)  # the kernel's packed K (KC = 256 rounded to whole blocks)
-    total = torch.empty(p, m, n, dtype=torch.float32) if promote is not None and k > kc else None
+    total = torch.empty(p, m, n, dtype=torch.float32) if promote is not None and k > _packed_k(block) else None
     start = None if start is None else start.contiguous()
     threads = 1 if p * m * n * k < SMALL_FLOPS else torch.get_num_threads()
     args = [None if start is None else start.data_ptr(), out.data_ptr(), None if total is None else total.data_ptr(),
