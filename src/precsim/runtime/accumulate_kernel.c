@@ -122,40 +122,30 @@ static long add_int(int64_t *acc, const float *sums, const fmt_t *f) {
     return events;
 }
 
+/* The sums of k0 .. k1 - 1 of an MR x NR tile into c (registers) */
+static inline void block_sums(vf c[MR][NV], long k0, long k1, const float *a, const float *b) {
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) c[i][v] = (vf){0};
+    for (long k = k0; k < k1; ++k) {
+        const float *bk = b + k * NR, *ak = a + k * MR;
+        vf b0 = load(bk), b1 = load(bk + VL);
+        for (int i = 0; i < MR; ++i) {
+            float x = ak[i];
+            vf ai = {x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+            c[i][0] += ai * b0;
+            c[i][1] += ai * b1;
+        }
+    }
+}
+
 /* One MR x NR tile over kc elements of K (global k0 ..): each block's sums, then the rounded
  * adds into acc; every `promote` elements acc is added to tot and reset. */
-static long tile(long kc, long k0, long block, long promote, const float *a, const float *b, void *accv,
-                 void *totv, const fmt_t *f) {
-    float *acc = accv, *tot = totv;
-    int64_t *iacc = accv, *itot = totv;
-    long events = 0;
+static void tile(long kc, long k0, long block, long promote, const float *a, const float *b, float *acc,
+                 float *tot, const fmt_t *f) {
     for (long kb = 0; kb < kc; kb += block) {
         long ke = kb + block < kc ? kb + block : kc;
         vf c[MR][NV];
-        for (int i = 0; i < MR; ++i)
-            for (int v = 0; v < NV; ++v) c[i][v] = (vf){0};
-        for (long k = kb; k < ke; ++k) {
-            const float *bk = b + k * NR, *ak = a + k * MR;
-            vf b0 = load(bk), b1 = load(bk + VL);
-            for (int i = 0; i < MR; ++i) {
-                float x = ak[i];
-                vf ai = {x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-                c[i][0] += ai * b0;
-                c[i][1] += ai * b1;
-            }
-        }
-        if (f->integer) {
-            float sums[MR * NR] __attribute__((aligned(64)));
-            for (int i = 0; i < MR; ++i)
-                for (int v = 0; v < NV; ++v) store(sums + i * NR + v * VL, c[i][v]);
-            events += add_int(iacc, sums, f);
-            if (promote && (k0 + ke) % promote == 0)
-                for (int e = 0; e < MR * NR; ++e) {
-                    itot[e] += iacc[e];
-                    iacc[e] = 0;
-                }
-            continue;
-        }
+        block_sums(c, kb, ke, a, b);
         /* Fast path: the float32 sum rounded by integer arithmetic on its bits. It is exact
          * unless the sum is a midpoint of the format (its exact error then decides), lies
          * outside the normal range, or is NaN; then the whole tile takes add_round. */
@@ -180,6 +170,26 @@ static long tile(long kc, long k0, long block, long promote, const float *a, con
                 store(acc + e, (vf){0});
             }
         }
+    }
+}
+
+/* tile() for an integer accumulator; returns the adds that left the W-bit range */
+static long tile_int(long kc, long k0, long block, long promote, const float *a, const float *b, int64_t *acc,
+                     int64_t *tot, const fmt_t *f) {
+    long events = 0;
+    for (long kb = 0; kb < kc; kb += block) {
+        long ke = kb + block < kc ? kb + block : kc;
+        vf c[MR][NV];
+        float sums[MR * NR] __attribute__((aligned(64)));
+        block_sums(c, kb, ke, a, b);
+        for (int i = 0; i < MR; ++i)
+            for (int v = 0; v < NV; ++v) store(sums + i * NR + v * VL, c[i][v]);
+        events += add_int(acc, sums, f);
+        if (promote && (k0 + ke) % promote == 0)
+            for (int e = 0; e < MR * NR; ++e) {
+                tot[e] += acc[e];
+                acc[e] = 0;
+            }
     }
     return events;
 }
@@ -287,7 +297,11 @@ static int run(long M, long N, long K, const float *A, long sap, long sam, long 
                             const char *past = t && !first ? t : NULL;
                             get(acc, from ? from + at * es : NULL, N, mm, nn, es);
                             get(tot, past ? past + at * es : NULL, N, mm, nn, es);
-                            *events += tile(kc, pc, block, promote, apack + ir * kc, bp + jr * kc, acc, tot, f);
+                            if (f->integer)
+                                *events += tile_int(kc, pc, block, promote, apack + ir * kc, bp + jr * kc, acc, tot, f);
+                            else
+                                tile(kc, pc, block, promote, apack + ir * kc, bp + jr * kc, (float *)acc,
+                                     (float *)tot, f);
                             if (promote && last)
                                 for (int e = 0; e < MR * NR; ++e) {
                                     if (f->integer)
