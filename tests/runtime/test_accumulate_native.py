@@ -178,16 +178,45 @@ def test_fused_conv_with_inf_and_nan_inputs(lib: object) -> None:
 
 def test_the_fused_kernel_follows_the_compile_switch(lib: object) -> None:
     """On by default (compiled kernels on); off with them, and for what it does not do
-    (stochastic rounding, other formats: the torch path)."""
+    (other roundings, integer formats, formats past its bit arithmetic: the torch path)."""
     fp8 = parse_format("fp8_e5m2")
     with compiling(True):
         assert accumulate.fused_kernel(fp8, "nearest") is not None
-        assert accumulate.fused_kernel(fp8, "stochastic") is None
+        assert accumulate.fused_kernel(fp8, "stochastic") is not None
+        assert accumulate.fused_kernel(fp8, "toward_zero") is None
         assert accumulate.fused_kernel(parse_format("int16"), "nearest") is None
     with compiling(False):
         assert accumulate.fused_kernel(fp8, "nearest") is None
     for wide in ("fp32", "flexfp(e=5,m=22)", "flexfp(e=8,m=7,b=-3)"):
         assert native.format_parameters(parse_format(wide)) is None, wide  # the torch path rounds those
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "fp8_e5m2", "flexfp(e=5,m=3)", "fp8_e4m3fnuz", "fp4_e2m1"])
+@pytest.mark.parametrize(("block", "promote"), [(1, None), (8, 32), (32, None)])
+def test_fused_stochastic_rounding_equals_reference(lib: object, fmt: str, block: int, promote: int | None) -> None:
+    """Stochastic accumulators: block j's bits from the call's seed, one word per output element
+    in flat order, as the torch path draws them: batched matrices, N past the kernel's packed
+    width (1024), rows into the subnormals; another seed gives other bits."""
+    f = parse_format(fmt)
+    a, b = exact_values((2, 5, 300), 60, spread=3), exact_values((2, 300, 1100), 61, spread=3)
+    a[:, 0] *= 2.0 ** (f.min_exponent - 4)  # type: ignore[attr-defined]
+    seed = torch.tensor([-77, 2**31 - 3], dtype=torch.int32)
+    want = reference_float(a, b, fmt, block, promote, rounding="stochastic", seed=seed)
+    with fused():
+        got = matmul_float(a, b, f, block, promote=promote, rounding="stochastic", seed=seed)
+        other = matmul_float(a, b, f, block, promote=promote, rounding="stochastic", seed=seed + 1)
+    assert same(got, want)
+    assert not same(other, got)
+
+
+def test_fused_stochastic_conv_equals_the_torch_path(lib: object) -> None:
+    x, w = exact_values((3, 4, 9, 9), 62), exact_values((5, 4, 3, 3), 63)
+    seed = torch.tensor([5, 6], dtype=torch.int32)
+    kw = {"stride": 2, "padding": 1, "rounding": "stochastic", "seed": seed, "promote": 16}
+    want = conv_float(x, w, parse_format("fp8_e5m2"), 4, **kw)  # type: ignore[arg-type]
+    with fused():
+        got = conv_float(x, w, parse_format("fp8_e5m2"), 4, **kw)  # type: ignore[arg-type]
+    assert same(got, want)
 
 
 def codes(shape: tuple[int, ...], lo: int, hi: int, seed: int) -> torch.Tensor:
@@ -273,7 +302,7 @@ def test_a_kernel_that_gives_other_bits_is_refused(lib: object, monkeypatch: pyt
 
     with rebuilt(monkeypatch, tmp_path):
         monkeypatch.setattr(native, "accumulate", off_by_one_ulp)
-        with compiling(True), pytest.warns(RuntimeWarning, match="fp8_e4m3 it gives other bits than the torch path"):
+        with compiling(True), pytest.warns(RuntimeWarning, match=r"fp8_e4m3 \(nearest\) it gives other bits"):
             assert accumulate.fused_kernel(parse_format("fp8_e4m3"), "nearest") is None
 
 

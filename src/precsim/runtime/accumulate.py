@@ -329,7 +329,7 @@ def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | N
     start = _float_start(init, shape, fmt)
     fused = fused_kernel(fmt, rounding) if a.device.type == "cpu" and math.prod(shape) and a.shape[-1] else None
     if fused is not None:
-        return native.accumulate(*fused[:1], a, b, fused[1], block, promote, start).view(shape)
+        return native.accumulate(fused[0], a, b, fused[1], block, promote, start, seed).view(shape)
     return _matmul_float(a, b, shape, fmt, block, promote, rounding, seed, start)
 
 
@@ -351,13 +351,13 @@ def fused_kernel(fmt: Any, rounding: str) -> tuple[Any, tuple[int, ...]] | None:
     (:func:`~precsim.runtime.native.format_parameters`), the kernel built, and its bits equal to
     :func:`_matmul_float`'s on a probe of this format. Else None (a warning says why the kernel
     is missing or refused, once)."""
-    if not (FUSED and rounding == "nearest" and compile_requested()):
+    if not (FUSED and rounding in ("nearest", "stochastic") and compile_requested()):
         return None
     params = native.format_parameters(fmt)
     if params is None:
         return None
     lib = _built_kernel()
-    if lib is None or not _agrees(fmt):
+    if lib is None or not _agrees(fmt, rounding):
         return None
     return lib, params
 
@@ -396,8 +396,8 @@ def _int_agrees() -> bool:
 
 
 def _refused(why: str) -> None:
-    warnings.warn(f"precsim: the fused accumulator kernel is not used: {why}. Float accumulators rounded to "
-                  f"nearest take the torch path: slower, the same results.", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"precsim: the fused accumulator kernel is not used: {why}. Those accumulators take the torch "
+                  f"path: slower, the same results.", RuntimeWarning, stacklevel=4)
 
 
 @functools.cache
@@ -409,11 +409,12 @@ def _built_kernel() -> Any:
 
 
 @functools.cache
-def _agrees(fmt: Any) -> bool:
-    """Whether the fused kernel gives the torch path's bits for ``fmt`` on a probe whose block
-    sums are all exact in float32 (so that their order does not matter): sums on the format's
-    subnormal grid, past its largest value, Inf and NaN inputs (any NaN: the payload is not part
-    of the contract), ties, a start, promotion, blocks of 1, 7, 32 and all of K."""
+def _agrees(fmt: Any, rounding: str) -> bool:
+    """Whether the fused kernel gives the torch path's bits for ``fmt`` and ``rounding`` on a
+    probe whose block sums are all exact in float32 (so that their order does not matter): sums
+    on the format's subnormal grid, past its largest value, Inf and NaN inputs (any NaN: the
+    payload is not part of the contract), ties, a start, promotion, blocks of 1, 7, 32 and all of
+    K (stochastic: from a seed whose second word wraps around 2^32 across the blocks)."""
     from precsim.runtime.backend import compiling
 
     lib, params = _built_kernel(), native.format_parameters(fmt)
@@ -426,13 +427,14 @@ def _agrees(fmt: Any) -> bool:
     a[1] *= 2.0 ** (math.frexp(fmt.max)[1] - 8)
     a[2, 5], a[3, 9] = float("inf"), float("nan")
     init = exact((13, 37))
+    seed = None if rounding == "nearest" else torch.tensor([0x1234567, 2**31 - 5], dtype=torch.int32)
     for block, promote, start in ((1, None, None), (7, 21, init), (32, 64, None), (300, None, init)):
         first = _float_start(start, (13, 37), fmt)
-        fused = native.accumulate(lib, a, b, params, block, promote, first).view(13, 37)  # type: ignore[arg-type]
+        fused = native.accumulate(lib, a, b, params, block, promote, first, seed).view(13, 37)  # type: ignore[arg-type]
         with compiling(False):
-            ref = _matmul_float(a, b, (13, 37), fmt, block, promote, "nearest", None, first)
+            ref = _matmul_float(a, b, (13, 37), fmt, block, promote, rounding, seed, first)
         if not ((fused.view(torch.int32) == ref.view(torch.int32)) | (fused.isnan() & ref.isnan())).all():
-            _refused(f"for {fmt.name or fmt.spec} it gives other bits than the torch path (block {block}, "
+            _refused(f"for {fmt.name or fmt.spec} ({rounding}) it gives other bits than the torch path (block {block}, "
                      f"promote {promote})")
             return False
     return True
@@ -608,7 +610,7 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
     fused = fused_kernel(fmt, rounding) if x.device.type == "cpu" and weight.dim() < 5 and math.prod(shape) else None
     if fused is not None:
         return _conv_fused(*fused, x, weight, block, stride, padding, dilation, promote, _float_start(init, shape, fmt),
-                           shape)
+                           shape, seed)
     if not bool(torch.isfinite(x).all()):  # (conv3d: conv_as_matmul says it has no GEMM form)
         a, b, back = conv_as_matmul(x, weight, stride, padding, dilation)
         start = None if init is None else torch.broadcast_to(init, shape).reshape(*shape[:2], -1)
@@ -641,12 +643,12 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
 
 
 def _conv_fused(lib: Any, params: tuple[int, ...], x: Tensor, weight: Tensor, block: int, stride: Any, padding: Any,
-                dilation: Any, promote: int | None, start: Tensor | None, shape: Any) -> Tensor:
+                dilation: Any, promote: int | None, start: Tensor | None, shape: Any, seed: Tensor | None) -> Tensor:
     """:func:`conv_float` through the fused kernel (conv1d as a conv2d: :func:`_as_conv2d`)."""
     out_hw = (shape[2], shape[3]) if x.dim() == 4 else (1, shape[2])
     x, weight, stride, padding, dilation = _as_conv2d(x, weight, stride, padding, dilation)
     out = native.accumulate_conv(lib, x.float(), weight.float(), stride, padding, dilation, out_hw, params, block,
-                                 promote, start)
+                                 promote, start, seed)
     return out.view(shape)
 
 

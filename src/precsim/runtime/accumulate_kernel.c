@@ -38,9 +38,14 @@ typedef uint32_t vu __attribute__((vector_size(64)));
 typedef struct {
     int32_t shift, half, low, tiny, max, over, negzero;
     float magic;
+    int32_t emin_field, quantum;  /* emin + 127; the bits of the subnormal quantum 2^(emin - m) */
+    int stochastic;               /* stochastic rounding: block j's bits from words s0, s1 + j * SALT */
+    uint32_t s0, s1;
     int integer, saturate;
     int64_t lo, hi;
 } fmt_t;
+
+#define SALT 0x2545F491u  /* precsim.runtime.accumulate._BLOCK_SALT */
 
 /* 64-byte aligned; the size rounded up to a multiple of 64, as aligned_alloc requires */
 static void *alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
@@ -56,29 +61,73 @@ static inline int any(vi m) {
     return r != 0;
 }
 
-/* acc + x rounded once to the format: the float32 sum rounded to odd (TwoSum gives its exact
- * error), then rounded to nearest even on the format's grid (Boldo and Melquiond: no double
- * rounding, float32 keeps 2 more bits than the format). NaN stays NaN. */
-static inline vf add_round(vf acc, vf x, const fmt_t *f) {
+/* acc + x (float32) rounded to odd: moved one unit toward the exact sum where that is inexact
+ * and the last bit is even (TwoSum gives the exact error) */
+static inline vi sum_odd(vf acc, vf x) {
     vf s = acc + x;
     vf bb = s - acc;
     vf err = (acc - (s - bb)) + (x - bb);
     vi bits = (vi)s;
     vi away = 1 | (((vi)err ^ bits) >> 31);
     vi move = (err != 0) & (err == err) & ((bits & 1) == 0);
-    bits += move & away;
+    return bits + (move & away);
+}
+
+/* The rounded magnitude `out` of `bits` as a float: past max the overflow value, the sign back
+ * on (dropped from 0 in formats without -0), NaN as it was */
+static inline vf finish(vi bits, vi out, const fmt_t *f) {
     vi mag = bits & 0x7fffffff;
     vi sign = bits ^ mag;
-    vi up = (bits + f->half + ((bits >> f->shift) & 1)) & ~f->low;
-    vi sub = (vi)(((vf)mag + f->magic) - f->magic) | sign;
-    vi tiny = mag < f->tiny;
-    vi r = (sub & tiny) | (up & ~tiny);
-    vi over = (r & 0x7fffffff) > f->max;
-    r = ((sign | f->over) & over) | (r & ~over);
+    vi over = out > f->max;
+    out = (f->over & over) | (out & ~over);
     if (!f->negzero)
-        r &= ~(vi)(r == (int32_t)0x80000000);
+        sign &= ~(vi)(out == 0);
     vi nan = mag > 0x7f800000;
-    return (vf)((bits & nan) | (r & ~nan));
+    return (vf)((bits & nan) | ((out | sign) & ~nan));
+}
+
+/* acc + x rounded once to nearest (ties to even): the sum rounded to odd, then to the format's
+ * grid (Boldo and Melquiond: no double rounding, float32 keeps 2 more bits than the format) */
+static inline vf add_round(vf acc, vf x, const fmt_t *f) {
+    vi bits = sum_odd(acc, x);
+    vi mag = bits & 0x7fffffff;
+    vi up = (mag + f->half + ((mag >> f->shift) & 1)) & ~f->low;
+    vi sub = (vi)(((vf)mag + f->magic) - f->magic);
+    vi tiny = mag < f->tiny;
+    return finish(bits, (sub & tiny) | (up & ~tiny), f);
+}
+
+/* lowbias32, the mixer of precsim.formats.random (products modulo 2^32) */
+static inline vu mix(vu x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
+}
+
+/* acc + x rounded stochastically with the words rb, as precsim.formats.rounding rounds the sum
+ * rounded to odd: d significand bits below the grid's quantum; d <= 23: the low d bits of rb
+ * added and cleared; below one quantum: 0 or the quantum, up when sig + rb's low bits carry */
+static inline vf add_stochastic(vf acc, vf x, vi rb, const fmt_t *f) {
+    vi bits = sum_odd(acc, x);
+    vi mag = bits & 0x7fffffff;
+    vi biased = mag >> 23;
+    vi e1 = biased - (biased == 0);  /* float32 subnormals share 2^-126's exponent field */
+    vi gap = f->emin_field - e1;
+    vi d = f->shift + (gap & (gap > 0));
+    vi dm = d - ((d - 23) & (d > 23));
+    vi mask = (((vi){0} + 1) << dm) - 1;
+    vi rounded = (mag + (rb & mask)) & ~mask;
+    vi sig = ((mag & 0x7fffff) | 0x800000) & (biased > 0);
+    sig |= mag & (biased == 0);
+    vi ds = d - ((d - 30) & (d > 30));
+    vi excess = (d - 30) & (d > 30);
+    excess -= (excess - 24) & (excess > 24);
+    vi low = (((vi){0} + 1) << ds) - 1;
+    vi up = ((sig >> excess) + (rb & low)) > low;
+    vi small = d > 23;
+    return finish(bits, ((up & f->quantum) & small) | (rounded & ~small), f);
 }
 
 /* dst[k * w + j] = src[k * sk + j * sj] for k < kc, j < n; zero for n <= j < w (reading along
@@ -158,11 +207,21 @@ static inline void block_sums(vf c[MR][NV], long k0, long k1, const float *a, co
 /* One MR x NR tile over kc elements of K (global k0 ..): each block's sums, then the rounded
  * adds into acc; every `promote` elements acc is added to tot and reset. */
 static void tile(long kc, long k0, long block, long promote, const float *a, const float *b, float *acc,
-                 float *tot, const fmt_t *f) {
+                 float *tot, const fmt_t *f, int32_t at, long ld) {
     for (long kb = 0; kb < kc; kb += block) {
         long ke = kb + block < kc ? kb + block : kc;
         vf c[MR][NV];
         block_sums(c, kb, ke, a, b);
+        if (f->stochastic) {  /* element `at + i * ld + j` of the output, block (k0 + kb) / block */
+            vi lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+            uint32_t word = f->s1 + (uint32_t)((k0 + kb) / block) * SALT;
+            for (int i = 0; i < MR; ++i)
+                for (int v = 0; v < NV; ++v) {
+                    float *p = acc + i * NR + v * VL;
+                    vu index = (vu)(lanes + (int32_t)(at + i * ld + v * VL));
+                    store(p, add_stochastic(load(p), c[i][v], (vi)mix((index ^ f->s0) + word), f));
+                }
+        } else {
         /* Fast path: the float32 sum rounded by integer arithmetic on its bits. It is exact
          * unless the sum is a midpoint of the format (its exact error then decides), lies
          * outside the normal range, or is NaN; then the whole tile takes add_round. */
@@ -181,6 +240,7 @@ static void tile(long kc, long k0, long block, long promote, const float *a, con
                 float *p = acc + i * NR + v * VL;
                 store(p, slow ? add_round(load(p), c[i][v], f) : fast[i][v]);
             }
+        }
         if (promote && (k0 + ke) % promote == 0) {
             for (int e = 0; e < MR * NR; e += VL) {
                 store(tot + e, load(tot + e) + load(acc + e));
@@ -318,7 +378,7 @@ static int run(long M, long N, long K, const float *A, long sap, long sam, long 
                                 *events += tile_int(kc, pc, block, promote, apack + ir * kc, bp + jr * kc, acc, tot, f);
                             else
                                 tile(kc, pc, block, promote, apack + ir * kc, bp + jr * kc, (float *)acc,
-                                     (float *)tot, f);
+                                     (float *)tot, f, (int32_t)(p * M * N + at), N);
                             if (promote && last)
                                 for (int e = 0; e < MR * NR; ++e) {
                                     if (f->integer)
@@ -341,9 +401,11 @@ static int run(long M, long N, long K, const float *A, long sap, long sam, long 
 }
 
 /* The format from its parameters: {dropped bits, bits of 2^emin, bits of max, overflow value,
- * whether -0 exists, bits of the subnormal rounding constant} */
+ * whether -0 exists, bits of the subnormal rounding constant, emin + 127, bits of the subnormal
+ * quantum, stochastic rounding, seed words s0 and s1} */
 static fmt_t format(const int32_t *p) {
-    fmt_t f = {p[0], (1 << (p[0] - 1)) - 1, (1 << p[0]) - 1, p[1], p[2], p[3], p[4], 0.0f, 0, 0, 0, 0};
+    fmt_t f = {p[0], (1 << (p[0] - 1)) - 1, (1 << p[0]) - 1, p[1], p[2], p[3], p[4], 0.0f, p[6], p[7], p[8],
+               (uint32_t)p[9], (uint32_t)p[10], 0, 0, 0, 0};
     memcpy(&f.magic, p + 5, sizeof f.magic);
     return f;
 }
@@ -405,7 +467,8 @@ int precsim_acc_int_gemm(long P, long M, long N, long K, const float *A, long sa
                          const float *B, long sbp, long sbk, long sbn, const int64_t *S, int64_t *C, int64_t *T,
                          long block, long promote, int bits, int saturate, int threads, long *events) {
     source_t src = {B, sbp, sbk, sbn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-    fmt_t f = {0, 0, 0, 0, 0, 0, 0, 0.0f, 1, saturate, -((int64_t)1 << (bits - 1)), ((int64_t)1 << (bits - 1)) - 1};
+    fmt_t f = {0, 0, 0, 0, 0, 0, 0, 0.0f, 0, 0, 0, 0, 0, 1, saturate, -((int64_t)1 << (bits - 1)),
+               ((int64_t)1 << (bits - 1)) - 1};
     return run_parallel(P, M, N, K, A, sap, sam, sak, &src, S, C, T, block, promote, &f, threads, events);
 }
 

@@ -72,7 +72,13 @@ def format_parameters(fmt: Any) -> tuple[int, ...] | None:
         return None
     over = _OVERFLOW_BITS.get(fmt.overflow, _bits(top))
     magic = 1.5 * 2.0 ** (emin - m + 23)  # its spacing is the subnormal quantum 2^(emin - m)
-    return (23 - m, _bits(2.0**emin), _bits(top), over, int(fmt.has_negative_zero), _bits(magic))
+    return (23 - m, _bits(2.0**emin), _bits(top), over, int(fmt.has_negative_zero), _bits(magic), emin + 127,
+            _bits(2.0 ** (emin - m)))
+
+
+def _rounding(fmt: tuple[int, ...], seed: Tensor | None) -> tuple[int, ...]:
+    """:func:`format_parameters` and the rounding: nearest (no seed) or stochastic from ``seed``."""
+    return (*fmt, 0, 0, 0) if seed is None else (*fmt, 1, *(int(w) for w in seed.tolist()))
 
 
 _why: list[str] = []  # why the library is missing (empty while it is not)
@@ -193,21 +199,23 @@ def _packed_k(block: int) -> int:
 
 
 def accumulate(lib: ctypes.CDLL, a: Tensor, b: Tensor, fmt: tuple[int, ...], block: int, promote: int | None,
-               start: Tensor | None) -> Tensor:
+               start: Tensor | None, seed: Tensor | None = None) -> Tensor:
     """``a @ b`` (float32 on the CPU; ``a`` [P, M, K] or [M, K] shared by every matrix, ``b``
-    [P, K, N] or [K, N]) with the block sums added to an accumulator rounded to nearest in the
-    format ``fmt`` (:func:`format_parameters`), ``promote`` in elements; ``start``: the
-    accumulator's start, flat [P * M * N] float32, or None. Returns [P, M, N] float32."""
+    [P, K, N] or [K, N]) with the block sums added to an accumulator rounded in the format
+    ``fmt`` (:func:`format_parameters`) to nearest, or stochastically with the bits
+    :mod:`precsim.runtime.accumulate` draws from ``seed`` (two int32 words); ``promote`` in
+    elements; ``start``: the accumulator's start, flat [P * M * N] float32, or None. Returns
+    [P, M, N] float32."""
     _, size, operands = _operands(a, b)
 
     def call(args: list[Any]) -> int:
         return int(lib.precsim_acc_gemm(*size, *operands, *args))
-    return _launch(call, size, fmt, block, promote, start)
+    return _launch(call, size, _rounding(fmt, seed), block, promote, start)
 
 
 def accumulate_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
                     dilation: tuple[int, int], out_hw: tuple[int, int], fmt: tuple[int, ...], block: int,
-                    promote: int | None, start: Tensor | None) -> Tensor:
+                    promote: int | None, start: Tensor | None, seed: Tensor | None = None) -> Tensor:
     """:func:`accumulate` on the im2col GEMM of ``conv2d(x, weight)`` (groups 1; float32 on the
     CPU), whose columns the kernel reads from ``x`` as it packs them: ``weight.flatten(1) @
     unfold(x)``, without the columns in memory (on the zoo ResNet's 28x28 maps ``F.unfold`` took
@@ -221,7 +229,7 @@ def accumulate_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, stride: tuple[i
     def call(args: list[Any]) -> int:
         return int(lib.precsim_acc_conv(p, m, w.data_ptr(), w.stride(0), x.data_ptr(), c, h, wd, kh, kw, *stride,
                                         *padding, *dilation, *out_hw, *args))
-    return _launch(call, (p, m, n, k), fmt, block, promote, start)
+    return _launch(call, (p, m, n, k), _rounding(fmt, seed), block, promote, start)
 
 
 def _launch(call: Callable[[list[Any]], int], size: tuple[int, int, int, int], fmt: tuple[int, ...], block: int,
