@@ -1,7 +1,7 @@
 """Accumulators: what simulating the sums inside every GEMM costs, and what it does to accuracy.
 
-1. ``gemm``: a 1024x1024x1024 float32 GEMM with an fp16 accumulator (blocks 128, 32, 16, 8)
-   and with an int16 one on integer codes (block 32) against the plain GEMM, called alternately
+1. ``gemm``: a 1024x1024x1024 float32 GEMM with an fp16 accumulator (blocks 128, 32, 16, 8;
+   stochastic rounding at 32) and with an int16 one on integer codes (block 32) against the plain GEMM, called alternately
    in one process, with the fused kernel (the default) and the torch path; ratio = median /
    median.
 2. ``step``: a training step of the zoo ResNet (batch 128, MNIST-shaped) with an fp16 block-32
@@ -89,6 +89,18 @@ def gemm(rounds: int, size: int) -> None:
                      "torch": lambda: torch_path(1, a2, b2)}, rounds)
     print(f"| 1 ({small}^3) | {t['plain']:.2f} | {t['acc']:.1f} | {t['acc'] / t['plain']:.0f} | {t['torch']:.1f} | "
           f"{t['torch'] / t['plain']:.0f} |")
+    seed = torch.tensor([1, 2], dtype=torch.int32)
+
+    def stochastic(fused: bool) -> object:
+        accumulate.FUSED = fused
+        try:
+            return matmul_float(a, b, fp16, 32, rounding="stochastic", seed=seed)
+        finally:
+            accumulate.FUSED = True
+    t = interleaved({"plain": lambda: a @ b, "acc": lambda: stochastic(True), "torch": lambda: stochastic(False)},
+                    rounds)
+    print(f"| 32, stochastic rounding | {t['plain']:.1f} | {t['acc']:.1f} | {t['acc'] / t['plain']:.2f} | "
+          f"{t['torch']:.1f} | {t['torch'] / t['plain']:.2f} |")
     ca, cb = torch.randint(-128, 128, (size, size)).float(), torch.randint(0, 256, (size, size)).float()
     exact = exact_dtype(128, 255, 32)
 
