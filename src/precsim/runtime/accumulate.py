@@ -24,12 +24,13 @@ where every block sum is below 2^24, else float64); the accumulator is an int64 
 after every add, wrapped (two's complement) or saturated, and every add that left the W-bit
 range counts as one overflow event.
 
-Speed: float accumulators rounded to nearest on the CPU (the common case) run in one fused C
-kernel (:mod:`precsim.runtime.native`): the block sums stay in the GEMM's registers and
-are rounded there, and a conv's im2col columns are read from its input as they are packed; a
-kernel that is missing or fails its probe leaves the torch path below, with the same bits.
+Speed: on the CPU, accumulators run in one fused C kernel (:mod:`precsim.runtime.native`): float
+formats rounded to nearest or stochastically, and integer widths up to 48 bits on codes whose
+block sums are exact in float32. The block sums stay in the GEMM's registers and are rounded
+there, and a conv's im2col columns are read from its input as they are packed; a kernel that
+is missing or fails its probe leaves the torch path below, with the same bits.
 
-The torch path (stochastic rounding, integer accumulators, GPUs, formats the kernel cannot round): the output is
+The torch path (GPUs, conv3d, float64 block sums, formats the kernel cannot round): the output is
 cut into parts (rows, or matrices of a batched GEMM) whose block sums fit :data:`BUFFER_BYTES`,
 so that they stay in cache; for each part, one batched GEMM per chunk of :data:`MAX_CHUNK`
 blocks writes a [blocks, rows, N] buffer (allocated once per call: a fresh 128 MB buffer cost
@@ -57,7 +58,7 @@ from precsim.runtime.backend import call, compile_requested
 
 BUFFER_BYTES = 16 << 20  # the block sums of one part of the output (half the L3 of the 2-core VM)
 MAX_CHUNK = 32  # blocks per batched GEMM
-FUSED = True  # float accumulators to nearest on the CPU through the fused kernel (False: the torch path)
+FUSED = True  # accumulators on the CPU through the fused kernel (False: the torch path, for comparisons)
 STEPS_PER_KERNEL = 4  # block adds fused in one kernel call (each count of them compiles once per format)
 OVERFLOWS: tuple[str, ...] = ("wrap", "saturate")
 _BLOCK_SALT = 0x2545F491  # block j's seed word 1 is seed[1] + j * this (mod 2^32)
@@ -321,8 +322,8 @@ def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | N
                  rounding: str = "nearest", seed: Tensor | None = None, init: Tensor | None = None) -> Tensor:
     """``a @ b`` ([..., M, K] @ [..., K, N], broadcast) with a float accumulator in ``fmt`` (see
     the module doc); ``init``: the accumulator's start (a bias added first), rounded to ``fmt``
-    to nearest. float32 result. Rounding to nearest on the CPU takes the fused kernel
-    (:func:`fused_kernel`); everything else the torch path, :func:`_matmul_float`."""
+    to nearest. float32 result. On the CPU the fused kernel runs it (:func:`fused_kernel`);
+    elsewhere the torch path, :func:`_matmul_float`."""
     if rounding == "stochastic" and seed is None:
         raise ValueError("stochastic accumulation needs a seed")
     a, b, shape = _normalized(a.float(), b.float())
@@ -347,10 +348,10 @@ def _matmul_float(a: Tensor, b: Tensor, shape: Any, fmt: Any, block: int, promot
 
 def fused_kernel(fmt: Any, rounding: str) -> tuple[Any, tuple[int, ...]] | None:
     """(the fused kernel of :mod:`precsim.runtime.native`, ``fmt``'s parameters for it) where it
-    applies: :data:`FUSED` and compiled kernels on, rounding to nearest, a format it can round
-    (:func:`~precsim.runtime.native.format_parameters`), the kernel built, and its bits equal to
-    :func:`_matmul_float`'s on a probe of this format. Else None (a warning says why the kernel
-    is missing or refused, once)."""
+    applies: :data:`FUSED` and compiled kernels on, rounding to nearest or stochastic, a format
+    it can round (:func:`~precsim.runtime.native.format_parameters`), the kernel built, and its
+    bits equal to :func:`_matmul_float`'s on a probe of this format and rounding. Else None (a
+    warning says why the kernel is missing or refused, once)."""
     if not (FUSED and rounding in ("nearest", "stochastic") and compile_requested()):
         return None
     params = native.format_parameters(fmt)

@@ -1,10 +1,11 @@
-/* precsim: a float32 GEMM whose block sums are added to an accumulator rounded to nearest
- * (ties to even) in a narrow float format after every add, fused, so that the block sums never
- * leave registers (see precsim/runtime/accumulate.py for the semantics and
- * precsim/runtime/native.py for how this file is built and checked).
+/* precsim: a float32 GEMM whose block sums are added to an accumulator rounded in a narrow
+ * float format after every add (to nearest, ties to even, or stochastically), or kept in a W-bit
+ * integer, fused, so that the block sums never leave registers (see
+ * precsim/runtime/accumulate.py for the semantics and precsim/runtime/native.py for how this
+ * file is built and checked).
  *
  * The format is a sign-magnitude float grid inside float32 (precsim.formats.float, rounded as
- * precsim.formats.rounding.round_float does to nearest): `shift` low mantissa bits dropped (13:
+ * precsim.formats.rounding.round_float does): `shift` low mantissa bits dropped (13:
  * fp16, 16: bf16), values below 2^emin (>= 2^-126) on the subnormal grid, a rounded magnitude
  * above `max` (or an infinite sum) becomes the overflow value (Inf, max or NaN) with the sign,
  * NaN stays NaN, and -0 becomes +0 in formats without it.
