@@ -176,6 +176,35 @@ def test_fused_conv_with_inf_and_nan_inputs(lib: object) -> None:
     assert bool(got.isinf().any()) and bool(got.isnan().any())
 
 
+def columns3d(x: torch.Tensor, kernel: tuple[int, int, int], stride: tuple[int, int, int],
+              padding: tuple[int, int, int]) -> torch.Tensor:
+    """im2col of a conv3d (dilation 1) by ``Tensor.unfold``: [B, C * kd * kh * kw, L]."""
+    x = torch.nn.functional.pad(x, [p for q in reversed(padding) for p in (q, q)])
+    for dim, (k, s) in enumerate(zip(kernel, stride, strict=True)):
+        x = x.unfold(2 + dim, k, s)  # [B, C, od, oh, ow, kd, kh, kw] once all three are done
+    b, c = x.shape[:2]
+    return x.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(b, c * kernel[0] * kernel[1] * kernel[2], -1)
+
+
+@pytest.mark.parametrize(("stride", "padding"), [((1, 1, 1), (1, 1, 1)), ((2, 1, 2), (0, 2, 1))])
+def test_fused_conv3d_equals_the_gemm_reference(lib: object, stride: tuple[int, int, int],
+                                               padding: tuple[int, int, int]) -> None:
+    """conv3d runs the fused kernel too (its columns read from the 5-d input), Inf and NaN
+    inputs included (the torch path's block convs refuse those)."""
+    x, w = exact_values((2, 3, 6, 7, 8), 64), exact_values((4, 3, 3, 2, 3), 65)
+    x[1, 2, 0, 0, 0], x[0, 0, 3, 3, 3] = float("inf"), float("nan")
+    out = torch.nn.functional.conv3d(x, w, None, stride, padding)
+    want = reference_float(w.flatten(1), columns3d(x, (3, 2, 3), stride, padding), "fp16", 8, 24)
+    with fused():
+        got = conv_float(x, w, parse_format("fp16"), 8, stride=stride, padding=padding, promote=24)
+    assert same(got, want.view(out.shape))
+    assert bool(got.isnan().any()) and bool(got.isinf().any())
+    with fused():  # "same" padding
+        same_pad = conv_float(x[:1, :, :, :, :], w, parse_format("bf16"), 4, padding="same")
+    cols = columns3d(torch.nn.functional.pad(x[:1], (1, 1, 0, 1, 1, 1)), (3, 2, 3), (1, 1, 1), (0, 0, 0))
+    assert same(same_pad, reference_float(w.flatten(1), cols, "bf16", 4).view(same_pad.shape))
+
+
 def test_the_fused_kernel_follows_the_compile_switch(lib: object) -> None:
     """On by default (compiled kernels on); off with them, and for what it does not do
     (other roundings, integer formats, formats past its bit arithmetic: the torch path)."""

@@ -30,7 +30,7 @@ block sums are exact in float32. The block sums stay in the GEMM's registers and
 there, and a conv's im2col columns are read from its input as they are packed; a kernel that
 is missing or fails its probe leaves the torch path below, with the same bits.
 
-The torch path (GPUs, conv3d, float64 block sums, formats the kernel cannot round): the output is
+The torch path (GPUs, float64 block sums, formats the kernel cannot round): the output is
 cut into parts (rows, or matrices of a batched GEMM) whose block sums fit :data:`BUFFER_BYTES`,
 so that they stay in cache; for each part, one batched GEMM per chunk of :data:`MAX_CHUNK`
 blocks writes a [blocks, rows, N] buffer (allocated once per call: a fresh 128 MB buffer cost
@@ -608,7 +608,7 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
         return conv_float(x.unsqueeze(0), weight, fmt, block, stride=stride, padding=padding, dilation=dilation,
                           promote=promote, rounding=rounding, seed=seed, init=start)[0]
     shape = conv(x.to("meta"), weight.to("meta"), None, stride, padding, dilation).shape
-    fused = fused_kernel(fmt, rounding) if x.device.type == "cpu" and weight.dim() < 5 and math.prod(shape) else None
+    fused = fused_kernel(fmt, rounding) if x.device.type == "cpu" and math.prod(shape) else None
     if fused is not None:
         return _conv_fused(*fused, x, weight, block, stride, padding, dilation, promote, _float_start(init, shape, fmt),
                            shape, seed)
@@ -645,11 +645,18 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
 
 def _conv_fused(lib: Any, params: tuple[int, ...], x: Tensor, weight: Tensor, block: int, stride: Any, padding: Any,
                 dilation: Any, promote: int | None, start: Tensor | None, shape: Any, seed: Tensor | None) -> Tensor:
-    """:func:`conv_float` through the fused kernel (conv1d as a conv2d: :func:`_as_conv2d`)."""
-    out_hw = (shape[2], shape[3]) if x.dim() == 4 else (1, shape[2])
-    x, weight, stride, padding, dilation = _as_conv2d(x, weight, stride, padding, dilation)
-    out = native.accumulate_conv(lib, x.float(), weight.float(), stride, padding, dilation, out_hw, params, block,
-                                 promote, start, seed)
+    """:func:`conv_float` through the fused kernel: a conv1d or conv2d as a conv3d with unit
+    depth (and height), "same" padding made explicit (torch puts the extra element at the end)."""
+    lift = 5 - x.dim()
+    x, weight = x.reshape(*x.shape[:2], *[1] * lift, *x.shape[2:]), weight.reshape(
+        *weight.shape[:2], *[1] * lift, *weight.shape[2:])
+    stride, dilation = (1,) * lift + _tuple(stride, 3 - lift), (1,) * lift + _tuple(dilation, 3 - lift)
+    if padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True)]
+        x = F.pad(x, [p for t in reversed(totals) for p in (t // 2, t - t // 2)])
+    padding = (0, 0, 0) if isinstance(padding, str) else (0,) * lift + _tuple(padding, 3 - lift)
+    out = native.accumulate_conv(lib, x.float(), weight.float(), stride, padding, dilation, params, block, promote,
+                                 start, seed)
     return out.view(shape)
 
 

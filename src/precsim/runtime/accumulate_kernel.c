@@ -273,14 +273,15 @@ static long tile_int(long kc, long k0, long block, long promote, const float *a,
 }
 
 /* Where B comes from: a strided matrix (element (k, n) of matrix p at
- * b[p * sbp + k * sbk + n * sbn]), or, with conv set, the im2col columns of image p of a conv2d
- * (input [P, C, H, W] contiguous at b; k runs over (channel, kernel row, kernel column), n over
- * the output's (row, column)), read straight from the image without writing the columns out. */
+ * b[p * sbp + k * sbk + n * sbn]), or, with conv set, the im2col columns of image p of a conv3d
+ * (input [P, C, D, H, W] contiguous at b; k runs over (channel, kernel depth, row, column), n over
+ * the output's (depth, row, column)), read straight from the image without writing the columns
+ * out. A conv1d or conv2d is a conv3d with unit depth (and height). */
 typedef struct {
     const float *b;
     long sbp, sbk, sbn;
     int conv;
-    long c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ow;
+    long c, d, h, w, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, od, oh, ow;
 } source_t;
 
 /* Columns n0 .. n0 + n - 1 and rows k0 .. k0 + kc - 1 of B (matrix p) into a panel of NR columns */
@@ -289,29 +290,35 @@ static void pack_b(float *dst, const source_t *src, long p, long k0, long kc, lo
         pack(dst, src->b + p * src->sbp + k0 * src->sbk + n0 * src->sbn, kc, n, NR, src->sbk, src->sbn);
         return;
     }
-    const float *x = src->b + p * src->c * src->h * src->w;
+    long taps = src->kd * src->kh * src->kw, plane = src->oh * src->ow;
+    const float *x = src->b + p * src->c * src->d * src->h * src->w;
     for (long k = 0; k < kc; ++k) {
-        long kk = k0 + k, r = kk % (src->kh * src->kw);
-        long di = r / src->kw * src->dh - src->ph, dj = r % src->kw * src->dw - src->pw;
-        const float *xc = x + kk / (src->kh * src->kw) * src->h * src->w;
+        long kk = k0 + k, r = kk % taps;
+        long dz = r / (src->kh * src->kw) * src->dd - src->pd;
+        long di = r % (src->kh * src->kw) / src->kw * src->dh - src->ph, dj = r % src->kw * src->dw - src->pw;
+        const float *xc = x + kk / taps * src->d * src->h * src->w;
         float *row = dst + k * NR;
         for (long j = 0; j < n;) {  /* runs of columns in one output row */
-            long oh = (n0 + j) / src->ow, oc = (n0 + j) % src->ow;
-            long len = src->ow - oc < n - j ? src->ow - oc : n - j, i = oh * src->sh + di, c0 = oc * src->sw + dj;
-            float *d = row + j;
-            if (i < 0 || i >= src->h) {
-                memset(d, 0, sizeof(float) * len);
+            long o = n0 + j, oz = o / plane, oy = o % plane / src->ow, oc = o % src->ow;
+            long len = src->ow - oc < n - j ? src->ow - oc : n - j;
+            long z = oz * src->sd + dz, i = oy * src->sh + di, c0 = oc * src->sw + dj;
+            float *out = row + j;
+            const float *line = xc + ((z < 0 ? 0 : z) * src->h + (i < 0 ? 0 : i)) * src->w;  /* (valid when used) */
+            if (z < 0 || z >= src->d || i < 0 || i >= src->h) {
+                memset(out, 0, sizeof(float) * len);
             } else if (src->sw == 1) {  /* a contiguous stretch of the input row, zeros beyond it */
                 long lo = c0 < 0 ? -c0 : 0, hi = src->w - c0 < len ? src->w - c0 : len;
-                if (hi < lo) hi = lo;
-                if (lo > len) lo = hi = len;
-                memset(d, 0, sizeof(float) * lo);
-                memcpy(d + lo, xc + i * src->w + c0 + lo, sizeof(float) * (hi - lo));
-                memset(d + hi, 0, sizeof(float) * (len - hi));
+                if (hi < lo)
+                    hi = lo;
+                if (lo > len)
+                    lo = hi = len;
+                memset(out, 0, sizeof(float) * lo);
+                memcpy(out + lo, line + c0 + lo, sizeof(float) * (hi - lo));
+                memset(out + hi, 0, sizeof(float) * (len - hi));
             } else {
                 for (long t = 0; t < len; ++t) {
                     long col = c0 + t * src->sw;
-                    d[t] = col >= 0 && col < src->w ? xc[i * src->w + col] : 0.0f;
+                    out[t] = col >= 0 && col < src->w ? line[col] : 0.0f;
                 }
             }
             j += len;
@@ -446,20 +453,21 @@ static int run_parallel(long P, long M, long N, long K, const float *A, long sap
 int precsim_acc_gemm(long P, long M, long N, long K, const float *A, long sap, long sam, long sak, const float *B,
                      long sbp, long sbk, long sbn, const float *S, float *C, float *T, long block, long promote,
                      const int32_t *format_, int threads) {
-    source_t src = {B, sbp, sbk, sbn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    source_t src = {.b = B, .sbp = sbp, .sbk = sbk, .sbn = sbn};
     fmt_t f = format(format_);
     return run_parallel(P, M, N, K, A, sap, sam, sak, &src, S, C, T, block, promote, &f, threads, NULL);
 }
 
-/* The same for a conv2d (groups 1): X [P, c, h, w] contiguous, W the weight flattened to
- * [M, c * kh * kw] (row stride sw_), C [P, M, oh * ow] */
-int precsim_acc_conv(long P, long M, const float *W, long sw_, const float *X, long c, long h, long w, long kh,
-                     long kw, long sh, long sw, long ph, long pw, long dh, long dw, long oh, long ow, const float *S,
+/* The same for a conv3d (groups 1): X [P, c, d, h, w] contiguous, W the weight flattened to
+ * [M, c * kd * kh * kw] (row stride ldw), geometry g = {c, d, h, w, kd, kh, kw, stride (3),
+ * padding (3), dilation (3), od, oh, ow}; C [P, M, od * oh * ow] */
+int precsim_acc_conv(long P, long M, const float *W, long ldw, const float *X, const long *g, const float *S,
                      float *C, float *T, long block, long promote, const int32_t *format_, int threads) {
-    source_t src = {X, 0, 0, 0, 1, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ow};
+    source_t src = {X, 0, 0, 0, 1, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12],
+                    g[13], g[14], g[15], g[16], g[17], g[18]};
     fmt_t f = format(format_);
-    return run_parallel(P, M, oh * ow, c * kh * kw, W, 0, sw_, 1, &src, S, C, T, block, promote, &f, threads,
-                        NULL);
+    return run_parallel(P, M, g[16] * g[17] * g[18], g[0] * g[4] * g[5] * g[6], W, 0, ldw, 1, &src, S, C, T, block,
+                        promote, &f, threads, NULL);
 }
 
 /* precsim_acc_gemm for integer codes (block sums exact in float32) with a `bits`-bit accumulator
@@ -467,7 +475,7 @@ int precsim_acc_conv(long P, long M, const float *W, long sw_, const float *X, l
 int precsim_acc_int_gemm(long P, long M, long N, long K, const float *A, long sap, long sam, long sak,
                          const float *B, long sbp, long sbk, long sbn, const int64_t *S, int64_t *C, int64_t *T,
                          long block, long promote, int bits, int saturate, int threads, long *events) {
-    source_t src = {B, sbp, sbk, sbn, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    source_t src = {.b = B, .sbp = sbp, .sbk = sbk, .sbn = sbn};
     fmt_t f = {0, 0, 0, 0, 0, 0, 0, 0.0f, 0, 0, 0, 0, 0, 1, saturate, -((int64_t)1 << (bits - 1)),
                ((int64_t)1 << (bits - 1)) - 1};
     return run_parallel(P, M, N, K, A, sap, sam, sak, &src, S, C, T, block, promote, &f, threads, events);

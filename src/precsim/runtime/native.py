@@ -49,7 +49,7 @@ SMALL_FLOPS = 1 << 18  # below this many multiply-adds one thread runs the call 
 _L, _P = ctypes.c_long, ctypes.c_void_p
 _SHARED = [_P, _P, _P, _L, _L, _P, ctypes.c_int]  # start, out, total, block, promote, format, threads
 _GEMM = [_L, _L, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, *_SHARED]
-_CONV = [_L, _L, _P, _L, _P, *[_L] * 13, *_SHARED]
+_CONV = [_L, _L, _P, _L, _P, _P, *_SHARED]
 _INT = [_L, _L, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, _P, _P, _P, _L, _L, ctypes.c_int, ctypes.c_int, ctypes.c_int,
         ctypes.POINTER(ctypes.c_long)]
 MAX_INT_BITS = 48  # integer accumulators the kernel keeps (int64 adds of W-bit values and block sums < 2^24)
@@ -215,23 +215,25 @@ def accumulate(lib: ctypes.CDLL, a: Tensor, b: Tensor, fmt: tuple[int, ...], blo
     return _launch(call, size, _rounding(fmt, seed), block, promote, start)
 
 
-def accumulate_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
-                    dilation: tuple[int, int], out_hw: tuple[int, int], fmt: tuple[int, ...], block: int,
-                    promote: int | None, start: Tensor | None, seed: Tensor | None = None) -> Tensor:
-    """:func:`accumulate` on the im2col GEMM of ``conv2d(x, weight)`` (groups 1; float32 on the
-    CPU), whose columns the kernel reads from ``x`` as it packs them: ``weight.flatten(1) @
-    unfold(x)``, without the columns in memory (on the zoo ResNet's 28x28 maps ``F.unfold`` took
-    2.6x the fused GEMM). Returns [P, Cout, H_out * W_out]."""
+def accumulate_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, stride: tuple[int, ...], padding: tuple[int, ...],
+                    dilation: tuple[int, ...], fmt: tuple[int, ...], block: int, promote: int | None,
+                    start: Tensor | None, seed: Tensor | None = None) -> Tensor:
+    """:func:`accumulate` on the im2col GEMM of ``conv3d(x, weight)`` (groups 1; float32 on the
+    CPU; explicit padding; a conv1d or conv2d lifted to unit depth and height), whose columns the
+    kernel reads from ``x`` as it packs them: ``weight.flatten(1) @ unfold(x)``, without the
+    columns in memory (on the zoo ResNet's 28x28 maps ``F.unfold`` took 2.6x the fused GEMM).
+    Returns [P, Cout, D_out * H_out * W_out]."""
     x = x.contiguous()
     w = weight.reshape(weight.shape[0], -1)
-    p, c, h, wd = x.shape
-    kh, kw = weight.shape[-2:]
-    m, n, k = w.shape[0], out_hw[0] * out_hw[1], w.shape[1]
+    kernel = weight.shape[2:]
+    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+           for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation, strict=True)]
+    geometry = (ctypes.c_long * 19)(x.shape[1], *x.shape[2:], *kernel, *stride, *padding, *dilation, *out)
+    size = (x.shape[0], w.shape[0], out[0] * out[1] * out[2], w.shape[1])
 
     def call(args: list[Any]) -> int:
-        return int(lib.precsim_acc_conv(p, m, w.data_ptr(), w.stride(0), x.data_ptr(), c, h, wd, kh, kw, *stride,
-                                        *padding, *dilation, *out_hw, *args))
-    return _launch(call, (p, m, n, k), _rounding(fmt, seed), block, promote, start)
+        return int(lib.precsim_acc_conv(size[0], size[1], w.data_ptr(), w.stride(0), x.data_ptr(), geometry, *args))
+    return _launch(call, size, _rounding(fmt, seed), block, promote, start)
 
 
 def _launch(call: Callable[[list[Any]], int], size: tuple[int, int, int, int], fmt: tuple[int, ...], block: int,
