@@ -290,7 +290,17 @@ static void pack_b(float *dst, const source_t *src, long p, long k0, long kc, lo
         pack(dst, src->b + p * src->sbp + k0 * src->sbk + n0 * src->sbn, kc, n, NR, src->sbk, src->sbn);
         return;
     }
-    long taps = src->kd * src->kh * src->kw, plane = src->oh * src->ow;
+    /* the panel's runs of columns in one output row: the same for every k */
+    long taps = src->kd * src->kh * src->kw, plane = src->oh * src->ow, runs = 0;
+    long at[NR], len[NR], z0[NR], i0[NR], c0[NR];
+    for (long j = 0; j < n; j += len[runs++]) {
+        long o = n0 + j, oc = o % src->ow;
+        at[runs] = j;
+        len[runs] = src->ow - oc < n - j ? src->ow - oc : n - j;
+        z0[runs] = o / plane * src->sd;
+        i0[runs] = o % plane / src->ow * src->sh;
+        c0[runs] = oc * src->sw;
+    }
     const float *x = src->b + p * src->c * src->d * src->h * src->w;
     for (long k = 0; k < kc; ++k) {
         long kk = k0 + k, r = kk % taps;
@@ -298,30 +308,29 @@ static void pack_b(float *dst, const source_t *src, long p, long k0, long kc, lo
         long di = r % (src->kh * src->kw) / src->kw * src->dh - src->ph, dj = r % src->kw * src->dw - src->pw;
         const float *xc = x + kk / taps * src->d * src->h * src->w;
         float *row = dst + k * NR;
-        for (long j = 0; j < n;) {  /* runs of columns in one output row */
-            long o = n0 + j, oz = o / plane, oy = o % plane / src->ow, oc = o % src->ow;
-            long len = src->ow - oc < n - j ? src->ow - oc : n - j;
-            long z = oz * src->sd + dz, i = oy * src->sh + di, c0 = oc * src->sw + dj;
-            float *out = row + j;
-            const float *line = xc + ((z < 0 ? 0 : z) * src->h + (i < 0 ? 0 : i)) * src->w;  /* (valid when used) */
+        for (long q = 0; q < runs; ++q) {
+            long z = z0[q] + dz, i = i0[q] + di, c = c0[q] + dj, m = len[q];
+            float *out = row + at[q];
             if (z < 0 || z >= src->d || i < 0 || i >= src->h) {
-                memset(out, 0, sizeof(float) * len);
-            } else if (src->sw == 1) {  /* a contiguous stretch of the input row, zeros beyond it */
-                long lo = c0 < 0 ? -c0 : 0, hi = src->w - c0 < len ? src->w - c0 : len;
+                memset(out, 0, sizeof(float) * m);
+                continue;
+            }
+            const float *line = xc + (z * src->h + i) * src->w;
+            if (src->sw == 1) {  /* a contiguous stretch of the input row, zeros beyond it */
+                long lo = c < 0 ? -c : 0, hi = src->w - c < m ? src->w - c : m;
                 if (hi < lo)
                     hi = lo;
-                if (lo > len)
-                    lo = hi = len;
+                if (lo > m)
+                    lo = hi = m;
                 memset(out, 0, sizeof(float) * lo);
-                memcpy(out + lo, line + c0 + lo, sizeof(float) * (hi - lo));
-                memset(out + hi, 0, sizeof(float) * (len - hi));
+                memcpy(out + lo, line + c + lo, sizeof(float) * (hi - lo));
+                memset(out + hi, 0, sizeof(float) * (m - hi));
             } else {
-                for (long t = 0; t < len; ++t) {
-                    long col = c0 + t * src->sw;
+                for (long t = 0; t < m; ++t) {
+                    long col = c + t * src->sw;
                     out[t] = col >= 0 && col < src->w ? line[col] : 0.0f;
                 }
             }
-            j += len;
         }
         for (long j = n; j < NR; ++j) row[j] = 0.0f;
     }
