@@ -145,35 +145,29 @@ static void pack(float *dst, const float *src, long kc, long n, long w, long sk,
     }
 }
 
-/* An MR x NR tile of `es`-byte elements from rows of length ld (mm x nn of them inside the
- * matrix; NULL: zero), and back */
+/* mm rows of nn `es`-byte elements from src (rows ls elements apart) to dst (ld apart); whole
+ * tiles with a row size known here (10% faster than memcpy of a variable size) */
+static void copy_rows(char *dst, long ld, const char *src, long ls, long mm, long nn, size_t es) {
+    if (mm == MR && nn == NR && es == sizeof(float))
+        for (int i = 0; i < MR; ++i)
+            memcpy(dst + i * ld * sizeof(float), src + i * ls * sizeof(float), NR * sizeof(float));
+    else if (mm == MR && nn == NR)
+        for (int i = 0; i < MR; ++i)
+            memcpy(dst + i * ld * sizeof(int64_t), src + i * ls * sizeof(int64_t), NR * sizeof(int64_t));
+    else
+        for (long i = 0; i < mm; ++i) memcpy(dst + i * ld * es, src + i * ls * es, nn * es);
+}
+
+/* An MR x NR tile from rows of length ld (mm x nn of them inside the matrix; NULL: zero), and back */
 static void get(void *tile, const char *from, long ld, long mm, long nn, size_t es) {
-    if (from && mm == MR && nn == NR) {  /* a whole tile: rows of a size known here (10% faster) */
-        if (es == sizeof(float))
-            for (int i = 0; i < MR; ++i)
-                memcpy((float *)tile + i * NR, (const float *)from + i * ld, NR * sizeof(float));
-        else
-            for (int i = 0; i < MR; ++i)
-                memcpy((int64_t *)tile + i * NR, (const int64_t *)from + i * ld, NR * sizeof(int64_t));
-        return;
-    }
-    memset(tile, 0, es * MR * NR);
-    for (long i = 0; from && i < mm; ++i)
-        memcpy((char *)tile + i * NR * es, from + i * ld * es, nn * es);
+    if (!from || mm < MR || nn < NR)
+        memset(tile, 0, es * MR * NR);
+    if (from)
+        copy_rows(tile, NR, from, ld, mm, nn, es);
 }
 
 static void put(char *to, const void *tile, long ld, long mm, long nn, size_t es) {
-    if (mm == MR && nn == NR) {
-        if (es == sizeof(float))
-            for (int i = 0; i < MR; ++i)
-                memcpy((float *)to + i * ld, (const float *)tile + i * NR, NR * sizeof(float));
-        else
-            for (int i = 0; i < MR; ++i)
-                memcpy((int64_t *)to + i * ld, (const int64_t *)tile + i * NR, NR * sizeof(int64_t));
-        return;
-    }
-    for (long i = 0; i < mm; ++i)
-        memcpy(to + i * ld * es, (const char *)tile + i * NR * es, nn * es);
+    copy_rows(to, ld, tile, NR, mm, nn, es);
 }
 
 /* acc[e] + sums[e] kept in W bits (int64 arithmetic cannot overflow: W <= 48 and the sums are
