@@ -479,8 +479,8 @@ int precsim_acc_int_gemm(long P, long M, long N, long K, const float *A, long sa
                          const float *B, long sbp, long sbk, long sbn, const int64_t *S, int64_t *C, int64_t *T,
                          long block, long promote, int bits, int saturate, int threads, long *events) {
     source_t src = {.b = B, .sbp = sbp, .sbk = sbk, .sbn = sbn};
-    fmt_t f = {0, 0, 0, 0, 0, 0, 0, 0.0f, 0, 0, 0, 0, 0, 1, saturate, -((int64_t)1 << (bits - 1)),
-               ((int64_t)1 << (bits - 1)) - 1};
+    fmt_t f = {.integer = 1, .saturate = saturate, .lo = -((int64_t)1 << (bits - 1)),
+               .hi = ((int64_t)1 << (bits - 1)) - 1};
     return run_parallel(P, M, N, K, A, sap, sam, sak, &src, S, C, T, block, promote, &f, threads, events);
 }
 
