@@ -78,11 +78,6 @@ def format_parameters(fmt: Any) -> tuple[int, ...] | None:
             _bits(2.0 ** (emin - m)))
 
 
-def _rounding(fmt: tuple[int, ...], seed: Tensor | None) -> tuple[int, ...]:
-    """:func:`format_parameters` and the rounding: nearest (no seed) or stochastic from ``seed``."""
-    return (*fmt, 0, 0, 0) if seed is None else (*fmt, 1, *(int(w) for w in seed.tolist()))
-
-
 _why: list[str] = []  # why the library is missing (empty while it is not)
 
 
@@ -166,38 +161,14 @@ def why_missing() -> str:
     return _why[0] if _why else ""
 
 
-def _operands(a: Tensor, b: Tensor) -> tuple[Tensor, tuple[int, int, int, int], list[int]]:
-    """(b as [P, K, N], (P, M, N, K), the GEMM's pointer and stride arguments)."""
+def _operands(a: Tensor, b: Tensor) -> tuple[tuple[int, int, int, int], list[int]]:
+    """((P, M, N, K), the GEMM's pointer and stride arguments) of ``a @ b``."""
     bs = b if b.dim() == 3 else b.unsqueeze(0)
     p, k, n = bs.shape
     sap = a.stride(0) if a.dim() == 3 else 0
     sbp = bs.stride(0) if bs.shape[0] > 1 else 0
-    return bs, (p, a.shape[-2], n, k), [a.data_ptr(), sap, a.stride(-2), a.stride(-1), bs.data_ptr(), sbp,
-                                        bs.stride(1), bs.stride(2)]
-
-
-def accumulate_int(lib: ctypes.CDLL, a: Tensor, b: Tensor, bits: int, saturate: bool, block: int,
-                   promote: int | None, start: Tensor | None) -> tuple[Tensor, int]:
-    """:func:`accumulate` for integer codes (float32 tensors whose block sums are exact in
-    float32) with a ``bits``-bit accumulator (8 .. :data:`MAX_INT_BITS`), wrapped or saturated;
-    ``start``: int64 codes already kept in ``bits`` bits, flat, or None. Returns the int64
-    result [P, M, N] and the number of adds that left the range."""
-    _, (p, m, n, k), operands = _operands(a, b)
-    out = torch.empty(p, m, n, dtype=torch.int64)
-    total = torch.empty(p, m, n, dtype=torch.int64) if promote is not None and k > _packed_k(block) else None
-    start = None if start is None else start.contiguous()
-    events = ctypes.c_long(0)
-    threads = 1 if p * m * n * k < SMALL_FLOPS else torch.get_num_threads()
-    if lib.precsim_acc_int_gemm(p, m, n, k, *operands, None if start is None else start.data_ptr(), out.data_ptr(),
-                                None if total is None else total.data_ptr(), block, promote or 0, bits, int(saturate),
-                                threads, ctypes.byref(events)):
-        raise MemoryError("the fused accumulator kernel could not allocate its packing buffers")
-    return out, events.value
-
-
-def _packed_k(block: int) -> int:
-    """The kernel's packed K: KC = 256 rounded to whole blocks (longer K needs a promotion buffer)."""
-    return block * max(1, 256 // block)
+    return (p, a.shape[-2], n, k), [a.data_ptr(), sap, a.stride(-2), a.stride(-1), bs.data_ptr(), sbp, bs.stride(1),
+                                    bs.stride(2)]
 
 
 def accumulate(lib: ctypes.CDLL, a: Tensor, b: Tensor, fmt: tuple[int, ...], block: int, promote: int | None,
@@ -208,11 +179,28 @@ def accumulate(lib: ctypes.CDLL, a: Tensor, b: Tensor, fmt: tuple[int, ...], blo
     :mod:`precsim.runtime.accumulate` draws from ``seed`` (two int32 words); ``promote`` in
     elements; ``start``: the accumulator's start, flat [P * M * N] float32, or None. Returns
     [P, M, N] float32."""
-    _, size, operands = _operands(a, b)
+    size, operands = _operands(a, b)
+    rounding = _format_array(fmt, seed)
 
-    def call(args: list[Any]) -> int:
-        return int(lib.precsim_acc_gemm(*size, *operands, *args))
-    return _launch(call, size, _rounding(fmt, seed), block, promote, start)
+    def call(buffers: list[Any], threads: int) -> int:
+        return int(lib.precsim_acc_gemm(*size, *operands, *buffers, rounding, threads))
+    return _launch(call, size, torch.float32, block, promote, start)
+
+
+def accumulate_int(lib: ctypes.CDLL, a: Tensor, b: Tensor, bits: int, saturate: bool, block: int,
+                   promote: int | None, start: Tensor | None) -> tuple[Tensor, int]:
+    """:func:`accumulate` for integer codes (float32 tensors whose block sums are exact in
+    float32) with a ``bits``-bit accumulator (8 .. :data:`MAX_INT_BITS`), wrapped or saturated;
+    ``start``: int64 codes already kept in ``bits`` bits, flat, or None. Returns the int64
+    result [P, M, N] and the number of adds that left the range."""
+    size, operands = _operands(a, b)
+    events = ctypes.c_long(0)
+
+    def call(buffers: list[Any], threads: int) -> int:
+        return int(lib.precsim_acc_int_gemm(*size, *operands, *buffers, bits, int(saturate), threads,
+                                            ctypes.byref(events)))
+    out = _launch(call, size, torch.int64, block, promote, start)
+    return out, events.value
 
 
 def accumulate_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, stride: tuple[int, ...], padding: tuple[int, ...],
@@ -230,23 +218,33 @@ def accumulate_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, stride: tuple[i
            for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation, strict=True)]
     geometry = (ctypes.c_long * 19)(x.shape[1], *x.shape[2:], *kernel, *stride, *padding, *dilation, *out)
     size = (x.shape[0], w.shape[0], out[0] * out[1] * out[2], w.shape[1])
+    rounding = _format_array(fmt, seed)
 
-    def call(args: list[Any]) -> int:
-        return int(lib.precsim_acc_conv(size[0], size[1], w.data_ptr(), w.stride(0), x.data_ptr(), geometry, *args))
-    return _launch(call, size, _rounding(fmt, seed), block, promote, start)
+    def call(buffers: list[Any], threads: int) -> int:
+        return int(lib.precsim_acc_conv(size[0], size[1], w.data_ptr(), w.stride(0), x.data_ptr(), geometry, *buffers,
+                                        rounding, threads))
+    return _launch(call, size, torch.float32, block, promote, start)
 
 
-def _launch(call: Callable[[list[Any]], int], size: tuple[int, int, int, int], fmt: tuple[int, ...], block: int,
+def _format_array(fmt: tuple[int, ...], seed: Tensor | None) -> Any:
+    """:func:`format_parameters` and the rounding (nearest without a seed, else stochastic from
+    its two words) as the kernel's int32 array."""
+    words = (*fmt, 0, 0, 0) if seed is None else (*fmt, 1, *(int(w) for w in seed.tolist()))
+    return (ctypes.c_int32 * len(words))(*words)
+
+
+def _launch(call: Callable[[list[Any], int], int], size: tuple[int, int, int, int], dtype: torch.dtype, block: int,
             promote: int | None, start: Tensor | None) -> Tensor:
-    """Runs ``call(args)``, ``args`` being what both kernels take last: the start, output and
-    promotion buffers, block, promotion, the format and the number of threads."""
+    """The output ([P, M, N] of ``dtype``) of ``call(buffers, threads)``, ``buffers`` being what
+    every kernel takes after its operands: the start, output and promotion buffers, the block and
+    the promotion. One thread below :data:`SMALL_FLOPS`."""
     p, m, n, k = size
-    out = torch.empty(p, m, n, dtype=torch.float32)
-    total = torch.empty(p, m, n, dtype=torch.float32) if promote is not None and k > _packed_k(block) else None
+    out = torch.empty(p, m, n, dtype=dtype)
+    packed_k = block * max(1, 256 // block)  # the kernel's KC = 256 rounded to whole blocks
+    total = torch.empty_like(out) if promote is not None and k > packed_k else None  # (else kept in the tile)
     start = None if start is None else start.contiguous()
-    threads = 1 if p * m * n * k < SMALL_FLOPS else torch.get_num_threads()
-    args = [None if start is None else start.data_ptr(), out.data_ptr(), None if total is None else total.data_ptr(),
-            block, promote or 0, (ctypes.c_int32 * len(fmt))(*fmt), threads]
-    if call(args):
+    buffers = [None if start is None else start.data_ptr(), out.data_ptr(), None if total is None else total.data_ptr(),
+               block, promote or 0]
+    if call(buffers, 1 if p * m * n * k < SMALL_FLOPS else torch.get_num_threads()):
         raise MemoryError("the fused accumulator kernel could not allocate its packing buffers")
     return out
