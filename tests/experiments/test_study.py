@@ -114,8 +114,11 @@ def test_a_second_run_reuses_every_measurement(searched: tuple[Path, str], tmp_p
     out, stdout = searched
     before = json.loads((out / "measurements.json").read_text())
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(TINY))
+    torn = out / ".measurements.json.x1y2.tmp"  # what a run killed inside an atomic write leaves
+    torn.write_text('{"fingerprint": ')
     proc = run_cli(["search", "--config", str(tmp_path / "study.yaml"), "--out", str(out), "--no-progress"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not torn.exists() and f"removed {str(torn)!r}" in proc.stderr
     assert f"{len(before['results'])} measurements from an earlier run reused" in proc.stderr
     assert "training the FP32" not in proc.stderr  # its weights are kept too
     assert json.loads((out / "measurements.json").read_text()) == before and proc.stdout == stdout

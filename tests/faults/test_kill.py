@@ -61,3 +61,26 @@ def test_kill_at_random_points_then_resume(tmp_path: Path, reference, run_second
         assert rc == 0, err
         assert_complete(out, reference.out)
         f["rows_lost"] += len(present - assert_subset(out, reference.out))
+
+
+def test_a_rerun_removes_the_temporary_files_a_kill_left_in_every_folder_it_writes(tmp_path: Path,
+                                                                                   reference) -> None:
+    """A kill between an atomic write's temporary file and its rename leaves ``.<name>.*.tmp``
+    wherever precsim writes (the folder, checkpoints, telemetry, debug digests); the rerun
+    removes each one, says so, and touches nobody else's files."""
+    out = reference.copy(tmp_path / "out")
+    left = [out / ".results.json.a1.tmp", out / "checkpoints" / ".q_sr.pt.b2.tmp",
+            out / "stats" / ".q_sr.csv.c3.tmp", out / "debug" / ".q_sr.json.d4.tmp"]
+    for p in left:
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"torn")
+    theirs = out / "stats" / "notes.tmp"  # not precsim's pattern: kept
+    theirs.write_text("mine")
+    with fault("temporary file left"):
+        rc, err = run_here(sweep_args(write_config(tmp_path), out))
+        assert rc == 0, err
+        for p in left:
+            assert not p.exists() and f"removed {str(p)!r}" in err
+        assert theirs.read_text() == "mine"
+        theirs.unlink()
+        assert_complete(out, reference.out)

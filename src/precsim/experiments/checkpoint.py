@@ -81,6 +81,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def remove_temp_files(*folders: Path) -> list[Path]:
+    """Delete the temporary files of atomic writes (``.<name>.*.tmp``) that a killed run left in
+    ``folders``; call it only while holding the folder's lock (a live writer's file looks the same)."""
+    found = [p for d in folders if d.is_dir() for p in sorted(d.glob(".*.tmp")) if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -253,4 +262,4 @@ def load_checkpoint(path: str | Path, *, scheme_fingerprint: str, spec_fingerpri
 
 __all__ = ["CHECKPOINT_DIR", "CorruptFileError", "atomic_torch_save", "atomic_write_bytes", "atomic_write_json",
            "atomic_write_text", "capture_rng", "checkpoint_way_out", "checksummed_torch_bytes", "load_checkpoint",
-           "read_checkpoint", "read_torch_file", "restore_rng", "save_checkpoint", "torch_payload"]
+           "read_checkpoint", "read_torch_file", "remove_temp_files", "restore_rng", "save_checkpoint", "torch_payload"]

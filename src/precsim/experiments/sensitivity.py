@@ -30,7 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from precsim.experiments.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from precsim.experiments.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    remove_temp_files,
+)
 from precsim.experiments.study import FP32, StudySpec, costs_per_element
 from precsim.experiments.task import Task
 from precsim.qat.batches import feed
@@ -284,6 +289,8 @@ def measured(study: StudySpec, out: Path, name: str, fresh: bool, progress: bool
 
     lock = acquire(out, command=f"precsim {name}", log=log)
     try:
+        for p in remove_temp_files(out):
+            log(f"precsim {name}: removed {str(p)!r}, left by a run that was stopped while writing it")
         task = build_task(study.task, out, log)
         store = Measurements(out, study.fingerprint(), fresh)
         groups = point_groups(task, study)

@@ -35,6 +35,7 @@ from precsim.experiments.checkpoint import (
     atomic_write_json,
     load_checkpoint,
     read_checkpoint,
+    remove_temp_files,
 )
 from precsim.experiments.lock import LOCK_NAME, FolderBusyError, FolderLock, acquire
 from precsim.experiments.report import CURVES_PNG, REPORT_MD, format_table, write_report
@@ -64,14 +65,6 @@ def clear_outputs(out: Path) -> None:
     for sub in (CHECKPOINT_DIR, DEBUG_DIR, STATS_DIR):
         if (out / sub).is_dir():
             shutil.rmtree(out / sub)
-
-
-def remove_temp_files(out: Path) -> list[Path]:
-    """Delete the temporary files of atomic writes that a killed run left (only while locked)."""
-    found = [p for d in (out, out / CHECKPOINT_DIR) if d.is_dir() for p in d.glob(".*.tmp") if p.is_file()]
-    for p in found:
-        p.unlink(missing_ok=True)
-    return found
 
 
 def read_record(path: Path) -> dict[str, Any]:
@@ -210,7 +203,7 @@ def _run_sweep(spec: SweepSpec, start: float, fresh: bool, progress: bool,
             if record is None and not fresh and (out / CHECKPOINT_DIR).is_dir():
                 say(f"precsim sweep: {SPEC_JSON} was missing in {str(out)!r}: rebuilt from this sweep, to which "
                     "every checkpoint there belongs")
-            for p in remove_temp_files(out):
+            for p in remove_temp_files(out, *(out / sub for sub in (CHECKPOINT_DIR, DEBUG_DIR, STATS_DIR))):
                 say(f"precsim sweep: removed {str(p)!r}, left by a run that was stopped while writing it")
             write_record(out, spec, ctx.world_size, record)
         D.barrier(ctx)
@@ -310,5 +303,5 @@ def repair_results(store: ResultStore, out: Path, order: list[str], spec: SweepS
 
 
 __all__ = ["CHECKPOINT_DIR", "EPOCH_SLEEP_ENV", "LOCK_NAME", "SPEC_JSON", "check_out_folder", "checkpoint_path",
-           "clear_outputs", "lock_folder", "read_record", "remove_temp_files", "repair_results", "run_sweep",
+           "clear_outputs", "lock_folder", "read_record", "repair_results", "run_sweep",
            "write_record"]
