@@ -15,6 +15,7 @@ from torch import nn
 import precsim
 from precsim.qat.accumulator import overflows
 from precsim.qat.config import QuantConfig
+from precsim.runtime.accumulate import conv_float
 
 
 def exact_values(shape: tuple[int, ...], seed: int, ints: int = 7, spread: int = 2) -> torch.Tensor:
@@ -352,8 +353,6 @@ def test_einsum_forms_without_a_gemm_are_refused() -> None:
 
 
 def test_conv3d_and_conv1d_modules_take_float_accumulators() -> None:
-    from precsim.runtime.accumulate import conv_float
-
     fmt = "flexfp(e=5,m=3)"
     for conv, x in ((nn.Conv3d(2, 3, 3, padding=1), exact_values((2, 2, 4, 4, 4), 36)),
                     (nn.Conv1d(2, 3, 3, padding=1), exact_values((2, 2, 9), 37))):
@@ -369,10 +368,61 @@ def test_conv3d_and_conv1d_modules_take_float_accumulators() -> None:
         plain = copy.deepcopy(conv)
         plain(x).sum().backward()
         assert torch.equal(p.weight.grad, plain.weight.grad)
-    for cfg in ({"weight": "int8", "input": "int8", "accumulator": "int16"},
-                {"accumulator": "fp16", "gradient_accumulator": "bf16"}):
-        with pytest.raises(ValueError, match="Conv3d '': an integer accumulator or a gradient_accumulator"):
-            precsim.prepare(nn.Conv3d(2, 3, 3), cfg)
+
+
+def columns3d(x: torch.Tensor, k: int, padding: int) -> torch.Tensor:
+    """im2col of a conv3d with a cubic kernel, stride 1, by hand: [B, K, L], K in
+    weight.flatten(1) order (channel, then depth, row, column of the kernel)."""
+    xp = F.pad(x, (padding,) * 6)
+    patches = xp.unfold(2, k, 1).unfold(3, k, 1).unfold(4, k, 1)  # [B, C, D', H', W', k, k, k]
+    return patches.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(x.shape[0], x.shape[1] * k ** 3, -1)
+
+
+def test_conv3d_takes_integer_and_gradient_accumulators_and_groups() -> None:
+    """A Conv3d is a GEMM like the others: int8 codes summed in int16 (wrapping, counted) or
+    int32 (exact), backward GEMMs with their own accumulator, and groups."""
+    conv = nn.Conv3d(2, 3, 3, padding=1, bias=False)
+    g = torch.Generator().manual_seed(41)
+    codes_w = torch.randint(-127, 128, (3, 2, 3, 3, 3), generator=g).float()
+    codes_w[:, 0, 0, 0, 0] = 127  # every channel's scale 2^-4 (per channel or not)
+    codes_x = torch.randint(-127, 128, (2, 2, 4, 4, 4), generator=g).float()
+    codes_x[0, 0, 0, 0, 0] = 127  # the input's scale 2^-3
+    with torch.no_grad():
+        conv.weight.copy_(codes_w / 16)
+    x = codes_x / 8
+    cfg = {"input": {"format": "int8", "observer": "minmax"}, "weight": "int8"}
+    wide = precsim.prepare(copy.deepcopy(conv), {**cfg, "accumulator": "int32"})
+    assert torch.equal(wide(x), F.conv3d(x, conv.weight.detach(), padding=1))  # code sums exact in float32
+    narrow = precsim.prepare(copy.deepcopy(conv), {**cfg, "accumulator": {"format": "int16", "block": 8}})
+    cols = columns3d(codes_x, 3, 1).double().numpy()  # [B, 54, 64]
+    w = codes_w.flatten(1).double().numpy()
+    acc, events = np.zeros((2, 3, 64), np.int64), 0
+    for j in range(0, 54, 8):
+        s_ = acc + np.einsum("ok,bkl->bol", w[:, j:j + 8], cols[:, j:j + 8]).astype(np.int64)
+        events += int(((s_ < -2**15) | (s_ > 2**15 - 1)).sum())
+        acc = (s_ + 2**15) % 2**16 - 2**15
+    assert torch.equal(narrow(x), torch.from_numpy(acc).float().view(2, 3, 4, 4, 4) / 128)
+    assert events > 0 and overflows(narrow) == {"precsim_accumulator": events}
+
+    back = precsim.prepare(copy.deepcopy(conv), {"accumulator": "fp16",
+                                                 "gradient_accumulator": {"format": "fp8_e5m2", "block": 8}})
+    xe, ge = exact_values((2, 2, 3, 3, 3), 42), exact_values((2, 3, 3, 3, 3), 43)
+    with torch.no_grad():
+        back.weight.copy_(exact_values((3, 2, 3, 3, 3), 44))
+    (back(xe) * ge).sum().backward()
+    g2 = ge.flatten(2).transpose(0, 1).reshape(3, -1)  # [C_out, B*L]
+    want = reference(g2, columns3d(xe, 3, 1).transpose(1, 2).reshape(-1, 54), "fp8_e5m2", 8)
+    assert torch.equal(back.weight.grad, want.view(3, 2, 3, 3, 3))
+
+    grouped = nn.Conv3d(4, 2, 3, padding=1, groups=2, bias=False)
+    with torch.no_grad():
+        grouped.weight.copy_(exact_values((2, 2, 3, 3, 3), 45))
+    xg = exact_values((2, 4, 3, 3, 3), 46)
+    got = precsim.prepare(copy.deepcopy(grouped), {"accumulator": {"format": "fp8_e5m2", "block": 5}})(xg)
+    f = precsim.parse_format("fp8_e5m2")
+    want = torch.cat([conv_float(xg[:, 2 * i:2 * i + 2], grouped.weight.detach()[i:i + 1], f, 5, padding=1)
+                      for i in range(2)], dim=1)
+    assert torch.equal(got, want)
 
 
 def test_an_accumulated_einsum_of_three_operands_is_refused() -> None:

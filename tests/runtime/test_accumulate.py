@@ -332,8 +332,9 @@ def test_conv_float_parts_stochastic_and_non_finite_inputs(monkeypatch: pytest.M
 
 
 def test_conv_float_in_one_and_three_dimensions() -> None:
-    """conv1d equals the GEMM path; conv3d (which has no im2col here) equals the GEMM of its
-    patches taken by hand, K in weight.flatten(1) order; an unbatched input is one sample."""
+    """conv1d equals the GEMM path; conv3d equals the GEMM of its patches taken by hand, K in
+    weight.flatten(1) order, and so does conv_as_matmul's im2col (an Inf in the input takes
+    it); an unbatched input is one sample."""
     f = parse_format("fp8_e5m2")
     x1, w1 = exact_values((2, 3, 11), 32), exact_values((4, 3, 3), 33)
     a, b, back = conv_as_matmul(x1, w1, 2, 1)
@@ -348,3 +349,12 @@ def test_conv_float_in_one_and_three_dimensions() -> None:
     assert torch.equal(got, want)
     assert torch.equal(accumulate.conv_float(x3[1], w3, f, 7, padding=1), got[1])
     assert not torch.equal(got, torch.nn.functional.conv3d(x3, w3, padding=1))
+    a, b, back = conv_as_matmul(x3, w3, 1, 1)
+    assert torch.equal(a, w3.flatten(1)) and torch.equal(b, cols.transpose(1, 2))
+    assert torch.equal(back(a @ b), torch.nn.functional.conv3d(x3, w3, padding=1))
+    a1, b1, back1 = conv_as_matmul(x3[1], w3, 1, 1)
+    assert torch.equal(back1(a1 @ b1), back(a @ b)[1])
+    x3[0, 1, 2, 2, 2] = float("inf")
+    a, b, back = conv_as_matmul(x3, w3, 1, 1)
+    torch.testing.assert_close(accumulate.conv_float(x3, w3, f, 7, padding=1), back(matmul_float(a, b, f, 7)),
+                               rtol=0, atol=0, equal_nan=True)

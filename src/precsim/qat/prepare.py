@@ -107,22 +107,13 @@ def resolve(model: nn.Module, config: QuantConfig) -> dict[str, dict[str, RoleSp
 
 def resolve_accumulators(model: nn.Module, config: QuantConfig) -> dict[str, tuple[AccumulatorSpec | None, ...]]:
     """points: outputs: module name -> (accumulator, gradient accumulator) for every Linear and
-    Conv1d/2d/3d module that has one (the global keys, then every rule that selects it). A
-    Conv3d takes float accumulators only (its block sums come from convolutions; the integer
-    and backward accumulators need the im2col GEMM, which exists for 1-d and 2-d)."""
+    Conv1d/2d/3d module that has one (the global keys, then every rule that selects it)."""
     plan: dict[str, tuple[AccumulatorSpec | None, ...]] = {}
     for name, module in model.named_modules():
         if not isinstance(module, GEMM_TYPES) or name.split(".")[-1].startswith("precsim_"):
             continue
         types = tuple(c.__name__ for c in type(module).__mro__)
         specs = config.accumulators_for(name, types)
-        if isinstance(module, nn.Conv3d) and (specs[0] is not None and specs[0].bits is not None or (
-                specs[1] is not None)):
-            raise ValueError(f"Conv3d {name!r}: an integer accumulator or a gradient_accumulator is not supported on a "
-                             "3-d convolution; allowed there: a float accumulator")
-        if isinstance(module, nn.Conv3d) and specs[0] is not None and module.groups != 1:
-            raise ValueError(f"Conv3d {name!r}: groups={module.groups}; an accumulator on a 3-d convolution needs "
-                             "groups=1")
         if any(v is not None for v in specs):
             plan[name] = tuple(specs)
     return plan

@@ -506,24 +506,29 @@ def _tuple(v: Any, n: int) -> tuple[int, ...]:
 
 def conv_as_matmul(x: Tensor, weight: Tensor, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
                    groups: int = 1) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
-    """A conv1d/conv2d as ``a @ b`` with K in the order of ``weight.flatten(1)`` (channel, then
-    kernel row, then kernel column; im2col by ``F.unfold``), and the function that turns the
-    GEMM's result into the conv's output. a is the weight ([C_out, K], or [G, C_out/G, K/G]),
-    b the input's columns ([B, K, L], or [B, G, K/G, L]): the result is already in the conv's
-    layout (no transposes of the large operand)."""
-    if x.dim() not in (3, 4):
-        raise ValueError(f"accumulators run conv1d and conv2d; got a {x.dim() - 2}-d convolution")
-    lifted = x.dim() == 3
-    x, weight, stride, padding, dilation = _as_conv2d(x, weight, stride, padding, dilation)
-    kh, kw = weight.shape[-2:]
-    bsz = x.shape[0]
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, L]
-    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    cout = weight.shape[0]
+    """A conv1d/2d/3d as ``a @ b`` with K in the order of ``weight.flatten(1)`` (channel, then
+    each kernel axis, the last fastest), and the function that turns the GEMM's result into the
+    conv's output. a is the weight ([C_out, K], or [G, C_out/G, K/G]), b the input's columns
+    ([B, K, L], or [B, G, K/G, L]; im2col by one ``Tensor.unfold`` per spatial axis, whose
+    backward autograd knows): the result is already in the conv's layout (no transposes of the
+    large operand). An unbatched input gives an unbatched output."""
+    n = weight.dim() - 2
+    if n not in (1, 2, 3) or x.dim() not in (n + 1, n + 2):
+        raise ValueError(f"accumulated conv: input of rank {x.dim()} and weight of rank {weight.dim()}; allowed: "
+                         "conv1d, conv2d and conv3d, batched or not")
+    unbatched = x.dim() == n + 1
+    x, stride, padding, dilation = _explicit(x.unsqueeze(0) if unbatched else x, weight, stride, padding, dilation)
+    cols = F.pad(x, [p for q in reversed(padding) for p in (q, q)]) if any(padding) else x
+    for i, (k, s, d) in enumerate(zip(weight.shape[2:], stride, dilation, strict=True)):
+        cols = cols.unfold(2 + i, d * (k - 1) + 1, s)  # [B, C, *out, *window]
+    if any(d > 1 for d in dilation):
+        cols = cols[(..., *(slice(None, None, d) for d in dilation))]
+    bsz, cout, spatial = x.shape[0], weight.shape[0], cols.shape[2:2 + n]
+    cols = cols.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n)).reshape(bsz, -1, math.prod(spatial))
 
     def back(out: Tensor) -> Tensor:
-        return out.reshape(bsz, cout, w) if lifted else out.reshape(bsz, cout, h, w)
+        out = out.reshape(bsz, cout, *spatial)
+        return out[0] if unbatched else out
     if groups == 1:
         return weight.flatten(1), cols, back
     kg = cols.shape[1] // groups
@@ -531,22 +536,19 @@ def conv_as_matmul(x: Tensor, weight: Tensor, stride: Any = 1, padding: Any = 0,
     return a, cols.view(bsz, groups, kg, cols.shape[2]), back
 
 
-def _as_conv2d(x: Tensor, weight: Tensor, stride: Any, padding: Any, dilation: Any) -> tuple[Tensor, Tensor, Any, Any,
-                                                                                              Any]:
-    """A conv1d or conv2d as a conv2d with explicit padding: (x, weight, stride, padding,
-    dilation), pairs. conv1d is a conv2d of height 1; "same" pads x (stride 1: torch puts the
-    extra element at the end), "valid" is no padding."""
-    if x.dim() == 3:
-        x, weight = x.unsqueeze(2), weight.unsqueeze(2)
-        stride, dilation = (1, *_tuple(stride, 1)), (1, *_tuple(dilation, 1))
-        padding = padding if isinstance(padding, str) else (0, *_tuple(padding, 1))
-    stride, dilation = _tuple(stride, 2), _tuple(dilation, 2)
+def _explicit(x: Tensor, weight: Tensor, stride: Any, padding: Any, dilation: Any) -> tuple[Tensor, tuple[int, ...],
+                                                                                            tuple[int, ...],
+                                                                                            tuple[int, ...]]:
+    """(x, stride, padding, dilation) with one int per spatial axis: "same" pads x here (stride
+    1; torch puts the odd element at the end), "valid" is no padding."""
+    n = weight.dim() - 2
+    stride, dilation = _tuple(stride, n), _tuple(dilation, n)
     if isinstance(padding, str):
         if padding == "same":
-            th, tw = dilation[0] * (weight.shape[-2] - 1), dilation[1] * (weight.shape[-1] - 1)
-            x = F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
-        padding = (0, 0)
-    return x, weight, stride, _tuple(padding, 2), dilation
+            totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True)]
+            x = F.pad(x, [p for t in reversed(totals) for p in (t // 2, t - t // 2)])
+        padding = 0
+    return x, stride, _tuple(padding, n), dilation
 
 
 def einsum_as_matmul(equation: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
@@ -612,7 +614,7 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
     if fused is not None:
         return _conv_fused(*fused, x, weight, block, stride, padding, dilation, promote, _float_start(init, shape, fmt),
                            shape, seed)
-    if not bool(torch.isfinite(x).all()):  # (conv3d: conv_as_matmul says it has no GEMM form)
+    if not bool(torch.isfinite(x).all()):
         a, b, back = conv_as_matmul(x, weight, stride, padding, dilation)
         start = None if init is None else torch.broadcast_to(init, shape).reshape(*shape[:2], -1)
         return back(matmul_float(a, b, fmt, block, promote=promote, rounding=rounding, seed=seed, init=start))
@@ -650,11 +652,9 @@ def _conv_fused(lib: Any, params: tuple[int, ...], x: Tensor, weight: Tensor, bl
     lift = 5 - x.dim()
     x, weight = x.reshape(*x.shape[:2], *[1] * lift, *x.shape[2:]), weight.reshape(
         *weight.shape[:2], *[1] * lift, *weight.shape[2:])
-    stride, dilation = (1,) * lift + _tuple(stride, 3 - lift), (1,) * lift + _tuple(dilation, 3 - lift)
-    if padding == "same":
-        totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True)]
-        x = F.pad(x, [p for t in reversed(totals) for p in (t // 2, t - t // 2)])
-    padding = (0, 0, 0) if isinstance(padding, str) else (0,) * lift + _tuple(padding, 3 - lift)
+    padding = padding if isinstance(padding, str) else (0,) * lift + _tuple(padding, 3 - lift)
+    x, stride, padding, dilation = _explicit(x, weight, (1,) * lift + _tuple(stride, 3 - lift), padding,
+                                             (1,) * lift + _tuple(dilation, 3 - lift))
     out = native.accumulate_conv(lib, x.float(), weight.float(), stride, padding, dilation, params, block, promote,
                                  start, seed)
     return out.view(shape)
