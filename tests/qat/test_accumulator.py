@@ -495,3 +495,56 @@ def test_integer_accumulators_on_an_integer_config_resnet() -> None:
     narrow = precsim.calibrate(copy.deepcopy(base), [x], {**cfg, "accumulator": {"format": "int16", "block": 32}})
     narrow(x)
     assert sum(overflows(narrow).values()) > 0
+
+
+class _Conv(nn.Module):
+    """An unmodified functional conv call (bias by keyword before the weight, as a user may write)."""
+
+    def __init__(self, dims: int, groups: int, kwargs: dict) -> None:
+        super().__init__()
+        self.fn = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+        self.kwargs = {"groups": groups, **kwargs}
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return self.fn(x, bias=b, weight=w, **self.kwargs)
+
+
+@pytest.mark.parametrize(("dims", "groups", "kwargs", "batched", "bias"), [
+    (2, 1, {"padding": 1}, True, True), (2, 2, {"stride": 2, "dilation": 2, "padding": (2, 1)}, False, True), (2, 2, {}, True, False),
+    (1, 1, {"padding": "same"}, False, True), (3, 1, {"padding": "valid", "stride": (1, 2, 1)}, True, True),
+    (2, 1, {"padding": "same", "dilation": 1}, True, True),  # even kernel below: odd total padding
+])
+def test_the_straight_through_gradient_of_a_conv_is_torchs_without_a_second_forward(
+        dims: int, groups: int, kwargs: dict, batched: bool, bias: bool) -> None:
+    """The gradients of every operand equal the plain conv's, bit for bit; the backward runs
+    aten.convolution_backward alone (no conv forward again) except for an odd "same" padding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    odd = kwargs.get("padding") == "same" and kwargs.get("dilation") == 1
+    kernel = (2,) * dims if odd else (3,) * dims
+    x = exact_values(((2,) if batched else ()) + (4,) + (7,) * dims, 50)
+    w, b = exact_values((4, 4 // groups, *kernel), 51), exact_values((4,), 52) if bias else None
+    model = precsim.prepare(_Conv(dims, groups, kwargs),
+                            {"points": "operands", "accumulator": {"format": "fp8_e5m2", "block": 5}})
+    leaves = [t.clone().requires_grad_() for t in (x, w, *([b] if bias else []))]
+    plain = [t.detach().clone().requires_grad_() for t in leaves]
+    out = model(leaves[0], leaves[1], leaves[2] if bias else None)
+    want = _Conv(dims, groups, kwargs)(plain[0], plain[1], plain[2] if bias else None)
+    assert out.shape == want.shape and not torch.equal(out, want)
+    g = exact_values(tuple(out.shape), 53)
+    with Calls() as calls:
+        out.backward(g)
+    want.backward(g)
+    for got, ref in zip(leaves, plain, strict=True):
+        assert torch.equal(got.grad, ref.grad)
+    assert "convolution_backward" in {op.split(".")[0] for op in calls.ops}
+    assert ("convolution" in {op.split(".")[0] for op in calls.ops}) == odd, calls.ops

@@ -228,27 +228,67 @@ def _per_tensor(scale: Tensor, name: str) -> Tensor:
     return scale.reshape(())
 
 
+Vjp = Callable[[Tensor, tuple[Tensor, ...], tuple[bool, ...]], list[Tensor | None]]
+
+
 class _StraightThrough(torch.autograd.Function):
-    """``simulated(*tensors)`` forward; backward: the gradients of ``plain(*tensors)`` (the
-    op as torch runs it, recomputed), i.e. the straight-through estimator for any GEMM kind,
-    with torch's own backward kernels (a conv's: no im2col columns kept, no col2im)."""
+    """``simulated(*tensors)`` forward; backward: ``vjp(g, tensors, needs)``, the gradients of
+    the op as torch runs it, i.e. the straight-through estimator for any GEMM kind, with
+    torch's own backward kernels (a conv's: no im2col columns kept, no col2im)."""
 
     @staticmethod
-    def forward(ctx, simulated: Callable[..., Tensor], plain: Callable[..., Tensor],  # type: ignore[override]
+    def forward(ctx, simulated: Callable[..., Tensor], vjp: Vjp,  # type: ignore[override]
                 *tensors: Tensor) -> Tensor:
-        ctx.plain = plain
+        ctx.vjp = vjp
         ctx.save_for_backward(*tensors)
         return simulated(*tensors)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        needs = ctx.needs_input_grad[2:]
+        return (None, None, *ctx.vjp(g, ctx.saved_tensors, ctx.needs_input_grad[2:]))
+
+
+def _recomputed(plain: Callable[..., Tensor]) -> Vjp:
+    """The vjp of any op: ``plain`` run again on the saved operands, then autograd."""
+    def vjp(g: Tensor, tensors: tuple[Tensor, ...], needs: tuple[bool, ...]) -> list[Tensor | None]:
         with torch.enable_grad():
-            xs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs, strict=True)]
-            out = ctx.plain(*xs)
+            xs = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs, strict=True)]
+            out = plain(*xs)
             wanted = [x for x, need in zip(xs, needs, strict=True) if need]
             grads = iter(torch.autograd.grad(out, wanted, g) if wanted else ())
-        return (None, None, *(next(grads) if need else None for need in needs))
+        return [next(grads) if need else None for need in needs]
+    return vjp
+
+
+def _conv_vjp(names: list[str], kernel: tuple[int, ...], stride: Any, padding: Any, dilation: Any,
+              groups: int) -> Vjp | None:
+    """A conv's vjp by ``aten.convolution_backward`` (what autograd runs for it), without running
+    the conv forward again (15% of the zoo ResNet's step); ``names``: the role of each tensor
+    (input, weight, bias). None for an odd total "same" padding (torch pads the input for it)."""
+    n = len(kernel)
+    dilation = _ints(dilation, n)
+    if padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+        if any(t % 2 for t in totals):
+            return None
+        padding = [t // 2 for t in totals]
+    pads = _ints(0 if padding == "valid" else padding, n)
+
+    def vjp(g: Tensor, tensors: tuple[Tensor, ...], needs: tuple[bool, ...]) -> list[Tensor | None]:
+        t, need = dict(zip(names, tensors, strict=True)), dict(zip(names, needs, strict=True))
+        x, w = t["input"], t["weight"]
+        unbatched = x.dim() == n + 1
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            (g.unsqueeze(0) if unbatched else g).to(x.dtype), x.unsqueeze(0) if unbatched else x, w,
+            [w.shape[0]] if "bias" in t else None, _ints(stride, n), pads, dilation, False, [0] * n, groups,
+            [need["input"], need["weight"], need.get("bias", False)])
+        grads = {"input": gx[0] if unbatched and gx is not None else gx, "weight": gw, "bias": gb}
+        return [grads[name] if need[name] else None for name in names]
+    return vjp
+
+
+def _ints(v: Any, n: int) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [v] * n
 
 
 def accumulated_call(acc: Accumulator, op: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -280,8 +320,13 @@ def accumulated_call(acc: Accumulator, op: str, func: Any, args: tuple[Any, ...]
         a, k = rebuild(tensors)
         return func(*a, **k)  # type: ignore[no-any-return]
 
+    vjp = None
+    if op == "conv":
+        _, w, _, stride, padding, dilation, groups = _bind(args, kwargs, _CONV, _CONV_DEFAULTS)
+        names = [_CONV[i] if i < len(args) else keys[i - len(args)] for i in slots]
+        vjp = _conv_vjp(names, w.shape[2:], stride, padding, dilation, groups)
     values = [*args, *kwargs.values()]
-    return _StraightThrough.apply(simulated, plain, *(values[i] for i in slots))
+    return _StraightThrough.apply(simulated, vjp or _recomputed(plain), *(values[i] for i in slots))
 
 
 def _accumulated(acc: Accumulator, op: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -306,7 +351,7 @@ def _accumulated(acc: Accumulator, op: str, func: Any, args: tuple[Any, ...], kw
     if op == "conv":
         x, w, bias, stride, padding, dilation, groups = _bind(args, kwargs, _CONV, _CONV_DEFAULTS)
         if not integer and groups == 1 and (acc.grad_spec is None or not torch.is_grad_enabled()):
-            shaped = None if bias is None else bias.view(1, -1, *([1] * (x.dim() - 2)))
+            shaped = None if bias is None else bias.view(-1, *([1] * (w.dim() - 2)))  # batched or not
             before = shaped is not None and spec.bias == "before"
             out = acc.conv(x, w, shaped if before else None, stride, padding, dilation)
             return out + shaped if shaped is not None and not before else out
@@ -323,7 +368,7 @@ def _accumulated(acc: Accumulator, op: str, func: Any, args: tuple[Any, ...], kw
             init = torch.broadcast_to(bias.reshape(rows), (*b.shape[:-2], *a.shape[-2:-1], b.shape[-1]))
         out = back(acc.matmul(a, b, init=init, scales=scales))
         if bias is not None and init is None:
-            out = out + bias.view(1, -1, *([1] * (out.dim() - 2)))
+            out = out + bias.view(-1, *([1] * (w.dim() - 2)))
         return out
     if op == "einsum":
         a, b, back = einsum_as_matmul(args[0], args[1], args[2])
