@@ -358,3 +358,67 @@ def test_built_once_per_cache_folder_atomically(lib: object, monkeypatch: pytest
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]  # no temporary files left
     other = native._build(source + b"\n/* another source */\n")
     assert other != first and other.exists()
+
+
+def test_a_conv_weight_whose_rows_are_strided_views(lib: object) -> None:
+    """``weight.reshape(C_out, -1)`` may be a view whose elements along a row are not adjacent
+    (a 1x1 kernel sliced, a transposed conv1d weight): the kernel gets rows it can step through."""
+    x = exact_values((2, 4, 5, 5), 80)
+    w = exact_values((3, 8, 1, 1), 81)[:, ::2]
+    assert w.reshape(3, -1).stride() == (8, 2)
+    x1, w1 = exact_values((2, 6, 9), 82), exact_values((6, 4), 83).t()[..., None]
+    for xs, ws in ((x, w), (x1, w1)):
+        with fused():
+            got = conv_float(xs, ws, parse_format("fp8_e5m2"), 3)
+        a, b, back = conv_as_matmul(xs, ws.contiguous())
+        assert same(got, back(reference_float(a, b, "fp8_e5m2", 3).view(back(a @ b).shape).flatten(2)))
+
+
+def test_operands_on_another_device_and_bad_blocks_are_refused(lib: object) -> None:
+    """Only CPU operands reach the kernel (a weight elsewhere gets torch's error, not a crash);
+    a block or promotion the semantics do not define is named."""
+    with fused(), pytest.raises(RuntimeError, match="device"):
+        matmul_float(torch.ones(4, 8), torch.ones(8, 4, device="meta"), parse_format("fp16"), 4)
+    for call in (lambda: matmul_float(torch.ones(4, 12), torch.ones(12, 3), parse_format("fp16"), 2, promote=3),
+                 lambda: matmul_int(torch.ones(4, 12), torch.ones(12, 3), 16, 4, promote=2),
+                 lambda: conv_float(torch.ones(1, 2, 4, 4), torch.ones(3, 2, 3, 3), parse_format("fp16"), 4,
+                                    promote=6)):
+        with fused(), pytest.raises(ValueError, match=r"promote \d not allowed; allowed: a multiple of block"):
+            call()
+    with pytest.raises(ValueError, match="block 0 not allowed; allowed: an integer >= 1"):
+        matmul_float(torch.ones(4, 12), torch.ones(12, 3), parse_format("fp16"), 0)
+
+
+def test_a_damaged_kernel_in_the_cache_is_built_again(lib: object, monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    """A cached library cut short (a crash while the disk wrote it) is deleted and built again."""
+    with rebuilt(monkeypatch, tmp_path):
+        path = native._build((Path(native.__file__).parent / native.SOURCE).read_bytes())
+        path.write_bytes(b"")
+        with compiling(True), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert accumulate.fused_kernel(parse_format("fp16"), "nearest") is not None
+        assert path.stat().st_size > 0
+
+
+@pytest.mark.parametrize(("cc", "cache", "message"), [
+    ("false", None, r"false .*-O3.* exited with status 1 \(set CC to a working C compiler\)"),
+    (None, "a-file", r"cannot write the kernel into .*a-file.*set PRECSIM_CACHE_DIR to a writable folder"),
+])
+def test_a_failed_build_says_what_failed_and_the_way_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         cc: str | None, cache: str | None, message: str) -> None:
+    folder = tmp_path / "cache"
+    if cache is not None:
+        folder = tmp_path / cache
+        folder.write_text("not a folder")
+    with rebuilt(monkeypatch, folder):
+        if cc is not None:
+            monkeypatch.setenv("CC", cc)
+        with compiling(True), pytest.warns(RuntimeWarning, match=message):
+            assert accumulate.fused_kernel(parse_format("fp16"), "nearest") is None
+
+
+def test_cc_may_carry_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "cc -m64")
+    found = native._compiler()
+    assert found is not None and Path(found[0]).name == "cc" and found[1:] == ["-m64"]

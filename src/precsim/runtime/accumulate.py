@@ -61,6 +61,21 @@ MAX_CHUNK = 32  # blocks per batched GEMM
 FUSED = True  # accumulators on the CPU through the fused kernel (False: the torch path, for comparisons)
 STEPS_PER_KERNEL = 4  # block adds fused in one kernel call (each count of them compiles once per format)
 OVERFLOWS: tuple[str, ...] = ("wrap", "saturate")
+
+
+def _check_blocks(block: int, promote: int | None) -> None:
+    """The block and promotion the semantics define: a block of at least one element, a
+    promotion after a whole number of blocks (the config checks the same)."""
+    if not (isinstance(block, int) and block >= 1):
+        raise ValueError(f"accumulator block {block!r} not allowed; allowed: an integer >= 1")
+    if promote is not None and not (isinstance(promote, int) and promote >= block and promote % block == 0):
+        raise ValueError(f"accumulator promote {promote!r} not allowed; allowed: a multiple of block ({block})")
+
+
+def _on_cpu(*tensors: Tensor | None) -> bool:
+    """Whether every operand is on the CPU: only then does the fused kernel read them (a weight on
+    another device takes the torch path, whose GEMM says what is wrong)."""
+    return all(t is None or t.device.type == "cpu" for t in tensors)
 _BLOCK_SALT = 0x2545F491  # block j's seed word 1 is seed[1] + j * this (mod 2^32)
 
 
@@ -326,9 +341,10 @@ def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | N
     elsewhere the torch path, :func:`_matmul_float`."""
     if rounding == "stochastic" and seed is None:
         raise ValueError("stochastic accumulation needs a seed")
+    _check_blocks(block, promote)
     a, b, shape = _normalized(a.float(), b.float())
     start = _float_start(init, shape, fmt)
-    fused = fused_kernel(fmt, rounding) if a.device.type == "cpu" and math.prod(shape) and a.shape[-1] else None
+    fused = fused_kernel(fmt, rounding) if _on_cpu(a, b, start) and math.prod(shape) and a.shape[-1] else None
     if fused is not None:
         return native.accumulate(fused[0], a, b, fused[1], block, promote, start, seed).view(shape)
     return _matmul_float(a, b, shape, fmt, block, promote, rounding, seed, start)
@@ -464,6 +480,7 @@ def matmul_int(a: Tensor, b: Tensor, bits: int, block: int, *, promote: int | No
         raise ValueError(f"integer accumulator width {bits} not allowed; allowed: 8..64")
     if overflow not in OVERFLOWS:
         raise ValueError(f"overflow {overflow!r} not allowed; allowed: {', '.join(OVERFLOWS)}")
+    _check_blocks(block, promote)
     a, b, shape = _normalized(a, b)
     out = torch.empty(math.prod(shape), dtype=torch.int64, device=a.device)
     count = torch.zeros((), dtype=torch.int64, device=a.device)
@@ -474,7 +491,7 @@ def matmul_int(a: Tensor, b: Tensor, bits: int, block: int, *, promote: int | No
         start, events = _add_int(pair, count, lo, overflow)
         count.copy_(events)
 
-    lib = _fused_int() if (dtype == torch.float32 and bits <= native.MAX_INT_BITS and a.device.type == "cpu"
+    lib = _fused_int() if (dtype == torch.float32 and bits <= native.MAX_INT_BITS and _on_cpu(a, b, start)
                            and out.numel() and a.shape[-1]) else None
     if lib is not None:
         result, events = native.accumulate_int(lib, a.float(), b.float(), bits, overflow == "saturate", block, promote,
@@ -601,6 +618,7 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
     shape (a bias added first), rounded to ``fmt`` to nearest."""
     if rounding == "stochastic" and seed is None:
         raise ValueError("stochastic accumulation needs a seed")
+    _check_blocks(block, promote)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}.get(weight.dim() - 2)
     if conv is None or x.dim() not in (weight.dim() - 1, weight.dim()):
         raise ValueError(f"accumulated conv: input of rank {x.dim()} and weight of rank {weight.dim()}; allowed: "
@@ -610,7 +628,7 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
         return conv_float(x.unsqueeze(0), weight, fmt, block, stride=stride, padding=padding, dilation=dilation,
                           promote=promote, rounding=rounding, seed=seed, init=start)[0]
     shape = conv(x.to("meta"), weight.to("meta"), None, stride, padding, dilation).shape
-    fused = fused_kernel(fmt, rounding) if x.device.type == "cpu" and math.prod(shape) else None
+    fused = fused_kernel(fmt, rounding) if _on_cpu(x, weight, init) and math.prod(shape) else None
     if fused is not None:
         return _conv_fused(*fused, x, weight, block, stride, padding, dilation, promote, _float_start(init, shape, fmt),
                            shape, seed)

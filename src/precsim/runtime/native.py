@@ -30,6 +30,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import struct
 import subprocess
@@ -90,10 +91,13 @@ def cache_dir() -> Path:
     return Path(base) / "precsim"
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+def _compiler() -> list[str] | None:
+    """The compiler's command: ``$CC`` (which may carry arguments, e.g. ``ccache gcc``), else
+    the first of cc, gcc and clang on the PATH."""
+    for words in (shlex.split(os.environ.get("CC", "")), ["cc"], ["gcc"], ["clang"]):
+        found = shutil.which(words[0]) if words else None
+        if found:
+            return [found, *words[1:]]
     return None
 
 
@@ -113,42 +117,63 @@ def _build(source: bytes) -> Path:
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler found (set CC, or install cc, gcc or clang)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(FLAGS + THREADS).encode(),
-                                     _cpu().encode(), platform.machine().encode()])).hexdigest()[:20]
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(cc).encode(), version.encode(),
+                                     " ".join(FLAGS + THREADS).encode(), _cpu().encode(),
+                                     platform.machine().encode()])).hexdigest()[:20]
     folder = cache_dir()
     target = folder / f"accumulate_{key}.so"
     if target.exists():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src = Path(tmp) / SOURCE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder, prefix="build-"))
+    except OSError as err:
+        raise OSError(f"cannot write the kernel into {str(folder)!r} ({err.strerror or err}); set "
+                      "PRECSIM_CACHE_DIR to a writable folder") from err
+    try:
+        src, built = tmp / SOURCE, tmp / "kernel.so"
         src.write_bytes(source)
-        built = Path(tmp) / "kernel.so"
         for extra in (THREADS, ()):
-            done = subprocess.run([cc, *FLAGS, *extra, "-o", str(built), str(src)], capture_output=True, text=True,
-                                  timeout=300)
+            command = [*cc, *FLAGS, *extra, "-o", str(built), str(src)]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 break
         if done.returncode != 0:
-            raise OSError(f"{Path(cc).name} failed: {(done.stderr or done.stdout).strip()[:300]}")
+            said = (done.stderr or done.stdout).strip()
+            raise OSError(f"{' '.join(command)} exited with status {done.returncode}"
+                          f"{': ' + said[-600:] if said else ''} (set CC to a working C compiler)")
         os.replace(built, target)  # atomic: a reader sees the whole library or none
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The built kernel, or None (:func:`why_missing` says why)."""
-    try:
-        lib = ctypes.CDLL(str(_build(resources.files("precsim.runtime").joinpath(SOURCE).read_bytes())))
-    except (OSError, subprocess.SubprocessError) as err:
-        _why.append(str(err))
-        return None
-    for fn, args in ((lib.precsim_acc_gemm, _GEMM), (lib.precsim_acc_conv, _CONV), (lib.precsim_acc_int_gemm, _INT),
-                     (lib.precsim_threaded, [])):
-        fn.argtypes = args
-        fn.restype = ctypes.c_int
-    return lib
+    """The built kernel, or None (:func:`why_missing` says why). A cached file that does not
+    load (damaged, e.g. cut short by a crash) is deleted and built again, once."""
+    source = resources.files("precsim.runtime").joinpath(SOURCE).read_bytes()
+    for attempt in (1, 2):
+        try:
+            path = _build(source)
+        except (OSError, subprocess.SubprocessError) as err:
+            _why.append(str(err))
+            return None
+        try:
+            lib = ctypes.CDLL(str(path))
+            for name, args in (("precsim_acc_gemm", _GEMM), ("precsim_acc_conv", _CONV),
+                               ("precsim_acc_int_gemm", _INT), ("precsim_threaded", [])):
+                fn = getattr(lib, name)
+                fn.argtypes = args
+                fn.restype = ctypes.c_int
+            return lib
+        except (OSError, AttributeError) as err:
+            if attempt == 1:
+                path.unlink(missing_ok=True)
+                continue
+            _why.append(f"{str(path)!r} does not load ({err}); delete it, or set PRECSIM_CACHE_DIR to another folder")
+    return None
 
 
 def threaded(lib: ctypes.CDLL) -> bool:
@@ -212,7 +237,7 @@ def accumulate_conv(lib: ctypes.CDLL, x: Tensor, weight: Tensor, stride: tuple[i
     columns in memory (on the zoo ResNet's 28x28 maps ``F.unfold`` took 2.6x the fused GEMM).
     Returns [P, Cout, D_out * H_out * W_out]."""
     x = x.contiguous()
-    w = weight.reshape(weight.shape[0], -1)
+    w = weight.reshape(weight.shape[0], -1).contiguous()  # the kernel steps one element along a row
     kernel = weight.shape[2:]
     out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
            for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation, strict=True)]
