@@ -92,7 +92,8 @@ static inline vf finish(vi bits, vi out, const fmt_t *f) {
 static inline vf add_round(vf acc, vf x, const fmt_t *f) {
     vi bits = sum_odd(acc, x);
     vi mag = bits & 0x7fffffff;
-    vi up = (mag + f->half + ((mag >> f->shift) & 1)) & ~f->low;
+    /* unsigned adds: a NaN's bits plus half a quantum pass 2^31 (its lanes are thrown away) */
+    vi up = (vi)(((vu)mag + (uint32_t)f->half + (vu)((mag >> f->shift) & 1)) & ~(uint32_t)f->low);
     vi sub = (vi)(((vf)mag + f->magic) - f->magic);
     vi tiny = mag < f->tiny;
     return finish(bits, (sub & tiny) | (up & ~tiny), f);
@@ -119,7 +120,7 @@ static inline vf add_stochastic(vf acc, vf x, vi rb, const fmt_t *f) {
     vi d = f->shift + (gap & (gap > 0));
     vi dm = d - ((d - 23) & (d > 23));
     vi mask = (((vi){0} + 1) << dm) - 1;
-    vi rounded = (mag + (rb & mask)) & ~mask;
+    vi rounded = (vi)(((vu)mag + (vu)(rb & mask)) & ~(vu)mask);
     vi sig = ((mag & 0x7fffff) | 0x800000) & (biased > 0);
     sig |= mag & (biased == 0);
     vi ds = d - ((d - 30) & (d > 30));
@@ -227,7 +228,7 @@ static void tile(long kc, long k0, long block, long promote, const float *a, con
                 vi bits = (vi)(load(acc + i * NR + v * VL) + c[i][v]);
                 vi mag = bits & 0x7fffffff;
                 odd |= ((bits & f->low) == f->half + 1) | ((vu)(mag - f->tiny) > (uint32_t)(f->max - f->tiny));
-                fast[i][v] = (vf)((bits + f->half + ((bits >> f->shift) & 1)) & ~f->low);
+                fast[i][v] = (vf)(((vu)bits + (uint32_t)f->half + (vu)((bits >> f->shift) & 1)) & ~(uint32_t)f->low);
             }
         int slow = any(odd);
         for (int i = 0; i < MR; ++i)
