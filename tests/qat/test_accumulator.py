@@ -16,6 +16,7 @@ import precsim
 from precsim.qat.accumulator import overflows
 from precsim.qat.config import QuantConfig
 from precsim.runtime.accumulate import conv_float
+from runtime.test_accumulate import columns3d
 
 
 def exact_values(shape: tuple[int, ...], seed: int, ints: int = 7, spread: int = 2) -> torch.Tensor:
@@ -370,14 +371,6 @@ def test_conv3d_and_conv1d_modules_take_float_accumulators() -> None:
         assert torch.equal(p.weight.grad, plain.weight.grad)
 
 
-def columns3d(x: torch.Tensor, k: int, padding: int) -> torch.Tensor:
-    """im2col of a conv3d with a cubic kernel, stride 1, by hand: [B, K, L], K in
-    weight.flatten(1) order (channel, then depth, row, column of the kernel)."""
-    xp = F.pad(x, (padding,) * 6)
-    patches = xp.unfold(2, k, 1).unfold(3, k, 1).unfold(4, k, 1)  # [B, C, D', H', W', k, k, k]
-    return patches.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(x.shape[0], x.shape[1] * k ** 3, -1)
-
-
 def test_conv3d_takes_integer_and_gradient_accumulators_and_groups() -> None:
     """A Conv3d is a GEMM like the others: int8 codes summed in int16 (wrapping, counted) or
     int32 (exact), backward GEMMs with their own accumulator, and groups."""
@@ -394,7 +387,7 @@ def test_conv3d_takes_integer_and_gradient_accumulators_and_groups() -> None:
     wide = precsim.prepare(copy.deepcopy(conv), {**cfg, "accumulator": "int32"})
     assert torch.equal(wide(x), F.conv3d(x, conv.weight.detach(), padding=1))  # code sums exact in float32
     narrow = precsim.prepare(copy.deepcopy(conv), {**cfg, "accumulator": {"format": "int16", "block": 8}})
-    cols = columns3d(codes_x, 3, 1).double().numpy()  # [B, 54, 64]
+    cols = columns3d(codes_x, (3, 3, 3), (1, 1, 1), (1, 1, 1)).double().numpy()  # [B, 54, 64]
     w = codes_w.flatten(1).double().numpy()
     acc, events = np.zeros((2, 3, 64), np.int64), 0
     for j in range(0, 54, 8):
@@ -411,7 +404,7 @@ def test_conv3d_takes_integer_and_gradient_accumulators_and_groups() -> None:
         back.weight.copy_(exact_values((3, 2, 3, 3, 3), 44))
     (back(xe) * ge).sum().backward()
     g2 = ge.flatten(2).transpose(0, 1).reshape(3, -1)  # [C_out, B*L]
-    want = reference(g2, columns3d(xe, 3, 1).transpose(1, 2).reshape(-1, 54), "fp8_e5m2", 8)
+    want = reference(g2, columns3d(xe, (3, 3, 3), (1, 1, 1), (1, 1, 1)).transpose(1, 2).reshape(-1, 54), "fp8_e5m2", 8)
     assert torch.equal(back.weight.grad, want.view(3, 2, 3, 3, 3))
 
     grouped = nn.Conv3d(4, 2, 3, padding=1, groups=2, bias=False)

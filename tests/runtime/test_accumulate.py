@@ -331,6 +331,16 @@ def test_conv_float_parts_stochastic_and_non_finite_inputs(monkeypatch: pytest.M
                                rtol=0, atol=0, equal_nan=True)
 
 
+def columns3d(x: torch.Tensor, kernel: tuple[int, int, int], stride: tuple[int, int, int],
+              padding: tuple[int, int, int]) -> torch.Tensor:
+    """im2col of a conv3d (dilation 1) by ``Tensor.unfold``: [B, C * kd * kh * kw, L]."""
+    x = torch.nn.functional.pad(x, [p for q in reversed(padding) for p in (q, q)])
+    for dim, (k, s) in enumerate(zip(kernel, stride, strict=True)):
+        x = x.unfold(2 + dim, k, s)  # [B, C, od, oh, ow, kd, kh, kw] once all three are done
+    b, c = x.shape[:2]
+    return x.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(b, c * kernel[0] * kernel[1] * kernel[2], -1)
+
+
 def test_conv_float_in_one_and_three_dimensions() -> None:
     """conv1d equals the GEMM path; conv3d equals the GEMM of its patches taken by hand, K in
     weight.flatten(1) order, and so does conv_as_matmul's im2col (an Inf in the input takes
@@ -341,11 +351,8 @@ def test_conv_float_in_one_and_three_dimensions() -> None:
     assert torch.equal(accumulate.conv_float(x1, w1, f, 4, stride=2, padding=1), back(matmul_float(a, b, f, 4)))
     x3, w3 = exact_values((2, 3, 4, 5, 5), 34), exact_values((4, 3, 2, 3, 3), 35)
     got = accumulate.conv_float(x3, w3, f, 7, padding=1)
-    xp = torch.nn.functional.pad(x3, (1, 1, 1, 1, 1, 1))
-    patches = xp.unfold(2, 2, 1).unfold(3, 3, 1).unfold(4, 3, 1)  # [B, C, D', H', W', kd, kh, kw]
-    d, h, w = patches.shape[2:5]
-    cols = patches.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(2, d * h * w, -1)  # K: channel, then kernel
-    want = matmul_float(cols, w3.flatten(1).t(), f, 7).reshape(2, d, h, w, 4).permute(0, 4, 1, 2, 3)
+    cols = columns3d(x3, (2, 3, 3), (1, 1, 1), (1, 1, 1)).transpose(1, 2)  # [B, L, K]
+    want = matmul_float(cols, w3.flatten(1).t(), f, 7).transpose(1, 2).reshape(got.shape)
     assert torch.equal(got, want)
     assert torch.equal(accumulate.conv_float(x3[1], w3, f, 7, padding=1), got[1])
     assert not torch.equal(got, torch.nn.functional.conv3d(x3, w3, padding=1))

@@ -20,7 +20,7 @@ from precsim.runtime import native
 from precsim.runtime.accumulate import conv_as_matmul, conv_float, matmul_float, matmul_int
 from precsim.runtime.backend import compiling
 
-from .test_accumulate import _midpoint_cases, exact_values, reference_float, reference_int
+from .test_accumulate import _midpoint_cases, columns3d, exact_values, reference_float, reference_int
 
 
 @pytest.fixture(scope="module")
@@ -174,16 +174,6 @@ def test_fused_conv_with_inf_and_nan_inputs(lib: object) -> None:
         got = conv_float(x, w, parse_format("bf16"), 4, padding=1)
     assert same(got, want)
     assert bool(got.isinf().any()) and bool(got.isnan().any())
-
-
-def columns3d(x: torch.Tensor, kernel: tuple[int, int, int], stride: tuple[int, int, int],
-              padding: tuple[int, int, int]) -> torch.Tensor:
-    """im2col of a conv3d (dilation 1) by ``Tensor.unfold``: [B, C * kd * kh * kw, L]."""
-    x = torch.nn.functional.pad(x, [p for q in reversed(padding) for p in (q, q)])
-    for dim, (k, s) in enumerate(zip(kernel, stride, strict=True)):
-        x = x.unfold(2 + dim, k, s)  # [B, C, od, oh, ow, kd, kh, kw] once all three are done
-    b, c = x.shape[:2]
-    return x.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(b, c * kernel[0] * kernel[1] * kernel[2], -1)
 
 
 @pytest.mark.parametrize(("stride", "padding"), [((1, 1, 1), (1, 1, 1)), ((2, 1, 2), (0, 2, 1))])
