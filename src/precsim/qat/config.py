@@ -36,6 +36,7 @@ from precsim.formats import Format, parse_format
 from precsim.formats.float import FloatFormat
 from precsim.formats.rounding import ROUNDINGS
 from precsim.qat.observers import OBSERVERS
+from precsim.runtime.accumulate import check_blocks
 
 ROLES: tuple[str, ...] = ("activation", "input", "weight", "gradient", "weight_gradient")
 GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel")
@@ -234,13 +235,8 @@ def parse_accumulator(key: str, value: Any, ctx: str = "") -> AccumulatorSpec | 
             raise ValueError(f"{where}: format {fmt.name!r} keeps too few float32 bits below it for one exact "
                              "rounding of each add; allowed: at most 21 mantissa bits and a smallest subnormal "
                              ">= 2^-147 (or fp32: float32 sums)")
-    block = value.get("block", 32)
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"{where}: block {block!r} not allowed; allowed: an integer >= 1")
-    promote = value.get("promote")
-    if promote is not None and (isinstance(promote, bool) or not isinstance(promote, int) or promote < block
-                                or promote % block):
-        raise ValueError(f"{where}: promote {promote!r} not allowed; allowed: a multiple of block ({block})")
+    block, promote = value.get("block", 32), value.get("promote")
+    check_blocks(block, promote, where)
     rounding = value.get("rounding", "nearest")
     if rounding not in ROUNDINGS:
         raise ValueError(f"{where}: rounding {rounding!r} not allowed; allowed: {', '.join(ROUNDINGS)}")

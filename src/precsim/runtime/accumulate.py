@@ -63,13 +63,14 @@ STEPS_PER_KERNEL = 4  # block adds fused in one kernel call (each count of them 
 OVERFLOWS: tuple[str, ...] = ("wrap", "saturate")
 
 
-def _check_blocks(block: int, promote: int | None) -> None:
+def check_blocks(block: Any, promote: Any, where: str = "accumulator") -> None:
     """The block and promotion the semantics define: a block of at least one element, a
-    promotion after a whole number of blocks (the config checks the same)."""
-    if not (isinstance(block, int) and block >= 1):
-        raise ValueError(f"accumulator block {block!r} not allowed; allowed: an integer >= 1")
-    if promote is not None and not (isinstance(promote, int) and promote >= block and promote % block == 0):
-        raise ValueError(f"accumulator promote {promote!r} not allowed; allowed: a multiple of block ({block})")
+    promotion after a whole number of blocks (the config and the GEMMs here check the same)."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"{where}: block {block!r} not allowed; allowed: an integer >= 1")
+    if promote is not None and (isinstance(promote, bool) or not isinstance(promote, int) or promote < block
+                                or promote % block):
+        raise ValueError(f"{where}: promote {promote!r} not allowed; allowed: a multiple of block ({block})")
 
 
 def _on_cpu(*tensors: Tensor | None) -> bool:
@@ -341,7 +342,7 @@ def matmul_float(a: Tensor, b: Tensor, fmt: Any, block: int, *, promote: int | N
     elsewhere the torch path, :func:`_matmul_float`."""
     if rounding == "stochastic" and seed is None:
         raise ValueError("stochastic accumulation needs a seed")
-    _check_blocks(block, promote)
+    check_blocks(block, promote)
     a, b, shape = _normalized(a.float(), b.float())
     start = _float_start(init, shape, fmt)
     fused = fused_kernel(fmt, rounding) if _on_cpu(a, b, start) and math.prod(shape) and a.shape[-1] else None
@@ -480,7 +481,7 @@ def matmul_int(a: Tensor, b: Tensor, bits: int, block: int, *, promote: int | No
         raise ValueError(f"integer accumulator width {bits} not allowed; allowed: 8..64")
     if overflow not in OVERFLOWS:
         raise ValueError(f"overflow {overflow!r} not allowed; allowed: {', '.join(OVERFLOWS)}")
-    _check_blocks(block, promote)
+    check_blocks(block, promote)
     a, b, shape = _normalized(a, b)
     out = torch.empty(math.prod(shape), dtype=torch.int64, device=a.device)
     count = torch.zeros((), dtype=torch.int64, device=a.device)
@@ -618,7 +619,7 @@ def conv_float(x: Tensor, weight: Tensor, fmt: Any, block: int, *, stride: Any =
     shape (a bias added first), rounded to ``fmt`` to nearest."""
     if rounding == "stochastic" and seed is None:
         raise ValueError("stochastic accumulation needs a seed")
-    _check_blocks(block, promote)
+    check_blocks(block, promote)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}.get(weight.dim() - 2)
     if conv is None or x.dim() not in (weight.dim() - 1, weight.dim()):
         raise ValueError(f"accumulated conv: input of rank {x.dim()} and weight of rank {weight.dim()}; allowed: "
@@ -678,5 +679,5 @@ def _conv_fused(lib: Any, params: tuple[int, ...], x: Tensor, weight: Tensor, bl
     return out.view(shape)
 
 
-__all__ = ["BUFFER_BYTES", "MAX_CHUNK", "OVERFLOWS", "block_seeds", "cast_dtype", "conv_as_matmul", "exact_dtype",
+__all__ = ["BUFFER_BYTES", "MAX_CHUNK", "OVERFLOWS", "block_seeds", "cast_dtype", "check_blocks", "conv_as_matmul", "exact_dtype",
            "matmul_float", "matmul_int", "sum_cast", "sum_to_odd"]
